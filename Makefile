@@ -1,0 +1,55 @@
+# prefixgate — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+CACHE_DIR ?= $(HOME)/.cache/prefixgate
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run sim test lint format unit integration e2e bench llama-server tiny-model clean
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install prefixgate with its dev dependencies (pinned by constraints.txt)
+
+run: $(STAMP) ## start prefixgate on 127.0.0.1:8765 in front of the built-in simulated engine
+	$(BIN)/prefixgate serve
+
+sim: $(STAMP) ## start only the built-in simulated engine on 127.0.0.1:8766
+	$(BIN)/prefixgate sim-engine --port 8766
+
+lint: $(STAMP) ## ruff format --check, ruff check, mypy --strict
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff format and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint llama-server tiny-model ## lint, then the whole test suite (unit, integration, e2e with a real llama-server)
+	PREFIXGATE_LLAMA_SERVER="$$($(MAKE) -s llama-server | tail -n1)" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP) ## unit tests only
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(STAMP) ## run the benchmarks (each prints a table)
+	$(BIN)/python -m bench
+
+llama-server: $(STAMP) ## build (once, cached under ~/.cache/prefixgate) the real llama-server; prints its path last
+	@$(BIN)/python -m engines.llamacpp.build --cache-dir $(CACHE_DIR)
+
+tiny-model: $(STAMP) ## write the tiny random-weight GGUF test model; prints its path last
+	@$(BIN)/python -m engines.llamacpp.tinymodel --cache-dir $(CACHE_DIR)
+
+clean: ## remove the virtual environment and caches in the checkout
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,50 @@
+"""What the gateway needs to know about an engine kind: how to stamp ids and read cached tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["EngineAdapter", "cached_tokens_from_usage"]
+
+
+def cached_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
+    """Engine-reported cached prompt tokens in a response or stream chunk, if it carries any.
+
+    Reads OpenAI's ``usage.prompt_tokens_details.cached_tokens`` (SGLang with ``--enable-cache-report``,
+    vLLM with ``--enable-prompt-tokens-details``, llama-server always), else llama.cpp's ``timings.cache_n``.
+    """
+    usage = payload.get("usage")
+    if isinstance(usage, Mapping):
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, Mapping):
+            value = details.get("cached_tokens")
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    timings = payload.get("timings")
+    if isinstance(timings, Mapping):
+        value = timings.get("cache_n")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAdapter:
+    """How one engine kind understands request ids.
+
+    ``body_id_field`` names the body field the engine takes the request id from (SGLang: ``rid``);
+    every engine also receives the ``X-Request-Id`` header (vLLM and generic servers read it).
+    """
+
+    name: str
+    body_id_field: str | None = None
+    response_id_prefixes: tuple[str, ...] = ("chatcmpl-", "cmpl-")
+
+    def stamp_fields(self, request_id: str) -> dict[str, str]:
+        """Body fields to set so the engine files the request under ``request_id``."""
+        return {self.body_id_field: request_id} if self.body_id_field else {}
+
+    def stamp_headers(self, request_id: str) -> dict[str, str]:
+        return {"x-request-id": request_id}

@@ -1,0 +1,3 @@
+"""Code that runs inside engine processes (stdlib only)."""
+
+__all__: list[str] = []

@@ -1,0 +1,117 @@
+"""The Litestar application factory: proxy mount, operations routes, error rendering, lifespan."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+from litestar import Litestar, Request, Response, get
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.handlers import asgi
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from engines.registry import get_engine
+from gateway import __version__
+from gateway.errors import GatewayError, error_body
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.proxy import Proxy
+from gateway.settings import Settings
+from gateway.upstream import build_client
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("prefixgate.app")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def _error_response(request: Request[Any, Any, Any], status: int, body: bytes) -> Response[bytes]:
+    headers = {"x-request-id": request.headers.get("x-request-id", "")} if "x-request-id" in request.headers else {}
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    return _error_response(request, exc.status, exc.body())
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    param = None
+    message = exc.detail
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict):
+            param = first.get("key") or None
+            message = f"{exc.detail}: {first.get('message', '')}".rstrip(": ")
+    if isinstance(exc, NotAuthorizedException):
+        status = 401
+    type_ = _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    return _error_response(request, status, error_body(message, type_, param=param, code=status))
+
+
+def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    logger.exception("unhandled error on %s", request.url.path)
+    body = error_body("internal gateway error", "internal_error", code=500)
+    return _error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, body)
+
+
+def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
+    """Build the gateway for ``settings``; ``transport`` replaces the network (tests use respx routers)."""
+    metrics = Metrics()
+    client = build_client(settings, transport)
+    proxy = Proxy(settings, client, get_engine(settings.engine), metrics)
+    mode = "stateless" if settings.stateless else "live"
+
+    @asgi("/v1", is_mount=True, copy_scope=True)
+    async def proxy_mount(scope: Any, receive: Any, send: Any) -> None:
+        await proxy(scope, receive, send)
+
+    @get("/health", sync_to_thread=False)
+    def health() -> dict[str, Any]:
+        """Liveness: the gateway process answers. Does not contact the upstream (see ``/ready``)."""
+        return {
+            "status": "ready",
+            "mode": mode,
+            "version": __version__,
+            "engine": settings.engine,
+            "upstream": settings.upstream_url,
+            "eviction_enabled": not settings.stateless,
+        }
+
+    @get("/ready")
+    async def ready() -> Response[dict[str, Any]]:
+        """Readiness: the upstream engine answers its health (or models) endpoint."""
+        for path in ("/health", "/v1/models"):
+            try:
+                response = await client.get(path, timeout=2.0)
+            except httpx.HTTPError:
+                continue
+            if response.status_code < 400:
+                return Response({"status": "ready", "upstream": "ok"})
+        body = {"status": "not_ready", "upstream": "unreachable or unhealthy"}
+        return Response(body, status_code=503)
+
+    @get("/metrics", sync_to_thread=False, include_in_schema=False)
+    def metrics_route() -> Response[bytes]:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def close_client() -> None:
+        await client.aclose()
+
+    app = Litestar(
+        route_handlers=[proxy_mount, health, ready, metrics_route],
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        on_shutdown=[close_client],
+        openapi_config=OpenAPIConfig(title="prefixgate", version=__version__, path="/schema"),
+        debug=False,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.proxy = proxy
+    return app

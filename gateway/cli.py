@@ -1,0 +1,125 @@
+"""The ``prefixgate`` command: ``serve`` (the gateway) and ``sim-engine`` (the built-in simulated engine)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import httpx
+
+from gateway import __version__
+from gateway.settings import Settings, SettingsError, add_arguments, load_settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger("prefixgate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefixgate", description="OpenAI-compatible prefix-cache-aware gateway")
+    parser.add_argument("--version", action="version", version=f"prefixgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Every option can also be set as PREFIXGATE_<OPTION> in the environment.",
+    )
+    add_arguments(serve)
+    sim = commands.add_parser("sim-engine", help="run the built-in simulated engine", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["sim-engine"]:
+        from engines.sim import main as sim_main
+
+        return sim_main(args_list[1:])
+    args = _parser().parse_args(args_list)
+    try:
+        settings = load_settings(vars(args))
+    except SettingsError as exc:
+        print(f"prefixgate: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway (and, without ``--upstream``, the embedded simulated engine) until interrupted."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    logger.info("prefixgate %s starting with %s", __version__, settings.redacted())
+    with _embedded_sim(settings):
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+    return 0
+
+
+@contextlib.contextmanager
+def _embedded_sim(settings: Settings) -> Iterator[None]:
+    """Start the simulated engine as a child process when no upstream was configured."""
+    if not settings.embedded_sim:
+        yield
+        return
+    command = [
+        sys.executable,
+        "-m",
+        "engines.sim",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.sim_port),
+        "--capacity-tokens",
+        str(settings.sim_capacity_tokens),
+        "--prefill-us",
+        str(settings.sim_prefill_us),
+        "--log-level",
+        "warning",
+    ]
+    if not settings.stateless:
+        command += ["--evict-url", f"http://127.0.0.1:{settings.port}/evict"]
+        if settings.admin_token:
+            command += ["--evict-token", settings.admin_token]
+    process = subprocess.Popen(command)
+    try:
+        _wait_healthy(f"{settings.upstream_url}/health", process)
+        logger.info("embedded simulated engine ready at %s", settings.upstream_url)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"prefixgate: the simulated engine exited with status {process.returncode}")
+        try:
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("prefixgate: the simulated engine did not become healthy in time")

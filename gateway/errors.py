@@ -1,0 +1,172 @@
+"""The gateway's error tree and its OpenAI-shaped rendering.
+
+Every error a client can see is one of these, rendered as
+``{"error": {"message", "type", "param", "code"}}`` with the request's ``x-request-id``::
+
+    GatewayError                      500  (never raised directly)
+    ├── InvalidRequest                400  invalid_request_error
+    ├── Unauthorized                  401  authentication_error
+    ├── Forbidden                     403  permission_error
+    ├── NotFound                      404  not_found_error
+    ├── PayloadTooLarge               413  invalid_request_error
+    ├── TooManyRequests               429  rate_limit_error
+    ├── UpstreamError                 502  upstream_error
+    │   └── UpstreamUnreachable       502  upstream_error (connection refused, reset, DNS)
+    ├── Unavailable                   503  service_unavailable
+    └── UpstreamTimeout               504  timeout_error
+
+``upstream_error_from`` is the one place that turns ``httpx`` exceptions into ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import httpx
+import msgspec
+
+__all__ = [
+    "Forbidden",
+    "GatewayError",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "TooManyRequests",
+    "Unauthorized",
+    "Unavailable",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+    "error_body",
+    "normalize_upstream_error",
+    "upstream_error_from",
+]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+class GatewayError(Exception):
+    """Base of every client-visible error."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    pass
+
+
+class Unavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+
+
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | int | None = None) -> bytes:
+    """Encode an OpenAI error envelope."""
+    return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def upstream_error_from(exc: httpx.HTTPError) -> GatewayError:
+    """Translate an httpx failure into the gateway error the client sees (no URLs, no internals)."""
+    if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            return UpstreamTimeout("timed out connecting to the upstream engine", code="upstream_connect_timeout")
+        return UpstreamTimeout("the upstream engine did not answer in time", code="upstream_read_timeout")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnreachable("the upstream engine is unreachable", code="upstream_unreachable")
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        return UpstreamError("the upstream engine closed the connection", code="upstream_connection_lost")
+    return UpstreamError("the upstream engine request failed", code="upstream_failed")
+
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_supported_error",
+    503: "service_unavailable",
+}
+
+
+def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
+    """Return an OpenAI envelope for a non-OpenAI-shaped upstream error body, or None to relay it as is.
+
+    SGLang answers non-streaming errors with a flat ``{"object": "error", "message": ...}``; other servers
+    may answer HTML or plain text. Bodies already shaped ``{"error": {...}}`` are relayed untouched.
+    """
+    try:
+        decoded: Any = _decoder.decode(body)
+    except msgspec.DecodeError:
+        decoded = None
+    if isinstance(decoded, dict):
+        inner = decoded.get("error")
+        if isinstance(inner, dict) and "message" in inner:
+            return None
+        message = decoded.get("message") or decoded.get("detail") or inner
+        if isinstance(message, str) and message:
+            type_ = decoded.get("type")
+            return error_body(
+                message,
+                type_ if isinstance(type_, str) else _STATUS_TYPES.get(status, "upstream_error"),
+                param=decoded.get("param") if isinstance(decoded.get("param"), str) else None,
+                code=status,
+            )
+    text = body[:200].decode("utf-8", "replace").strip()
+    summary = f"upstream engine answered HTTP {status}"
+    if text and not text.startswith("<"):
+        summary = f"{summary}: {text}"
+    return error_body(summary, _STATUS_TYPES.get(status, "upstream_error"), code=status)

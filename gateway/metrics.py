@@ -1,0 +1,55 @@
+"""Prometheus metrics, one registry per app (no process-global collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """Every number the gateway exports at ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "prefixgate_requests", "Requests answered, by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "prefixgate_request_duration_seconds",
+            "Time from request start to the end of the response",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "prefixgate_time_to_first_byte_seconds",
+            "Time from request start to the first response body byte relayed",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter("prefixgate_upstream_errors", "Upstream failures by kind", ["kind"], registry=r)
+        self.in_flight = Gauge("prefixgate_in_flight_requests", "Proxied requests in progress", registry=r)
+        self.disconnects = Counter(
+            "prefixgate_client_disconnects", "Clients that went away before the response ended", registry=r
+        )
+        self.blocks_reordered = Counter(
+            "prefixgate_reordered_requests", "Proxied requests whose blocks were reordered", registry=r
+        )
+        self.predicted_cached_tokens = Counter(
+            "prefixgate_predicted_cached_blocks", "Blocks the live index predicted to be cached", registry=r
+        )
+        self.engine_cached_tokens = Counter(
+            "prefixgate_engine_cached_tokens", "Cached prompt tokens reported by engines", registry=r
+        )
+        self.engine_prompt_tokens = Counter(
+            "prefixgate_engine_prompt_tokens", "Prompt tokens reported by engines", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

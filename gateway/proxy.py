@@ -1,0 +1,412 @@
+"""The ``/v1/*`` reverse proxy, as a raw ASGI app mounted into the Litestar application.
+
+Per request: resolve the request id, check the client key, read the body within the size limit, decode a
+small view (completion routes only), let the planner rewrite it, stamp the engine's request id, then
+stream the upstream answer back. Server-sent events are relayed chunk by chunk as they arrive; a client
+disconnect cancels the upstream request; a failure after the first streamed byte becomes one SSE
+``error`` event. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+
+from engines.base import EngineAdapter, cached_tokens_from_usage
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamError,
+    normalize_upstream_error,
+    upstream_error_from,
+)
+from gateway.ids import resolve_request_id
+from gateway.logs import request_id_var
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.upstream import request_headers, response_headers
+from gateway.wire import ChatView, CompletionView, decode_view, replace_fields
+
+__all__ = ["Exchange", "Planner", "Proxy"]
+
+logger = logging.getLogger("prefixgate.proxy")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+COMPLETION_ROUTES: dict[str, type[ChatView] | type[CompletionView]] = {
+    "/v1/chat/completions": ChatView,
+    "/v1/completions": CompletionView,
+}
+_SAFE_PATH = re.compile(rb"/v1/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
+_FORBIDDEN_ESCAPES = (b"%2f", b"%5c", b"%2e", b"%00")
+_DOT_SEGMENT = re.compile(rb"(^|/)\.\.?(/|$)")
+_MAX_ERROR_BODY = 1 << 20
+_MAX_JSON_BODY = 64 << 20
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request body was complete."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One proxied completion request as the planner sees it, and what it decided."""
+
+    request_id: str
+    route: str
+    headers: dict[str, str]
+    body: bytes
+    view: ChatView | CompletionView
+    fields: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    on_success: Callable[[int | None], None] | None = None
+
+
+Planner = Callable[[Exchange], None]
+
+
+@dataclass(slots=True)
+class _Call:
+    """What the relay needs to know about the request it is answering."""
+
+    send: Send
+    request_id: str
+    route: str
+    started: float
+    own_headers: list[tuple[bytes, bytes]]
+    on_success: Callable[[int | None], None] | None = None
+
+
+class Proxy:
+    """ASGI app answering every ``/v1/*`` request by forwarding it upstream."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: httpx.AsyncClient,
+        engine: EngineAdapter,
+        metrics: Metrics,
+        planner: Planner | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.engine = engine
+        self.metrics = metrics
+        self.planner = planner
+        self._keys = [k.encode() for k in settings.api_key]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = resolve_request_id(headers.get("x-request-id"))
+        token = request_id_var.set(request_id)
+        path = _raw_path(scope)
+        route = path.decode("latin-1") if path in (b"/v1/chat/completions", b"/v1/completions") else "passthrough"
+        call = _Call(send, request_id, route, started, [(b"x-request-id", request_id.encode())])
+        status = 500
+        self.metrics.in_flight.inc()
+        try:
+            status = await self._handle(scope, receive, headers, call)
+        except ClientGone:
+            status = 499
+        except GatewayError as exc:
+            status = exc.status
+            await _send_error(send, exc, request_id)
+        finally:
+            if status == 499:
+                self.metrics.disconnects.inc()
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    async def _handle(self, scope: Scope, receive: Receive, headers: dict[str, str], call: _Call) -> int:
+        self._authorize(headers)
+        method = scope["method"]
+        path = _raw_path(scope)
+        body = await _read_body(receive, headers, self.settings.max_body_bytes)
+        view_type = COMPLETION_ROUTES.get(call.route)
+        if view_type is not None and method == "POST":
+            body = self._prepare(body, view_type, headers, call)
+        elif view_type is not None:
+            raise InvalidRequest(f"{call.route} accepts POST only", code="method_not_allowed")
+        else:
+            _check_passthrough_path(path)
+        target = path.decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        outbound = request_headers(
+            scope["headers"],
+            strip_authorization=bool(self._keys),
+            upstream_api_key=self.settings.upstream_api_key,
+            extra=self.engine.stamp_headers(call.request_id),
+        )
+        request = self.client.build_request(method, target, headers=outbound, content=body)
+        status = 499
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+            status = await self._exchange(request, call)
+            tg.cancel_scope.cancel()
+        return status
+
+    def _prepare(
+        self, body: bytes, view_type: type[ChatView] | type[CompletionView], headers: dict[str, str], call: _Call
+    ) -> bytes:
+        """Validate a completion body, let the planner rewrite it, stamp the engine's request id."""
+        exchange = Exchange(call.request_id, call.route, headers, body, decode_view(body, view_type))
+        if self.planner is not None:
+            self.planner(exchange)
+        exchange.fields.update(self.engine.stamp_fields(call.request_id))
+        if exchange.result is not None:
+            call.own_headers.append((b"x-prefixgate-result", msgspec.json.encode(exchange.result)))
+        call.on_success = exchange.on_success
+        return replace_fields(exchange.body, exchange.fields)
+
+    def _authorize(self, headers: dict[str, str]) -> None:
+        if not self._keys:
+            return
+        scheme, _, presented = headers.get("authorization", "").partition(" ")
+        offered = presented.strip().encode()
+        # Compare against every key so the time taken does not reveal which one matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(offered, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise Unauthorized("missing or invalid API key", code="invalid_api_key")
+
+    async def _exchange(self, request: httpx.Request, call: _Call) -> int:
+        """Send upstream and relay the answer; errors before the response starts become error responses."""
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            return await self._fail(call, upstream_error_from(exc))
+        try:
+            status = response.status_code
+            if status >= 400:
+                await self._relay_error(response, call)
+            elif response.headers.get("content-type", "").startswith("text/event-stream"):
+                cached = await self._relay_stream(response, call)
+                if call.on_success is not None:
+                    call.on_success(cached)
+            elif call.route != "passthrough":
+                await self._relay_json(response, call)
+            else:
+                await self._relay_raw(response, call)
+            return status
+        except httpx.HTTPError as exc:
+            return await self._fail(call, upstream_error_from(exc))
+        except GatewayError as exc:
+            return await self._fail(call, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _fail(self, call: _Call, error: GatewayError) -> int:
+        self.metrics.upstream_errors.labels(error.code or "failed").inc()
+        logger.warning("upstream request failed: %s", error.code)
+        await _send_error(call.send, error, call.request_id)
+        return error.status
+
+    async def _relay_error(self, response: httpx.Response, call: _Call) -> None:
+        self.metrics.upstream_errors.labels(f"http_{response.status_code}").inc()
+        body = await _read_limited(response, _MAX_ERROR_BODY)
+        normalized = None
+        if "content-encoding" not in response.headers:
+            normalized = normalize_upstream_error(response.status_code, body)
+        if normalized is None:
+            headers = response_headers(response.headers, keep_length=False)
+        else:
+            body = normalized
+            headers = [(b"content-type", b"application/json")]
+        await _send_whole(call, response.status_code, headers, body)
+
+    async def _relay_json(self, response: httpx.Response, call: _Call) -> None:
+        # Non-streaming answers are small and arrive at once: reading them whole lets a mid-body failure
+        # still become a clean 502, and lets the gateway read the engine's cached-token count.
+        body = await _read_limited(response, _MAX_JSON_BODY)
+        self.metrics.ttfb.labels(call.route).observe(time.perf_counter() - call.started)
+        cached = None if "content-encoding" in response.headers else self._cached_tokens(body)
+        if call.on_success is not None:
+            call.on_success(cached)
+        await _send_whole(call, response.status_code, response_headers(response.headers, keep_length=False), body)
+
+    async def _relay_raw(self, response: httpx.Response, call: _Call) -> None:
+        headers = response_headers(response.headers, keep_length=True) + call.own_headers
+        await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        first = True
+        try:
+            async for chunk in response.aiter_raw():
+                if first:
+                    self.metrics.ttfb.labels(call.route).observe(time.perf_counter() - call.started)
+                    first = False
+                await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            self.metrics.upstream_errors.labels(upstream_error_from(exc).code or "failed").inc()
+            logger.warning("upstream failed mid-body; the client receives a truncated response")
+        await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_stream(self, response: httpx.Response, call: _Call) -> int | None:
+        """Relay SSE bytes as they arrive; on upstream failure end with one ``error`` event."""
+        headers = response_headers(response.headers, keep_length=False) + call.own_headers
+        await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        first = True
+        tail = b"\n\n"
+        sniffer = _UsageSniffer() if "content-encoding" not in response.headers else None
+        try:
+            async for chunk in response.aiter_raw():
+                if first:
+                    self.metrics.ttfb.labels(call.route).observe(time.perf_counter() - call.started)
+                    first = False
+                await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                tail = (tail + chunk)[-2:]
+                if sniffer is not None:
+                    sniffer.feed(chunk)
+        except httpx.HTTPError as exc:
+            error = upstream_error_from(exc)
+            self.metrics.upstream_errors.labels(error.code or "failed").inc()
+            logger.warning("upstream stream failed after the first byte: %s", error.code)
+            separator = b"" if tail == b"\n\n" else b"\n\n"
+            event = separator + b"data: " + error.body() + b"\n\n"
+            await call.send({"type": "http.response.body", "body": event, "more_body": True})
+            sniffer = None
+        await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+        if sniffer is None:
+            return None
+        self._count_cached(sniffer.cached_tokens)
+        return sniffer.cached_tokens
+
+    def _cached_tokens(self, body: bytes) -> int | None:
+        try:
+            payload = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return None
+        cached = cached_tokens_from_usage(payload) if isinstance(payload, dict) else None
+        self._count_cached(cached)
+        return cached
+
+    def _count_cached(self, cached: int | None) -> None:
+        if cached is not None:
+            self.metrics.engine_cached_tokens.inc(cached)
+
+
+class _UsageSniffer:
+    """Watches relayed SSE bytes for the chunk carrying ``usage`` without holding the stream."""
+
+    __slots__ = ("_pending", "cached_tokens")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.cached_tokens: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._pending + chunk
+        events = data.split(b"\n\n")
+        self._pending = events.pop()[-(1 << 16) :]
+        for event in events:
+            if b'"usage"' not in event and b'"timings"' not in event:
+                continue
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    self._read(line[5:].strip())
+
+    def _read(self, data: bytes) -> None:
+        try:
+            payload = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return
+        if isinstance(payload, dict):
+            cached = cached_tokens_from_usage(payload)
+            if cached is not None:
+                self.cached_tokens = cached
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("upstream response too large to relay", code="upstream_body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _raw_path(scope: Scope) -> bytes:
+    """The path exactly as the client sent it (percent-encoding kept), without a query string."""
+    raw: bytes | None = scope.get("raw_path")
+    return raw.split(b"?", 1)[0] if raw else scope["path"].encode()
+
+
+def _check_passthrough_path(path: bytes) -> None:
+    """Refuse paths that could leave the upstream's ``/v1`` tree (dot segments, encoded separators)."""
+    lowered = path.lower()
+    if (
+        not _SAFE_PATH.fullmatch(path)
+        or _DOT_SEGMENT.search(path)
+        or any(escape in lowered for escape in _FORBIDDEN_ESCAPES)
+        or b"//" in path
+    ):
+        raise NotFound("no such route", code="invalid_path")
+
+
+async def _send_whole(call: _Call, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers = [*headers, *call.own_headers, (b"content-length", str(len(body)).encode())]
+    await call.send({"type": "http.response.start", "status": status, "headers": headers})
+    await call.send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+    body = exc.body()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

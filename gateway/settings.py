@@ -1,0 +1,198 @@
+"""The one frozen ``Settings`` object: defaults < ``PREFIXGATE_*`` environment < command-line options.
+
+This module is the only reader of ``os.environ`` in the gateway. Every option has one name used three
+ways: the struct field ``read_timeout``, the flag ``--read-timeout`` and the variable
+``PREFIXGATE_READ_TIMEOUT``. Invalid values fail at start with a message naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+__all__ = ["ENV_PREFIX", "OPTIONS", "Settings", "SettingsError", "add_arguments", "load_settings"]
+
+ENV_PREFIX = "PREFIXGATE_"
+
+Engine = Literal["sglang", "vllm", "llamacpp", "openai"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+ReorderScope = Literal["all", "system", "user", "tool", "completions"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything the gateway is configured with. Build it with ``load_settings``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    upstream: str = ""
+    engine: Engine = "openai"
+    stateless: bool = False
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    api_key: tuple[str, ...] = ()
+    admin_token: str = ""
+    upstream_api_key: str = ""
+    max_body_bytes: int = 16 * 1024 * 1024
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    write_timeout: float = 60.0
+    pool_timeout: float = 30.0
+    max_connections: int = 512
+    max_keepalive: int = 128
+    reorder: bool = True
+    reorder_scope: ReorderScope = "all"
+    relevance_annotation: bool = False
+    index_max_requests: int = 200_000
+    reorder_max_contexts: int = 200_000
+    reorder_max_blocks: int = 4_096
+    sim_port: int = 8766
+    sim_capacity_tokens: int = 262_144
+    sim_prefill_us: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port: must be between 0 and 65535")
+        if not 1 <= self.sim_port <= 65535:
+            raise ValueError("sim_port: must be between 1 and 65535")
+        if self.upstream:
+            parts = urlsplit(self.upstream)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("upstream: must be an http:// or https:// URL")
+        for name in ("max_body_bytes", "max_connections", "max_keepalive", "index_max_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        for name in ("reorder_max_contexts", "reorder_max_blocks", "sim_capacity_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        for name in ("connect_timeout", "read_timeout", "write_timeout", "pool_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be a positive number of seconds")
+        if self.sim_prefill_us < 0:
+            raise ValueError("sim_prefill_us: must not be negative")
+        for key in self.api_key:
+            if not key or any(ch.isspace() for ch in key):
+                raise ValueError("api_key: keys must be non-empty and contain no whitespace")
+
+    @property
+    def upstream_url(self) -> str:
+        """The upstream base URL (the embedded simulated engine when none was given), without trailing slash."""
+        return (self.upstream or f"http://127.0.0.1:{self.sim_port}").rstrip("/")
+
+    @property
+    def embedded_sim(self) -> bool:
+        return not self.upstream
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log line, secrets masked."""
+        out = msgspec.structs.asdict(self)
+        for secret in ("admin_token", "upstream_api_key"):
+            out[secret] = "***" if out[secret] else ""
+        out["api_key"] = [f"***({len(k)})" for k in self.api_key]
+        return out
+
+
+class SettingsError(ValueError):
+    """An option had an invalid value; the message names the option and its variable."""
+
+
+# field -> (help, flag kind); kind "flag" is a store_true switch, "multi" may repeat.
+OPTIONS: dict[str, tuple[str, str]] = {
+    "host": ("address to bind (default 127.0.0.1: loopback only)", "value"),
+    "port": ("port to listen on", "value"),
+    "upstream": ("base URL of the engine; empty starts the built-in simulated engine", "value"),
+    "engine": ("engine kind behind --upstream: sglang, vllm, llamacpp or openai (generic)", "value"),
+    "stateless": ("keep no live index: /reorder is one-shot, /evict removes nothing", "flag"),
+    "log_level": ("debug, info, warning or error", "value"),
+    "log_format": ("text or json", "value"),
+    "api_key": ("bearer key clients must send on proxy routes (repeatable; env: comma-separated)", "multi"),
+    "admin_token": ("bearer token required on /evict, /reset and stateful /reorder", "value"),
+    "upstream_api_key": ("bearer key the gateway sends to the upstream engine", "value"),
+    "max_body_bytes": ("largest accepted request body in bytes (413 above)", "value"),
+    "connect_timeout": ("seconds to connect to the upstream", "value"),
+    "read_timeout": ("seconds the upstream may stay silent (LLM streams are long)", "value"),
+    "write_timeout": ("seconds to send a request body upstream", "value"),
+    "pool_timeout": ("seconds to wait for a free upstream connection", "value"),
+    "max_connections": ("most concurrent upstream connections", "value"),
+    "max_keepalive": ("most idle upstream connections kept open", "value"),
+    "reorder": ("reorder retrieved blocks in proxied requests (--no-reorder to turn off)", "bool"),
+    "reorder_scope": ("where to look for blocks: all, system, user, tool or completions", "value"),
+    "relevance_annotation": ("after a reordered group, restate the retriever's original order", "flag"),
+    "index_max_requests": ("live index cap in requests (least recently used dropped first)", "value"),
+    "reorder_max_contexts": ("most contexts accepted by one /reorder", "value"),
+    "reorder_max_blocks": ("most blocks accepted per context", "value"),
+    "sim_port": ("port of the embedded simulated engine (when --upstream is empty)", "value"),
+    "sim_capacity_tokens": ("KV capacity of the embedded simulated engine in tokens", "value"),
+    "sim_prefill_us": ("simulated prefill cost per uncached prompt token, microseconds", "value"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting; unset flags stay absent so env and defaults apply."""
+    for name, (help_text, kind) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind == "flag":
+            parser.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif kind == "bool":
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        elif kind == "multi":
+            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, (_, kind) in OPTIONS.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if kind in ("flag", "bool"):
+            lowered = raw.strip().lower()
+            if lowered not in _TRUE | _FALSE:
+                raise SettingsError(f"{_describe(name)}: expected a boolean (1/0, true/false), got {raw!r}")
+            values[name] = lowered in _TRUE
+        elif kind == "multi":
+            values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+        else:
+            values[name] = raw
+    return values
+
+
+def _describe(name: str) -> str:
+    return f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()})"
+
+
+_PATH = re.compile(r"\s*-\s*at `\$\.(\w+)`")
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Merge defaults, environment, CLI values (an ``argparse`` namespace's dict) and explicit overrides."""
+    merged = _env_values(os.environ if environ is None else environ)
+    merged.update({k: v for k, v in (cli or {}).items() if k in OPTIONS})
+    merged.update(overrides)
+    if isinstance(merged.get("api_key"), str):
+        merged["api_key"] = [merged["api_key"]]
+    try:
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH.search(text) or re.match(r"(\w+):", text)
+        if match and match.group(1) in OPTIONS:
+            field = match.group(1)
+            detail = _PATH.sub("", text).replace(f"{field}: ", "").strip()
+            raise SettingsError(f"invalid value for {_describe(field)}: {detail}") from None
+        raise SettingsError(f"invalid settings: {text}") from None
