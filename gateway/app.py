@@ -110,6 +110,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         on_shutdown=[close_client],
         openapi_config=OpenAPIConfig(title="prefixgate", version=__version__, path="/schema"),
         debug=False,
+        logging_config=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics

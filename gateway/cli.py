@@ -123,3 +123,7 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 2
             pass
         time.sleep(0.05)
     raise SystemExit("prefixgate: the simulated engine did not become healthy in time")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

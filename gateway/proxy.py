@@ -36,7 +36,7 @@ from gateway.ids import resolve_request_id
 from gateway.logs import request_id_var
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.upstream import request_headers, response_headers
+from gateway.upstream import build_request, request_headers, response_headers
 from gateway.wire import ChatView, CompletionView, decode_view, replace_fields
 
 __all__ = ["Exchange", "Planner", "Proxy"]
@@ -155,7 +155,7 @@ class Proxy:
             upstream_api_key=self.settings.upstream_api_key,
             extra=self.engine.stamp_headers(call.request_id),
         )
-        request = self.client.build_request(method, target, headers=outbound, content=body)
+        request = build_request(self.client, method, target, outbound, body)
         status = 499
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
 from gateway.settings import Settings
 
-__all__ = ["HOP_BY_HOP", "build_client", "request_headers", "response_headers"]
+__all__ = ["HOP_BY_HOP", "build_client", "build_request", "request_headers", "response_headers"]
 
 # RFC 9110 §7.6.1 connection-specific fields, plus fields the transport recomputes.
 HOP_BY_HOP = frozenset(
@@ -48,6 +49,22 @@ def build_client(settings: Settings, transport: httpx.AsyncBaseTransport | None 
         ),
         follow_redirects=False,
         trust_env=False,
+        # A proxy must never keep one user's upstream cookies and send them with another user's request.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    )
+
+
+def build_request(
+    client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> httpx.Request:
+    """The upstream request with exactly ``headers``: unlike ``client.build_request`` it merges no client defaults
+    (``user-agent``, ``accept-encoding``) and no cookies, so the engine sees what the user sent."""
+    return httpx.Request(
+        method,
+        str(client.base_url).rstrip("/") + target,
+        headers=headers,
+        content=body,
+        extensions={"timeout": client.timeout.as_dict()},
     )
 
 

@@ -345,3 +345,25 @@ async def test_unknown_route_is_openai_404(gateway: AppFactory) -> None:
         response = await client.get("/nope")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+async def test_upstream_cookies_never_reach_other_requests(gateway: AppFactory, upstream: respx.Router) -> None:
+    route = upstream.post("/v1/completions").mock(
+        return_value=httpx.Response(200, json=COMPLETION_JSON, headers={"set-cookie": "session=alice; Path=/"})
+    )
+    async with gateway() as client:
+        first = await client.post("/v1/completions", json={"prompt": "x"})
+        client.cookies.clear()
+        await client.post("/v1/completions", json={"prompt": "y"})
+    assert first.headers["set-cookie"] == "session=alice; Path=/"
+    assert "cookie" not in route.calls.last.request.headers
+
+
+async def test_no_client_library_defaults_added(gateway: AppFactory, upstream: respx.Router) -> None:
+    route = upstream.post("/v1/completions").mock(side_effect=ok_json)
+    async with gateway() as client:
+        await client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"user-agent": "my-app/1"})
+    sent = route.calls.last.request.headers
+    assert sent["user-agent"] == "my-app/1"
+    assert "python-httpx" not in sent.get("user-agent", "")
+    assert set(sent.keys()) <= {"host", "content-length", "user-agent", "accept", "accept-encoding", "x-request-id"}
