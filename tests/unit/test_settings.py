@@ -1,0 +1,98 @@
+"""Settings: defaults < environment < flags; invalid values fail naming the option."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+from gateway.cli import _parser
+from gateway.logs import JsonFormatter, RequestIdFilter, request_id_var
+from gateway.settings import OPTIONS, Settings, SettingsError, load_settings
+
+
+def test_defaults_bind_loopback() -> None:
+    settings = load_settings(environ={})
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8765
+    assert settings.embedded_sim
+    assert settings.upstream_url == "http://127.0.0.1:8766"
+
+
+def test_every_field_has_a_flag_and_env_var() -> None:
+    assert set(OPTIONS) == set(Settings.__struct_fields__)
+
+
+def test_flags_override_env() -> None:
+    args = _parser().parse_args(["serve", "--port", "9000", "--engine", "vllm", "--api-key", "a", "--api-key", "b"])
+    env = {"PREFIXGATE_PORT": "7000", "PREFIXGATE_ENGINE": "sglang", "PREFIXGATE_STATELESS": "true"}
+    settings = load_settings(vars(args), environ=env)
+    assert settings.port == 9000
+    assert settings.engine == "vllm"
+    assert settings.stateless is True
+    assert settings.api_key == ("a", "b")
+
+
+def test_env_lists_and_booleans() -> None:
+    settings = load_settings(environ={"PREFIXGATE_API_KEY": "k1, k2", "PREFIXGATE_REORDER": "0"})
+    assert settings.api_key == ("k1", "k2")
+    assert settings.reorder is False
+
+
+def test_no_reorder_flag() -> None:
+    assert load_settings(vars(_parser().parse_args(["serve", "--no-reorder"])), environ={}).reorder is False
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"PREFIXGATE_PORT": "abc"}, "--port (PREFIXGATE_PORT)"),
+        ({"PREFIXGATE_PORT": "70000"}, "--port (PREFIXGATE_PORT)"),
+        ({"PREFIXGATE_ENGINE": "tgi"}, "--engine (PREFIXGATE_ENGINE)"),
+        ({"PREFIXGATE_UPSTREAM": "localhost:30000"}, "--upstream (PREFIXGATE_UPSTREAM)"),
+        ({"PREFIXGATE_READ_TIMEOUT": "0"}, "--read-timeout (PREFIXGATE_READ_TIMEOUT)"),
+        ({"PREFIXGATE_STATELESS": "perhaps"}, "--stateless (PREFIXGATE_STATELESS)"),
+        ({"PREFIXGATE_MAX_BODY_BYTES": "-5"}, "--max-body-bytes (PREFIXGATE_MAX_BODY_BYTES)"),
+    ],
+)
+def test_invalid_values_name_the_option(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(environ=env)
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        load_settings(environ={}).port = 1  # type: ignore[misc]
+
+
+def test_redacted_hides_secrets() -> None:
+    settings = load_settings(environ={}, admin_token="s3cret", upstream_api_key="up", api_key=("client-key",))
+    text = json.dumps(settings.redacted())
+    for secret in ("s3cret", 'up"', "client-key"):
+        assert secret not in text
+
+
+def test_cli_rejects_bad_value_with_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "x"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "--port (PREFIXGATE_PORT)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_json_log_lines_carry_request_id() -> None:
+    record = logging.LogRecord("prefixgate", logging.INFO, __file__, 1, "relayed %d bytes", (12,), None)
+    token = request_id_var.set("req-abc")
+    try:
+        RequestIdFilter().filter(record)
+    finally:
+        request_id_var.reset(token)
+    line = msgspec.json.decode(JsonFormatter().format(record))
+    assert line["request_id"] == "req-abc"
+    assert line["message"] == "relayed 12 bytes"
+    assert line["level"] == "info"
