@@ -8,7 +8,7 @@ CACHE_DIR ?= $(HOME)/.cache/prefixgate
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sim test lint format unit integration e2e bench llama-server tiny-model clean
+.PHONY: help install run sim test lint format unit bench llama-server tiny-model contextpilot-client clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -36,8 +36,10 @@ format: $(STAMP) ## apply ruff format and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint llama-server tiny-model ## lint, then the whole test suite (unit, integration, e2e with a real llama-server)
-	PREFIXGATE_LLAMA_SERVER="$$($(MAKE) -s llama-server | tail -n1)" $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: lint llama-server tiny-model contextpilot-client ## lint, then every test (unit, integration, e2e: real llama-server)
+	PREFIXGATE_LLAMA_SERVER="$$($(MAKE) -s llama-server | tail -n1)" \
+	PREFIXGATE_CONTEXTPILOT_WHEEL="$$($(MAKE) -s contextpilot-client | tail -n1)" \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP) ## unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
@@ -47,6 +49,11 @@ bench: $(STAMP) ## run the benchmarks (each prints a table)
 
 llama-server: $(STAMP) ## build (once, cached under ~/.cache/prefixgate) the real llama-server; prints its path last
 	@$(BIN)/python -m engines.llamacpp.build --cache-dir $(CACHE_DIR)
+
+contextpilot-client: $(STAMP) ## fetch (once) the contextpilot 0.5.0 wheel whose index client the tests drive; prints its path
+	@test -f $(CACHE_DIR)/wheels/contextpilot-0.5.0-py3-none-any.whl || \
+		$(BIN)/python -m pip download --quiet --no-deps --dest $(CACHE_DIR)/wheels contextpilot==0.5.0
+	@echo $(CACHE_DIR)/wheels/contextpilot-0.5.0-py3-none-any.whl
 
 tiny-model: $(STAMP) ## write the tiny random-weight GGUF test model; prints its path last
 	@$(BIN)/python -m engines.llamacpp.tinymodel --cache-dir $(CACHE_DIR)

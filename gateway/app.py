@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -15,8 +16,10 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from engines.registry import get_engine
 from gateway import __version__
 from gateway.errors import GatewayError, error_body
+from gateway.index_api import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.proxy import Proxy
+from gateway.residency import Residency
 from gateway.settings import Settings
 from gateway.upstream import build_client
 
@@ -60,6 +63,7 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
     """Build the gateway for ``settings``; ``transport`` replaces the network (tests use respx routers)."""
     metrics = Metrics()
+    residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
     client = build_client(settings, transport)
     proxy = Proxy(settings, client, get_engine(settings.engine), metrics)
     mode = "stateless" if settings.stateless else "live"
@@ -70,7 +74,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     @get("/health", sync_to_thread=False)
     def health() -> dict[str, Any]:
-        """Liveness: the gateway process answers. Does not contact the upstream (see ``/ready``)."""
+        """Liveness: the gateway process answers (200 from the start). Does not contact the upstream."""
+        stats = residency.index.stats()
         return {
             "status": "ready",
             "mode": mode,
@@ -78,6 +83,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             "engine": settings.engine,
             "upstream": settings.upstream_url,
             "eviction_enabled": not settings.stateless,
+            "index_stats": {"num_requests": stats.requests, "num_nodes": stats.nodes},
+            "timestamp": time.time(),
         }
 
     @get("/ready")
@@ -101,7 +108,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         await client.aclose()
 
     app = Litestar(
-        route_handlers=[proxy_mount, health, ready, metrics_route],
+        route_handlers=[proxy_mount, health, ready, metrics_route, *index_routes(settings, residency)],
+        request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
@@ -115,4 +123,5 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.proxy = proxy
+    app.state.residency = residency
     return app

@@ -1,0 +1,377 @@
+"""ContextPilot-compatible index API: ``/reorder``, ``/evict``, ``/deduplicate``, ``/reset``, ``/stats``, ...
+
+Field names follow ContextPilot 0.5.0 so its ``ContextPilotIndexClient`` and engine hooks work unchanged; its
+contract bugs are fixed:
+
+- ``reordered_contexts`` is always in execution (scheduled) order and ``reordered_contexts[i]`` belongs to
+  ``contexts[original_indices[i]]``, in every mode;
+- ``request_ids`` is always in *input* order, one unique non-null id per input context (duplicates included);
+  ``scheduled_request_ids`` is the same ids in execution order, aligned with ``reordered_contexts``;
+- ``/evict`` answers 200 in stateless mode too (nothing to remove), and ``/health`` is 200 on a fresh server.
+
+Big batches are planned in a worker thread on an immutable snapshot of the live index, so the proxy keeps
+serving; only the final commit runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.handlers import HTTPRouteHandler
+
+from gateway.errors import InvalidRequest, PayloadTooLarge, Unauthorized
+from gateway.residency import Residency
+from gateway.settings import Settings
+from scheduler.batch import BatchPlan, plan_batch
+from scheduler.blocks import block_id
+from scheduler.dedup import DEFAULT_HINT_TEMPLATE
+from scheduler.ids import mint_request_id
+
+__all__ = ["index_routes"]
+
+API_KEY: Hashable = ("index-api",)
+_LINKAGE_METHODS = frozenset({"single", "complete", "average", "weighted", "centroid", "median", "ward"})
+
+
+class _Options(msgspec.Struct, kw_only=True):
+    alpha: float = 0.001
+    use_gpu: bool = False
+    linkage_method: str = "average"
+    initial_tokens_per_context: int = 0
+    parent_request_ids: list[str | None] | None = None
+    deduplicate: bool = False
+    hint_template: str | None = None
+
+
+class _IntContexts(_Options, kw_only=True):
+    contexts: list[list[int]]
+
+
+class _StrContexts(_Options, kw_only=True):
+    contexts: list[list[str]]
+
+
+class _EvictBody(msgspec.Struct):
+    request_ids: list[str]
+
+
+class _DedupBody(msgspec.Struct, kw_only=True):
+    contexts: list[list[Any]]
+    parent_request_ids: list[str | None]
+    hint_template: str | None = None
+
+
+class _SearchBody(msgspec.Struct, kw_only=True):
+    context: list[Any]
+    update_access: bool = True
+
+
+class _InsertBody(msgspec.Struct, kw_only=True):
+    context: list[Any]
+    search_path: list[int] = msgspec.field(default_factory=list)
+    total_tokens: int = 0
+
+
+_int_decoder = msgspec.json.Decoder(_IntContexts)
+_str_decoder = msgspec.json.Decoder(_StrContexts)
+
+
+T = TypeVar("T")
+
+
+def _decode(body: bytes, type_: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        param = text.split("at `$.", 1)[1].rstrip("`") if "at `$." in text else None
+        raise InvalidRequest(f"invalid request: {text}", param=param, code="invalid_type") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _decode_contexts(body: bytes) -> tuple[_IntContexts | _StrContexts, str]:
+    """Contexts are all lists of ints or all lists of strings; anything else is a 400 naming the spot."""
+    try:
+        return _int_decoder.decode(body), "integer"
+    except msgspec.DecodeError as int_error:
+        if not isinstance(int_error, msgspec.ValidationError):
+            raise InvalidRequest(f"request body is not valid JSON: {int_error}", code="invalid_json") from None
+        try:
+            return _str_decoder.decode(body), "string"
+        except msgspec.ValidationError:
+            pass
+        text = str(int_error)
+        param = text.split("at `$.", 1)[1].rstrip("`") if "at `$." in text else "contexts"
+        raise InvalidRequest(
+            "contexts must be a list of lists of integers, or a list of lists of strings (not mixed, not nested, "
+            f"no floats or booleans): {text}",
+            param=param,
+            code="invalid_contexts",
+        ) from None
+
+
+def _check_limits(request: _Options, contexts: Sequence[Sequence[Any]], settings: Settings) -> None:
+    if len(contexts) > settings.reorder_max_contexts:
+        raise PayloadTooLarge(
+            f"at most {settings.reorder_max_contexts} contexts per request", param="contexts", code="too_many_contexts"
+        )
+    for i, context in enumerate(contexts):
+        if len(context) > settings.reorder_max_blocks:
+            raise PayloadTooLarge(
+                f"at most {settings.reorder_max_blocks} blocks per context",
+                param=f"contexts[{i}]",
+                code="too_many_blocks",
+            )
+    if request.linkage_method not in _LINKAGE_METHODS:
+        raise InvalidRequest(f"unknown linkage_method {request.linkage_method!r}", param="linkage_method")
+    if not 0 <= request.alpha <= 1:
+        raise InvalidRequest("alpha must be between 0 and 1", param="alpha")
+    parents = request.parent_request_ids
+    if parents is not None and len(parents) != len(contexts):
+        raise InvalidRequest(
+            f"parent_request_ids has {len(parents)} entries for {len(contexts)} contexts", param="parent_request_ids"
+        )
+
+
+class IndexApi:
+    """The handlers' shared state: settings, residency, and admin authentication."""
+
+    def __init__(self, settings: Settings, residency: Residency) -> None:
+        self.settings = settings
+        self.residency = residency
+        self._admin = settings.admin_token.encode()
+
+    def require_admin(self, request: Request[Any, Any, Any]) -> None:
+        """State-changing routes need ``Authorization: Bearer <admin token>`` when a token is configured."""
+        if not self._admin:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._admin):
+            raise Unauthorized("this route needs the admin token", code="admin_token_required")
+
+    async def reorder(self, request: Request[Any, Any, Any], *, stateless: bool) -> dict[str, Any]:
+        parsed, input_type = _decode_contexts(await request.body())
+        contexts: list[list[Any]] = parsed.contexts  # type: ignore[assignment]
+        _check_limits(parsed, contexts, self.settings)
+        stateful = not stateless and not self.residency.stateless
+        if stateful:
+            self.require_admin(request)
+        ids = [[block_id(block) for block in context] for context in contexts]
+        view = self.residency.index.snapshot(API_KEY) if stateful else None
+        started = time.perf_counter()
+        plan: BatchPlan = await anyio.to_thread.run_sync(lambda: plan_batch(ids, view=view))
+        plan_ms = (time.perf_counter() - started) * 1000
+        mode = "stateless"
+        if stateful:
+            mode = "incremental" if view is not None and view.requests else "initial"
+            request_ids = self.residency.index.commit_batch(API_KEY, ids, plan)
+        else:
+            request_ids = [mint_request_id() for _ in contexts]
+        reordered = plan.apply(contexts)
+        body: dict[str, Any] = {
+            "status": "success",
+            "message": f"reordered {len(contexts)} contexts ({mode})",
+            "mode": mode,
+            "input_type": input_type,
+            "num_contexts": len(contexts),
+            "num_groups": len(plan.groups),
+            "reordered_contexts": reordered,
+            "scheduled_contexts": reordered,
+            "original_indices": plan.order,
+            "request_ids": request_ids,
+            "scheduled_request_ids": [request_ids[i] for i in plan.order],
+            "groups": [[len(group), group] for group in plan.groups],
+            "stats": {
+                "num_contexts": len(contexts),
+                "num_groups": len(plan.groups),
+                "predicted_cached_blocks": sum(plan.cached),
+                "shared_prefix_blocks": sum(plan.shared),
+                "total_blocks": sum(len(c) for c in contexts),
+                "plan_ms": round(plan_ms, 3),
+            },
+        }
+        if stateful:
+            body["matched_count"] = sum(1 for cached in plan.cached if cached)
+            body["inserted_count"] = len(contexts)
+        if parsed.deduplicate and stateful:
+            body["deduplication"] = self._deduplicate(contexts, request_ids, parsed.parent_request_ids, parsed)
+        return body
+
+    def _deduplicate(
+        self,
+        contexts: Sequence[Sequence[Any]],
+        request_ids: Sequence[str],
+        parents: Sequence[str | None] | None,
+        options: _Options,
+    ) -> dict[str, Any]:
+        results = []
+        total = 0
+        for i, context in enumerate(contexts):
+            parent = parents[i] if parents is not None else None
+            result = self.residency.conversations.deduplicate(
+                request_ids[i], list(context), parent, options.hint_template or DEFAULT_HINT_TEMPLATE
+            )
+            total += len(result.overlapping_docs)
+            results.append(
+                {
+                    "request_id": result.request_id,
+                    "parent_request_id": result.parent_request_id,
+                    "turn_number": result.turn_number,
+                    "is_new_conversation": result.is_new_conversation,
+                    "original_docs": result.original_docs,
+                    "deduplicated_docs": result.deduplicated_docs,
+                    "overlapping_docs": result.overlapping_docs,
+                    "new_docs": result.new_docs,
+                    "reference_hints": result.reference_hints,
+                }
+            )
+        return {"enabled": True, "results": results, "total_docs_deduplicated": total}
+
+    async def deduplicate(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        self.require_admin(request)
+        parsed = _decode(await request.body(), _DedupBody)
+        if len(parsed.parent_request_ids) != len(parsed.contexts):
+            raise InvalidRequest(
+                f"parent_request_ids has {len(parsed.parent_request_ids)} entries for {len(parsed.contexts)} contexts",
+                param="parent_request_ids",
+            )
+        _check_hashable(parsed.contexts)
+        request_ids = [mint_request_id() for _ in parsed.contexts]
+        dedup = self._deduplicate(
+            parsed.contexts, request_ids, parsed.parent_request_ids, _Options(hint_template=parsed.hint_template)
+        )
+        return {
+            "status": "success",
+            "message": f"deduplicated {len(parsed.contexts)} contexts",
+            "request_ids": request_ids,
+            "results": dedup["results"],
+            "total_docs_deduplicated": dedup["total_docs_deduplicated"],
+        }
+
+    async def evict(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        self.require_admin(request)
+        parsed = _decode(await request.body(), _EvictBody)
+        outcome = self.residency.evict(parsed.request_ids)
+        return {
+            "status": "success",
+            "removed_count": outcome.removed_count,
+            "evicted_request_ids": outcome.evicted_request_ids,
+            "evicted_node_ids": [],
+            "not_found": outcome.not_found,
+            "normalized_request_ids": outcome.normalized_request_ids,
+            "conversations_cleared": outcome.conversations_cleared,
+            "requests_remaining": len(self.residency.index),
+            "nodes_remaining": self.residency.index.stats().nodes,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.residency.index.stats()
+        return {
+            "status": "success",
+            "mode": "stateless" if self.residency.stateless else "live",
+            "index_stats": {
+                "num_nodes": stats.nodes,
+                "active_nodes": stats.radix_nodes,
+                "num_requests": stats.requests,
+                "num_keys": stats.keys,
+                "total_searches": stats.plans,
+                "total_hits": stats.hits,
+                "total_insertions": stats.inserts,
+                "total_removals": stats.evictions + stats.lru_evictions,
+                "evictions": stats.evictions,
+                "lru_evictions": stats.lru_evictions,
+                "planned_blocks": stats.planned_blocks,
+                "hit_blocks": stats.hit_blocks,
+                "conversations": len(self.residency.conversations),
+                "max_requests": self.settings.index_max_requests,
+            },
+            "timestamp": time.time(),
+        }
+
+
+def _check_hashable(contexts: Sequence[Sequence[Any]]) -> None:
+    for i, context in enumerate(contexts):
+        for j, doc in enumerate(context):
+            if not isinstance(doc, int | str) or isinstance(doc, bool):
+                raise InvalidRequest("documents must be integers or strings", param=f"contexts[{i}][{j}]")
+
+
+def index_routes(settings: Settings, residency: Residency) -> list[HTTPRouteHandler]:
+    """The index API's route handlers, bound to one gateway's state."""
+    api = IndexApi(settings, residency)
+
+    @post("/reorder", status_code=200)
+    async def reorder(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Reorder a batch of contexts (lists of doc ids or doc strings) for prefix sharing."""
+        return await api.reorder(request, stateless=False)
+
+    @post("/build", status_code=200, deprecated=True)
+    async def build(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Deprecated alias of ``/reorder``."""
+        return await api.reorder(request, stateless=False)
+
+    @post("/schedule", status_code=200, deprecated=True)
+    async def schedule(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Deprecated: ``/reorder`` that never touches the live index."""
+        return await api.reorder(request, stateless=True)
+
+    @post("/evict", status_code=200)
+    async def evict(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Release requests the engine evicted (engine-mangled ids accepted); idempotent."""
+        return await api.evict(request)
+
+    @post("/deduplicate", status_code=200)
+    async def deduplicate(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Multi-turn: split each context into docs already sent in its parent chain and new ones."""
+        return await api.deduplicate(request)
+
+    @post("/reset", status_code=200)
+    async def reset(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Forget the live index and conversation history."""
+        api.require_admin(request)
+        residency.reset()
+        return {"status": "success", "message": "index and conversations reset", "conversation_tracker": "reset"}
+
+    @get("/stats", sync_to_thread=False)
+    def stats() -> dict[str, Any]:
+        """Live index counters."""
+        return api.stats()
+
+    @get("/requests", sync_to_thread=False)
+    def requests() -> dict[str, Any]:
+        """Live request ids, least recently committed first."""
+        ids = residency.index.request_ids()
+        return {"status": "success", "num_requests": len(ids), "request_ids": ids}
+
+    @post("/search", status_code=200)
+    async def search(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """How many leading blocks of ``context`` the live index holds (in the given order)."""
+        parsed = _decode(await request.body(), _SearchBody)
+        _check_hashable([parsed.context])
+        matched = residency.index.snapshot(API_KEY).prefix_length([block_id(b) for b in parsed.context])
+        return {"status": "success", "prefix_length": matched, "has_prefix": matched > 0, "search_path": []}
+
+    @post("/insert", status_code=200)
+    async def insert(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Record ``context`` as sent (in the given order) under a new request id."""
+        api.require_admin(request)
+        parsed = _decode(await request.body(), _InsertBody)
+        _check_hashable([parsed.context])
+        request_id = mint_request_id()
+        residency.commit(request_id, [(API_KEY, [block_id(b) for b in parsed.context])])
+        return {"status": "success", "request_id": request_id, "search_path": [], "node_id": None}
+
+    @post("/update", status_code=200, deprecated=True)
+    async def update(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        """Accepted for ContextPilot clients; prefixgate does not track per-node token counts."""
+        api.require_admin(request)
+        return Response({"status": "success", "message": "token accounting is not tracked; nothing changed"})
+
+    return [reorder, build, schedule, evict, deduplicate, reset, stats, requests, search, insert, update]

@@ -1,0 +1,82 @@
+"""What the gateway believes each engine holds: the live index, per-request group ids, and eviction.
+
+One proxied request may carry several block groups (a system prompt and a tool result), each planned under
+its own prefix key; the index files each group under its own id (``<rid>``, ``<rid>.g2``, ...). An engine
+reports evictions by the request id the gateway stamped, possibly mangled (``chatcmpl-<rid>``, vLLM's
+suffixes): ``evict`` resolves those and releases every group of the request, and its conversation history.
+
+Single writer: every method runs on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cachetools import LRUCache
+
+from scheduler.dedup import ConversationTracker
+from scheduler.ids import normalize_request_ids
+from scheduler.index import LiveIndex
+
+__all__ = ["EvictOutcome", "Residency"]
+
+
+@dataclass(slots=True)
+class EvictOutcome:
+    """The ``/evict`` answer in ContextPilot's field names."""
+
+    normalized_request_ids: list[str]
+    evicted_request_ids: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    conversations_cleared: int = 0
+
+    @property
+    def removed_count(self) -> int:
+        return len(self.evicted_request_ids)
+
+
+class Residency:
+    """The live index plus the request-level bookkeeping around it."""
+
+    def __init__(self, *, max_requests: int, stateless: bool) -> None:
+        self.stateless = stateless
+        self.index = LiveIndex(max_requests=max_requests)
+        self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
+        self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
+        self.evict_calls = 0
+
+    def commit(self, request_id: str, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
+        """Record a request the engine accepted, one ``(key, ordered blocks)`` per block group."""
+        if self.stateless or not groups:
+            return
+        ids = [request_id] + [f"{request_id}.g{i}" for i in range(2, len(groups) + 1)]
+        for group_id, (key, blocks) in zip(ids, groups, strict=True):
+            self.index.commit(key, group_id, blocks)
+        if len(ids) > 1:
+            self._groups[request_id] = tuple(ids[1:])
+
+    def release_groups(self, request_id: str) -> list[str]:
+        """Every index id filed for ``request_id``."""
+        return [request_id, *self._groups.pop(request_id, ())]
+
+    def evict(self, raw_ids: Iterable[str]) -> EvictOutcome:
+        """Release requests reported evicted; idempotent; mangled engine ids are resolved."""
+        self.evict_calls += 1
+        normalized = normalize_request_ids(raw_ids)
+        outcome = EvictOutcome(normalized_request_ids=normalized)
+        for raw in normalized:
+            request_id = self.index.resolve(raw) or raw
+            cleared = self.conversations.clear(request_id)
+            outcome.conversations_cleared += int(cleared)
+            result = self.index.evict(self.release_groups(request_id))
+            if result.evicted or cleared:
+                outcome.evicted_request_ids.append(request_id)
+            else:
+                outcome.not_found.append(raw)
+        return outcome
+
+    def reset(self) -> None:
+        self.index.reset()
+        self.conversations.reset()
+        self._groups.clear()
