@@ -159,10 +159,9 @@ def test_models_passthrough(client: openai.OpenAI) -> None:
 def test_upstream_down_is_502_then_recovers() -> None:
     engine_port = free_port()
     app = create_app(load_settings(environ={}, upstream=f"http://127.0.0.1:{engine_port}"))
-    with serve_in_thread(app) as gateway:
-        with openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0) as sdk:
-            with pytest.raises(openai.APIStatusError) as info:
-                sdk.completions.create(model="sim", prompt="x", max_tokens=1)
-            assert info.value.status_code == 502
-            with serve_in_thread(create_sim_app(SimConfig()), port=engine_port):
-                assert sdk.completions.create(model="sim", prompt="x", max_tokens=1).choices
+    with serve_in_thread(app) as gateway, openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk.completions.create(model="sim", prompt="x", max_tokens=1)
+        assert info.value.status_code == 502
+        with serve_in_thread(create_sim_app(SimConfig()), port=engine_port):
+            assert sdk.completions.create(model="sim", prompt="x", max_tokens=1).choices
