@@ -18,6 +18,7 @@ from gateway import __version__
 from gateway.errors import GatewayError, error_body
 from gateway.index_api import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.planner import Planner
 from gateway.proxy import Proxy
 from gateway.residency import Residency
 from gateway.settings import Settings
@@ -65,7 +66,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     metrics = Metrics()
     residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
     client = build_client(settings, transport)
-    proxy = Proxy(settings, client, get_engine(settings.engine), metrics)
+    planner = Planner(settings, residency, metrics)
+    proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner)
     mode = "stateless" if settings.stateless else "live"
 
     @asgi("/v1", is_mount=True, copy_scope=True)

@@ -73,7 +73,8 @@ class Exchange:
     view: ChatView | CompletionView
     fields: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
-    on_success: Callable[[int | None], None] | None = None
+    on_accept: Callable[[], None] | None = None
+    on_usage: Callable[[int | None], None] | None = None
 
 
 Planner = Callable[[Exchange], None]
@@ -88,7 +89,8 @@ class _Call:
     route: str
     started: float
     own_headers: list[tuple[bytes, bytes]]
-    on_success: Callable[[int | None], None] | None = None
+    on_accept: Callable[[], None] | None = None
+    on_usage: Callable[[int | None], None] | None = None
 
 
 class Proxy:
@@ -173,7 +175,8 @@ class Proxy:
         exchange.fields.update(self.engine.stamp_fields(call.request_id))
         if exchange.result is not None:
             call.own_headers.append((b"x-prefixgate-result", msgspec.json.encode(exchange.result)))
-        call.on_success = exchange.on_success
+        call.on_accept = exchange.on_accept
+        call.on_usage = exchange.on_usage
         return replace_fields(exchange.body, exchange.fields)
 
     def _authorize(self, headers: dict[str, str]) -> None:
@@ -196,12 +199,14 @@ class Proxy:
             return await self._fail(call, upstream_error_from(exc))
         try:
             status = response.status_code
+            if status < 400 and call.on_accept is not None:
+                call.on_accept()  # the engine accepted the request: what it was sent is now in its cache
             if status >= 400:
                 await self._relay_error(response, call)
             elif response.headers.get("content-type", "").startswith("text/event-stream"):
                 cached = await self._relay_stream(response, call)
-                if call.on_success is not None:
-                    call.on_success(cached)
+                if call.on_usage is not None:
+                    call.on_usage(cached)
             elif call.route != "passthrough":
                 await self._relay_json(response, call)
             else:
@@ -240,8 +245,8 @@ class Proxy:
         body = await _read_limited(response, _MAX_JSON_BODY)
         self.metrics.ttfb.labels(call.route).observe(time.perf_counter() - call.started)
         cached = None if "content-encoding" in response.headers else self._cached_tokens(body)
-        if call.on_success is not None:
-            call.on_success(cached)
+        if call.on_usage is not None:
+            call.on_usage(cached)
         await _send_whole(call, response.status_code, response_headers(response.headers, keep_length=False), body)
 
     async def _relay_raw(self, response: httpx.Response, call: _Call) -> None:

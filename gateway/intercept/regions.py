@@ -8,7 +8,8 @@ runs to the end of the text. Nothing inside a fence is ever a block marker.
 from __future__ import annotations
 
 import re
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
 
 from gateway.intercept.lines import LinePattern
 
@@ -20,23 +21,28 @@ _YAML_KEY = re.compile(r"\n[A-Za-z_][\w.-]*:(?:[ \t]|\r?\n)")
 
 
 class Spans:
-    """Sorted, pairwise disjoint ``[start, end)`` spans with logarithmic lookups."""
+    """A set of text positions stored as sorted, merged ``[start, end)`` spans, with logarithmic lookups."""
 
     __slots__ = ("_ends", "_starts")
 
-    def __init__(self, spans: list[tuple[int, int]] | None = None) -> None:
-        ordered = sorted(spans or [])
-        self._starts = [start for start, _ in ordered]
-        self._ends = [end for _, end in ordered]
+    def __init__(self, spans: Iterable[tuple[int, int]] = ()) -> None:
+        starts: list[int] = []
+        ends: list[int] = []
+        for start, end in sorted(span for span in spans if span[0] < span[1]):
+            if ends and start <= ends[-1]:
+                ends[-1] = max(ends[-1], end)
+            else:
+                starts.append(start)
+                ends.append(end)
+        self._starts = starts
+        self._ends = ends
 
-    def __bool__(self) -> bool:
-        return bool(self._starts)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self._starts, self._ends, strict=True)
 
-    def add(self, start: int, end: int) -> None:
-        """Add a span that overlaps none of the present ones."""
-        index = bisect_right(self._starts, start)
-        insort(self._starts, start)
-        self._ends.insert(index, end)
+    def union(self, spans: Iterable[tuple[int, int]]) -> Spans:
+        """Return a new set holding these spans and ``spans``."""
+        return Spans([*self, *spans])
 
     def contains(self, pos: int) -> bool:
         """Whether ``pos`` lies inside a span."""
@@ -60,17 +66,21 @@ class Spans:
 
     def next_start(self, pos: int, default: int) -> int:
         """Return the start of the first span that starts at or after ``pos``, else ``default``."""
-        index = bisect_right(self._starts, pos - 1)
+        index = bisect_left(self._starts, pos)
         return self._starts[index] if index < len(self._starts) else default
 
 
-def fenced_spans(text: str) -> Spans:
-    """Return the spans of fenced code blocks, fence lines included."""
+def fenced_spans(text: str, skip: Spans | None = None) -> Spans:
+    """Return the spans of fenced code blocks, fence lines included; fence lines inside ``skip`` do not count."""
     spans: list[tuple[int, int]] = []
+    if "`" not in text and "~" not in text:
+        return Spans()
     open_at = -1
     open_char = ""
     open_len = 0
     for line_start, match in _FENCE.finditer(text):
+        if skip is not None and skip.contains(line_start):
+            continue
         fence = match.group(1)
         if open_at < 0:
             open_at, open_char, open_len = line_start, fence[0], len(fence)

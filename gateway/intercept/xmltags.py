@@ -56,6 +56,8 @@ WRAPPER_TAGS = (
     "articles",
     "memories",
 )
+_DEFAULT_ITEMS = frozenset(ITEM_TAGS)
+_DEFAULT_NAMES = tuple(sorted({*ITEM_TAGS, *WRAPPER_TAGS}))
 _TAG_NAME = re.compile(r"[A-Za-z_][\w.:-]*")
 _INDEX_ATTR = re.compile(r"""\sindex\s*=\s*(["'])(0|[1-9]\d{0,5})\1""")
 
@@ -89,8 +91,8 @@ def _elements(text: str, names: tuple[str, ...]) -> list[_Element]:
             continue
         opened = stacks.get(name)
         if opened:
-            start = opened.pop()
-            found.append(_Element(name, start.start(), start.end(), match.start(), match.end()))
+            opening = opened.pop()
+            found.append(_Element(name, opening.start(), opening.end(), match.start(), match.end()))
     found.sort(key=lambda element: element.open_start)
     return found
 
@@ -120,7 +122,12 @@ def _runs(text: str, children: list[_Element], items: frozenset[str]) -> list[li
     current: list[_Element] = []
     for child in children:
         usable = child.name in items and not child.tainted
-        if usable and current and child.name == current[-1].name and _blank(text, current[-1].close_end, child.open_start):
+        if (
+            usable
+            and current
+            and child.name == current[-1].name
+            and _blank(text, current[-1].close_end, child.open_start)
+        ):
             current.append(child)
             continue
         if len(current) >= 2:
@@ -153,6 +160,8 @@ def _group(text: str, parent: _Element, run: list[_Element]) -> BlockGroup:
     after = run[-1].close_end
     if (
         parent.name
+        and run[0] is parent.children[0]
+        and run[-1] is parent.children[-1]
         and not text[parent.open_end : run[0].open_start].strip()
         and not text[run[-1].close_end : parent.close_start].strip()
     ):
@@ -168,10 +177,13 @@ def find_xml_groups(text: str, tag: str | None = None) -> list[BlockGroup]:
     """
     if tag is not None and _TAG_NAME.fullmatch(tag) is None:
         raise ValueError(f"invalid tag name: {tag!r}")
-    items = frozenset(ITEM_TAGS if tag is None else (tag,))
-    names = tuple(sorted(items | set(WRAPPER_TAGS) | ({f"{tag}s"} if tag else set())))
     if "<" not in text:
         return []
+    if tag is None:
+        items, names = _DEFAULT_ITEMS, _DEFAULT_NAMES
+    else:
+        items = frozenset((tag,))
+        names = tuple(sorted({tag, f"{tag}s", *WRAPPER_TAGS}))
     root = _tree(_elements(text, names), len(text))
     groups: list[BlockGroup] = []
     pending = [root]

@@ -1,0 +1,13 @@
+"""Benchmarks that print tables (not collected by pytest).
+
+``python -m bench`` runs every registered benchmark, ``python -m bench NAME [NAME ...]`` runs some; other
+arguments (e.g. ``--quick``) are passed to each. A benchmark is a module with ``main(argv: list[str]) -> None``;
+register it in :data:`BENCHMARKS` (module paths, imported only when run).
+"""
+
+__all__ = ["BENCHMARKS"]
+
+BENCHMARKS: dict[str, str] = {
+    "scheduler": "bench.scheduler_bench",
+    "proxy": "bench.proxy_bench",
+}

@@ -1,0 +1,30 @@
+"""Prompt interception at the text level: find groups of retrieved blocks in a text and splice them back in a
+new order, byte-exact otherwise.
+
+No HTTP and no scheduling here: the caller picks the texts (system prompt, user message, tool result,
+completion prompt), asks the scheduler for an order per group, and splices. Typical use::
+
+    groups = find_groups(text)
+    keys = [group.keys(text) for group in groups]           # hash these for the scheduler
+    text = splice_all(text, [(g, plan(k)) for g, k in zip(groups, keys)])
+
+See :mod:`gateway.intercept.groups` for the span conventions and :mod:`gateway.intercept.detect` for the
+formats and the order in which they are tried.
+"""
+
+from gateway.intercept.detect import MAX_TEXT_CHARS, find_groups
+from gateway.intercept.groups import FORMATS, MODES, Block, BlockGroup, NumberSpan
+from gateway.intercept.splice import relevance_line, splice, splice_all
+
+__all__ = [
+    "FORMATS",
+    "MAX_TEXT_CHARS",
+    "MODES",
+    "Block",
+    "BlockGroup",
+    "NumberSpan",
+    "find_groups",
+    "relevance_line",
+    "splice",
+    "splice_all",
+]

@@ -1,0 +1,194 @@
+"""The default RAG prompt templates of LangChain and LlamaIndex, recognised by their exact wording.
+
+LangChain's "stuff" chains render each document as its ``page_content`` and join them with ``"\\n\\n"``
+(``DEFAULT_DOCUMENT_SEPARATOR``); LlamaIndex renders each node as its metadata lines (``file_path: /x/y.txt``),
+a blank line and its text, and joins nodes with ``"\\n\\n"``. Inside a recognised template the context region is
+known exactly; the documents within it are cut:
+
+- at every ``\\n\\n`` that is followed by the first metadata key of the first node (LlamaIndex nodes with
+  metadata: exact boundaries);
+- otherwise at blank lines, gluing a heading or a line ending with ``:`` to what follows and never cutting
+  inside fenced code. A document that itself contains blank lines is then several blocks, one per paragraph:
+  the rendering stays a permutation of the original bytes, but the lead may prefer to skip this format
+  (``BlockGroup.format`` is ``"langchain"`` or ``"llamaindex"`` and ``label`` ends in ``:paragraphs``).
+
+The whole template region is returned as well, so that other detectors do not mistake LlamaIndex's
+``---------------------`` delimiters for document separators.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from gateway.intercept.groups import Block, BlockGroup
+from gateway.intercept.lines import paragraphs
+from gateway.intercept.regions import Spans
+
+__all__ = ["TEMPLATES", "Template", "find_template_groups"]
+
+
+class Template(NamedTuple):
+    """Where a known template's context starts and ends; ``probe`` is a cheap substring test for its family."""
+
+    name: str
+    format: str
+    probe: str
+    anchor: str
+    opener: str
+    closer: str
+
+
+# long, distinctive substrings make ``in`` skip through the text quickly
+_LC_PROBE = "Use the following pieces of "
+_HUB_PROBE = "based solely on the context below"
+_LI_PROBE = "Context information "
+_LC_IDK = "If you don't know the answer, just say that you don't know, don't try to make up an answer."
+_LC_RAG = "Use the following pieces of retrieved context to answer the question. If you don't know the answer, "
+_LI_CLOSE = "\n---------------------\nGiven the "
+
+TEMPLATES = (
+    Template(
+        "retrieval_qa",
+        "langchain",
+        _LC_PROBE,
+        f"Use the following pieces of context to answer the question at the end. {_LC_IDK}\n\n",
+        "",
+        "\n\nQuestion:",
+    ),
+    Template(
+        "retrieval_qa_chat",
+        "langchain",
+        _LC_PROBE,
+        f"Use the following pieces of context to answer the user's question. \n{_LC_IDK}\n----------------\n",
+        "",
+        "",
+    ),
+    Template(
+        "rag_prompt",
+        "langchain",
+        _LC_PROBE,
+        f"{_LC_RAG}just say that you don't know. Use three sentences maximum and keep the answer concise.\nQuestion: ",
+        "\nContext: ",
+        " \nAnswer:",
+    ),
+    Template(
+        "rag_system",
+        "langchain",
+        _LC_PROBE,
+        f"{_LC_RAG}say that you don't know. Use three sentences maximum and keep the answer concise.\n\n",
+        "",
+        "",
+    ),
+    Template(
+        "retrieval_qa_chat_hub",
+        "langchain",
+        _HUB_PROBE,
+        "Answer any use questions based solely on the context below:\n\n<context>\n",
+        "",
+        "\n</context>",
+    ),
+    Template(
+        "text_qa",
+        "llamaindex",
+        _LI_PROBE,
+        "Context information is below.\n---------------------\n",
+        "",
+        _LI_CLOSE,
+    ),
+    Template(
+        "tree_summarize",
+        "llamaindex",
+        _LI_PROBE,
+        "Context information from multiple sources is below.\n---------------------\n",
+        "",
+        _LI_CLOSE,
+    ),
+)
+"""The recognised templates: the context starts after ``anchor`` (and then after ``opener`` if set) and ends at
+the last ``closer`` (or at the end of the text when ``closer`` is empty)."""
+
+_PROBES = (_LC_PROBE, _HUB_PROBE, _LI_PROBE)
+_METADATA_KEY = re.compile(r"([A-Za-z_][\w .-]{0,40}): [^\n]*\n(?:[A-Za-z_][\w .-]{0,40}: [^\n]*\n)*[ \t]*\n")
+_HEADING = re.compile(r"[ \t]*#{1,6}[ \t]")
+
+
+def _region(text: str, template: Template, start: int) -> tuple[int, int, int, int] | None:
+    """Return ``(template_start, context_start, context_end, template_end)`` of the next use of ``template``."""
+    anchor = text.find(template.anchor, start)
+    if anchor < 0:
+        return None
+    begin = anchor + len(template.anchor)
+    if template.opener:
+        opener = text.find(template.opener, begin)
+        if opener < 0:
+            return None
+        begin = opener + len(template.opener)
+    if not template.closer:
+        return anchor, begin, len(text), len(text)
+    close = text.rfind(template.closer, begin)
+    if close < 0:
+        return None
+    return anchor, begin, close, close + len(template.closer)
+
+
+def _node_starts(text: str, start: int, end: int) -> list[int]:
+    """Return the starts of LlamaIndex nodes rendered with metadata, or ``[]`` if the first one has none."""
+    head = _METADATA_KEY.match(text, start, end)
+    if head is None:
+        return []
+    marker = f"\n\n{head.group(1)}: "
+    starts = [start]
+    found = text.find(marker, start, end)
+    while found >= 0:
+        starts.append(found + 2)
+        found = text.find(marker, found + 2, end)
+    return starts
+
+
+def _node_blocks(text: str, starts: list[int], end: int) -> list[tuple[int, int]]:
+    bounds = [*starts[1:], end]
+    return [(s, s + len(text[s:e].rstrip())) for s, e in zip(starts, bounds, strict=True)]
+
+
+def _paragraph_blocks(text: str, start: int, end: int, fences: Spans) -> list[tuple[int, int]]:
+    blocks: list[tuple[int, int]] = []
+    glue = False
+    for para_start, para_end in paragraphs(text, start, end):
+        if blocks and (glue or fences.overlaps(blocks[-1][1], para_start)):
+            blocks[-1] = (blocks[-1][0], para_end)
+        else:
+            blocks.append((para_start, para_end))
+        # an introduction ("...:") or a lone heading belongs with the paragraph that follows it
+        glue = text[para_end - 1] == ":" or (
+            _HEADING.match(text, para_start) is not None and text.find("\n", para_start, para_end) < 0
+        )
+    return blocks
+
+
+def find_template_groups(text: str, fences: Spans) -> tuple[list[BlockGroup], list[tuple[int, int]]]:
+    """Return the groups inside recognised templates and the spans of all recognised templates."""
+    groups: list[BlockGroup] = []
+    regions: list[tuple[int, int]] = []
+    probes = {probe: probe in text for probe in _PROBES}
+    for template in TEMPLATES:
+        if not probes[template.probe]:
+            continue
+        search_from = 0
+        while (found := _region(text, template, search_from)) is not None:
+            template_start, begin, end, template_end = found
+            regions.append((template_start, template_end))
+            search_from = template_end if template_end > search_from else len(text)
+            starts = _node_starts(text, begin, end)
+            label = template.name
+            if starts:
+                spans = _node_blocks(text, starts, end)
+            else:
+                spans = _paragraph_blocks(text, begin, end, fences)
+                label = f"{template.name}:paragraphs"
+            if len(spans) >= 2:
+                blocks = tuple(Block(s, e, s, e) for s, e in spans)
+                groups.append(BlockGroup(template.format, label, blocks, None, blocks[-1].end))
+            if not template.closer:
+                break
+    return groups, regions

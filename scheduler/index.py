@@ -1,0 +1,287 @@
+"""The live index: per key, what was sent to an engine and is believed cached, and the online plan.
+
+A *key* is any hashable that separates prefix caches, e.g. ``(engine replica, model, preamble hash)``. Under
+each key a :class:`~scheduler.trie.Trie` holds the block paths of committed requests. The online loop is::
+
+    plan = index.plan(key, blocks)             # cached path first, then the canonical order
+    ... send the request with blocks in plan.blocks order, stamped with request_id ...
+    index.commit(key, request_id, plan.blocks)
+    ... later, the engine reports the request's KV evicted ...
+    index.evict([request_id])
+
+Request ids are global across keys (a request lives under one key). Memory is bounded: past ``max_requests``
+live requests or ``max_nodes`` trie blocks, the least recently committed request is dropped (an engine also
+evicts the least recently used tail first, and a request's tail was last used when it was committed).
+
+Thread-safety: a ``LiveIndex`` has a single writer and is not locked; call it from the event loop only.
+:meth:`LiveIndex.snapshot` returns an immutable copy-on-write view of one key in O(1), which a worker thread
+may read (e.g. ``scheduler.batch.plan_batch(..., view=...)``) while the loop keeps writing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+from .batch import BatchPlan
+from .ids import mint_request_id, request_id_candidates
+from .order import Popularity, PopularityMode, permutation
+from .trie import MATCH_BUDGET, Trie, TrieView, match
+
+__all__ = ["EvictResult", "IndexStats", "LiveIndex", "Plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The order in which to send one context's blocks.
+
+    ``order`` is a permutation of ``range(len(blocks))``: position ``j`` of the new order holds input block
+    ``order[j]``; ``blocks`` are the block ids in the new order; ``cached`` is how many leading blocks the index
+    predicts the engine has cached.
+    """
+
+    order: tuple[int, ...]
+    blocks: tuple[int, ...]
+    cached: int
+
+    @property
+    def changed(self) -> bool:
+        """Whether the plan differs from the input order."""
+        return any(position != index for position, index in enumerate(self.order))
+
+
+@dataclass(frozen=True, slots=True)
+class EvictResult:
+    """``evicted``: ids that were live and are now released; ``not_found``: ids the index did not hold."""
+
+    evicted: list[str]
+    not_found: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    """Counters of a :class:`LiveIndex`. ``nodes`` counts trie blocks (one per block position, as in an
+    uncompressed trie); ``radix_nodes`` the nodes actually allocated."""
+
+    keys: int
+    requests: int
+    nodes: int
+    radix_nodes: int
+    inserts: int
+    evictions: int
+    lru_evictions: int
+    plans: int
+    hits: int
+    planned_blocks: int
+    hit_blocks: int
+
+
+class _Key:
+    """The state of one key: its trie and the popularity behind its canonical order."""
+
+    __slots__ = ("popularity", "trie")
+
+    def __init__(self, popularity: Popularity) -> None:
+        self.trie = Trie()
+        self.popularity = popularity
+
+
+class LiveIndex:
+    """Per-key prefix tries of committed requests, with bounded memory and counters (single writer)."""
+
+    def __init__(
+        self,
+        *,
+        max_requests: int | None = 200_000,
+        max_nodes: int | None = None,
+        max_keys: int = 1024,
+        popularity: PopularityMode = "count",
+        max_tracked_blocks: int = 1_000_000,
+        search_budget: int = MATCH_BUDGET,
+    ) -> None:
+        if max_requests is not None and max_requests < 1:
+            raise ValueError("max_requests must be positive or None")
+        if max_nodes is not None and max_nodes < 1:
+            raise ValueError("max_nodes must be positive or None")
+        Popularity(popularity, max_tracked_blocks)  # validate early
+        self._max_requests = max_requests
+        self._max_nodes = max_nodes
+        self._max_keys = max_keys
+        self._popularity_mode: PopularityMode = popularity
+        self._max_tracked_blocks = max_tracked_blocks
+        self._search_budget = search_budget
+        self._keys: OrderedDict[Hashable, _Key] = OrderedDict()
+        # request id -> (key state, committed path); ordered by last commit (LRU first)
+        self._requests: OrderedDict[str, tuple[_Key, tuple[int, ...]]] = OrderedDict()
+        self._clock = 0
+        self._nodes = 0
+        self._radix_nodes = 0
+        self._inserts = self._evictions = self._lru_evictions = 0
+        self._plans = self._hits = self._planned_blocks = self._hit_blocks = 0
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
+        """Order one context: the longest cached path first, in cached order, then the canonical order."""
+        remaining: dict[int, int] = {}
+        for block in blocks:
+            remaining[block] = remaining.get(block, 0) + 1
+        state = self._keys.get(key)
+        cached = match(state.trie.root, remaining, self._search_budget) if state is not None else []
+        sort_key = state.popularity.sort_key() if state is not None else _by_id
+        ordered = list(cached)
+        for block in sorted((block for block, count in remaining.items() if count), key=sort_key):
+            ordered.extend([block] * remaining[block])
+        self._plans += 1
+        self._planned_blocks += len(blocks)
+        if cached:
+            self._hits += 1
+            self._hit_blocks += len(cached)
+        return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), len(cached))
+
+    def commit(self, key: Hashable, request_id: str, blocks: Sequence[int]) -> int:
+        """Record that ``request_id`` was sent with ``blocks`` in this order; return the blocks already indexed.
+
+        Committing a live id again replaces its path. May drop least recently committed requests (possibly this
+        one, if it alone exceeds ``max_nodes``) to respect the caps.
+        """
+        if request_id in self._requests:
+            self._release(request_id)
+        state = self._state(key)
+        path = tuple(blocks)
+        self._clock += 1
+        nodes, radix = state.trie.blocks, state.trie.nodes
+        shared = state.trie.insert(path, self._clock)
+        self._nodes += state.trie.blocks - nodes
+        self._radix_nodes += state.trie.nodes - radix
+        state.popularity.observe(path)
+        self._requests[request_id] = (state, path)
+        self._inserts += 1
+        self._enforce_caps()
+        return shared
+
+    def commit_batch(
+        self,
+        key: Hashable,
+        contexts: Sequence[Sequence[int]],
+        plan: BatchPlan,
+        request_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Commit a planned batch; return one request id per context, in *input* order.
+
+        Contexts are committed in ``plan.order`` so that recency matches the order the engine will see them
+        in. Ids are minted (``req-<32 hex>``, distinct even for identical contexts) unless given; given ids must
+        be unique and exactly one per context.
+        """
+        if len(plan.permutations) != len(contexts):
+            raise ValueError("the plan does not belong to these contexts")
+        if request_ids is None:
+            request_ids = [mint_request_id() for _ in contexts]
+        elif len(request_ids) != len(contexts) or len(set(request_ids)) != len(request_ids):
+            raise ValueError("request_ids must be unique, one per context")
+        for index in plan.order:
+            context = contexts[index]
+            self.commit(key, request_ids[index], [context[position] for position in plan.permutations[index]])
+        return list(request_ids)
+
+    def evict(self, request_ids: Iterable[str]) -> EvictResult:
+        """Release the given requests (exact ids; see :meth:`resolve`). Idempotent: unknown ids are reported."""
+        evicted: list[str] = []
+        not_found: list[str] = []
+        for request_id in request_ids:
+            if request_id in self._requests:
+                self._release(request_id)
+                self._evictions += 1
+                evicted.append(request_id)
+            else:
+                not_found.append(request_id)
+        return EvictResult(evicted, not_found)
+
+    def resolve(self, raw_id: str) -> str | None:
+        """Return the live request id an engine-reported id stands for, or ``None``."""
+        for candidate in request_id_candidates(raw_id):
+            if candidate in self._requests:
+                return candidate
+        return None
+
+    def snapshot(self, key: Hashable) -> TrieView:
+        """Return an immutable view of ``key``'s trie, safe to read from another thread (O(1))."""
+        state = self._keys.get(key)
+        return state.trie.view() if state is not None else Trie().view()
+
+    def path(self, request_id: str) -> tuple[int, ...] | None:
+        """The blocks ``request_id`` was committed with, or ``None`` if it is not live."""
+        entry = self._requests.get(request_id)
+        return entry[1] if entry is not None else None
+
+    def request_ids(self) -> list[str]:
+        """Live request ids, least recently committed first."""
+        return list(self._requests)
+
+    def cache_keys(self) -> list[Hashable]:
+        """The keys that have a trie (live requests or remembered popularity), least recently used first."""
+        return list(self._keys)
+
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            keys=len(self._keys),
+            requests=len(self._requests),
+            nodes=self._nodes,
+            radix_nodes=self._radix_nodes,
+            inserts=self._inserts,
+            evictions=self._evictions,
+            lru_evictions=self._lru_evictions,
+            plans=self._plans,
+            hits=self._hits,
+            planned_blocks=self._planned_blocks,
+            hit_blocks=self._hit_blocks,
+        )
+
+    def reset(self) -> None:
+        """Forget every key and request (counters are kept)."""
+        self._keys.clear()
+        self._requests.clear()
+        self._nodes = self._radix_nodes = 0
+
+    def _state(self, key: Hashable) -> _Key:
+        state = self._keys.get(key)
+        if state is not None:
+            self._keys.move_to_end(key)
+            return state
+        if len(self._keys) >= self._max_keys:
+            self._drop_idle_key()
+        state = _Key(Popularity(self._popularity_mode, self._max_tracked_blocks))
+        self._keys[key] = state
+        return state
+
+    def _drop_idle_key(self) -> None:
+        # a key with live requests stays: the request cap bounds those
+        for key, state in self._keys.items():
+            if state.trie.root.live == 0:
+                del self._keys[key]
+                return
+
+    def _release(self, request_id: str) -> None:
+        state, path = self._requests.pop(request_id)
+        nodes, radix = state.trie.blocks, state.trie.nodes
+        state.trie.release(path)
+        self._nodes += state.trie.blocks - nodes
+        self._radix_nodes += state.trie.nodes - radix
+
+    def _enforce_caps(self) -> None:
+        max_requests, max_nodes = self._max_requests, self._max_nodes
+        while self._requests and (
+            (max_requests is not None and len(self._requests) > max_requests)
+            or (max_nodes is not None and self._nodes > max_nodes)
+        ):
+            self._release(next(iter(self._requests)))
+            self._lru_evictions += 1
+
+
+def _by_id(block: int) -> tuple[int, int]:
+    return (0, block)

@@ -1,0 +1,160 @@
+"""Batch plans for /reorder: permutations, execution order, groups, the live view, request ids."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler import BatchPlan, LiveIndex, block_ids, plan_batch
+
+STRATEGIES = ["insert", "tree", "freq"]
+block_values = st.integers(0, 8) | st.sampled_from([-7, 2**63 + 1, 2**80])
+batches = st.lists(st.lists(block_values, max_size=8), max_size=25)
+
+
+def check_plan(contexts: list[list[int]], plan: BatchPlan) -> None:
+    n = len(contexts)
+    assert len(plan.permutations) == len(plan.cached) == len(plan.shared) == n
+    for context, perm in zip(contexts, plan.permutations, strict=True):
+        assert sorted(perm) == list(range(len(context)))
+    assert sorted(plan.order) == list(range(n))
+    assert [index for group in plan.groups for index in group] == plan.order
+    reordered = plan.apply(contexts)
+    for k, index in enumerate(plan.order):
+        assert sorted(reordered[k]) == sorted(contexts[index])  # reordered[k] belongs to contexts[order[k]]
+    for group in plan.groups:
+        firsts = {tuple(reordered[plan.order.index(i)][:1]) for i in group}
+        assert len(firsts) == 1
+    for k in range(1, n):
+        a, b = reordered[k - 1], reordered[k]
+        shared = 0
+        while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+            shared += 1
+        assert plan.shared[plan.order[k]] == shared
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@settings(max_examples=80, deadline=None)
+@given(contexts=batches)
+def test_every_context_is_permuted_and_every_context_scheduled(strategy: str, contexts: list[list[int]]) -> None:
+    plan = plan_batch(contexts, strategy=strategy)  # type: ignore[arg-type]
+    check_plan(contexts, plan)
+    assert plan.cached == [0] * len(contexts)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@settings(max_examples=60, deadline=None)
+@given(live=batches, contexts=batches)
+def test_against_a_live_view(strategy: str, live: list[list[int]], contexts: list[list[int]]) -> None:
+    index = LiveIndex()
+    for number, context in enumerate(live):
+        index.commit("k", f"live{number}", index.plan("k", context).blocks)
+    paths = [index.path(rid) or () for rid in index.request_ids()]
+    plan = plan_batch(contexts, view=index.snapshot("k"), strategy=strategy)  # type: ignore[arg-type]
+    check_plan(contexts, plan)
+    for index_, context in enumerate(contexts):
+        sequence = [context[j] for j in plan.permutations[index_]]
+        longest = max((n for path in paths for n in range(len(path) + 1) if list(path[:n]) == sequence[:n]), default=0)
+        assert plan.cached[index_] == longest
+
+
+def test_shared_blocks_form_a_common_prefix_and_similar_contexts_run_together() -> None:
+    contexts = [[9, 1, 2, 3], [4, 5, 6], [3, 2, 1, 8], [6, 7, 5, 4], [2, 3, 1]]
+    plan = plan_batch(contexts)
+    reordered = plan.apply(contexts)
+    positions = {index: k for k, index in enumerate(plan.order)}
+    assert abs(positions[0] - positions[2]) <= 2 and abs(positions[1] - positions[3]) == 1
+    for k in (positions[0], positions[2], positions[4]):
+        assert set(reordered[k][:3]) == {1, 2, 3}
+    assert sum(plan.shared) >= 3 + 3 + 3
+    assert len(plan.groups) == 2
+
+
+def test_subsets_run_before_their_extensions() -> None:
+    contexts = [[3, 1, 2, 4], [2, 1], [1, 2, 4]]
+    plan = plan_batch(contexts)
+    assert plan.order == [1, 2, 0]
+    assert plan.apply(contexts) == [[1, 2], [1, 2, 4], [1, 2, 4, 3]]
+
+
+def test_duplicate_contexts_and_blocks() -> None:
+    contexts = [[5, 5, 1], [1, 5, 5], [5, 1, 5], [7]]
+    plan = plan_batch(contexts)
+    check_plan(contexts, plan)
+    reordered = plan.apply(contexts)
+    assert reordered.count(reordered[0]) >= 3
+
+
+def test_cached_paths_come_first_with_a_view() -> None:
+    index = LiveIndex()
+    index.commit("k", "old", [8, 6, 4])
+    plan = plan_batch([[1, 4, 6, 8], [4, 6, 8, 2], [1, 2]], view=index.snapshot("k"))
+    reordered = plan.apply([[1, 4, 6, 8], [4, 6, 8, 2], [1, 2]])
+    assert [r[:3] for r in reordered if len(r) == 4] == [[8, 6, 4], [8, 6, 4]]
+    assert sorted(plan.cached) == [0, 3, 3]
+    assert index.path("old") == (8, 6, 4)  # planning does not change the index
+
+
+def test_commit_batch_mints_distinct_ids_even_for_duplicates() -> None:
+    index = LiveIndex()
+    contexts = [[1, 2], [1, 2], [2, 1], [1, 2]]
+    plan = plan_batch(contexts, view=index.snapshot("k"))
+    ids = index.commit_batch("k", contexts, plan)
+    assert len(ids) == len(set(ids)) == 4
+    assert all(re.fullmatch(r"req-[0-9a-f]{32}", rid) for rid in ids)
+    for rid, perm, context in zip(ids, plan.permutations, contexts, strict=True):
+        assert index.path(rid) == tuple(context[j] for j in perm)
+    assert index.request_ids() == [ids[i] for i in plan.order]  # committed in execution order
+    assert index.evict([ids[0]]).evicted == [ids[0]]
+    assert index.plan("k", [2, 1]).cached == 2  # the other duplicates keep the path
+
+
+def test_commit_batch_validates_given_ids() -> None:
+    index = LiveIndex()
+    plan = plan_batch([[1], [2]])
+    with pytest.raises(ValueError, match="unique"):
+        index.commit_batch("k", [[1], [2]], plan, ["a", "a"])
+    with pytest.raises(ValueError, match="unique"):
+        index.commit_batch("k", [[1], [2]], plan, ["a"])
+    with pytest.raises(ValueError, match="plan"):
+        index.commit_batch("k", [[1]], plan)
+    assert index.commit_batch("k", [[1], [2]], plan, ["x", "y"]) == ["x", "y"]
+
+
+def test_string_documents_via_block_ids() -> None:
+    docs = [["doc a", "doc b", "doc c"], ["doc c", "doc a"], ["doc b", "doc c", "doc a", "doc d"]]
+    plan = plan_batch([block_ids(context) for context in docs])
+    reordered = plan.apply(docs)
+    assert all(r[:2] == reordered[0][:2] for r in reordered)
+    assert {tuple(sorted(r)) for r in reordered} == {tuple(sorted(d)) for d in docs}
+
+
+def test_empty_batch_and_empty_contexts() -> None:
+    assert plan_batch([]).order == []
+    plan = plan_batch([[], [1], []])
+    check_plan([[], [1], []], plan)
+    assert plan.groups[0] == [0] and plan.groups[1] == [2]  # empty contexts each make their own group
+
+
+def test_unknown_strategy() -> None:
+    with pytest.raises(ValueError, match="strategy"):
+        plan_batch([[1]], strategy="cluster")  # type: ignore[arg-type]
+
+
+def test_fan_out_over_a_thousand_unrelated_contexts() -> None:
+    contexts = [[number, 100_000 + number] for number in range(1500)] + [[7, 100_007, 3]]
+    plan = plan_batch(contexts)
+    assert len(plan.groups) == 1500
+    assert plan.apply(contexts)[plan.order.index(1500)][:2] == [7, 100_007]
+
+
+@pytest.mark.slow
+def test_two_thousand_contexts_are_fast() -> None:
+    contexts = [[(i * 7 + j * 13) % 500 for j in range(10 + i % 10)] for i in range(2000)]
+    start = time.process_time()
+    plan_batch(contexts)
+    assert time.process_time() - start < 1.0  # target 0.2 s; generous for shared CI machines

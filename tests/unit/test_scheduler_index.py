@@ -1,0 +1,329 @@
+"""The live index: online plan, commit, evict, caps, counters, snapshots."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterator
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from scheduler import LiveIndex, TrieView, block_ids
+from scheduler.trie import Node
+
+BIG = 2**64 - 5
+
+
+def walk(root: Node) -> Iterator[tuple[tuple[int, ...], Node]]:
+    """Every node below ``root`` with the full block path to its end."""
+    stack = [((), root)]
+    while stack:
+        prefix, node = stack.pop()
+        for block, child in (node.children or {}).items():
+            assert child.label and child.label[0] == block
+            path = prefix + child.label
+            yield path, child
+            stack.append((path, child))
+
+
+def structure(view: TrieView) -> list[tuple[tuple[int, ...], int, int]]:
+    return sorted((path, node.live, node.ends) for path, node in walk(view.root))
+
+
+def check_trie(view: TrieView, paths: list[tuple[int, ...]]) -> tuple[int, int]:
+    """Assert the trie holds exactly ``paths``, with no dead or mergeable node; return (blocks, radix nodes)."""
+    assert view.root.live == len(paths)
+    assert view.root.ends == sum(1 for path in paths if not path)
+    blocks = nodes = 0
+    for path, node in walk(view.root):
+        through = [p for p in paths if p[: len(path)] == path]
+        assert node.live == len(through) > 0, "dead or miscounted node"
+        assert node.ends == sum(1 for p in through if p == path)
+        assert node.ends or len(node.children or {}) != 1, "node should have been merged"
+        assert node.reach >= max(len(p) for p in through) - (len(path) - len(node.label))
+        blocks += len(node.label)
+        nodes += 1
+    assert blocks == len({path[:i] for path in paths for i in range(1, len(path) + 1)})
+    return blocks, nodes
+
+
+def longest_cached(paths: list[tuple[int, ...]], context: list[int]) -> int:
+    """Brute force: the longest prefix of a live path made only of the context's blocks (as a multiset)."""
+    best = 0
+    for path in paths:
+        have = Counter(context)
+        length = 0
+        for block in path:
+            if not have[block]:
+                break
+            have[block] -= 1
+            length += 1
+        best = max(best, length)
+    return best
+
+
+block_values = st.integers(0, 6) | st.sampled_from([-1, BIG, 2**70])
+contexts = st.lists(block_values, max_size=7)
+
+
+class IndexMachine(RuleBasedStateMachine):
+    """Random commits, evictions, snapshots against a plain model of the live requests and the LRU caps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = LiveIndex(max_requests=6, max_nodes=25, search_budget=10_000)
+        self.model: OrderedDict[str, tuple[Hashable, tuple[int, ...]]] = OrderedDict()
+        self.number = 0
+        self.views: list[tuple[TrieView, list[tuple[tuple[int, ...], int, int]]]] = []
+        self.expected = Counter[str]()
+
+    def paths(self, key: Hashable) -> list[tuple[int, ...]]:
+        return [path for k, path in self.model.values() if k == key]
+
+    def model_nodes(self) -> int:
+        return sum(len({path[:i] for path in self.paths(key) for i in range(1, len(path) + 1)}) for key in ("a", "b"))
+
+    @rule(key=st.sampled_from(["a", "b"]), context=contexts, planned=st.booleans())
+    def commit(self, key: str, context: list[int], planned: bool) -> None:
+        plan = self.index.plan(key, context)
+        self.expected["plans"] += 1
+        self.expected["hits"] += plan.cached > 0
+        assert sorted(plan.order) == list(range(len(context)))
+        assert [context[i] for i in plan.order] == list(plan.blocks)
+        assert plan.cached == longest_cached(self.paths(key), context)
+        assert any(path[: plan.cached] == plan.blocks[: plan.cached] for path in self.paths(key)) or not plan.cached
+        self.number += 1
+        self._commit(key, f"r{self.number}", tuple(plan.blocks if planned else context))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), context=contexts)
+    def recommit(self, data: st.DataObject, context: list[int]) -> None:
+        request_id = data.draw(st.sampled_from(list(self.model)))
+        self.model.pop(request_id)
+        self._commit("b", request_id, tuple(context))
+
+    def _commit(self, key: str, request_id: str, path: tuple[int, ...]) -> None:
+        self.index.commit(key, request_id, path)
+        self.expected["inserts"] += 1
+        self.model[request_id] = (key, path)
+        while len(self.model) > 6 or self.model_nodes() > 25:
+            self.model.popitem(last=False)
+            self.expected["lru_evictions"] += 1
+
+    @rule(data=st.data(), unknown=st.lists(st.sampled_from(["nope", "r0", "r-1"]), max_size=2))
+    def evict(self, data: st.DataObject, unknown: list[str]) -> None:
+        known = data.draw(st.lists(st.sampled_from(list(self.model) or ["none"]), max_size=3, unique=True))
+        ids = [rid for rid in known if rid in self.model] + unknown
+        result = self.index.evict(ids)
+        assert result.evicted == [rid for rid in ids if rid in self.model]
+        assert result.not_found == [rid for rid in ids if rid not in self.model]
+        for rid in result.evicted:
+            del self.model[rid]
+        self.expected["evictions"] += len(result.evicted)
+        assert self.index.evict(result.evicted).not_found == result.evicted  # idempotent
+
+    @rule(key=st.sampled_from(["a", "b"]))
+    def snapshot(self, key: str) -> None:
+        view = self.index.snapshot(key)
+        self.views.append((view, structure(view)))
+
+    @invariant()
+    def consistent(self) -> None:
+        assert self.index.request_ids() == list(self.model)
+        blocks = nodes = 0
+        for key in ("a", "b"):
+            found = check_trie(self.index.snapshot(key), self.paths(key))
+            blocks += found[0]
+            nodes += found[1]
+        for rid, (_, path) in self.model.items():
+            assert self.index.path(rid) == path
+        stats = self.index.stats()
+        assert stats.requests == len(self.model) <= 6
+        assert stats.nodes == blocks == self.model_nodes() <= 25
+        assert stats.radix_nodes == nodes
+        for name, value in self.expected.items():
+            assert getattr(stats, name) == value, name
+        for view, frozen in self.views:
+            assert structure(view) == frozen, "a snapshot changed"
+
+
+TestIndexMachine = IndexMachine.TestCase
+TestIndexMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_cached_path_first_then_canonical_order() -> None:
+    index = LiveIndex()
+    index.commit("k", "r1", [5, 3, 8])
+    plan = index.plan("k", [1, 8, 3, 5, 2])
+    assert plan.blocks[:3] == (5, 3, 8)
+    assert plan.cached == 3
+    assert [[1, 8, 3, 5, 2][i] for i in plan.order] == list(plan.blocks)
+    # 5, 3, 8 are popular; 1 and 2 unseen: by id
+    assert plan.blocks[3:] == (1, 2)
+
+
+def test_partial_edge_counts() -> None:
+    index = LiveIndex()
+    index.commit("k", "r1", [1, 2, 3, 4])
+    assert index.plan("k", [4, 2, 1, 9]).blocks[:2] == (1, 2)
+    assert index.plan("k", [4, 2, 1, 9]).cached == 2
+
+
+def test_canonical_order_converges_when_nothing_is_cached() -> None:
+    index = LiveIndex()
+    for number, context in enumerate([[7, 1, 3], [3, 7, 2], [9, 7, 3], [7, 5]]):
+        index.commit("k", f"w{number}", context)
+    index.evict([f"w{number}" for number in range(4)])  # nothing cached, popularity remembered
+    first = index.plan("k", [1, 3, 8, 7]).blocks
+    second = index.plan("k", [6, 7, 3, 4]).blocks
+    assert first[:2] == second[:2] == (7, 3)  # the shared popular blocks lead, in the same order
+    assert first[2:] == (1, 8) and second[2:] == (4, 6)  # then by popularity, then id
+    assert LiveIndex().plan("k", [3, 1, 2]).blocks == (1, 2, 3)  # unknown key: by id
+
+
+def test_ties_prefer_more_live_requests_then_recency() -> None:
+    index = LiveIndex()
+    index.commit("k", "a1", [1, 9])
+    index.commit("k", "b1", [2, 9])
+    index.commit("k", "b2", [2, 8])
+    assert index.plan("k", [1, 2, 5]).blocks[0] == 2  # two live requests under 2
+    index.evict(["b2"])
+    assert index.plan("k", [1, 2, 5]).blocks[0] == 2  # one each: 2 is more recent
+    index.commit("k", "a2", [1, 7])
+    assert index.plan("k", [1, 2, 5]).blocks[0] == 1
+
+
+def test_longest_path_beats_the_more_popular_short_one() -> None:
+    index = LiveIndex()
+    for number in range(5):
+        index.commit("k", f"p{number}", [1, 100 + number])
+    index.commit("k", "long", [2, 3, 4, 5])
+    plan = index.plan("k", [5, 4, 3, 2, 1])
+    assert plan.blocks[:4] == (2, 3, 4, 5)
+    assert plan.cached == 4
+
+
+def test_duplicates_inside_a_context_are_kept() -> None:
+    index = LiveIndex()
+    index.commit("k", "r", [4, 4, 2])
+    plan = index.plan("k", [2, 4, 3, 4, 4])
+    assert sorted(plan.blocks) == [2, 3, 4, 4, 4]
+    assert plan.blocks[:3] == (4, 4, 2) and plan.cached == 3
+
+
+def test_keys_are_separate_and_request_ids_global() -> None:
+    index = LiveIndex()
+    index.commit(("replica-0", "m", 1), "r1", [1, 2])
+    assert index.plan(("replica-1", "m", 1), [2, 1]).cached == 0
+    assert index.plan(("replica-0", "m", 1), [2, 1]).cached == 2
+    assert index.evict(["r1"]).evicted == ["r1"]
+    assert index.stats().nodes == 0
+
+
+def test_string_blocks_and_64_bit_ids() -> None:
+    index = LiveIndex()
+    docs = block_ids(["alpha", "beta", "gamma"])
+    index.commit("k", "r1", [*docs, 2**64 - 1, -(2**63)])
+    context = [-(2**63), *block_ids(["gamma", "alpha", "beta"]), 2**64 - 1]
+    plan = index.plan("k", context)
+    assert plan.cached == 5
+    assert list(plan.blocks) == [*docs, 2**64 - 1, -(2**63)]
+
+
+def test_request_cap_evicts_least_recently_committed() -> None:
+    index = LiveIndex(max_requests=2)
+    index.commit("k", "a", [1])
+    index.commit("k", "b", [2])
+    index.commit("k", "a", [3])  # recommit: "a" is now the most recent
+    index.commit("k", "c", [4])
+    assert index.request_ids() == ["a", "c"]
+    assert index.stats().lru_evictions == 1
+    assert index.plan("k", [2]).cached == 0
+
+
+def test_node_cap_may_drop_the_new_request_itself() -> None:
+    index = LiveIndex(max_nodes=3)
+    index.commit("k", "small", [1, 2])
+    index.commit("k", "huge", [5, 6, 7, 8])
+    assert len(index) == 0
+    assert index.stats().nodes == 0
+
+
+def test_idle_keys_are_bounded() -> None:
+    index = LiveIndex(max_keys=3)
+    for number in range(10):
+        index.commit(number, f"r{number}", [number])
+        index.evict([f"r{number}"])
+    assert len(index.cache_keys()) <= 3
+    index.commit("busy", "live", [1])
+    for number in range(10, 20):
+        index.commit(number, f"r{number}", [number])
+        index.evict([f"r{number}"])
+    assert "busy" in index.cache_keys() and "live" in index
+
+
+def test_fan_out_over_a_thousand() -> None:
+    index = LiveIndex()
+    for number in range(1500):
+        index.commit("k", f"r{number}", [number, 10_000 + number, 20_000])
+    assert len(index.snapshot("k").root.children or {}) == 1500
+    plan = index.plan("k", [20_000, 10_777, 777, 5])
+    assert plan.blocks[:3] == (777, 10_777, 20_000)
+    result = index.evict([f"r{number}" for number in range(1500)])
+    assert len(result.evicted) == 1500
+    assert index.stats().nodes == 0 and index.stats().radix_nodes == 0
+    assert not index.snapshot("k").root.children
+
+
+def test_snapshot_is_stable_while_the_writer_continues() -> None:
+    index = LiveIndex()
+    for number in range(300):
+        index.commit("k", f"r{number}", [number % 17, number % 5, number % 11, number])
+    view = index.snapshot("k")
+    probes = [[n % 17, n % 5, n % 11, n, 999] for n in range(0, 300, 7)]
+    expected = [view.match(probe) for probe in probes]
+    frozen = structure(view)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            if [view.match(probe) for probe in probes] != expected:
+                errors.append("view changed")
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for number in range(300, 3000):
+            index.commit("k", f"r{number}", [number % 13, number % 7, number])
+            index.evict([f"r{number - 300}"])
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert structure(view) == frozen
+    assert view.requests == 300
+
+
+def test_reset_keeps_counters() -> None:
+    index = LiveIndex()
+    index.commit("k", "r", [1, 2])
+    index.reset()
+    assert len(index) == 0 and index.stats().nodes == 0 and index.stats().inserts == 1
+    assert index.evict(["r"]).not_found == ["r"]
+
+
+@pytest.mark.parametrize("kwargs", [{"max_requests": 0}, {"max_nodes": 0}, {"popularity": "zipf"}])
+def test_rejects_bad_configuration(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        LiveIndex(**kwargs)  # type: ignore[arg-type]
+
+
+def test_plan_unchanged_flag() -> None:
+    index = LiveIndex()
+    assert not index.plan("k", [1, 2, 3]).changed
+    assert index.plan("k", [3, 2, 1]).changed
