@@ -10,4 +10,5 @@ __all__ = ["BENCHMARKS"]
 BENCHMARKS: dict[str, str] = {
     "scheduler": "bench.scheduler_bench",
     "proxy": "bench.proxy_bench",
+    "intercept": "bench.intercept_bench",
 }

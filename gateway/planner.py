@@ -154,6 +154,7 @@ class Planner:
         self._memo: LRUCache[bytes, _Rewrite] = LRUCache(
             maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
         )
+        residency.on_reset(self._memo.clear)
 
     def __call__(self, exchange: Exchange) -> None:
         control = parse_control(exchange.headers, self.settings)

@@ -10,7 +10,7 @@ Single writer: every method runs on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache
@@ -44,7 +44,12 @@ class Residency:
         self.index = LiveIndex(max_requests=max_requests)
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
+        self._reset_hooks: list[Callable[[], None]] = []
         self.evict_calls = 0
+
+    def on_reset(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` on every reset (state derived from the index, such as the planner's memo)."""
+        self._reset_hooks.append(hook)
 
     def commit(self, request_id: str, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
         """Record a request the engine accepted, one ``(key, ordered blocks)`` per block group."""
@@ -80,3 +85,5 @@ class Residency:
         self.index.reset()
         self.conversations.reset()
         self._groups.clear()
+        for hook in self._reset_hooks:
+            hook()

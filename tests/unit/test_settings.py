@@ -78,7 +78,11 @@ def test_redacted_hides_secrets() -> None:
 
 def test_cli_rejects_bad_value_with_exit_2() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", "x"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "x"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "--port (PREFIXGATE_PORT)" in result.stderr

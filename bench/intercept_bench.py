@@ -1,0 +1,185 @@
+"""Cache effect of transparent interception, and the cost of intercept + plan + splice.
+
+Seeded RAG workloads are replayed as unchanged OpenAI chat requests in three shapes (documents in the system
+message as XML, in the user message as a numbered list, in a tool result as JSON; every other request
+streams) against the built-in simulated engine, once directly and once through the gateway (with the
+engine's eviction callbacks wired to the gateway). Reports the engine-reported cached-token ratio and the
+simulated prefill time. Then times the planner alone on 20 KB, 10-block requests.
+
+The tool shape is the "retrieval as a tool turn" layout (system, search call, tool result, then the user's
+question): if the per-query question came before the tool result, no two requests could share a prefix
+past it, whatever the order of the documents, and the gateway could only match direct access.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from bench.proxy_bench import _free_port, _wait
+from bench.workload import Query, Workload, generate
+
+__all__ = ["main"]
+
+SHAPES = ("system", "user", "tool")
+
+
+def render(workload: Workload, query: Query, shape: str) -> dict[str, Any]:
+    """One unchanged OpenAI chat body, as a RAG app would build it, documents in retrieval order."""
+    question = " ".join(f"q{t}" for t in query.question)
+    docs = [workload.doc_text(d) for d in query.doc_ids]
+    if shape == "system":
+        inner = "\n".join(f'<document id="d{d}">{text}</document>' for d, text in zip(query.doc_ids, docs, strict=True))
+        messages = [
+            {"role": "system", "content": f"Answer from the documents.\n<documents>\n{inner}\n</documents>"},
+            {"role": "user", "content": question},
+        ]
+    elif shape == "user":
+        numbered = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(docs, 1))
+        messages = [
+            {"role": "system", "content": "You answer questions."},
+            {"role": "user", "content": f"Sources:\n\n{numbered}\n\nQuestion: {question}\nAnswer:"},
+        ]
+    else:
+        results = [{"id": f"d{d}", "text": text} for d, text in zip(query.doc_ids, docs, strict=True)]
+        call = {"id": "call_search", "type": "function", "function": {"name": "search", "arguments": "{}"}}
+        messages = [
+            {"role": "system", "content": "You are a research agent."},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"results": results})},
+            {"role": "user", "content": question},
+        ]
+    return {"model": "sim", "messages": messages, "max_tokens": 4}
+
+
+def _usage(response: httpx.Response, stream: bool) -> tuple[int, int, float]:
+    if not stream:
+        payload = response.json()
+    else:
+        payload = {}
+        for line in response.text.splitlines():
+            if line.startswith("data: {") and '"usage"' in line:
+                candidate = json.loads(line[6:])
+                if candidate.get("usage"):
+                    payload = candidate
+    usage = payload["usage"]
+    return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], payload["timings"]["prompt_ms"]
+
+
+def replay(base: str, bodies: list[dict[str, Any]]) -> tuple[int, int, float]:
+    prompt = cached = 0
+    prefill_ms = 0.0
+    with httpx.Client(timeout=60) as client:
+        for i, original in enumerate(bodies):
+            stream = i % 2 == 1
+            body = {**original, "stream": True, "stream_options": {"include_usage": True}} if stream else original
+            response = client.post(f"{base}/v1/chat/completions", json=body)
+            response.raise_for_status()
+            p, c, ms = _usage(response, stream)
+            prompt, cached, prefill_ms = prompt + p, cached + c, prefill_ms + ms
+    return prompt, cached, prefill_ms
+
+
+def _cache_effect(presets: Sequence[str], queries: int, capacity: int) -> list[tuple[Any, ...]]:
+    sim_port, gw_port = _free_port(), _free_port()
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "engines.sim", "--port", str(sim_port), "--capacity-tokens", str(capacity),
+         "--prefill-us", "2", "--log-level", "warning", "--evict-url", f"http://127.0.0.1:{gw_port}/evict"]
+    )  # fmt: skip
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--upstream", f"http://127.0.0.1:{sim_port}",
+         "--port", str(gw_port), "--log-level", "warning"]
+    )  # fmt: skip
+    rows = []
+    try:
+        _wait(f"http://127.0.0.1:{sim_port}/health")
+        _wait(f"http://127.0.0.1:{gw_port}/health")
+        for preset in presets:
+            workload = generate(preset, seed=0, n_queries=queries)
+            for shape in SHAPES:
+                bodies = [render(workload, q, shape) for q in workload.queries]
+                results = []
+                for base in (f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"):
+                    httpx.post(f"http://127.0.0.1:{sim_port}/sim/reset")
+                    httpx.post(f"http://127.0.0.1:{gw_port}/reset")
+                    results.append(replay(base, bodies))
+                rows.append((preset, shape, len(bodies), *results))
+                print(f"  {preset:<12} {shape:<7} done", file=sys.stderr, flush=True)
+    finally:
+        for process in (gateway, sim):
+            process.terminate()
+            process.wait(timeout=10)
+    return rows
+
+
+def _planner_latency(samples: int) -> dict[str, tuple[float, float]]:
+    from gateway.metrics import Metrics
+    from gateway.planner import Planner
+    from gateway.proxy import Exchange
+    from gateway.residency import Residency
+    from gateway.settings import load_settings
+    from gateway.wire import ChatView, decode_view
+
+    settings = load_settings(environ={})
+    planner = Planner(settings, Residency(max_requests=200_000, stateless=False), Metrics())
+    workload = generate("overlap", seed=1, n_queries=samples * 2)
+    timings: dict[str, list[float]] = {"miss (new text)": [], "hit (resent text)": []}
+    sizes = []
+    for generated in workload.queries[:samples]:
+        query = Query(generated.query_id, tuple((list(generated.doc_ids) * 2)[:10]), generated.question, 0, 1)
+        body = json.dumps(render(workload, query, "system")).encode()
+        sizes.append(len(body))
+        for values in timings.values():
+            exchange = Exchange("req-bench", "/v1/chat/completions", {}, body, decode_view(body, ChatView))
+            start = time.perf_counter()
+            planner(exchange)
+            values.append(time.perf_counter() - start)
+            if exchange.on_accept is not None:
+                exchange.on_accept()
+    print(f"  planner requests: median body {statistics.median(sizes) / 1024:.1f} KB, 10 blocks", file=sys.stderr)
+    return {label: (_pct(values, 0.5), _pct(values, 0.99)) for label, values in timings.items()}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench intercept", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="200 queries per preset and shape")
+    parser.add_argument("--queries", type=int, default=600)
+    parser.add_argument("--capacity", type=int, default=262_144, help="simulated KV capacity in tokens")
+    args, _ = parser.parse_known_args(argv)
+    queries = 200 if args.quick else args.queries
+    rows = _cache_effect(("overlap", "heavy-head", "low-overlap"), queries, args.capacity)
+    print(f"\nTransparent interception vs direct, simulated engine ({args.capacity // 1024}k-token KV cache, "
+          f"{queries} requests per row, half streamed)")  # fmt: skip
+    header = f"{'preset':<12}{'shape':<8}{'direct hit':>11}{'gateway hit':>13}{'x':>7}"
+    header += f"{'direct prefill':>16}{'gw prefill':>12}"
+    print(header)
+    print("-" * len(header))
+    for preset, shape, _n, direct, through in rows:
+        d_ratio = direct[1] / direct[0]
+        g_ratio = through[1] / through[0]
+        factor = g_ratio / d_ratio if d_ratio else float("inf")
+        print(f"{preset:<12}{shape:<8}{d_ratio:>10.1%}{g_ratio:>13.1%}{factor:>7.2f}"
+              f"{direct[2] / 1000:>14.2f} s{through[2] / 1000:>10.2f} s")  # fmt: skip
+    latency = _planner_latency(300 if args.quick else 1000)
+    print("\nIntercept + plan + splice (in process, ~20 KB chat body, 10 XML blocks)")
+    print(f"{'case':<20}{'p50':>10}{'p99':>10}")
+    for label, (p50, p99) in latency.items():
+        print(f"{label:<20}{p50:>8.3f}ms{p99:>8.3f}ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
