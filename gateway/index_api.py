@@ -20,6 +20,8 @@ import time
 from collections.abc import Hashable, Sequence
 from typing import Any, TypeVar
 
+import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 from litestar import Request, Response, get, post
@@ -36,6 +38,7 @@ from scheduler.ids import mint_request_id
 __all__ = ["index_routes"]
 
 API_KEY: Hashable = ("index-api",)
+_COMMIT_CHUNK = 256
 _LINKAGE_METHODS = frozenset({"single", "complete", "average", "weighted", "centroid", "median", "ward"})
 
 
@@ -157,24 +160,31 @@ class IndexApi:
             raise Unauthorized("this route needs the admin token", code="admin_token_required")
 
     async def reorder(self, request: Request[Any, Any, Any], *, stateless: bool) -> dict[str, Any]:
-        parsed, input_type = _decode_contexts(await request.body())
-        contexts: list[list[Any]] = parsed.contexts  # type: ignore[assignment]
-        _check_limits(parsed, contexts, self.settings)
         stateful = not stateless and not self.residency.stateless
         if stateful:
             self.require_admin(request)
-        ids = [[block_id(block) for block in context] for context in contexts]
+        raw = await request.body()
         view = self.residency.index.snapshot(API_KEY) if stateful else None
-        started = time.perf_counter()
-        plan: BatchPlan = await anyio.to_thread.run_sync(lambda: plan_batch(ids, view=view))
-        plan_ms = (time.perf_counter() - started) * 1000
+
+        def plan_off_loop() -> tuple[
+            _IntContexts | _StrContexts, str, list[list[int]], BatchPlan, list[list[Any]], float
+        ]:
+            # decoding, hashing and planning a big batch take long: a worker thread, on an immutable snapshot
+            parsed, input_type = _decode_contexts(raw)
+            _check_limits(parsed, parsed.contexts, self.settings)
+            ids = [[block_id(block) for block in context] for context in parsed.contexts]
+            started = time.perf_counter()
+            plan = plan_batch(ids, view=view)
+            elapsed = (time.perf_counter() - started) * 1000
+            return parsed, input_type, ids, plan, plan.apply(parsed.contexts), elapsed  # type: ignore[arg-type]
+
+        parsed, input_type, ids, plan, reordered, plan_ms = await anyio.to_thread.run_sync(plan_off_loop)
+        contexts: list[list[Any]] = parsed.contexts  # type: ignore[assignment]
         mode = "stateless"
+        request_ids = [mint_request_id() for _ in contexts]
         if stateful:
             mode = "incremental" if view is not None and view.requests else "initial"
-            request_ids = self.residency.index.commit_batch(API_KEY, ids, plan)
-        else:
-            request_ids = [mint_request_id() for _ in contexts]
-        reordered = plan.apply(contexts)
+            await self._commit(ids, plan, request_ids)
         body: dict[str, Any] = {
             "status": "success",
             "message": f"reordered {len(contexts)} contexts ({mode})",
@@ -203,6 +213,14 @@ class IndexApi:
         if parsed.deduplicate and stateful:
             body["deduplication"] = self._deduplicate(contexts, request_ids, parsed.parent_request_ids, parsed)
         return body
+
+    async def _commit(self, ids: list[list[int]], plan: BatchPlan, request_ids: list[str]) -> None:
+        """Commit a planned batch in execution order, yielding to the event loop between chunks."""
+        for start in range(0, len(plan.order), _COMMIT_CHUNK):
+            for index in plan.order[start : start + _COMMIT_CHUNK]:
+                blocks = [ids[index][position] for position in plan.permutations[index]]
+                self.residency.commit(request_ids[index], [(API_KEY, blocks)])
+            await anyio.lowlevel.checkpoint()
 
     def _deduplicate(
         self,
