@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
@@ -13,6 +16,7 @@ from litestar.handlers import asgi
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from engines.llamacpp.slots import SlotTable, discover_slots
 from engines.registry import get_engine
 from gateway import __version__
 from gateway.errors import GatewayError, error_body
@@ -86,6 +90,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             "upstream": settings.upstream_url,
             "eviction_enabled": not settings.stateless,
             "index_stats": {"num_requests": stats.requests, "num_nodes": stats.nodes},
+            "slots": len(planner.slots.slots) if planner.slots is not None else None,
             "timestamp": time.time(),
         }
 
@@ -109,6 +114,23 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     async def close_client() -> None:
         await client.aclose()
 
+    async def learn_slots() -> None:
+        """llama.cpp: find the slot count (retrying while the server starts), then pin requests to slots."""
+        while planner.slots is None:
+            count = await discover_slots(client)
+            if count is not None:
+                planner.slots = SlotTable.of(count)
+                logger.info("llama-server has %d slots; requests are pinned with id_slot", count)
+                return
+            await anyio.sleep(2.0)
+
+    async def start_background(app: Litestar) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            if settings.engine == "llamacpp":
+                tg.start_soon(learn_slots)
+            yield
+            tg.cancel_scope.cancel()
+
     app = Litestar(
         route_handlers=[proxy_mount, health, ready, metrics_route, *index_routes(settings, residency)],
         request_max_body_size=settings.max_body_bytes,
@@ -118,6 +140,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             Exception: _unexpected_error,
         },
         on_shutdown=[close_client],
+        lifespan=[asynccontextmanager(start_background)],
         openapi_config=OpenAPIConfig(title="prefixgate", version=__version__, path="/schema"),
         debug=False,
         logging_config=None,

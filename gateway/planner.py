@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 from cachetools import LRUCache
 
+from engines.llamacpp.slots import Path, SlotTable
 from gateway.errors import InvalidRequest
 from gateway.intercept import MODES, BlockGroup, find_groups, splice_all
 from gateway.metrics import Metrics
@@ -127,7 +128,7 @@ class _Outcome:
 
     control: Control
     model: bytes
-    commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)
+    commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
     groups: int = 0
     blocks: int = 0
     reordered: bool = False
@@ -155,29 +156,55 @@ class Planner:
             maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
         )
         residency.on_reset(self._memo.clear)
+        self.slots: SlotTable | None = None  # set once a llama-server's slot count is known
 
     def __call__(self, exchange: Exchange) -> None:
         control = parse_control(exchange.headers, self.settings)
-        if not control.enabled:
-            exchange.result = {"groups": 0, "reordered": False, "enabled": False}
-            return
         top = _raw_top.decode(exchange.body)
         outcome = _Outcome(control, bytes(top.get("model", b"")))
-        prefix = blake2b(digest_size=16)
-        prefix.update(exchange.route.encode())
-        prefix.update(outcome.model)
-        prefix.update(bytes(top.get("tools", b"")))
-        if isinstance(exchange.view, ChatView):
-            self._chat(exchange.view, top, exchange, prefix, outcome)
+        if control.enabled:
+            prefix = blake2b(digest_size=16)
+            prefix.update(exchange.route.encode())
+            prefix.update(outcome.model)
+            prefix.update(bytes(top.get("tools", b"")))
+            if isinstance(exchange.view, ChatView):
+                self._chat(exchange.view, top, exchange, prefix, outcome)
+            else:
+                self._completions(exchange.view, exchange, prefix, outcome)
+            exchange.result = outcome.header()
         else:
-            self._completions(exchange.view, exchange, prefix, outcome)
-        exchange.result = outcome.header()
+            exchange.result = {"groups": 0, "reordered": False, "enabled": False}
         if outcome.reordered:
             self.metrics.blocks_reordered.inc()
         self.metrics.predicted_cached_tokens.inc(outcome.cached)
-        if outcome.commits and not self.residency.stateless:
-            commits, request_id = outcome.commits, exchange.request_id
+        commits, request_id = tuple(outcome.commits), exchange.request_id
+        if self.slots is not None:
+            self._pin_slot(exchange, top, commits)
+        elif commits and not self.residency.stateless:
             exchange.on_accept = lambda: self.residency.commit(request_id, commits)
+
+    def _pin_slot(self, exchange: Exchange, top: dict[str, msgspec.Raw], commits: Path) -> None:
+        """llama.cpp: send the request to the slot that holds most of its prefix; track what slots hold."""
+        slots = self.slots
+        assert slots is not None
+        chosen = _client_slot(top, len(slots.slots))
+        if chosen is None:
+            chosen = slots.choose(commits)
+            exchange.fields["id_slot"] = chosen
+        else:
+            slots.reserve(chosen)
+        request_id = exchange.request_id
+        if exchange.result is not None:
+            exchange.result["slot"] = chosen
+
+        def accepted() -> None:
+            previous = slots.occupy(chosen, request_id, commits)
+            if previous is not None:
+                self.residency.evict([previous])
+            self.residency.commit(request_id, commits)
+
+        exchange.on_accept = accepted
+        exchange.on_finish = lambda: slots.finish(chosen)
 
     def _chat(
         self, view: ChatView, top: dict[str, msgspec.Raw], exchange: Exchange, prefix: Any, outcome: _Outcome
@@ -285,6 +312,15 @@ class Planner:
         if not any(list(order) != list(range(len(order))) for _, order in edits):
             return _Rewrite(None, tuple(metas), False), cached
         return _Rewrite(splice_all(text, edits, annotate=control.annotate), tuple(metas), True), cached
+
+
+def _client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:
+    """A valid ``id_slot`` the client chose itself (kept as is), else None."""
+    raw = top.get("id_slot")
+    if raw is None:
+        return None
+    value = msgspec.json.decode(raw)
+    return value if type(value) is int and 0 <= value < count else None
 
 
 def _replace(raw_message: msgspec.Raw, fields: dict[str, Any]) -> msgspec.Raw:

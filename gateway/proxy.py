@@ -75,6 +75,7 @@ class Exchange:
     result: dict[str, Any] | None = None
     on_accept: Callable[[], None] | None = None
     on_usage: Callable[[int | None], None] | None = None
+    on_finish: Callable[[], None] | None = None
 
 
 Planner = Callable[[Exchange], None]
@@ -91,6 +92,7 @@ class _Call:
     own_headers: list[tuple[bytes, bytes]]
     on_accept: Callable[[], None] | None = None
     on_usage: Callable[[int | None], None] | None = None
+    on_finish: Callable[[], None] | None = None
 
 
 class Proxy:
@@ -148,6 +150,13 @@ class Proxy:
             raise InvalidRequest(f"{call.route} accepts POST only", code="method_not_allowed")
         else:
             _check_passthrough_path(path)
+        try:
+            return await self._forward(scope, receive, path, body, call)
+        finally:
+            if call.on_finish is not None:
+                call.on_finish()
+
+    async def _forward(self, scope: Scope, receive: Receive, path: bytes, body: bytes, call: _Call) -> int:
         target = path.decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
@@ -157,7 +166,7 @@ class Proxy:
             upstream_api_key=self.settings.upstream_api_key,
             extra=self.engine.stamp_headers(call.request_id),
         )
-        request = build_request(self.client, method, target, outbound, body)
+        request = build_request(self.client, scope["method"], target, outbound, body)
         status = 499
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
@@ -177,6 +186,7 @@ class Proxy:
             call.own_headers.append((b"x-prefixgate-result", msgspec.json.encode(exchange.result)))
         call.on_accept = exchange.on_accept
         call.on_usage = exchange.on_usage
+        call.on_finish = exchange.on_finish
         return replace_fields(exchange.body, exchange.fields)
 
     def _authorize(self, headers: dict[str, str]) -> None:
