@@ -8,7 +8,7 @@ CACHE_DIR ?= $(HOME)/.cache/prefixgate
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sim test lint format unit bench llama-server tiny-model contextpilot-client clean
+.PHONY: help install run sim test lint format unit bench llama-server tiny-model contextpilot-client engines-venv engine-tests install-hook clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -36,9 +36,10 @@ format: $(STAMP) ## apply ruff format and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint llama-server tiny-model contextpilot-client ## lint, then every test (unit, integration, e2e: real llama-server)
+test: lint llama-server tiny-model contextpilot-client engines-venv ## lint, then every test (real llama-server, real engine caches)
 	PREFIXGATE_LLAMA_SERVER="$$($(MAKE) -s llama-server | tail -n1)" \
 	PREFIXGATE_CONTEXTPILOT_WHEEL="$$($(MAKE) -s contextpilot-client | tail -n1)" \
+	PREFIXGATE_ENGINES_VENV="$$($(MAKE) -s engines-venv | tail -n1)" \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP) ## unit tests only
@@ -54,6 +55,15 @@ contextpilot-client: $(STAMP) ## fetch (once) the contextpilot 0.5.0 wheel whose
 	@test -f $(CACHE_DIR)/wheels/contextpilot-0.5.0-py3-none-any.whl || \
 		$(BIN)/python -m pip download --quiet --no-deps --dest $(CACHE_DIR)/wheels contextpilot==0.5.0
 	@echo $(CACHE_DIR)/wheels/contextpilot-0.5.0-py3-none-any.whl
+
+engines-venv: $(STAMP) ## build (once, cached by lock hash) a venv with the real vLLM/SGLang cache classes; prints its path
+	@$(BIN)/python -m tests.enginehooks.enginesvenv --cache-dir $(CACHE_DIR)
+
+engine-tests: engines-venv ## only the eviction-hook tests against the real vLLM 0.33 / SGLang 0.5.23 classes
+	"$$($(MAKE) -s engines-venv | tail -n1)/bin/python" -m pytest tests/enginehooks $(PYTEST_ARGS)
+
+install-hook: $(STAMP) ## install the engine eviction hook's .pth into .venv (active only with PREFIXGATE_INDEX_URL set)
+	$(BIN)/prefixgate install-hook
 
 tiny-model: $(STAMP) ## write the tiny random-weight GGUF test model; prints its path last
 	@$(BIN)/python -m engines.llamacpp.tinymodel --cache-dir $(CACHE_DIR)

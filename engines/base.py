@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 __all__ = ["EngineAdapter", "cached_tokens_from_usage"]
 
 
@@ -48,3 +50,25 @@ class EngineAdapter:
 
     def stamp_headers(self, request_id: str) -> dict[str, str]:
         return {"x-request-id": request_id}
+
+    def kv_event_fields(self, request_id: str, body: bytes) -> dict[str, Any]:
+        """Body fields that make the engine's ``BlockStored`` events name this request (``session_id``).
+
+        A ``session_id`` the client chose is kept (its requests are then not attributed); vLLM also gets
+        ``vllm_xargs.kv_cache_report_mode = "full"`` (re-announce reused prefix blocks) unless the client sent
+        ``vllm_xargs`` itself.
+        """
+        present = _top_level_keys(body)
+        fields: dict[str, Any] = {}
+        if "session_id" not in present:
+            fields["session_id"] = request_id
+        if self.name == "vllm" and "vllm_xargs" not in present:
+            fields["vllm_xargs"] = {"kv_cache_report_mode": "full"}
+        return fields
+
+
+_keys_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _top_level_keys(body: bytes) -> set[str]:
+    return set(_keys_decoder.decode(body))

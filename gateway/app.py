@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -16,6 +16,7 @@ from litestar.handlers import asgi
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from engines.kvevents import KVEventTracker
 from engines.llamacpp.slots import SlotTable, discover_slots
 from engines.registry import get_engine
 from gateway import __version__
@@ -27,6 +28,9 @@ from gateway.proxy import Proxy
 from gateway.residency import Residency
 from gateway.settings import Settings
 from gateway.upstream import build_client
+
+if TYPE_CHECKING:
+    from engines.kvevents.subscriber import KVEventSubscriber
 
 __all__ = ["create_app"]
 
@@ -63,6 +67,20 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     logger.exception("unhandled error on %s", request.url.path)
     body = error_body("internal gateway error", "internal_error", code=500)
     return _error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, body)
+
+
+def _kv_subscribers(settings: Settings, tracker: KVEventTracker) -> list[KVEventSubscriber]:
+    """One subscriber per engine KV-event endpoint (one per data-parallel rank), sharing one tracker."""
+    if not settings.kv_events_endpoint:
+        return []
+    from engines.kvevents.subscriber import KVEventSubscriber
+
+    replays: list[str | None] = [*settings.kv_events_replay]
+    replays += [None] * (len(settings.kv_events_endpoint) - len(replays))
+    return [
+        KVEventSubscriber(endpoint, tracker, topic=settings.kv_events_topic, replay_endpoint=replay)
+        for endpoint, replay in zip(settings.kv_events_endpoint, replays, strict=True)
+    ]
 
 
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
@@ -124,12 +142,25 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
                 return
             await anyio.sleep(2.0)
 
+    def kv_released(request_ids: list[str]) -> None:
+        residency.evict(request_ids)
+
+    kv_tracker = KVEventTracker(on_evicted=kv_released, on_reset=residency.reset)
+
     async def start_background(app: Litestar) -> AsyncIterator[None]:
+        subscribers = _kv_subscribers(settings, kv_tracker)
+        app.state.kv_subscribers = subscribers
         async with anyio.create_task_group() as tg:
             if settings.engine == "llamacpp":
                 tg.start_soon(learn_slots)
-            yield
-            tg.cancel_scope.cancel()
+            for subscriber in subscribers:
+                subscriber.start()
+            try:
+                yield
+            finally:
+                for subscriber in subscribers:
+                    await subscriber.stop()
+                tg.cancel_scope.cancel()
 
     app = Litestar(
         route_handlers=[proxy_mount, health, ready, metrics_route, *index_routes(settings, residency)],
@@ -149,4 +180,5 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.residency = residency
+    app.state.kv_tracker = kv_tracker
     return app

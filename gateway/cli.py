@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     sim = commands.add_parser("sim-engine", help="run the built-in simulated engine", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    hook = commands.add_parser("install-hook", help="install the engine eviction hook (.pth)", add_help=False)
+    hook.add_argument("hook_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -42,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engines.sim import main as sim_main
 
         return sim_main(args_list[1:])
+    if args_list[:1] == ["install-hook"]:
+        from engines.hooks.install import main as hook_main
+
+        return hook_main(args_list[1:])
     args = _parser().parse_args(args_list)
     try:
         settings = load_settings(vars(args))

@@ -182,6 +182,8 @@ class Proxy:
         if self.planner is not None:
             self.planner(exchange)
         exchange.fields.update(self.engine.stamp_fields(call.request_id))
+        if self.settings.kv_events_endpoint:
+            exchange.fields.update(self.engine.kv_event_fields(call.request_id, exchange.body))
         if exchange.result is not None:
             call.own_headers.append((b"x-prefixgate-result", msgspec.json.encode(exchange.result)))
         call.on_accept = exchange.on_accept

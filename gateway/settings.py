@@ -52,6 +52,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     index_max_requests: int = 200_000
     reorder_max_contexts: int = 200_000
     reorder_max_blocks: int = 4_096
+    kv_events_endpoint: tuple[str, ...] = ()
+    kv_events_replay: tuple[str, ...] = ()
+    kv_events_topic: str = ""
     sim_port: int = 8766
     sim_capacity_tokens: int = 262_144
     sim_prefill_us: float = 20.0
@@ -76,6 +79,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 raise ValueError(f"{name}: must be a positive number of seconds")
         if self.sim_prefill_us < 0:
             raise ValueError("sim_prefill_us: must not be negative")
+        if len(self.kv_events_replay) > len(self.kv_events_endpoint):
+            raise ValueError("kv_events_replay: one replay endpoint per --kv-events-endpoint at most")
+        for endpoint in (*self.kv_events_endpoint, *self.kv_events_replay):
+            if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", endpoint):
+                raise ValueError("kv_events_endpoint: expected tcp://host:port (or ipc://, inproc://)")
         for key in self.api_key:
             if not key or any(ch.isspace() for ch in key):
                 raise ValueError("api_key: keys must be non-empty and contain no whitespace")
@@ -127,6 +135,9 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "index_max_requests": ("live index cap in requests (least recently used dropped first)", "value"),
     "reorder_max_contexts": ("most contexts accepted by one /reorder", "value"),
     "reorder_max_blocks": ("most blocks accepted per context", "value"),
+    "kv_events_endpoint": ("ZMQ KV-event publisher of the engine, one per DP rank (repeatable)", "multi"),
+    "kv_events_replay": ("its replay endpoint, in the same order (repeatable)", "multi"),
+    "kv_events_topic": ("KV-event topic the engine publishes on", "value"),
     "sim_port": ("port of the embedded simulated engine (when --upstream is empty)", "value"),
     "sim_capacity_tokens": ("KV capacity of the embedded simulated engine in tokens", "value"),
     "sim_prefill_us": ("simulated prefill cost per uncached prompt token, microseconds", "value"),
@@ -184,8 +195,9 @@ def load_settings(
     merged = _env_values(os.environ if environ is None else environ)
     merged.update({k: v for k, v in (cli or {}).items() if k in OPTIONS})
     merged.update(overrides)
-    if isinstance(merged.get("api_key"), str):
-        merged["api_key"] = [merged["api_key"]]
+    for name, (_, kind) in OPTIONS.items():
+        if kind == "multi" and isinstance(merged.get(name), str):
+            merged[name] = [merged[name]]
     try:
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:

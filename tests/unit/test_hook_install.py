@@ -1,0 +1,174 @@
+"""``prefixgate install-hook``: the ``.pth`` really lands in a venv's site-packages and activates a fresh interpreter.
+
+One throwaway venv (``python -m venv --without-pip``, about a second) is shared by the module's tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engines.hooks import hook
+from engines.hooks.install import PACKAGE_PTH_NAME, install_hook, main, remove_hook
+
+REPO = Path(__file__).resolve().parents[2]
+_PROBE = "import sys; print(sorted(m for m in sys.modules if m.startswith(('engines', 'prefixgate_hook'))))"
+
+
+@dataclass
+class Venv:
+    python: Path
+    purelib: Path
+
+    def run(self, code: str, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFIXGATE_", "CONTEXTPILOT_", "PYTHON"))}
+        return subprocess.run(
+            [str(self.python), "-c", code],
+            env={**clean, **(env or {})},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Venv]:
+    root = tmp_path_factory.mktemp("engine-env") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    yield Venv(python, Path(purelib))
+
+
+@pytest.fixture
+def clean(venv: Venv) -> Iterator[Venv]:
+    yield venv
+    remove_hook(site_dir=venv.purelib)
+
+
+def test_standalone_pth_activates_a_fresh_interpreter(clean: Venv) -> None:
+    written = install_hook(standalone=True, site_dir=clean.purelib)
+    assert {p.name for p in written} == {"prefixgate_hook.py", "prefixgate_hook.pth"}
+    child = clean.run(
+        "import sys; import prefixgate_hook as h; "
+        "print(h._active is not None, any(type(f).__name__ == '_PatchingFinder' for f in sys.meta_path))",
+        env={"PREFIXGATE_INDEX_URL": "http://127.0.0.1:9"},
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["True", "True"]
+
+
+def test_without_the_env_var_the_pth_imports_nothing(clean: Venv) -> None:
+    install_hook(standalone=True, site_dir=clean.purelib)
+    child = clean.run(_PROBE)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "[]"
+
+
+def test_package_pth_loads_the_installed_prefixgate(clean: Venv) -> None:
+    install_hook(site_dir=clean.purelib)
+    assert (clean.purelib / PACKAGE_PTH_NAME).read_text() == hook.pth_line("engines.hooks.hook")
+    on = clean.run(_PROBE, env={"CONTEXTPILOT_INDEX_URL": "http://127.0.0.1:9", "PYTHONPATH": str(REPO)})
+    assert on.returncode == 0, on.stderr
+    assert "'engines.hooks.hook'" in on.stdout
+    # activation pulls in nothing of the gateway (the engine's process stays lean)
+    heavy = clean.run(
+        "import sys; print([m for m in ('msgspec', 'httpx', 'litestar', 'gateway', 'scheduler') if m in sys.modules])",
+        env={"PREFIXGATE_INDEX_URL": "http://127.0.0.1:9", "PYTHONPATH": str(REPO)},
+    )
+    assert heavy.stdout.strip() == "[]", heavy.stderr
+    off = clean.run(_PROBE, env={"PYTHONPATH": str(REPO)})
+    assert off.stdout.strip() == "[]", off.stderr
+
+
+def test_mismatched_engine_internals_warn_and_never_crash(clean: Venv, tmp_path: Path) -> None:
+    install_hook(standalone=True, site_dir=clean.purelib)
+    fake = tmp_path / "vllm" / "v1" / "core"
+    fake.mkdir(parents=True)
+    for package in (tmp_path / "vllm", tmp_path / "vllm" / "v1", fake):
+        (package / "__init__.py").write_text("__version__ = '9.9.9'\n" if package.name == "vllm" else "")
+    (fake / "block_pool.py").write_text("class BlockPool:\n    def get_new_blocks(self, n):\n        return []\n")
+    child = clean.run(
+        "import vllm.v1.core.block_pool as m; print(m.BlockPool().get_new_blocks(1))",
+        env={"PREFIXGATE_INDEX_URL": "http://127.0.0.1:9", "PYTHONPATH": str(tmp_path)},
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "[]"
+    assert "vllm 9.9.9 does not match the supported internals (BlockPool lacks evict_blocks" in child.stderr
+
+
+def test_target_python_installs_and_removes_in_that_interpreter(clean: Venv) -> None:
+    assert main(["--target-python", str(clean.python)]) == 0
+    assert (clean.purelib / "prefixgate_hook.py").read_bytes() == Path(hook.__file__).read_bytes()
+    assert (clean.purelib / "prefixgate_hook.pth").exists()
+    assert main(["--remove", "--target-python", str(clean.python)]) == 0
+    assert not list(clean.purelib.glob("prefixgate_hook*"))
+
+
+def test_remove_takes_out_both_forms(tmp_path: Path) -> None:
+    install_hook(site_dir=tmp_path)
+    install_hook(standalone=True, site_dir=tmp_path)
+    assert len(remove_hook(site_dir=tmp_path)) == 3
+    assert list(tmp_path.iterdir()) == []
+    assert remove_hook(site_dir=tmp_path) == []
+
+
+def test_the_pth_line_costs_about_a_microsecond_when_off() -> None:
+    code = compile(hook.pth_line("prefixgate_hook"), "prefixgate_hook.pth", "exec")
+    env = {k: v for k, v in os.environ.items() if k not in hook.INDEX_URL_VARS}
+    namespace: dict[str, object] = {}
+    runs = 10_000
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        started = time.perf_counter()
+        for _ in range(runs):
+            exec(code, namespace)
+        per_run = (time.perf_counter() - started) / runs
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert per_run < 20e-6, f"{per_run * 1e6:.1f} us per interpreter start"
+
+
+def test_standalone_file_is_self_contained() -> None:
+    source = Path(hook.__file__).read_text()
+    imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in imports if "engines" in line or "prefixgate" in line], imports
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            textwrap.dedent(f"""
+            import runpy, sys
+            sys.argv = ["prefixgate_hook.py", "--help"]
+            runpy.run_path({str(hook.__file__)!r}, run_name="__main__")
+        """),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert child.returncode == 0 and "--install" in child.stdout, child.stderr
+
+
+def test_the_shipped_pth_is_the_one_install_hook_writes(tmp_path: Path) -> None:
+    shipped = Path(hook.__file__).with_name(PACKAGE_PTH_NAME).read_text()
+    install_hook(site_dir=tmp_path)
+    assert (tmp_path / PACKAGE_PTH_NAME).read_text() == shipped
