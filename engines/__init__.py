@@ -1,6 +1,7 @@
-"""Per-engine knowledge: how to stamp request ids, read cached tokens and learn cache residency."""
+"""Per-engine knowledge: how to stamp request ids, read cached tokens and learn cache residency.
 
-from engines.base import EngineAdapter, cached_tokens_from_usage
-from engines.registry import ENGINES, get_engine
+Import the submodules (``engines.base``, ``engines.registry``, ...) directly: this package imports nothing,
+so that the eviction hook (``engines.hooks``), which runs inside engine processes, stays import-light.
+"""
 
-__all__ = ["ENGINES", "EngineAdapter", "cached_tokens_from_usage", "get_engine"]
+__all__: list[str] = []

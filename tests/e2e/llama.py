@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,7 @@ import pytest
 
 from engines.llamacpp.build import ENV_VAR, find_llama_server
 from engines.llamacpp.tinymodel import write_tiny_model
+from tests.e2e.servers import free_port
 
 __all__ = [
     "LlamaServer",
@@ -82,13 +82,6 @@ def locate_llama_server() -> Path | None:
     if from_env:
         return Path(from_env).expanduser()
     return find_llama_server()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
