@@ -50,6 +50,16 @@ class Metrics:
         self.engine_prompt_tokens = Counter(
             "prefixgate_engine_prompt_tokens", "Prompt tokens reported by engines", registry=r
         )
+        self.stale_predictions = Counter(
+            "prefixgate_stale_predictions",
+            "Requests whose engine-reported cached tokens fell far below the index's prediction",
+            registry=r,
+        )
+        self.stale_released = Counter(
+            "prefixgate_stale_released",
+            "Index entries released because engine feedback showed them evicted",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,7 +16,7 @@ prefix that turn 1 cached still matches. The memo also remembers texts it left a
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
@@ -48,6 +48,9 @@ _SCOPES = {
     "tool_results": frozenset({"tool"}),
     "completions": frozenset({"completions"}),
 }
+_MIN_PREDICTED_CHARS = 400
+_CHARS_PER_TOKEN = 4
+_STALE_FRACTION = 0.25
 _OFF = {"0", "false", "no", "off", "disabled"}
 _ON = {"1", "true", "yes", "on", "enabled"}
 _raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -113,12 +116,34 @@ def parse_control(headers: Mapping[str, str], settings: Settings) -> Control:
     return Control(enabled, mode, tag, separator, scope, annotate)
 
 
+class _Prefix:
+    """A digest of what the engine sees, fed in prompt order, that also counts how much it was fed."""
+
+    __slots__ = ("fed", "hasher")
+
+    def __init__(self, hasher: Any = None, fed: int = 0) -> None:
+        self.hasher = hasher if hasher is not None else blake2b(digest_size=16)
+        self.fed = fed
+
+    def update(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.fed += len(data)
+
+    def copy(self) -> _Prefix:
+        return _Prefix(self.hasher.copy(), self.fed)
+
+    def digest(self) -> bytes:
+        digest: bytes = self.hasher.digest()
+        return digest
+
+
 @dataclass(frozen=True, slots=True)
 class _Rewrite:
-    """A memoised text rewrite: the new text (None: unchanged) and, per group, its output offset and blocks."""
+    """A memoised text rewrite: the new text (None: unchanged) and, per group, where it starts in the output,
+    its blocks in sent order, and where each block's rendering ends in the output."""
 
     text: str | None
-    groups: tuple[tuple[int, tuple[int, ...]], ...]
+    groups: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
     reordered: bool
 
 
@@ -134,6 +159,8 @@ class _Outcome:
     reordered: bool = False
     cached: int = 0
     memo_hits: int = 0
+    predicted_chars: int = 0  # how far into the prompt the predicted cached prefix reaches
+    predictions: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (key, cached blocks)
 
     def header(self) -> dict[str, Any]:
         return {
@@ -163,7 +190,7 @@ class Planner:
         top = _raw_top.decode(exchange.body)
         outcome = _Outcome(control, bytes(top.get("model", b"")))
         if control.enabled:
-            prefix = blake2b(digest_size=16)
+            prefix = _Prefix()
             prefix.update(exchange.route.encode())
             prefix.update(outcome.model)
             prefix.update(bytes(top.get("tools", b"")))
@@ -178,10 +205,35 @@ class Planner:
             self.metrics.blocks_reordered.inc()
         self.metrics.predicted_cached_tokens.inc(outcome.cached)
         commits, request_id = tuple(outcome.commits), exchange.request_id
+        if outcome.predictions:
+            exchange.on_usage = lambda cached: self._check_prediction(cached, outcome, request_id)
         if self.slots is not None:
             self._pin_slot(exchange, top, commits)
         elif commits and not self.residency.stateless:
             exchange.on_accept = lambda: self.residency.commit(request_id, commits)
+
+    def _check_prediction(self, cached_tokens: int | None, outcome: _Outcome, request_id: str) -> None:
+        """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.
+
+        The prediction is in characters (~4 per token); below a quarter of it, every other request whose
+        committed path runs through the predicted prefix is released, since the engine no longer holds it.
+        """
+        if cached_tokens is None or outcome.predicted_chars < _MIN_PREDICTED_CHARS:
+            return
+        if cached_tokens >= outcome.predicted_chars / _CHARS_PER_TOKEN * _STALE_FRACTION:
+            return
+        self.metrics.stale_predictions.inc()
+        own = {request_id, *(f"{request_id}.g{i}" for i in range(2, len(outcome.commits) + 1))}
+        stale = [
+            rid
+            for key, blocks in outcome.predictions
+            for rid in self.residency.index.requests_sharing(key, blocks)
+            if rid not in own
+        ]
+        if stale:
+            self.metrics.stale_released.inc(len(self.residency.index.evict(stale).evicted))
+            logger.info("engine reported %d cached tokens, far below the prediction: released %d", cached_tokens,
+                        len(stale))  # fmt: skip
 
     def _pin_slot(self, exchange: Exchange, top: dict[str, msgspec.Raw], commits: Path) -> None:
         """llama.cpp: send the request to the slot that holds most of its prefix; track what slots hold."""
@@ -207,7 +259,7 @@ class Planner:
         exchange.on_finish = lambda: slots.finish(chosen)
 
     def _chat(
-        self, view: ChatView, top: dict[str, msgspec.Raw], exchange: Exchange, prefix: Any, outcome: _Outcome
+        self, view: ChatView, top: dict[str, msgspec.Raw], exchange: Exchange, prefix: _Prefix, outcome: _Outcome
     ) -> None:
         raw_messages = _raw_list.decode(top["messages"])
         changed = False
@@ -274,14 +326,19 @@ class Planner:
             outcome.memo_hits += 1
         out = entry.text if entry.text is not None else text
         position = 0
-        for index, (start, blocks) in enumerate(entry.groups):
+        base = prefix.fed
+        for index, (start, blocks, ends) in enumerate(entry.groups):
             prefix.update(out[position:start].encode("utf-8", "surrogatepass"))
             position = start
             key = prefix.digest()
             outcome.commits.append((key, blocks))
             outcome.groups += 1
             outcome.blocks += len(blocks)
-            outcome.cached += fresh[index] if fresh is not None else self.residency.index.plan(key, blocks).cached
+            cached = fresh[index] if fresh is not None else self.residency.index.plan(key, blocks).cached
+            outcome.cached += cached
+            if cached:
+                outcome.predictions.append((key, blocks[:cached]))
+                outcome.predicted_chars = max(outcome.predicted_chars, base + ends[cached - 1])
         prefix.update(out[position:].encode("utf-8", "surrogatepass"))
         outcome.reordered |= entry.reordered
         return entry.text
@@ -298,7 +355,7 @@ class Planner:
         if not groups:
             return _Rewrite(None, (), False), []
         edits: list[tuple[BlockGroup, tuple[int, ...]]] = []
-        metas: list[tuple[int, tuple[int, ...]]] = []
+        metas: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
         cached: list[int] = []
         for group in groups:
             # the key is what the engine sees before this group: earlier groups already in their new order
@@ -307,11 +364,25 @@ class Planner:
             key.update(before.encode("utf-8", "surrogatepass"))
             plan = self.residency.index.plan(key.digest(), [block_id(k) for k in group.keys(text)])
             edits.append((group, plan.order))
-            metas.append((len(before), plan.blocks))
+            metas.append((len(before), plan.blocks, _block_ends(text, group, plan.order, len(before))))
             cached.append(plan.cached)
         if not any(list(order) != list(range(len(order))) for _, order in edits):
             return _Rewrite(None, tuple(metas), False), cached
         return _Rewrite(splice_all(text, edits, annotate=control.annotate), tuple(metas), True), cached
+
+
+def _block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:
+    """Where each block's rendering ends in the output, for blocks in ``order`` from ``start`` (gaps stay put)."""
+    gaps = [len(gap) for gap in group.gaps(text)]
+    ends: list[int] = []
+    position = start
+    for slot, index in enumerate(order):
+        block = group.blocks[index]
+        position += block.end - block.start
+        ends.append(position)
+        if slot < len(gaps):
+            position += gaps[slot]
+    return tuple(ends)
 
 
 def _client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:

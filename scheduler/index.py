@@ -78,13 +78,14 @@ class IndexStats:
 
 
 class _Key:
-    """The state of one key: its trie and the popularity behind its canonical order."""
+    """The state of one key: its trie, the popularity behind its canonical order, and its live requests."""
 
-    __slots__ = ("popularity", "trie")
+    __slots__ = ("popularity", "requests", "trie")
 
     def __init__(self, popularity: Popularity) -> None:
         self.trie = Trie()
         self.popularity = popularity
+        self.requests: dict[str, None] = {}  # an insertion-ordered set
 
 
 class LiveIndex:
@@ -161,6 +162,7 @@ class LiveIndex:
         self._radix_nodes += state.trie.nodes - radix
         state.popularity.observe(path)
         self._requests[request_id] = (state, path)
+        state.requests[request_id] = None
         self._inserts += 1
         self._enforce_caps()
         return shared
@@ -219,6 +221,15 @@ class LiveIndex:
         entry = self._requests.get(request_id)
         return entry[1] if entry is not None else None
 
+    def requests_sharing(self, key: Hashable, prefix: Sequence[int]) -> list[str]:
+        """Live requests under ``key`` whose committed path starts with ``prefix`` (O(requests under the key))."""
+        state = self._keys.get(key)
+        if state is None or not prefix:
+            return []
+        wanted = tuple(prefix)
+        size = len(wanted)
+        return [rid for rid in state.requests if self._requests[rid][1][:size] == wanted]
+
     def request_ids(self) -> list[str]:
         """Live request ids, least recently committed first."""
         return list(self._requests)
@@ -268,6 +279,7 @@ class LiveIndex:
 
     def _release(self, request_id: str) -> None:
         state, path = self._requests.pop(request_id)
+        state.requests.pop(request_id, None)
         nodes, radix = state.trie.blocks, state.trie.nodes
         state.trie.release(path)
         self._nodes += state.trie.blocks - nodes

@@ -235,3 +235,31 @@ async def test_failed_upstream_commits_nothing(gateway: AppFactory, upstream: re
         await client.post("/v1/chat/completions", content=chat(xml_docs(["alpha", "beta", "gamma"])))
         stats = (await client.get("/stats")).json()["index_stats"]
     assert stats["num_requests"] == 0
+
+
+async def test_engine_feedback_releases_stale_entries(gateway: AppFactory, upstream: respx.Router) -> None:
+    def usage(cached: int) -> dict[str, Any]:
+        return {
+            **OK,
+            "usage": {"prompt_tokens": 400, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": cached}},
+        }
+
+    route = upstream.post("/v1/chat/completions")
+    async with gateway() as client:
+        route.mock(return_value=httpx.Response(200, json=usage(0)))
+        first = await client.post("/v1/chat/completions", content=chat(xml_docs(["alpha", "beta", "gamma"])))
+        # the engine agrees with the prediction: nothing is released
+        route.mock(return_value=httpx.Response(200, json=usage(380)))
+        second = await client.post("/v1/chat/completions", content=chat(xml_docs(["gamma", "beta", "alpha"]), "Q2"))
+        ids = (await client.get("/requests")).json()["request_ids"]
+        # the engine evicted the documents without telling the gateway: far fewer cached tokens than predicted
+        route.mock(return_value=httpx.Response(200, json=usage(0)))
+        third = await client.post("/v1/chat/completions", content=chat(xml_docs(["beta", "alpha", "gamma"]), "Q3"))
+        after = (await client.get("/requests")).json()["request_ids"]
+        metrics = (await client.get("/metrics")).text
+    assert json.loads(second.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 3
+    assert ids == [first.headers["x-request-id"], second.headers["x-request-id"]]
+    assert json.loads(third.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 3
+    assert after == [third.headers["x-request-id"]]
+    assert "prefixgate_stale_predictions_total 1.0" in metrics
+    assert "prefixgate_stale_released_total 2.0" in metrics

@@ -327,3 +327,17 @@ def test_plan_unchanged_flag() -> None:
     index = LiveIndex()
     assert not index.plan("k", [1, 2, 3]).changed
     assert index.plan("k", [3, 2, 1]).changed
+
+
+def test_requests_sharing_a_prefix() -> None:
+    index = LiveIndex()
+    index.commit("k", "a", [1, 2, 3])
+    index.commit("k", "b", [1, 2, 4])
+    index.commit("k", "c", [5, 2])
+    index.commit("other", "d", [1, 2, 3])
+    assert index.requests_sharing("k", [1, 2]) == ["a", "b"]
+    assert index.requests_sharing("k", [1, 2, 3]) == ["a"]
+    assert index.requests_sharing("k", []) == []
+    assert index.requests_sharing("missing", [1]) == []
+    index.evict(["a"])
+    assert index.requests_sharing("k", [1]) == ["b"]
