@@ -11,4 +11,5 @@ BENCHMARKS: dict[str, str] = {
     "scheduler": "bench.scheduler_bench",
     "proxy": "bench.proxy_bench",
     "intercept": "bench.intercept_bench",
+    "llama": "bench.llama_bench",
 }
