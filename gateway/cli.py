@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,9 @@ def serve(settings: Settings) -> int:
     logger.info("prefixgate %s starting with %s", __version__, settings.redacted())
     app = create_app(settings)
     _tune_runtime()
+    # uvicorn re-raises SIGTERM once it has shut down; exiting through Python (not the default handler)
+    # runs the clean-up below, so the embedded engine stops with the gateway.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with _embedded_sim(settings):
         uvicorn.run(
             app,
@@ -79,6 +83,10 @@ def serve(settings: Settings) -> int:
             timeout_graceful_shutdown=5,
         )
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _tune_runtime() -> None:

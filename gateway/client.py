@@ -1,0 +1,453 @@
+"""Python clients for prefixgate's index API (``/reorder``, ``/evict``, ``/deduplicate``, ...), sync and async.
+
+:class:`IndexClient` and :class:`AsyncIndexClient` have the method names, arguments and return shapes of
+ContextPilot 0.5.0's ``ContextPilotIndexClient``, so moving over is a one-line import change
+(``ContextPilotIndexClient`` is exported as an alias of :class:`IndexClient`). One difference is deliberate:
+failures raise instead of returning ``None``::
+
+    IndexClientError              anything this module raises
+    ├── IndexAPIError             the server answered 4xx/5xx (or an unreadable body): status, type, param, code
+    └── IndexUnavailable          no answer: connection refused or reset, DNS, timeout
+
+``_transport_error`` is the one place that turns ``httpx`` exceptions into ours; ``_decode_response`` is the
+one place that reads a response (success body or OpenAI-style ``{"error": {...}}`` envelope).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final, Self, TypedDict, TypeVar, Unpack, cast
+
+import httpx
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_TIMEOUT",
+    "AsyncIndexClient",
+    "ContextPilotIndexClient",
+    "IndexAPIError",
+    "IndexClient",
+    "IndexClientError",
+    "IndexUnavailable",
+    "ReorderOptions",
+]
+
+DEFAULT_BASE_URL: Final = "http://127.0.0.1:8765"
+# a big /reorder batch is planned server-side in seconds, not milliseconds; connecting should be quick
+DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
+
+Doc = TypeVar("Doc", int, str)
+
+
+class IndexClientError(Exception):
+    """Base of every error the index clients raise."""
+
+
+class IndexAPIError(IndexClientError):
+    """The index server answered with an error status (or a body that is not a JSON object).
+
+    Fields come from the OpenAI-style envelope ``{"error": {"message", "type", "param", "code"}}``; a FastAPI
+    ``{"detail": ...}`` body (ContextPilot's own server) or plain text becomes the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(f"{status}: {message}" if status else message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+        self.request_id = request_id
+
+
+class IndexUnavailable(IndexClientError):
+    """The index server could not be reached or did not answer in time."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def _transport_error(exc: httpx.HTTPError, method: str, url: str) -> IndexClientError:
+    if isinstance(exc, httpx.TimeoutException):
+        return IndexUnavailable(f"{method} {url} timed out ({type(exc).__name__})", timed_out=True)
+    if isinstance(exc, httpx.TransportError):
+        return IndexUnavailable(f"{method} {url} failed: {type(exc).__name__}: {exc}")
+    return IndexClientError(f"{method} {url} failed: {type(exc).__name__}: {exc}")
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _api_error(response: httpx.Response, body: Any) -> IndexAPIError:
+    request_id = response.headers.get("x-request-id")
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        return IndexAPIError(
+            str(error.get("message") or response.reason_phrase),
+            status=response.status_code,
+            type=_optional_str(error.get("type")),
+            param=_optional_str(error.get("param")),
+            code=_optional_str(error.get("code")),
+            request_id=request_id,
+        )
+    if isinstance(body, dict) and "detail" in body:
+        message = str(body["detail"])
+    elif isinstance(body, dict) and "message" in body:
+        message = str(body["message"])
+    else:
+        message = response.text[:500] or response.reason_phrase
+    return IndexAPIError(message, status=response.status_code, request_id=request_id)
+
+
+def _decode_response(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = None
+    if not response.is_success:
+        raise _api_error(response, body)
+    if not isinstance(body, dict):
+        raise IndexAPIError(
+            f"expected a JSON object, got {response.headers.get('content-type', 'no content type')}",
+            status=response.status_code,
+            type="invalid_response",
+            request_id=response.headers.get("x-request-id"),
+        )
+    return body
+
+
+class ReorderOptions(TypedDict, total=False):
+    """``/reorder``'s options (ContextPilot's names); the last three only matter on a live (stateful) server."""
+
+    alpha: float
+    use_gpu: bool
+    linkage_method: str
+    initial_tokens_per_context: int
+    deduplicate: bool
+    parent_request_ids: Sequence[str | None] | None
+    hint_template: str | None
+
+
+# sent explicitly, as ContextPilot's client does, so both clients put the same bytes on the wire
+_REORDER_DEFAULTS: Final[dict[str, Any]] = {
+    "alpha": 0.001,
+    "use_gpu": False,
+    "linkage_method": "average",
+    "initial_tokens_per_context": 0,
+    "deduplicate": False,
+}
+_REORDER_OPTIONS: Final = frozenset(ReorderOptions.__annotations__)
+
+
+def _reorder_payload(contexts: Sequence[Sequence[Any]], options: ReorderOptions) -> dict[str, Any]:
+    unknown = sorted(options.keys() - _REORDER_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected reorder option(s): {', '.join(unknown)}")
+    payload: dict[str, Any] = {"contexts": [list(context) for context in contexts], **_REORDER_DEFAULTS}
+    # like ContextPilot's client, a None option is left out rather than sent as null
+    payload.update((name, value) for name, value in options.items() if value is not None)
+    parents = options.get("parent_request_ids")
+    if parents is not None:
+        payload["parent_request_ids"] = list(parents)
+    return payload
+
+
+def _dedup_payload(
+    contexts: Sequence[Sequence[Any]], parent_request_ids: Sequence[str | None], hint_template: str | None
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "contexts": [list(context) for context in contexts],
+        "parent_request_ids": list(parent_request_ids),
+    }
+    if hint_template is not None:
+        payload["hint_template"] = hint_template
+    return payload
+
+
+def _reorder_pair(result: dict[str, Any]) -> tuple[list[list[Any]], list[int]]:
+    try:
+        return result["reordered_contexts"], result["original_indices"]
+    except KeyError as exc:
+        raise IndexAPIError(f"/reorder answer lacks {exc.args[0]!r}", status=200, type="invalid_response") from None
+
+
+def _is_ready(health: dict[str, Any]) -> bool:
+    return health.get("status") == "ready"
+
+
+class _ClientBase:
+    """What the sync and async clients share: where the server is, credentials, timeouts."""
+
+    def __init__(self, base_url: str, admin_token: str | None, timeout: float | httpx.Timeout | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else httpx.Timeout(timeout)
+        self._headers = {"accept": "application/json"}
+        if admin_token:
+            # the gateway only checks it on state-changing routes; sending it everywhere keeps this simple
+            self._headers["authorization"] = f"Bearer {admin_token}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url!r})"
+
+
+class IndexClient(_ClientBase):
+    """Blocking client for the index API; a drop-in for ContextPilot's ``ContextPilotIndexClient`` that raises.
+
+    ``timeout`` is seconds (or an ``httpx.Timeout``); ``transport`` replaces the network (tests, custom TLS).
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        admin_token: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, admin_token, timeout)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
+        )
+
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, json=payload)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, method, self.base_url + path) from exc
+        return _decode_response(response)
+
+    def reorder(
+        self, contexts: Sequence[Sequence[Doc]], **options: Unpack[ReorderOptions]
+    ) -> tuple[list[list[Doc]], list[int]]:
+        """Reorder contexts for prefix sharing: ``(reordered_contexts, original_indices)``, in execution order.
+
+        ``reordered_contexts[i]`` is ``contexts[original_indices[i]]`` with its documents reordered.
+        """
+        return cast("tuple[list[list[Doc]], list[int]]", _reorder_pair(self.reorder_raw(contexts, **options)))
+
+    def reorder_raw(
+        self, contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]], **options: Unpack[ReorderOptions]
+    ) -> dict[str, Any]:
+        """``POST /reorder``; the whole answer (``request_ids`` in input order, ``scheduled_request_ids``, ...)."""
+        return self._request("POST", "/reorder", _reorder_payload(contexts, options))
+
+    build = reorder_raw  # deprecated in ContextPilot too
+
+    def schedule(
+        self,
+        contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]],
+        *,
+        alpha: float = 0.001,
+        use_gpu: bool = False,
+        linkage_method: str = "average",
+    ) -> dict[str, Any]:
+        """Deprecated: ``POST /schedule``, a reorder that never touches the live index."""
+        payload = _reorder_payload(contexts, {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method})
+        return self._request("POST", "/schedule", payload)
+
+    def evict(self, request_ids: Sequence[str]) -> dict[str, Any]:
+        """``POST /evict``: release requests the engine evicted (``removed_count``, ``not_found``, ...)."""
+        return self._request("POST", "/evict", {"request_ids": list(request_ids)})
+
+    def deduplicate(
+        self,
+        contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]],
+        parent_request_ids: Sequence[str | None],
+        hint_template: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /deduplicate``: per context, the docs its parent chain already sent and the new ones."""
+        return self._request("POST", "/deduplicate", _dedup_payload(contexts, parent_request_ids, hint_template))
+
+    def search(self, context: Sequence[int] | Sequence[str], update_access: bool = True) -> dict[str, Any]:
+        """``POST /search``: how many leading blocks of ``context`` the live index holds."""
+        return self._request("POST", "/search", {"context": list(context), "update_access": update_access})
+
+    def insert(
+        self, context: Sequence[int] | Sequence[str], search_path: Sequence[int], total_tokens: int = 0
+    ) -> dict[str, Any]:
+        """``POST /insert``: record ``context`` as sent, under a new request id."""
+        payload = {"context": list(context), "search_path": list(search_path), "total_tokens": total_tokens}
+        return self._request("POST", "/insert", payload)
+
+    def update_node(self, search_path: Sequence[int], token_delta: int) -> dict[str, Any]:
+        """``POST /update``: accepted for compatibility; prefixgate does not track per-node token counts."""
+        return self._request("POST", "/update", {"search_path": list(search_path), "token_delta": token_delta})
+
+    def reset(self) -> dict[str, Any]:
+        """``POST /reset``: forget the live index and conversation history."""
+        return self._request("POST", "/reset", {})
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /stats``: live index counters."""
+        return self._request("GET", "/stats")
+
+    get_stats = stats
+
+    def get_requests(self) -> dict[str, Any]:
+        """``GET /requests``: live request ids, least recently committed first."""
+        return self._request("GET", "/requests")
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: liveness (200 from the start) with the mode and index size."""
+        return self._request("GET", "/health")
+
+    def is_ready(self) -> bool:
+        """Whether ``/health`` answers ``ready``; ``False`` (never an exception) when it cannot tell."""
+        try:
+            return _is_ready(self.health())
+        except IndexClientError:
+            return False
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncIndexClient(_ClientBase):
+    """The asyncio/trio counterpart of :class:`IndexClient`: the same methods, awaited."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        admin_token: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, admin_token, timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
+        )
+
+    async def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, json=payload)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, method, self.base_url + path) from exc
+        return _decode_response(response)
+
+    async def reorder(
+        self, contexts: Sequence[Sequence[Doc]], **options: Unpack[ReorderOptions]
+    ) -> tuple[list[list[Doc]], list[int]]:
+        """Reorder contexts for prefix sharing: ``(reordered_contexts, original_indices)``, in execution order."""
+        pair = _reorder_pair(await self.reorder_raw(contexts, **options))
+        return cast("tuple[list[list[Doc]], list[int]]", pair)
+
+    async def reorder_raw(
+        self, contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]], **options: Unpack[ReorderOptions]
+    ) -> dict[str, Any]:
+        """``POST /reorder``; the whole answer."""
+        return await self._request("POST", "/reorder", _reorder_payload(contexts, options))
+
+    build = reorder_raw  # deprecated in ContextPilot too
+
+    async def schedule(
+        self,
+        contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]],
+        *,
+        alpha: float = 0.001,
+        use_gpu: bool = False,
+        linkage_method: str = "average",
+    ) -> dict[str, Any]:
+        """Deprecated: ``POST /schedule``, a reorder that never touches the live index."""
+        payload = _reorder_payload(contexts, {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method})
+        return await self._request("POST", "/schedule", payload)
+
+    async def evict(self, request_ids: Sequence[str]) -> dict[str, Any]:
+        """``POST /evict``: release requests the engine evicted."""
+        return await self._request("POST", "/evict", {"request_ids": list(request_ids)})
+
+    async def deduplicate(
+        self,
+        contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]],
+        parent_request_ids: Sequence[str | None],
+        hint_template: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /deduplicate``."""
+        return await self._request("POST", "/deduplicate", _dedup_payload(contexts, parent_request_ids, hint_template))
+
+    async def search(self, context: Sequence[int] | Sequence[str], update_access: bool = True) -> dict[str, Any]:
+        """``POST /search``."""
+        return await self._request("POST", "/search", {"context": list(context), "update_access": update_access})
+
+    async def insert(
+        self, context: Sequence[int] | Sequence[str], search_path: Sequence[int], total_tokens: int = 0
+    ) -> dict[str, Any]:
+        """``POST /insert``."""
+        payload = {"context": list(context), "search_path": list(search_path), "total_tokens": total_tokens}
+        return await self._request("POST", "/insert", payload)
+
+    async def update_node(self, search_path: Sequence[int], token_delta: int) -> dict[str, Any]:
+        """``POST /update`` (accepted for compatibility; changes nothing)."""
+        payload = {"search_path": list(search_path), "token_delta": token_delta}
+        return await self._request("POST", "/update", payload)
+
+    async def reset(self) -> dict[str, Any]:
+        """``POST /reset``."""
+        return await self._request("POST", "/reset", {})
+
+    async def stats(self) -> dict[str, Any]:
+        """``GET /stats``."""
+        return await self._request("GET", "/stats")
+
+    get_stats = stats
+
+    async def get_requests(self) -> dict[str, Any]:
+        """``GET /requests``."""
+        return await self._request("GET", "/requests")
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        return await self._request("GET", "/health")
+
+    async def is_ready(self) -> bool:
+        """Whether ``/health`` answers ``ready``; ``False`` (never an exception) when it cannot tell."""
+        try:
+            return _is_ready(await self.health())
+        except IndexClientError:
+            return False
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+ContextPilotIndexClient = IndexClient
+"""ContextPilot's class name, for a one-line import change."""
