@@ -22,7 +22,7 @@ from engines.registry import get_engine
 from gateway import __version__
 from gateway.errors import GatewayError, error_body
 from gateway.index_api import index_routes
-from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics
 from gateway.planner import Planner
 from gateway.proxy import Proxy
 from gateway.residency import Residency
@@ -87,6 +87,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     """Build the gateway for ``settings``; ``transport`` replaces the network (tests use respx routers)."""
     metrics = Metrics()
     residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
+    metrics.registry.register(IndexCollector(residency.index.stats))
     client = build_client(settings, transport)
     planner = Planner(settings, residency, metrics)
     proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from collections.abc import Callable, Iterator
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from scheduler.index import IndexStats
+
+__all__ = ["CONTENT_TYPE_LATEST", "IndexCollector", "Metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -63,3 +69,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class IndexCollector(Collector):
+    """The live index's size and eviction counters, read when ``/metrics`` is scraped (nothing on the hot path)."""
+
+    def __init__(self, stats: Callable[[], IndexStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield GaugeMetricFamily("prefixgate_index_requests", "Requests in the live index", value=stats.requests)
+        yield GaugeMetricFamily("prefixgate_index_blocks", "Block positions in the live index", value=stats.nodes)
+        evictions = CounterMetricFamily(
+            "prefixgate_index_evictions", "Requests released from the live index, by cause", labels=["cause"]
+        )
+        evictions.add_metric(["engine"], stats.evictions)
+        evictions.add_metric(["capacity"], stats.lru_evictions)
+        yield evictions
