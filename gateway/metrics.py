@@ -47,7 +47,7 @@ class Metrics:
         self.blocks_reordered = Counter(
             "prefixgate_reordered_requests", "Proxied requests whose blocks were reordered", registry=r
         )
-        self.predicted_cached_tokens = Counter(
+        self.predicted_cached_blocks = Counter(
             "prefixgate_predicted_cached_blocks", "Blocks the live index predicted to be cached", registry=r
         )
         self.engine_cached_tokens = Counter(

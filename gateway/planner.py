@@ -203,7 +203,7 @@ class Planner:
             exchange.result = {"groups": 0, "reordered": False, "enabled": False}
         if outcome.reordered:
             self.metrics.blocks_reordered.inc()
-        self.metrics.predicted_cached_tokens.inc(outcome.cached)
+        self.metrics.predicted_cached_blocks.inc(outcome.cached)
         commits, request_id = tuple(outcome.commits), exchange.request_id
         if outcome.predictions:
             exchange.on_usage = lambda cached: self._check_prediction(cached, outcome, request_id)
@@ -223,7 +223,7 @@ class Planner:
         if cached_tokens >= outcome.predicted_chars / _CHARS_PER_TOKEN * _STALE_FRACTION:
             return
         self.metrics.stale_predictions.inc()
-        own = {request_id, *(f"{request_id}.g{i}" for i in range(2, len(outcome.commits) + 1))}
+        own = set(self.residency.group_ids(request_id, len(outcome.commits)))
         stale = [
             rid
             for key, blocks in outcome.predictions

@@ -55,11 +55,16 @@ class Residency:
         """Record a request the engine accepted, one ``(key, ordered blocks)`` per block group."""
         if self.stateless or not groups:
             return
-        ids = [request_id] + [f"{request_id}.g{i}" for i in range(2, len(groups) + 1)]
+        ids = self.group_ids(request_id, len(groups))
         for group_id, (key, blocks) in zip(ids, groups, strict=True):
             self.index.commit(key, group_id, blocks)
         if len(ids) > 1:
             self._groups[request_id] = tuple(ids[1:])
+
+    @staticmethod
+    def group_ids(request_id: str, count: int) -> list[str]:
+        """The index ids of a request's ``count`` block groups: ``<rid>``, ``<rid>.g2``, ..."""
+        return [request_id] + [f"{request_id}.g{i}" for i in range(2, count + 1)]
 
     def release_groups(self, request_id: str) -> list[str]:
         """Every index id filed for ``request_id``."""
