@@ -30,6 +30,7 @@ from litestar.handlers import HTTPRouteHandler
 from gateway.errors import InvalidRequest, PayloadTooLarge, Unauthorized
 from gateway.residency import Residency
 from gateway.settings import Settings
+from gateway.wire import split_error_path
 from scheduler.batch import BatchPlan, plan_batch
 from scheduler.blocks import block_id
 from scheduler.dedup import DEFAULT_HINT_TEMPLATE
@@ -93,8 +94,7 @@ def _decode(body: bytes, type_: type[T]) -> T:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        param = text.split("at `$.", 1)[1].rstrip("`") if "at `$." in text else None
-        raise InvalidRequest(f"invalid request: {text}", param=param, code="invalid_type") from None
+        raise InvalidRequest(f"invalid request: {text}", param=split_error_path(text)[1], code="invalid_type") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
@@ -111,7 +111,7 @@ def _decode_contexts(body: bytes) -> tuple[_IntContexts | _StrContexts, str]:
         except msgspec.ValidationError:
             pass
         text = str(int_error)
-        param = text.split("at `$.", 1)[1].rstrip("`") if "at `$." in text else "contexts"
+        param = split_error_path(text)[1] or "contexts"
         raise InvalidRequest(
             "contexts must be a list of lists of integers, or a list of lists of strings (not mixed, not nested, "
             f"no floats or booleans): {text}",

@@ -14,7 +14,7 @@ import msgspec
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["ChatView", "CompletionView", "Message", "decode_view", "replace_fields"]
+__all__ = ["ChatView", "CompletionView", "Message", "decode_view", "replace_fields", "split_error_path"]
 
 
 class Message(msgspec.Struct):
@@ -68,10 +68,7 @@ def decode_view(body: bytes, view: type[V]) -> V:
     except msgspec.ValidationError as exc:
         if not isinstance(_any_json(body), dict):
             raise InvalidRequest("request body must be a JSON object", code="invalid_body") from None
-        text = str(exc)
-        match = _PATH.search(text)
-        param = match.group(1) if match else None
-        message = _PATH.sub("", text)
+        message, param = split_error_path(str(exc))
         if message.startswith("Object missing required field"):
             field = message.split("`")[1]
             raise InvalidRequest(f"missing required parameter: '{field}'", param=field, code="missing") from None
@@ -99,6 +96,12 @@ def _check_prompt(prompt: str | list[Any]) -> None:
         param="prompt",
         code="invalid_type",
     )
+
+
+def split_error_path(text: str) -> tuple[str, str | None]:
+    """Split a msgspec validation message into its text and the field path (``messages[0].content``)."""
+    match = _PATH.search(text)
+    return _PATH.sub("", text), match.group(1) if match else None
 
 
 def replace_fields(body: bytes, fields: dict[str, Any]) -> bytes:
