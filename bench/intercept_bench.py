@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -148,6 +149,34 @@ def _planner_latency(samples: int) -> dict[str, tuple[float, float]]:
     return {label: (_pct(values, 0.5), _pct(values, 0.99)) for label, values in timings.items()}
 
 
+def _chart(rows: list[tuple[Any, ...]], capacity: int) -> Path:
+    """Hit ratio and simulated prefill time, direct vs gateway, per preset and shape: ``bench/out/intercept.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    labels = [f"{preset}\n{shape}" for preset, shape, *_ in rows]
+    positions = range(len(rows))
+    figure, (hits, prefill) = pyplot.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for axis, pick, title in (
+        (hits, lambda r: 100 * r[1] / r[0], "engine-reported cached tokens (% of prompt tokens)"),
+        (prefill, lambda r: r[2] / 1000, "simulated prefill time (s)"),
+    ):
+        axis.bar([p - 0.2 for p in positions], [pick(row[3]) for row in rows], 0.4, label="direct")
+        axis.bar([p + 0.2 for p in positions], [pick(row[4]) for row in rows], 0.4, label="through prefixgate")
+        axis.set_title(title)
+        axis.legend()
+    prefill.set_xticks(list(positions), labels, fontsize=8)
+    figure.suptitle(f"Transparent reordering vs direct access (simulated engine, {capacity // 1024}k-token KV cache)")
+    figure.tight_layout()
+    out = Path(__file__).resolve().parent / "out" / "intercept.png"
+    out.parent.mkdir(exist_ok=True)
+    figure.savefig(out, dpi=110)
+    pyplot.close(figure)
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -173,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         factor = g_ratio / d_ratio if d_ratio else float("inf")
         print(f"{preset:<12}{shape:<8}{d_ratio:>10.1%}{g_ratio:>13.1%}{factor:>7.2f}"
               f"{direct[2] / 1000:>14.2f} s{through[2] / 1000:>10.2f} s")  # fmt: skip
+    chart = _chart(rows, args.capacity)
+    print(f"\nchart: {chart}")
     latency = _planner_latency(300 if args.quick else 1000)
     print("\nIntercept + plan + splice (in process, ~20 KB chat body, 10 XML blocks)")
     print(f"{'case':<20}{'p50':>10}{'p99':>10}")
