@@ -12,4 +12,5 @@ BENCHMARKS: dict[str, str] = {
     "proxy": "bench.proxy_bench",
     "intercept": "bench.intercept_bench",
     "llama": "bench.llama_bench",
+    "soak": "bench.soak_bench",
 }

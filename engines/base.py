@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["EngineAdapter", "cached_tokens_from_usage"]
+__all__ = ["EngineAdapter", "cached_tokens_from_usage", "prompt_tokens_from_usage"]
 
 
 def cached_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
@@ -30,6 +30,13 @@ def cached_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def prompt_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
+    """Engine-reported prompt tokens (``usage.prompt_tokens``), if the payload carries them."""
+    usage = payload.get("usage")
+    value = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True, slots=True)

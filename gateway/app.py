@@ -21,6 +21,7 @@ from engines.llamacpp.slots import SlotTable, discover_slots
 from engines.registry import get_engine
 from gateway import __version__
 from gateway.errors import GatewayError, error_body
+from gateway.ids import REQUEST_ID_PATTERN
 from gateway.index_api import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics
 from gateway.planner import Planner
@@ -40,7 +41,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 
 def _error_response(request: Request[Any, Any, Any], status: int, body: bytes) -> Response[bytes]:
-    headers = {"x-request-id": request.headers.get("x-request-id", "")} if "x-request-id" in request.headers else {}
+    client_id = request.headers.get("x-request-id", "")
+    headers = {"x-request-id": client_id} if REQUEST_ID_PATTERN.fullmatch(client_id) else {}
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -90,7 +92,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     metrics.registry.register(IndexCollector(residency.index.stats))
     client = build_client(settings, transport)
     planner = Planner(settings, residency, metrics)
-    proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner)
+    proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner=planner, issued=residency.issued)
     mode = "stateless" if settings.stateless else "live"
 
     @asgi("/v1", is_mount=True, copy_scope=True)

@@ -52,11 +52,19 @@ class GatewayError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # extra response headers, such as ``Retry-After``
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, param=self.param, code=self.code)
@@ -90,6 +98,11 @@ class PayloadTooLarge(GatewayError):
 class TooManyRequests(GatewayError):
     status = 429
     type = "rate_limit_error"
+
+    def __init__(
+        self, message: str, *, retry_after: int = 1, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=(("retry-after", str(retry_after)),))
 
 
 class UpstreamError(GatewayError):

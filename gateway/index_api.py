@@ -30,7 +30,7 @@ from litestar.handlers import HTTPRouteHandler
 from gateway.errors import InvalidRequest, PayloadTooLarge, Unauthorized
 from gateway.residency import Residency
 from gateway.settings import Settings
-from gateway.wire import split_error_path
+from gateway.wire import malformed_json_is_400, split_error_path
 from scheduler.batch import BatchPlan, plan_batch
 from scheduler.blocks import block_id
 from scheduler.dedup import DEFAULT_HINT_TEMPLATE
@@ -91,7 +91,8 @@ T = TypeVar("T")
 
 def _decode(body: bytes, type_: type[T]) -> T:
     try:
-        return msgspec.json.decode(body, type=type_)
+        with malformed_json_is_400():
+            return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         text = str(exc)
         raise InvalidRequest(f"invalid request: {text}", param=split_error_path(text)[1], code="invalid_type") from None
@@ -101,23 +102,23 @@ def _decode(body: bytes, type_: type[T]) -> T:
 
 def _decode_contexts(body: bytes) -> tuple[_IntContexts | _StrContexts, str]:
     """Contexts are all lists of ints or all lists of strings; anything else is a 400 naming the spot."""
-    try:
-        return _int_decoder.decode(body), "integer"
-    except msgspec.DecodeError as int_error:
-        if not isinstance(int_error, msgspec.ValidationError):
-            raise InvalidRequest(f"request body is not valid JSON: {int_error}", code="invalid_json") from None
+    with malformed_json_is_400():
         try:
-            return _str_decoder.decode(body), "string"
-        except msgspec.ValidationError:
-            pass
-        text = str(int_error)
-        param = split_error_path(text)[1] or "contexts"
-        raise InvalidRequest(
-            "contexts must be a list of lists of integers, or a list of lists of strings (not mixed, not nested, "
-            f"no floats or booleans): {text}",
-            param=param,
-            code="invalid_contexts",
-        ) from None
+            return _int_decoder.decode(body), "integer"
+        except msgspec.ValidationError as int_error:
+            try:
+                return _str_decoder.decode(body), "string"
+            except msgspec.ValidationError:
+                pass
+            text = str(int_error)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    raise InvalidRequest(
+        "contexts must be a list of lists of integers, or a list of lists of strings (not mixed, not nested, "
+        f"no floats or booleans): {text}",
+        param=split_error_path(text)[1] or "contexts",
+        code="invalid_contexts",
+    )
 
 
 def _check_limits(request: _Options, contexts: Sequence[Sequence[Any]], settings: Settings) -> None:
@@ -182,6 +183,7 @@ class IndexApi:
         contexts: list[list[Any]] = parsed.contexts  # type: ignore[assignment]
         mode = "stateless"
         request_ids = [mint_request_id() for _ in contexts]
+        self.residency.issue(request_ids)
         if stateful:
             mode = "incremental" if view is not None and view.requests else "initial"
             await self._commit(ids, plan, request_ids)
@@ -262,6 +264,7 @@ class IndexApi:
             )
         _check_hashable(parsed.contexts)
         request_ids = [mint_request_id() for _ in parsed.contexts]
+        self.residency.issue(request_ids)
         dedup = self._deduplicate(
             parsed.contexts, request_ids, parsed.parent_request_ids, _Options(hint_template=parsed.hint_template)
         )
@@ -383,6 +386,7 @@ def index_routes(settings: Settings, residency: Residency) -> list[HTTPRouteHand
         parsed = _decode(await request.body(), _InsertBody)
         _check_hashable([parsed.context])
         request_id = mint_request_id()
+        residency.issue([request_id])
         residency.commit(request_id, [(API_KEY, [block_id(b) for b in parsed.context])])
         return {"status": "success", "request_id": request_id, "search_path": [], "node_id": None}
 

@@ -1,10 +1,11 @@
 """The ``/v1/*`` reverse proxy, as a raw ASGI app mounted into the Litestar application.
 
-Per request: resolve the request id, check the client key, read the body within the size limit, decode a
-small view (completion routes only), let the planner rewrite it, stamp the engine's request id, then
-stream the upstream answer back. Server-sent events are relayed chunk by chunk as they arrive; a client
-disconnect cancels the upstream request; a failure after the first streamed byte becomes one SSE
-``error`` event. Nothing here blocks the event loop.
+Per request: check the client key, resolve the request id (namespaced by that key, see ``gateway.ids``), refuse
+header values a server must not forward, read the body within the size limit, decode a small view (completion
+routes only), take a stream slot (429 beyond ``max_concurrent_streams``), let the planner rewrite the body
+(413 beyond ``max_blocks_per_request``), stamp the engine's request id, then stream the upstream answer back.
+Server-sent events are relayed chunk by chunk as they arrive; a client disconnect cancels the upstream request;
+a failure after the first streamed byte becomes one SSE ``error`` event. Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -21,23 +22,24 @@ import anyio
 import httpx
 import msgspec
 
-from engines.base import EngineAdapter, cached_tokens_from_usage
+from engines.base import EngineAdapter, cached_tokens_from_usage, prompt_tokens_from_usage
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
     Unauthorized,
     UpstreamError,
     normalize_upstream_error,
     upstream_error_from,
 )
-from gateway.ids import resolve_request_id
+from gateway.ids import KeyNamespaces, mint_request_id, resolve_request_id
 from gateway.logs import request_id_var
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.upstream import build_request, request_headers, response_headers
-from gateway.wire import ChatView, CompletionView, decode_view, replace_fields
+from gateway.wire import ChatView, CompletionView, decode_view, malformed_json_is_400, replace_fields
 
 __all__ = ["Exchange", "Planner", "Proxy"]
 
@@ -56,6 +58,9 @@ _FORBIDDEN_ESCAPES = (b"%2f", b"%5c", b"%2e", b"%00")
 _DOT_SEGMENT = re.compile(rb"(^|/)\.\.?(/|$)")
 _MAX_ERROR_BODY = 1 << 20
 _MAX_JSON_BODY = 64 << 20
+# RFC 9110 field names are tokens; values are visible characters, spaces and tabs (obs-text 0x80-0xFF tolerated).
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class ClientGone(Exception):
@@ -90,6 +95,7 @@ class _Call:
     route: str
     started: float
     own_headers: list[tuple[bytes, bytes]]
+    stream_slot: bool = False
     on_accept: Callable[[], None] | None = None
     on_usage: Callable[[int | None], None] | None = None
     on_finish: Callable[[], None] | None = None
@@ -104,19 +110,37 @@ class Proxy:
         client: httpx.AsyncClient,
         engine: EngineAdapter,
         metrics: Metrics,
+        *,
         planner: Planner | None = None,
+        issued: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
+        self.issued = issued  # ids the index API handed out: clients send them back as they are (batch flow)
         self.client = client
         self.engine = engine
         self.metrics = metrics
         self.planner = planner
         self._keys = [k.encode() for k in settings.api_key]
+        self._namespaces = KeyNamespaces(self._keys)
+        self.streams = 0  # streaming completion requests in flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = resolve_request_id(headers.get("x-request-id"))
+        refusal: GatewayError | None = None
+        try:
+            namespace = self._authorize(headers)
+            _check_headers(scope["headers"])
+        except GatewayError as exc:
+            refusal, namespace = exc, None
+        # a refused request never has its id honoured: the client proved nothing about who it is
+        client_id = headers.get("x-request-id")
+        if refusal is not None:
+            request_id = mint_request_id()
+        elif client_id and self.issued is not None and self.issued(client_id):
+            request_id = client_id
+        else:
+            request_id = resolve_request_id(client_id, namespace)
         token = request_id_var.set(request_id)
         path = _raw_path(scope)
         route = path.decode("latin-1") if path in (b"/v1/chat/completions", b"/v1/completions") else "passthrough"
@@ -124,6 +148,8 @@ class Proxy:
         status = 500
         self.metrics.in_flight.inc()
         try:
+            if refusal is not None:
+                raise refusal
             status = await self._handle(scope, receive, headers, call)
         except ClientGone:
             status = 499
@@ -131,6 +157,8 @@ class Proxy:
             status = exc.status
             await _send_error(send, exc, request_id)
         finally:
+            if call.stream_slot:
+                self.streams -= 1
             if status == 499:
                 self.metrics.disconnects.inc()
             self.metrics.in_flight.dec()
@@ -139,18 +167,17 @@ class Proxy:
             request_id_var.reset(token)
 
     async def _handle(self, scope: Scope, receive: Receive, headers: dict[str, str], call: _Call) -> int:
-        self._authorize(headers)
         method = scope["method"]
         path = _raw_path(scope)
         body = await _read_body(receive, headers, self.settings.max_body_bytes)
         view_type = COMPLETION_ROUTES.get(call.route)
-        if view_type is not None and method == "POST":
-            body = self._prepare(body, view_type, headers, call)
-        elif view_type is not None:
-            raise InvalidRequest(f"{call.route} accepts POST only", code="method_not_allowed")
-        else:
-            _check_passthrough_path(path)
         try:
+            if view_type is not None and method == "POST":
+                body = self._prepare(body, view_type, headers, call)
+            elif view_type is not None:
+                raise InvalidRequest(f"{call.route} accepts POST only", code="method_not_allowed")
+            else:
+                _check_passthrough_path(path)
             return await self._forward(scope, receive, path, body, call)
         finally:
             if call.on_finish is not None:
@@ -178,9 +205,27 @@ class Proxy:
         self, body: bytes, view_type: type[ChatView] | type[CompletionView], headers: dict[str, str], call: _Call
     ) -> bytes:
         """Validate a completion body, let the planner rewrite it, stamp the engine's request id."""
+        with malformed_json_is_400():
+            return self._plan(body, view_type, headers, call)
+
+    def _plan(
+        self, body: bytes, view_type: type[ChatView] | type[CompletionView], headers: dict[str, str], call: _Call
+    ) -> bytes:
         exchange = Exchange(call.request_id, call.route, headers, body, decode_view(body, view_type))
+        if exchange.view.stream:
+            self._take_stream_slot(call)
         if self.planner is not None:
-            self.planner(exchange)
+            try:
+                self.planner(exchange)
+            finally:
+                call.on_finish = exchange.on_finish  # a llama.cpp slot chosen by the planner is released either way
+        blocks = exchange.result.get("blocks", 0) if exchange.result is not None else 0
+        if isinstance(blocks, int) and blocks > self.settings.max_blocks_per_request:
+            raise PayloadTooLarge(
+                f"the request carries {blocks} retrieved blocks; at most {self.settings.max_blocks_per_request} "
+                "are accepted",
+                code="too_many_blocks",
+            )
         exchange.fields.update(self.engine.stamp_fields(call.request_id))
         if self.settings.kv_events_endpoint:
             exchange.fields.update(self.engine.kv_event_fields(call.request_id, exchange.body))
@@ -188,20 +233,33 @@ class Proxy:
             call.own_headers.append((b"x-prefixgate-result", msgspec.json.encode(exchange.result)))
         call.on_accept = exchange.on_accept
         call.on_usage = exchange.on_usage
-        call.on_finish = exchange.on_finish
         return replace_fields(exchange.body, exchange.fields)
 
-    def _authorize(self, headers: dict[str, str]) -> None:
+    def _take_stream_slot(self, call: _Call) -> None:
+        limit = self.settings.max_concurrent_streams
+        if self.streams >= limit:
+            raise TooManyRequests(
+                f"too many streaming requests in flight (limit {limit}); retry shortly",
+                retry_after=1,
+                code="too_many_streams",
+            )
+        self.streams += 1
+        call.stream_slot = True
+
+    def _authorize(self, headers: dict[str, str]) -> str | None:
+        """Check the bearer key; return the request-id namespace of the key presented (None without keys)."""
         if not self._keys:
-            return
+            return None
         scheme, _, presented = headers.get("authorization", "").partition(" ")
-        offered = presented.strip().encode()
-        # Compare against every key so the time taken does not reveal which one matched.
-        matched = False
+        offered = presented.strip().encode("latin-1")
+        # Compare against every key, without stopping early, so the time taken does not reveal which one matched.
+        matched: bytes | None = None
         for key in self._keys:
-            matched |= hmac.compare_digest(offered, key)
-        if scheme.lower() != "bearer" or not matched:
+            if hmac.compare_digest(offered, key):
+                matched = key
+        if scheme.lower() != "bearer" or matched is None:
             raise Unauthorized("missing or invalid API key", code="invalid_api_key")
+        return self._namespaces[matched]
 
     async def _exchange(self, request: httpx.Request, call: _Call) -> int:
         """Send upstream and relay the answer; errors before the response starts become error responses."""
@@ -256,7 +314,15 @@ class Proxy:
         # still become a clean 502, and lets the gateway read the engine's cached-token count.
         body = await _read_limited(response, _MAX_JSON_BODY)
         self.metrics.ttfb.labels(call.route).observe(time.perf_counter() - call.started)
-        cached = None if "content-encoding" in response.headers else self._cached_tokens(body)
+        cached = None
+        if "content-encoding" not in response.headers:
+            # a success that is not a JSON object is an engine fault the client should see as one, not as a 200
+            payload = _decode_answer(body)
+            if not isinstance(payload, dict):
+                raise UpstreamError(
+                    "the upstream engine answered with an invalid body", code="upstream_invalid_response"
+                )
+            cached = self._count_usage(payload)
         if call.on_usage is not None:
             call.on_usage(cached)
         await _send_whole(call, response.status_code, response_headers(response.headers, keep_length=False), body)
@@ -303,31 +369,26 @@ class Proxy:
         await call.send({"type": "http.response.body", "body": b"", "more_body": False})
         if sniffer is None:
             return None
-        self._count_cached(sniffer.cached_tokens)
-        return sniffer.cached_tokens
+        return self._count_usage(sniffer.usage) if sniffer.usage is not None else None
 
-    def _cached_tokens(self, body: bytes) -> int | None:
-        try:
-            payload = msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            return None
-        cached = cached_tokens_from_usage(payload) if isinstance(payload, dict) else None
-        self._count_cached(cached)
-        return cached
-
-    def _count_cached(self, cached: int | None) -> None:
-        if cached is not None:
+    def _count_usage(self, payload: dict[str, Any]) -> int | None:
+        """Count the engine-reported prompt and cached tokens of an answer; return the cached ones."""
+        cached = cached_tokens_from_usage(payload)
+        prompt = prompt_tokens_from_usage(payload)
+        if cached is not None and prompt is not None:
             self.metrics.engine_cached_tokens.inc(cached)
+            self.metrics.engine_prompt_tokens.inc(prompt)
+        return cached
 
 
 class _UsageSniffer:
     """Watches relayed SSE bytes for the chunk carrying ``usage`` without holding the stream."""
 
-    __slots__ = ("_pending", "cached_tokens")
+    __slots__ = ("_pending", "usage")
 
     def __init__(self) -> None:
         self._pending = b""
-        self.cached_tokens: int | None = None
+        self.usage: dict[str, Any] | None = None  # the last chunk that reported cached tokens
 
     def feed(self, chunk: bytes) -> None:
         data = self._pending + chunk
@@ -341,14 +402,17 @@ class _UsageSniffer:
                     self._read(line[5:].strip())
 
     def _read(self, data: bytes) -> None:
-        try:
-            payload = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            return
-        if isinstance(payload, dict):
-            cached = cached_tokens_from_usage(payload)
-            if cached is not None:
-                self.cached_tokens = cached
+        payload = _decode_answer(data)
+        if isinstance(payload, dict) and cached_tokens_from_usage(payload) is not None:
+            self.usage = payload
+
+
+def _decode_answer(body: bytes) -> Any:
+    """An upstream JSON answer, or None when it is not valid JSON (or nests deeper than msgspec follows)."""
+    try:
+        return msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
@@ -413,6 +477,16 @@ async def _send_whole(call: _Call, status: int, headers: list[tuple[bytes, bytes
     await call.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _check_headers(raw: list[tuple[bytes, bytes]]) -> None:
+    """Refuse header fields no server may forward: CR, LF, NUL or other controls in values, non-token names.
+
+    HTTP/1.1 parsers refuse these already; an ASGI server speaking another protocol, or a test harness, may not.
+    """
+    for name, value in raw:
+        if not _HEADER_NAME.fullmatch(name) or _HEADER_VALUE_FORBIDDEN.search(value):
+            raise InvalidRequest("a request header has an invalid name or value", code="invalid_header")
+
+
 async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:
     body = exc.body()
     await send(
@@ -423,6 +497,7 @@ async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"x-request-id", request_id.encode()),
+                *((name.encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers),
             ],
         }
     )

@@ -44,6 +44,7 @@ class Residency:
         self.index = LiveIndex(max_requests=max_requests)
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
+        self._issued: LRUCache[str, None] = LRUCache(maxsize=max_requests)
         self._reset_hooks: list[Callable[[], None]] = []
         self.evict_calls = 0
 
@@ -60,6 +61,14 @@ class Residency:
             self.index.commit(key, group_id, blocks)
         if len(ids) > 1:
             self._groups[request_id] = tuple(ids[1:])
+
+    def issue(self, request_ids: Iterable[str]) -> None:
+        """Remember ids the index API handed out, so the proxy honours them when clients send them back."""
+        for request_id in request_ids:
+            self._issued[request_id] = None
+
+    def issued(self, request_id: str) -> bool:
+        return request_id in self._issued
 
     @staticmethod
     def group_ids(request_id: str, count: int) -> list[str]:
@@ -90,5 +99,6 @@ class Residency:
         self.index.reset()
         self.conversations.reset()
         self._groups.clear()
+        self._issued.clear()
         for hook in self._reset_hooks:
             hook()

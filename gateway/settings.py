@@ -58,6 +58,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sim_port: int = 8766
     sim_capacity_tokens: int = 262_144
     sim_prefill_us: float = 20.0
+    max_blocks_per_request: int = 4_096
+    max_concurrent_streams: int = 1_024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -87,6 +89,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for key in self.api_key:
             if not key or any(ch.isspace() for ch in key):
                 raise ValueError("api_key: keys must be non-empty and contain no whitespace")
+        for name in ("max_blocks_per_request", "max_concurrent_streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        # Secrets travel in HTTP headers: only visible ASCII survives every client and server unchanged.
+        for name in ("api_key", "admin_token", "upstream_api_key"):
+            values = getattr(self, name)
+            for value in values if isinstance(values, tuple) else (values,):
+                if not all("!" <= ch <= "~" for ch in value):
+                    raise ValueError(f"{name}: must be visible ASCII characters (no spaces or control characters)")
 
     @property
     def upstream_url(self) -> str:
@@ -141,6 +152,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "sim_port": ("port of the embedded simulated engine (when --upstream is empty)", "value"),
     "sim_capacity_tokens": ("KV capacity of the embedded simulated engine in tokens", "value"),
     "sim_prefill_us": ("simulated prefill cost per uncached prompt token, microseconds", "value"),
+    "max_blocks_per_request": ("most retrieved blocks one proxied request may carry (413 above)", "value"),
+    "max_concurrent_streams": ("most streaming requests in flight at once (429 with Retry-After above)", "value"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

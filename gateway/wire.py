@@ -8,13 +8,23 @@ the body as ``dict[str, msgspec.Raw]`` and replaces only the fields it changes.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import msgspec
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["ChatView", "CompletionView", "Message", "decode_view", "replace_fields", "split_error_path"]
+__all__ = [
+    "ChatView",
+    "CompletionView",
+    "Message",
+    "decode_view",
+    "malformed_json_is_400",
+    "replace_fields",
+    "split_error_path",
+]
 
 
 class Message(msgspec.Struct):
@@ -96,6 +106,19 @@ def _check_prompt(prompt: str | list[Any]) -> None:
         param="prompt",
         code="invalid_type",
     )
+
+
+@contextmanager
+def malformed_json_is_400() -> Iterator[None]:
+    """msgspec's two failures that are not ``DecodeError``s, as the 400 they are."""
+    try:
+        yield
+    except RecursionError:
+        # msgspec refuses nesting deeper than the interpreter's recursion limit; no OpenAI body nests that deep
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
+    except UnicodeDecodeError:
+        # invalid UTF-8 inside a JSON string surfaces as a UnicodeDecodeError, not a DecodeError
+        raise InvalidRequest("request body is not valid UTF-8 JSON", code="invalid_json") from None
 
 
 def split_error_path(text: str) -> tuple[str, str | None]:

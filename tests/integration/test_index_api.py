@@ -190,3 +190,20 @@ async def test_openapi_schema_lists_the_index_api(gateway: AppFactory) -> None:
         schema = (await client.get("/schema/openapi.json")).json()
     for path in ("/reorder", "/evict", "/deduplicate", "/reset", "/stats", "/health", "/build", "/schedule"):
         assert path in schema["paths"]
+
+
+async def test_ids_from_reorder_are_honoured_by_the_proxy(gateway: AppFactory, upstream: Any) -> None:
+    import httpx
+
+    route = upstream.post("/v1/completions").mock(return_value=httpx.Response(200, json={"choices": []}))
+    async with gateway() as client:
+        issued = (await client.post("/reorder", json={"contexts": [[1, 2], [2, 3]]})).json()["request_ids"]
+        batch = await client.post("/v1/completions", json={"prompt": "x"}, headers={"x-request-id": issued[0]})
+        forged = await client.post("/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "req-not-issued"})
+        bad = await client.get("/nope", headers={"x-request-id": "bad id\r\nx"})
+    # the batch flow: the engine files the prompt under the id /reorder returned, so evictions find it
+    assert batch.headers["x-request-id"] == issued[0]
+    assert route.calls[0].request.headers["x-request-id"] == issued[0]
+    # an id that merely looks minted is namespaced: it can never stand for a live index entry
+    assert forged.headers["x-request-id"] == "c-req-not-issued"
+    assert "x-request-id" not in bad.headers

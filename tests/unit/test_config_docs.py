@@ -1,0 +1,40 @@
+"""docs/configuration.md lists every setting with its flag, variable and default, exactly as the code has them.
+
+Regenerate the table with ``.venv/bin/python -m tests.unit.test_config_docs``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from gateway.settings import ENV_PREFIX, OPTIONS, Settings
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+BEGIN, END = "<!-- settings table: begin -->", "<!-- settings table: end -->"
+
+
+def settings_table() -> str:
+    defaults = msgspec.structs.asdict(Settings())
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for name, (meaning, kind) in OPTIONS.items():
+        flag = f"--{name.replace('_', '-')}"
+        if kind == "bool":
+            flag += f" / --no-{name.replace('_', '-')}"
+        default = defaults[name]
+        shown = "(empty)" if default in ("", ()) else str(default).lower() if isinstance(default, bool) else default
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | `{shown}` | {meaning} |")
+    return "\n".join(rows)
+
+
+def test_configuration_reference_matches_the_settings() -> None:
+    text = DOC.read_text()
+    generated = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
+    assert generated == settings_table(), "docs/configuration.md is stale: run python -m tests.unit.test_config_docs"
+
+
+if __name__ == "__main__":
+    text = DOC.read_text()
+    head, tail = text[: text.index(BEGIN) + len(BEGIN)], text[text.index(END) :]
+    DOC.write_text(f"{head}\n{settings_table()}\n{tail}")
