@@ -100,6 +100,18 @@ class _Call:
     on_usage: Callable[[int | None], None] | None = None
     on_finish: Callable[[], None] | None = None
 
+    def finish(self) -> None:
+        """Run ``on_finish`` once: the upstream is done with this request (e.g. its llama.cpp slot is free)."""
+        callback, self.on_finish = self.on_finish, None
+        if callback is not None:
+            callback()
+
+    async def end(self, body: bytes = b"") -> None:
+        """Send the last body message, after ``finish``: a client that sends its next request the moment this
+        one ends must find the gateway's view of the upstream already up to date."""
+        self.finish()
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
 
 class Proxy:
     """ASGI app answering every ``/v1/*`` request by forwarding it upstream."""
@@ -180,8 +192,7 @@ class Proxy:
                 _check_passthrough_path(path)
             return await self._forward(scope, receive, path, body, call)
         finally:
-            if call.on_finish is not None:
-                call.on_finish()
+            call.finish()
 
     async def _forward(self, scope: Scope, receive: Receive, path: bytes, body: bytes, call: _Call) -> int:
         target = path.decode("latin-1")
@@ -340,7 +351,7 @@ class Proxy:
         except httpx.HTTPError as exc:
             self.metrics.upstream_errors.labels(upstream_error_from(exc).code or "failed").inc()
             logger.warning("upstream failed mid-body; the client receives a truncated response")
-        await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+        await call.end()
 
     async def _relay_stream(self, response: httpx.Response, call: _Call) -> int | None:
         """Relay SSE bytes as they arrive; on upstream failure end with one ``error`` event."""
@@ -366,7 +377,7 @@ class Proxy:
             event = separator + b"data: " + error.body() + b"\n\n"
             await call.send({"type": "http.response.body", "body": event, "more_body": True})
             sniffer = None
-        await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+        await call.end()
         if sniffer is None:
             return None
         return self._count_usage(sniffer.usage) if sniffer.usage is not None else None
@@ -474,7 +485,7 @@ def _check_passthrough_path(path: bytes) -> None:
 async def _send_whole(call: _Call, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     headers = [*headers, *call.own_headers, (b"content-length", str(len(body)).encode())]
     await call.send({"type": "http.response.start", "status": status, "headers": headers})
-    await call.send({"type": "http.response.body", "body": body, "more_body": False})
+    await call.end(body)
 
 
 def _check_headers(raw: list[tuple[bytes, bytes]]) -> None:
