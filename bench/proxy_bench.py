@@ -103,9 +103,12 @@ def _free_port() -> int:
         return port
 
 
-def _wait(url: str) -> None:
-    deadline = time.monotonic() + 20
+def _wait(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
+    """Wait until ``url`` answers 200; fail early if ``process`` (the server behind it) exits."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             if httpx.get(url, timeout=0.5).status_code == 200:
                 return
