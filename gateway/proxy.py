@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from engines.base import EngineAdapter, cached_tokens_from_usage, prompt_tokens_
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
-    NotFound,
     PayloadTooLarge,
     TooManyRequests,
     Unauthorized,
@@ -35,6 +33,7 @@ from gateway.errors import (
     upstream_error_from,
 )
 from gateway.ids import KeyNamespaces, mint_request_id, resolve_request_id
+from gateway.inbound import ClientGone, check_headers, check_passthrough_path, raw_path, read_body
 from gateway.logs import request_id_var
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -53,20 +52,11 @@ COMPLETION_ROUTES: dict[str, type[ChatView] | type[CompletionView]] = {
     "/v1/chat/completions": ChatView,
     "/v1/completions": CompletionView,
 }
-_SAFE_PATH = re.compile(rb"/v1/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
-_FORBIDDEN_ESCAPES = (b"%2f", b"%5c", b"%2e", b"%00")
-_DOT_SEGMENT = re.compile(rb"(^|/)\.\.?(/|$)")
 _MAX_ERROR_BODY = 1 << 20
 _MAX_JSON_BODY = 64 << 20
+
+
 # RFC 9110 field names are tokens; values are visible characters, spaces and tabs (obs-text 0x80-0xFF tolerated).
-_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HEADER_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class ClientGone(Exception):
-    """The client disconnected before the request body was complete."""
-
-
 @dataclass(slots=True)
 class Exchange:
     """One proxied completion request as the planner sees it, and what it decided."""
@@ -142,7 +132,7 @@ class Proxy:
         refusal: GatewayError | None = None
         try:
             namespace = self._authorize(headers)
-            _check_headers(scope["headers"])
+            check_headers(scope["headers"])
         except GatewayError as exc:
             refusal, namespace = exc, None
         # a refused request never has its id honoured: the client proved nothing about who it is
@@ -154,7 +144,7 @@ class Proxy:
         else:
             request_id = resolve_request_id(client_id, namespace)
         token = request_id_var.set(request_id)
-        path = _raw_path(scope)
+        path = raw_path(scope)
         route = path.decode("latin-1") if path in (b"/v1/chat/completions", b"/v1/completions") else "passthrough"
         call = _Call(send, request_id, route, started, [(b"x-request-id", request_id.encode())])
         status = 500
@@ -180,8 +170,8 @@ class Proxy:
 
     async def _handle(self, scope: Scope, receive: Receive, headers: dict[str, str], call: _Call) -> int:
         method = scope["method"]
-        path = _raw_path(scope)
-        body = await _read_body(receive, headers, self.settings.max_body_bytes)
+        path = raw_path(scope)
+        body = await read_body(receive, headers, self.settings.max_body_bytes)
         view_type = COMPLETION_ROUTES.get(call.route)
         try:
             if view_type is not None and method == "POST":
@@ -189,7 +179,7 @@ class Proxy:
             elif view_type is not None:
                 raise InvalidRequest(f"{call.route} accepts POST only", code="method_not_allowed")
             else:
-                _check_passthrough_path(path)
+                check_passthrough_path(path)
             return await self._forward(scope, receive, path, body, call)
         finally:
             call.finish()
@@ -426,25 +416,6 @@ def _decode_answer(body: bytes) -> Any:
         return None
 
 
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -464,38 +435,10 @@ async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
             return
 
 
-def _raw_path(scope: Scope) -> bytes:
-    """The path exactly as the client sent it (percent-encoding kept), without a query string."""
-    raw: bytes | None = scope.get("raw_path")
-    return raw.split(b"?", 1)[0] if raw else scope["path"].encode()
-
-
-def _check_passthrough_path(path: bytes) -> None:
-    """Refuse paths that could leave the upstream's ``/v1`` tree (dot segments, encoded separators)."""
-    lowered = path.lower()
-    if (
-        not _SAFE_PATH.fullmatch(path)
-        or _DOT_SEGMENT.search(path)
-        or any(escape in lowered for escape in _FORBIDDEN_ESCAPES)
-        or b"//" in path
-    ):
-        raise NotFound("no such route", code="invalid_path")
-
-
 async def _send_whole(call: _Call, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     headers = [*headers, *call.own_headers, (b"content-length", str(len(body)).encode())]
     await call.send({"type": "http.response.start", "status": status, "headers": headers})
     await call.end(body)
-
-
-def _check_headers(raw: list[tuple[bytes, bytes]]) -> None:
-    """Refuse header fields no server may forward: CR, LF, NUL or other controls in values, non-token names.
-
-    HTTP/1.1 parsers refuse these already; an ASGI server speaking another protocol, or a test harness, may not.
-    """
-    for name, value in raw:
-        if not _HEADER_NAME.fullmatch(name) or _HEADER_VALUE_FORBIDDEN.search(value):
-            raise InvalidRequest("a request header has an invalid name or value", code="invalid_header")
 
 
 async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:

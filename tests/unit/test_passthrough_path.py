@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import NotFound
-from gateway.proxy import _check_passthrough_path
+from gateway.inbound import check_passthrough_path
 
 
 @pytest.mark.parametrize(
@@ -13,7 +13,7 @@ from gateway.proxy import _check_passthrough_path
     [b"/v1/models", b"/v1/files/f-1/content", b"/v1/fine_tuning/jobs", b"/v1/a:b@c", b"/v1/x%20y"],
 )
 def test_ordinary_paths_pass(path: bytes) -> None:
-    _check_passthrough_path(path)
+    check_passthrough_path(path)
 
 
 @pytest.mark.parametrize(
@@ -38,4 +38,4 @@ def test_ordinary_paths_pass(path: bytes) -> None:
 )
 def test_escaping_paths_are_refused(path: bytes) -> None:
     with pytest.raises(NotFound):
-        _check_passthrough_path(path)
+        check_passthrough_path(path)

@@ -1,0 +1,76 @@
+"""What the client sent, read and checked before anything reaches the upstream.
+
+The body is read within the size limit (413 above it, ``ClientGone`` when the client leaves first); passthrough
+paths must stay inside the upstream's ``/v1`` tree; header names and values must be well formed (no CR, LF or other
+control characters), so nothing the client sends can split or smuggle a request upstream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
+
+__all__ = ["ClientGone", "check_headers", "check_passthrough_path", "raw_path", "read_body"]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+_SAFE_PATH = re.compile(rb"/v1/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
+_FORBIDDEN_ESCAPES = (b"%2f", b"%5c", b"%2e", b"%00")
+_DOT_SEGMENT = re.compile(rb"(^|/)\.\.?(/|$)")
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request body was complete."""
+
+
+async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def raw_path(scope: Scope) -> bytes:
+    """The path exactly as the client sent it (percent-encoding kept), without a query string."""
+    raw: bytes | None = scope.get("raw_path")
+    return raw.split(b"?", 1)[0] if raw else scope["path"].encode()
+
+
+def check_passthrough_path(path: bytes) -> None:
+    """Refuse paths that could leave the upstream's ``/v1`` tree (dot segments, encoded separators)."""
+    lowered = path.lower()
+    if (
+        not _SAFE_PATH.fullmatch(path)
+        or _DOT_SEGMENT.search(path)
+        or any(escape in lowered for escape in _FORBIDDEN_ESCAPES)
+        or b"//" in path
+    ):
+        raise NotFound("no such route", code="invalid_path")
+
+
+def check_headers(raw: list[tuple[bytes, bytes]]) -> None:
+    """Refuse header fields no server may forward: CR, LF, NUL or other controls in values, non-token names.
+
+    HTTP/1.1 parsers refuse these already; an ASGI server speaking another protocol, or a test harness, may not.
+    """
+    for name, value in raw:
+        if not _HEADER_NAME.fullmatch(name) or _HEADER_VALUE_FORBIDDEN.search(value):
+            raise InvalidRequest("a request header has an invalid name or value", code="invalid_header")
