@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
     hook = commands.add_parser("install-hook", help="install the engine eviction hook (.pth)", add_help=False)
     hook.add_argument("hook_args", nargs=argparse.REMAINDER)
+    batch = commands.add_parser(
+        "reorder", help="send a large batch to a gateway's /reorder, with progress", add_help=False
+    )
+    batch.add_argument("reorder_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -49,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engines.hooks.install import main as hook_main
 
         return hook_main(args_list[1:])
+    if args_list[:1] == ["reorder"]:
+        from gateway.batch import main as reorder_main
+
+        return reorder_main(args_list[1:])
     args = _parser().parse_args(args_list)
     try:
         settings = load_settings(vars(args))
