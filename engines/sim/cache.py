@@ -126,9 +126,10 @@ class RadixCache:
             tracked_requests=len(self._tails),
         )
 
-    def peek(self, tokens: Sequence[int]) -> int:
-        """Length of the cached prefix of ``tokens``, without touching LRU order or counters."""
-        key = tuple(tokens)
+    def _walk(self, key: tuple[int, ...]) -> tuple[list[_Node], int, _Node | None, int]:
+        """Follow ``key`` down the tree: the fully matched nodes, the tokens they cover, and the child whose edge
+        matches only partly (if any) with how many of its tokens match."""
+        path: list[_Node] = []
         node, i, n = self._root, 0, len(key)
         while i < n:
             child = node.children.get(key[i])
@@ -136,10 +137,16 @@ class RadixCache:
                 break
             edge = child.key
             if key[i : i + len(edge)] != edge:
-                return i + _common_len(edge, key, i)
+                return path, i, child, _common_len(edge, key, i)
             i += len(edge)
             node = child
-        return i
+            path.append(node)
+        return path, i, None, 0
+
+    def peek(self, tokens: Sequence[int]) -> int:
+        """Length of the cached prefix of ``tokens``, without touching LRU order or counters."""
+        _, full, _, partial = self._walk(tuple(tokens))
+        return full + partial
 
     def match(self, tokens: Sequence[int], max_len: int | None = None) -> int:
         """Length of the cached prefix of ``tokens`` (at most ``max_len``); refreshes the matched nodes' LRU time.
@@ -148,24 +155,15 @@ class RadixCache:
         """
         key = tuple(tokens)
         self._tick += 1
-        tick = self._tick
-        node, i, n = self._root, 0, len(key)
-        while i < n:
-            child = node.children.get(key[i])
-            if child is None:
-                break
-            edge = child.key
-            if key[i : i + len(edge)] != edge:
-                i += _common_len(edge, key, i)
-                break
-            i += len(edge)
-            node = child
-            node.last_access = tick
-        if node is not self._root and not node.children:
-            self._push(node)
-        hit = i if max_len is None else max(0, min(i, max_len))
+        path, full, _, partial = self._walk(key)
+        for node in path:
+            node.last_access = self._tick
+        if path and not path[-1].children:
+            self._push(path[-1])
+        matched = full + partial
+        hit = matched if max_len is None else max(0, min(matched, max_len))
         self._hit += hit
-        self._miss += n - hit
+        self._miss += len(key) - hit
         return hit
 
     def insert(self, tokens: Sequence[int], request_id: str | None = None) -> int:
@@ -215,16 +213,8 @@ class RadixCache:
 
     def pin(self, tokens: Sequence[int]) -> Pin:
         """Lock the cached path of ``tokens`` against eviction until ``unpin``."""
-        key = tuple(tokens)
-        node, i, n = self._root, 0, len(key)
-        while i < n:
-            child = node.children.get(key[i])
-            if child is None:
-                break
-            node = child
-            if key[i : i + len(child.key)] != child.key:
-                break
-            i += len(child.key)
+        path, _, partly, _ = self._walk(tuple(tokens))
+        node = partly or (path[-1] if path else self._root)
         if node is self._root:
             return Pin(None, self._epoch)
         self._lock(node, 1)
