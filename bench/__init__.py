@@ -10,6 +10,7 @@ __all__ = ["BENCHMARKS"]
 BENCHMARKS: dict[str, str] = {
     "scheduler": "bench.scheduler_bench",
     "proxy": "bench.proxy_bench",
+    "path": "bench.path_bench",
     "intercept": "bench.intercept_bench",
     "llama": "bench.llama_bench",
     "soak": "bench.soak_bench",
