@@ -124,10 +124,9 @@ def _cache_effect(presets: Sequence[str], queries: int, capacity: int) -> list[t
 def _planner_latency(samples: int) -> dict[str, tuple[float, float]]:
     from gateway.metrics import Metrics
     from gateway.planner import Planner
-    from gateway.proxy import Exchange
     from gateway.residency import Residency
     from gateway.settings import load_settings
-    from gateway.wire import ChatView, decode_view
+    from gateway.wire import CHAT_ROUTE, decode_request
 
     settings = load_settings(environ={})
     planner = Planner(settings, Residency(max_requests=200_000, stateless=False), Metrics())
@@ -139,12 +138,10 @@ def _planner_latency(samples: int) -> dict[str, tuple[float, float]]:
         body = json.dumps(render(workload, query, "system")).encode()
         sizes.append(len(body))
         for values in timings.values():
-            exchange = Exchange("req-bench", "/v1/chat/completions", {}, body, decode_view(body, ChatView))
             start = time.perf_counter()
-            planner(exchange)
+            planned = planner.plan(decode_request(body, CHAT_ROUTE), "req-bench", {})
             values.append(time.perf_counter() - start)
-            if exchange.on_accept is not None:
-                exchange.on_accept()
+            planned.accept()
     print(f"  planner requests: median body {statistics.median(sizes) / 1024:.1f} KB, 10 blocks", file=sys.stderr)
     return {label: (_pct(values, 0.5), _pct(values, 0.99)) for label, values in timings.items()}
 

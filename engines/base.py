@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import msgspec
 
 __all__ = ["EngineAdapter", "cached_tokens_from_usage", "prompt_tokens_from_usage"]
 
@@ -49,7 +47,6 @@ class EngineAdapter:
 
     name: str
     body_id_field: str | None = None
-    response_id_prefixes: tuple[str, ...] = ("chatcmpl-", "cmpl-")
 
     def stamp_fields(self, request_id: str) -> dict[str, str]:
         """Body fields to set so the engine files the request under ``request_id``."""
@@ -58,24 +55,16 @@ class EngineAdapter:
     def stamp_headers(self, request_id: str) -> dict[str, str]:
         return {"x-request-id": request_id}
 
-    def kv_event_fields(self, request_id: str, body: bytes) -> dict[str, Any]:
+    def kv_event_fields(self, request_id: str, sent: Container[str]) -> dict[str, Any]:
         """Body fields that make the engine's ``BlockStored`` events name this request (``session_id``).
 
         A ``session_id`` the client chose is kept (its requests are then not attributed); vLLM also gets
         ``vllm_xargs.kv_cache_report_mode = "full"`` (re-announce reused prefix blocks) unless the client sent
-        ``vllm_xargs`` itself.
+        ``vllm_xargs`` itself. ``sent``: the top-level fields of the client's body.
         """
-        present = _top_level_keys(body)
         fields: dict[str, Any] = {}
-        if "session_id" not in present:
+        if "session_id" not in sent:
             fields["session_id"] = request_id
-        if self.name == "vllm" and "vllm_xargs" not in present:
+        if self.name == "vllm" and "vllm_xargs" not in sent:
             fields["vllm_xargs"] = {"kv_cache_report_mode": "full"}
         return fields
-
-
-_keys_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
-
-
-def _top_level_keys(body: bytes) -> set[str]:
-    return set(_keys_decoder.decode(body))

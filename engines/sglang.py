@@ -6,4 +6,4 @@ from engines.base import EngineAdapter
 
 __all__ = ["SGLANG"]
 
-SGLANG = EngineAdapter(name="sglang", body_id_field="rid", response_id_prefixes=())
+SGLANG = EngineAdapter(name="sglang", body_id_field="rid")

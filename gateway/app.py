@@ -17,10 +17,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from engines.kvevents import KVEventTracker
-from engines.llamacpp.slots import SlotTable, discover_slots
+from engines.llamacpp.slots import discover_slots
 from engines.registry import get_engine
 from gateway import __version__
-from gateway.errors import GatewayError, error_body
+from gateway.errors import GatewayError, error_body, error_type
 from gateway.ids import REQUEST_ID_PATTERN
 from gateway.index_api import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 logger = logging.getLogger("prefixgate.app")
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 
 
 def _error_response(request: Request[Any, Any, Any], status: int, body: bytes) -> Response[bytes]:
@@ -61,7 +59,7 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
             message = f"{exc.detail}: {first.get('message', '')}".rstrip(": ")
     if isinstance(exc, NotAuthorizedException):
         status = 401
-    type_ = _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    type_ = error_type(status, "invalid_request_error" if status < 500 else "internal_error")
     return _error_response(request, status, error_body(message, type_, param=param, code=status))
 
 
@@ -92,7 +90,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     metrics.registry.register(IndexCollector(residency.index.stats))
     client = build_client(settings, transport)
     planner = Planner(settings, residency, metrics)
-    proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner=planner, issued=residency.issued)
+    proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner, issued=residency.issued)
     mode = "stateless" if settings.stateless else "live"
 
     @asgi("/v1", is_mount=True, copy_scope=True)
@@ -111,7 +109,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             "upstream": settings.upstream_url,
             "eviction_enabled": not settings.stateless,
             "index_stats": {"num_requests": stats.requests, "num_nodes": stats.nodes},
-            "slots": len(planner.slots.slots) if planner.slots is not None else None,
+            "slots": planner.slot_count,
             "timestamp": time.time(),
         }
 
@@ -137,10 +135,10 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     async def learn_slots() -> None:
         """llama.cpp: find the slot count (retrying while the server starts), then pin requests to slots."""
-        while planner.slots is None:
+        while True:
             count = await discover_slots(client)
             if count is not None:
-                planner.slots = SlotTable.of(count)
+                planner.use_slots(count)
                 logger.info("llama-server has %d slots; requests are pinned with id_slot", count)
                 return
             await anyio.sleep(2.0)

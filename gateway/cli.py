@@ -17,9 +17,9 @@ import httpx
 from gateway import __version__
 from gateway.settings import Settings, SettingsError, add_arguments, load_settings
 
-__all__ = ["main"]
+__all__ = ["main", "tune_runtime"]
 
-logger = logging.getLogger("prefixgate")
+logger = logging.getLogger("prefixgate.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def serve(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
     logger.info("prefixgate %s starting with %s", __version__, settings.redacted())
     app = create_app(settings)
-    _tune_runtime()
+    tune_runtime()
     # uvicorn re-raises SIGTERM once it has shut down; exiting through Python (not the default handler)
     # runs the clean-up below, so the embedded engine stops with the gateway.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -97,8 +97,8 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _tune_runtime() -> None:
-    """Keep the event loop responsive while a worker thread plans a big ``/reorder`` batch.
+def tune_runtime() -> None:
+    """Keep the event loop responsive while a worker thread plans a big ``/reorder`` batch or a big prompt.
 
     - GIL hand-off: a CPU-bound worker holds the GIL for the whole switch interval (5 ms by default), and one
       request needs several hand-offs; 1 ms keeps a concurrent ``/health`` or proxied request quick.

@@ -15,7 +15,8 @@ Every error a client can see is one of these, rendered as
     ├── Unavailable                   503  service_unavailable
     └── UpstreamTimeout               504  timeout_error
 
-``upstream_error_from`` is the one place that turns ``httpx`` exceptions into ours.
+``upstream_error_from`` is the one place that turns ``httpx`` exceptions into ours; ``error_type`` is the one
+map from an HTTP status to an OpenAI error ``type`` (for errors that are not ours: Litestar's, an upstream's).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "error_body",
+    "error_type",
     "normalize_upstream_error",
     "upstream_error_from",
 ]
@@ -143,16 +145,18 @@ def upstream_error_from(exc: httpx.HTTPError) -> GatewayError:
 
 
 _STATUS_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
+    **{
+        cls.status: cls.type
+        for cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unavailable)
+    },
     422: "invalid_request_error",
-    429: "rate_limit_error",
     501: "not_supported_error",
-    503: "service_unavailable",
 }
+
+
+def error_type(status: int, default: str) -> str:
+    """The OpenAI error ``type`` for an HTTP status (``default`` for statuses without one)."""
+    return _STATUS_TYPES.get(status, default)
 
 
 def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
@@ -174,7 +178,7 @@ def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
             type_ = decoded.get("type")
             return error_body(
                 message,
-                type_ if isinstance(type_, str) else _STATUS_TYPES.get(status, "upstream_error"),
+                type_ if isinstance(type_, str) else error_type(status, "upstream_error"),
                 param=decoded.get("param") if isinstance(decoded.get("param"), str) else None,
                 code=status,
             )
@@ -182,4 +186,4 @@ def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
     summary = f"upstream engine answered HTTP {status}"
     if text and not text.startswith("<"):
         summary = f"{summary}: {text}"
-    return error_body(summary, _STATUS_TYPES.get(status, "upstream_error"), code=status)
+    return error_body(summary, error_type(status, "upstream_error"), code=status)

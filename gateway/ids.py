@@ -20,20 +20,15 @@ import hashlib
 import hmac
 import re
 import secrets
-import uuid
 from collections.abc import Iterable
 
-from scheduler.ids import normalize_request_id
+from scheduler.ids import mint_request_id, normalize_request_id
 
 __all__ = ["CLIENT_PREFIX", "REQUEST_ID_PATTERN", "KeyNamespaces", "mint_request_id", "resolve_request_id"]
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_PREFIX = "c-"
 _MINTED_PREFIX = "req-"
-
-
-def mint_request_id() -> str:
-    return f"req-{uuid.uuid4().hex}"
 
 
 class KeyNamespaces:

@@ -8,12 +8,20 @@ control characters), so nothing the client sends can split or smuggle a request 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 
-__all__ = ["ClientGone", "check_headers", "check_passthrough_path", "raw_path", "read_body"]
+__all__ = [
+    "ClientGone",
+    "Receive",
+    "check_headers",
+    "check_passthrough_path",
+    "raw_path",
+    "read_body",
+    "read_limited",
+]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -30,22 +38,37 @@ class ClientGone(Exception):
 
 
 async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes (413 above, as soon as the declared length says so)."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-    chunks: list[bytes] = []
+        raise _body_too_large(limit)
+    return await read_limited(_request_chunks(receive), limit, lambda: _body_too_large(limit))
+
+
+async def read_limited(chunks: AsyncIterator[bytes], limit: int, too_large: Callable[[], GatewayError]) -> bytes:
+    """Join ``chunks`` (a request or an upstream response body); raise ``too_large()`` past ``limit`` bytes."""
+    parts: list[bytes] = []
     size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _request_chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
+        yield message.get("body", b"")
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return
+
+
+def _body_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="body_too_large")
 
 
 def raw_path(scope: Scope) -> bytes:

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from gateway.wire import split_error_path
+
 __all__ = ["ENV_PREFIX", "OPTIONS", "Settings", "SettingsError", "add_arguments", "load_settings"]
 
 ENV_PREFIX = "PREFIXGATE_"
@@ -198,9 +200,6 @@ def _describe(name: str) -> str:
     return f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()})"
 
 
-_PATH = re.compile(r"\s*-\s*at `\$\.(\w+)`")
-
-
 def load_settings(
     cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
 ) -> Settings:
@@ -214,10 +213,10 @@ def load_settings(
     try:
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _PATH.search(text) or re.match(r"(\w+):", text)
-        if match and match.group(1) in OPTIONS:
-            field = match.group(1)
-            detail = _PATH.sub("", text).replace(f"{field}: ", "").strip()
+        detail, path = split_error_path(str(exc))
+        # a wrong type names the field in its path; a check in ``Settings.__post_init__`` leads with "field: "
+        field = re.split(r"\W", path or detail.partition(": ")[0], maxsplit=1)[0]
+        if field in OPTIONS:
+            detail = detail.removeprefix(f"{field}: ").strip()
             raise SettingsError(f"invalid value for {_describe(field)}: {detail}") from None
-        raise SettingsError(f"invalid settings: {text}") from None
+        raise SettingsError(f"invalid settings: {exc}") from None
