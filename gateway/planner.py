@@ -240,7 +240,7 @@ class Planner:
             prefix.update(outcome.model)
             prefix.update(body.top.get("tools", b""))
             if body.messages is not None:
-                self._chat(body.messages, fields, prefix, outcome)
+                self._chat(body, body.messages, fields, prefix, outcome)
             elif body.prompt is not None:
                 self._completions(body.prompt, fields, prefix, outcome)
             result = outcome.header()
@@ -280,24 +280,27 @@ class Planner:
         with self._memo_lock:
             self._memo.clear()
 
-    def _chat(self, messages: list[ChatMessage], fields: dict[str, Any], prefix: _Prefix, outcome: _Outcome) -> None:
+    def _chat(
+        self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: _Prefix, outcome: _Outcome
+    ) -> None:
         sent: list[msgspec.Raw] | None = None  # the messages as sent, once one of them changes
         for i, message in enumerate(messages):
             kind = _ROLES.get(message.role.lower())
             content = message.content
-            if kind not in outcome.control.scope or content is None:
-                prefix.update(message.raw)
-                continue
+            planned = kind in outcome.control.scope and content is not None
             for name, value in sorted(message.fields.items()):
-                if name != "content":
-                    prefix.update(name.encode() + b"=" + bytes(value))
+                if name != "content" or not planned:  # a planned content is fed as sent, group by group
+                    prefix.update(name.encode() + b"=")
+                    prefix.update(value)
+            if content is None or not planned:
+                continue
             new: str | list[dict[str, Any]] | None
             if isinstance(content, str):
                 new = self._text(content, prefix, outcome)
             else:
                 new = self._parts(content, prefix, outcome)
             if new is not None:
-                sent = sent if sent is not None else [m.raw for m in messages]
+                sent = sent if sent is not None else body.raw_messages()
                 sent[i] = message.with_content(new)
         if sent is not None:
             fields["messages"] = sent

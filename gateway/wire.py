@@ -1,10 +1,11 @@
 """A completion request body, decoded once into a view that keeps the client's bytes, and encoded once.
 
-``decode_request`` reads the top level as ``dict[str, msgspec.Raw]`` and decodes, from those raw values, only
-the typed fields the request path reads: ``stream``, and the chat ``messages`` (each with its own raw fields,
-its ``role`` and ``content``) or the completion ``prompt``. Validation errors name the offending field in
-``param`` (``messages[0].content``). Changes are recorded per top-level field (``RequestBody.set``) and
-``RequestBody.encode`` writes the body once: every field not changed keeps its exact bytes, and a body nobody
+``decode_request`` makes one pass over the body for the typed fields the request path reads (``stream``; the chat
+``messages``, each kept as its raw fields, or the completion ``prompt``), then decodes each message's ``role`` and
+``content`` from its raw fields. The top level as ``dict[str, msgspec.Raw]`` (``RequestBody.top``) and the raw
+message list are decoded only when asked for: to plan, or to write changes. Validation errors name the offending
+field in ``param`` (``messages[0].content``). Changes are recorded per top-level field (``RequestBody.update``)
+and ``RequestBody.encode`` writes the body once: every field not changed keeps its exact bytes, and a body nobody
 changed is forwarded as it came (msgspec drops unknown fields when decoding into a Struct, so a decoded request
 is never re-encoded as a whole).
 """
@@ -41,26 +42,38 @@ class _StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
+class _Chat(msgspec.Struct):
+    messages: list[dict[str, msgspec.Raw]]
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    n: int | None = None
+
+
+class _Completion(msgspec.Struct):
+    prompt: str | list[Any]
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    n: int | None = None
+
+
 _object = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _list = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder()
-_FIELDS: dict[str, msgspec.json.Decoder[Any]] = {  # top-level fields checked for their type (400 otherwise)
-    "model": msgspec.json.Decoder(str | None),
-    "stream": msgspec.json.Decoder(bool | None),
-    "stream_options": msgspec.json.Decoder(_StreamOptions | None),
-    "n": msgspec.json.Decoder(int | None),
+_views: dict[str, msgspec.json.Decoder[Any]] = {
+    CHAT_ROUTE: msgspec.json.Decoder(_Chat),
+    COMPLETIONS_ROUTE: msgspec.json.Decoder(_Completion),
 }
 _role = msgspec.json.Decoder(str)
 _content = msgspec.json.Decoder(Content)
-_prompt = msgspec.json.Decoder(str | list[Any])
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 
 @dataclass(slots=True)
 class ChatMessage:
-    """One chat message: as sent (``raw``), its fields as sent, and the two the planner reads."""
+    """One chat message: its fields as sent, and the two the planner reads."""
 
-    raw: msgspec.Raw
     fields: dict[str, msgspec.Raw]
     role: str
     content: Content
@@ -73,13 +86,12 @@ class ChatMessage:
 class RequestBody:
     """A completion request: its raw top-level fields, the typed fields the path reads, and the changes to send."""
 
-    __slots__ = ("changes", "messages", "prompt", "raw", "route", "stream", "top")
+    __slots__ = ("_top", "changes", "messages", "prompt", "raw", "route", "stream")
 
     def __init__(
         self,
         raw: bytes,
         route: str,
-        top: dict[str, msgspec.Raw],
         *,
         stream: bool,
         messages: list[ChatMessage] | None = None,
@@ -87,11 +99,22 @@ class RequestBody:
     ) -> None:
         self.raw = raw
         self.route = route
-        self.top = top
+        self._top: dict[str, msgspec.Raw] | None = None
         self.stream = stream
         self.messages = messages  # chat requests
         self.prompt = prompt  # completion requests
         self.changes: dict[str, Any] = {}
+
+    @property
+    def top(self) -> dict[str, msgspec.Raw]:
+        """The top-level fields as sent (decoded on first use)."""
+        if self._top is None:
+            self._top = _object.decode(self.raw)
+        return self._top
+
+    def raw_messages(self) -> list[msgspec.Raw]:
+        """The chat messages as sent, each as its exact bytes (a new list on every call)."""
+        return _list.decode(self.top["messages"])
 
     def __contains__(self, name: object) -> bool:
         """Whether the client sent the top-level field ``name``."""
@@ -112,27 +135,30 @@ def decode_request(raw: bytes, route: str) -> RequestBody:
     """Decode a chat or completion request body once, or raise a 400 naming the offending field."""
     with malformed_json_is_400():
         try:
-            top = _object.decode(raw)
-        except msgspec.ValidationError:
-            raise InvalidRequest("request body must be a JSON object", code="invalid_body") from None
+            view = _views[route].decode(raw)
+        except msgspec.ValidationError as exc:
+            message, param = split_error_path(str(exc))
+            if param is None and message.startswith("Expected `object`"):
+                raise InvalidRequest("request body must be a JSON object", code="invalid_body") from None
+            if message.startswith("Object missing required field"):
+                name = message.split("`")[1]
+                param = f"{param}.{name}" if param else name
+                raise InvalidRequest(f"missing required parameter: '{name}'", param=param, code="missing") from None
+            raise InvalidRequest(f"invalid type for '{param}': {message}", param=param, code="invalid_type") from None
         except msgspec.DecodeError as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        typed = {name: _typed(decoder, top[name], name) for name, decoder in _FIELDS.items() if name in top}
-        stream = bool(typed.get("stream"))
-        if route == CHAT_ROUTE:
-            return RequestBody(raw, route, top, stream=stream, messages=_messages(_required(top, "messages")))
-        prompt = _typed(_prompt, _required(top, "prompt"), "prompt")
-        _check_prompt(prompt)
-        return RequestBody(raw, route, top, stream=stream, prompt=prompt)
+        if isinstance(view, _Chat):
+            return RequestBody(raw, route, stream=bool(view.stream), messages=_messages(view.messages))
+        _check_prompt(view.prompt)
+        return RequestBody(raw, route, stream=bool(view.stream), prompt=view.prompt)
 
 
-def _messages(raw: msgspec.Raw) -> list[ChatMessage]:
+def _messages(sent: list[dict[str, msgspec.Raw]]) -> list[ChatMessage]:
     messages = []
-    for i, message in enumerate(_typed(_list, raw, "messages")):
-        fields = _typed(_object, message, f"messages[{i}]")
+    for i, fields in enumerate(sent):
         role = _typed(_role, _required(fields, "role", f"messages[{i}].role"), f"messages[{i}].role")
         content = _typed(_content, fields["content"], f"messages[{i}].content") if "content" in fields else None
-        messages.append(ChatMessage(message, fields, role, content))
+        messages.append(ChatMessage(fields, role, content))
     return messages
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -10,6 +11,9 @@ import msgspec
 import pytest
 import respx
 
+from gateway import planner as planner_module
+from gateway.proxy import PLAN_IN_THREAD_BYTES
+from scheduler.index import LiveIndex
 from tests.integration.conftest import AppFactory
 
 pytestmark = pytest.mark.anyio
@@ -263,3 +267,41 @@ async def test_engine_feedback_releases_stale_entries(gateway: AppFactory, upstr
     assert after == [third.headers["x-request-id"]]
     assert "prefixgate_stale_predictions_total 1.0" in metrics
     assert "prefixgate_stale_released_total 2.0" in metrics
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a worker thread
+        return False
+    return True
+
+
+async def test_a_big_prompt_is_planned_in_a_worker_thread_and_the_index_used_on_the_loop(
+    gateway: AppFactory, upstream: respx.Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_loop: dict[str, set[bool]] = {"find_groups": set(), "index": set()}
+
+    def spy(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            on_loop[name].add(_on_event_loop())
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(planner_module, "find_groups", spy("find_groups", planner_module.find_groups))
+    monkeypatch.setattr(LiveIndex, "plan", spy("index", LiveIndex.plan))
+    monkeypatch.setattr(LiveIndex, "commit", spy("index", LiveIndex.commit))
+    route = upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=OK))
+    question = "Which one? " + "padding " * (PLAN_IN_THREAD_BYTES // 8)
+    async with gateway() as client:
+        await client.post("/v1/chat/completions", content=chat(xml_docs(["alpha", "beta", "gamma"]), question))
+        second = await client.post(
+            "/v1/chat/completions", content=chat(xml_docs(["gamma", "delta", "beta", "alpha"]), question)
+        )
+    assert len(route.calls[1].request.content) > PLAN_IN_THREAD_BYTES
+    assert on_loop == {"find_groups": {False}, "index": {True}}
+    head = order_in(forwarded(route, 0)["messages"][0]["content"])
+    assert order_in(forwarded(route, 1)["messages"][0]["content"])[:3] == head  # the first one was committed
+    assert json.loads(second.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 3
+    assert forwarded(route, 1)["messages"][1]["content"] == question

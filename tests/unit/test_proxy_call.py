@@ -1,15 +1,17 @@
-"""The upstream is marked done (``PlannedRequest.finish``) before the client can see the end of its response."""
+"""The relay's bookkeeping: the upstream is marked done before the client sees the end of its response, and the
+cached-token count is read from event streams whatever their line endings."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import anyio
+import pytest
 
 from engines.llamacpp.slots import SlotTable
 from gateway.metrics import Metrics
 from gateway.planner import PlannedRequest
-from gateway.proxy import _Call
+from gateway.proxy import _Call, _UsageSniffer
 from gateway.residency import Residency
 
 
@@ -33,3 +35,25 @@ def test_finish_runs_once_and_before_the_last_body_message() -> None:
     anyio.run(run)
     assert events == ["body", "last body, 1 in flight"]
     assert slots.slots[0].in_flight == 1
+
+
+USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 7}}}'
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_usage_sniffer_reads_events_ending_in_lf_or_crlf(newline: bytes) -> None:
+    end = newline * 2
+    stream = b'data: {"choices": [{"delta": {"content": "hi"}}]}' + end + USAGE + end + b"data: [DONE]" + end
+    sniffer = _UsageSniffer()
+    for i in range(0, len(stream), 5):  # chunks that cut events, lines and CRLF pairs in two
+        sniffer.feed(stream[i : i + 5])
+    assert sniffer.usage is not None
+    assert sniffer.usage["usage"]["prompt_tokens_details"]["cached_tokens"] == 7
+
+
+def test_usage_sniffer_waits_for_the_end_of_the_event() -> None:
+    sniffer = _UsageSniffer()
+    sniffer.feed(USAGE + b"\r\n")
+    assert sniffer.usage is None
+    sniffer.feed(b"\r\n")
+    assert sniffer.usage is not None
