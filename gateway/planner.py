@@ -22,7 +22,6 @@ by a lock.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,104 +32,29 @@ import anyio.from_thread
 import msgspec
 from cachetools import LRUCache
 
-from engines.llamacpp.slots import Path, SlotTable
+from engines.llamacpp.slots import SlotTable
 from gateway.control import Control, parse_control
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.intercept import BlockGroup, find_groups, splice_all
 from gateway.metrics import Metrics
+from gateway.planned import PlannedRequest, Prediction
 from gateway.residency import Residency
 from gateway.settings import Settings
 from gateway.wire import ChatMessage, RequestBody
 from scheduler.blocks import block_id
 
-__all__ = ["PlannedRequest", "Planner"]
-
-logger = logging.getLogger("prefixgate.planner")
+__all__ = ["PlannedRequest", "Planner"]  # PlannedRequest lives in gateway.planned
 
 T = TypeVar("T")
 OnLoop = Callable[..., Any]
 """Runs ``fn(*args)`` on the event loop: a plain call there, ``anyio.from_thread.run_sync`` from a worker."""
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "tool": "tool", "toolresult": "tool"}
-_MIN_PREDICTED_CHARS = 400
-_CHARS_PER_TOKEN = 4
-_STALE_FRACTION = 0.25
 _encoder = msgspec.json.Encoder()
-Prediction = tuple[Hashable, tuple[int, ...]]  # (prefix key, the blocks predicted cached under it)
 
 
 def _call(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
-
-
-class PlannedRequest:
-    """What the planner decided for one request, and what to run as the upstream answers it.
-
-    ``fields`` are the body fields to replace, ``result`` the ``X-Prefixgate-Result`` header. The proxy calls
-    ``accept`` when the engine accepts the request (what it was sent is now in its cache), ``usage`` with the
-    cached-token count the answer reports, and ``finish`` once the upstream is done with it (always, at most
-    once effective). All three run on the event loop.
-    """
-
-    __slots__ = ("commits", "fields", "metrics", "predicted_chars", "predictions", "request_id", "residency",
-                 "result", "slot", "slots")  # fmt: skip
-
-    def __init__(
-        self,
-        request_id: str,
-        residency: Residency,
-        metrics: Metrics,
-        result: dict[str, Any],
-        *,
-        commits: Path = (),
-        predictions: Sequence[Prediction] = (),
-        predicted_chars: int = 0,
-    ) -> None:
-        self.request_id = request_id
-        self.residency = residency
-        self.metrics = metrics
-        self.result = result
-        self.fields: dict[str, Any] = {}
-        self.commits = commits  # (prefix key, blocks in sent order) per block group, in prompt order
-        self.predictions = predictions
-        self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
-        self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
-        self.slot: int | None = None
-
-    def accept(self) -> None:
-        """The engine accepted the request: record what its cache now holds."""
-        if self.slots is not None and self.slot is not None:
-            previous = self.slots.occupy(self.slot, self.request_id, self.commits)
-            if previous is not None:  # the previous holder's tail is overwritten
-                self.residency.evict([previous])
-        self.residency.commit(self.request_id, self.commits)
-
-    def usage(self, cached_tokens: int | None) -> None:
-        """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.
-
-        The prediction is in characters (~4 per token); below a quarter of it, every other request whose
-        committed path runs through the predicted prefix is released, since the engine no longer holds it.
-        """
-        if cached_tokens is None or self.predicted_chars < _MIN_PREDICTED_CHARS:
-            return
-        if cached_tokens >= self.predicted_chars / _CHARS_PER_TOKEN * _STALE_FRACTION:
-            return
-        self.metrics.stale_predictions.inc()
-        index = self.residency.index
-        own = set(self.residency.group_ids(self.request_id, len(self.commits)))
-        stale = [
-            rid for key, blocks in self.predictions for rid in index.requests_sharing(key, blocks) if rid not in own
-        ]
-        if stale:
-            self.metrics.stale_released.inc(len(index.evict(stale).evicted))
-            logger.info("engine reported %d cached tokens, far below the prediction: released %d", cached_tokens,
-                        len(stale))  # fmt: skip
-
-    def finish(self) -> None:
-        """The upstream is done with the request: free its llama.cpp slot (once, however often called)."""
-        slots, self.slots = self.slots, None
-        if slots is not None and self.slot is not None:
-            slots.finish(self.slot)
 
 
 class _Prefix:

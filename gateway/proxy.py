@@ -54,6 +54,7 @@ from gateway.metrics import Metrics
 from gateway.planner import PlannedRequest, Planner
 from gateway.settings import Settings
 from gateway.upstream import build_request, request_headers, response_headers
+from gateway.usage import UsageSniffer, decode_answer
 from gateway.wire import CHAT_ROUTE, COMPLETIONS_ROUTE, RequestBody, decode_request, malformed_json_is_400
 
 __all__ = ["PLAN_IN_THREAD_BYTES", "Proxy"]
@@ -300,7 +301,7 @@ class Proxy:
         cached = None
         if "content-encoding" not in response.headers:
             # a success that is not a JSON object is an engine fault the client should see as one, not as a 200
-            payload = _decode_answer(body)
+            payload = decode_answer(body)
             if not isinstance(payload, dict):
                 raise UpstreamError(
                     "the upstream engine answered with an invalid body", code="upstream_invalid_response"
@@ -318,7 +319,7 @@ class Proxy:
         sse = response.headers.get("content-type", "").startswith(_SSE)
         headers = response_headers(response.headers, keep_length=not sse) + call.own_headers
         await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        sniffer = _UsageSniffer() if sse and "content-encoding" not in response.headers else None
+        sniffer = UsageSniffer() if sse and "content-encoding" not in response.headers else None
         tail = b"\n\n"
         first = True
         try:
@@ -352,44 +353,6 @@ class Proxy:
             self.metrics.engine_cached_tokens.inc(cached)
             self.metrics.engine_prompt_tokens.inc(prompt)
         return cached
-
-
-class _UsageSniffer:
-    """Watches relayed SSE bytes for the chunk carrying ``usage`` without holding the stream.
-
-    Events end with a blank line; lines end with LF or CRLF (normalised to LF before splitting).
-    """
-
-    __slots__ = ("_pending", "usage")
-
-    def __init__(self) -> None:
-        self._pending = b""
-        self.usage: dict[str, Any] | None = None  # the last chunk that reported cached tokens
-
-    def feed(self, chunk: bytes) -> None:
-        data = (self._pending + chunk).replace(b"\r\n", b"\n")
-        events = data.split(b"\n\n")
-        # a trailing CR may be the first half of a CRLF split across chunks: it stays pending, as it is
-        self._pending = events.pop()[-(1 << 16) :]
-        for event in events:
-            if b'"usage"' not in event and b'"timings"' not in event:
-                continue
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    self._read(line[5:].strip())
-
-    def _read(self, data: bytes) -> None:
-        payload = _decode_answer(data)
-        if isinstance(payload, dict) and cached_tokens_from_usage(payload) is not None:
-            self.usage = payload
-
-
-def _decode_answer(body: bytes) -> Any:
-    """An upstream JSON answer, or None when it is not valid JSON (or nests deeper than msgspec follows)."""
-    try:
-        return msgspec.json.decode(body)
-    except (msgspec.DecodeError, RecursionError):
-        return None
 
 
 def _upstream_too_large() -> GatewayError:

@@ -11,8 +11,9 @@ import pytest
 from engines.llamacpp.slots import SlotTable
 from gateway.metrics import Metrics
 from gateway.planner import PlannedRequest
-from gateway.proxy import _Call, _UsageSniffer
+from gateway.proxy import _Call
 from gateway.residency import Residency
+from gateway.usage import UsageSniffer
 
 
 def test_finish_runs_once_and_before_the_last_body_message() -> None:
@@ -44,7 +45,7 @@ USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 9, "prompt_tokens_det
 def test_usage_sniffer_reads_events_ending_in_lf_or_crlf(newline: bytes) -> None:
     end = newline * 2
     stream = b'data: {"choices": [{"delta": {"content": "hi"}}]}' + end + USAGE + end + b"data: [DONE]" + end
-    sniffer = _UsageSniffer()
+    sniffer = UsageSniffer()
     for i in range(0, len(stream), 5):  # chunks that cut events, lines and CRLF pairs in two
         sniffer.feed(stream[i : i + 5])
     assert sniffer.usage is not None
@@ -52,7 +53,7 @@ def test_usage_sniffer_reads_events_ending_in_lf_or_crlf(newline: bytes) -> None
 
 
 def test_usage_sniffer_waits_for_the_end_of_the_event() -> None:
-    sniffer = _UsageSniffer()
+    sniffer = UsageSniffer()
     sniffer.feed(USAGE + b"\r\n")
     assert sniffer.usage is None
     sniffer.feed(b"\r\n")
