@@ -106,9 +106,10 @@ def test_first_byte_relayed_while_engine_still_generates(stack: tuple[str, str])
             pass
         total = time.perf_counter() - started
     assert first.startswith(b"data: ")
-    # 200 tokens at 2 ms each: the whole stream takes ~0.4 s; the first chunk must not wait for it.
+    # 200 tokens at 2 ms each: the whole stream takes ~0.4 s. A buffering proxy would hand over the first
+    # chunk only when the engine is done (first_at close to total); relayed chunks leave most of it after.
     assert total > 0.3
-    assert first_at < total / 4
+    assert total - first_at > 0.2
 
 
 def test_client_disconnect_cancels_upstream(stack: tuple[str, str]) -> None:
