@@ -9,8 +9,8 @@
    - online: one request at a time through ``LiveIndex`` (plan, commit, then the simulator's evictions are fed
      back to ``evict``), in arrival order (the proxy use);
    - ContextPilot: only if ``import contextpilot`` works (it is not a dependency).
-2. Ablations on the 256k cache: the canonical-order popularity modes of the online plan, and the batch
-   strategies (and batch intra-context ordering alone, kept in arrival order).
+2. Ablations on the 256k cache: the canonical-order popularity modes of the online plan, and the batch plan
+   with and without its local search (and batch intra-context ordering alone, kept in arrival order).
 3. Timing, each in a fresh subprocess: batch plan wall time and peak RSS growth for 2,000 / 10,000 / 100,000
    contexts; online plan and commit p50/p99 with 100,000 live requests, and the index's memory (tracemalloc).
 """
@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from bench.cachesim import PrefixCacheSim
 from bench.workload import PRESETS, Query, Workload, generate
 from scheduler import LiveIndex, block_id, plan_batch
+from scheduler.batch import REFINE_PASSES
 
 CAPACITIES: list[tuple[str, float]] = [("inf", math.inf), ("256k", 256_000), ("64k", 64_000)]
 KEY = ("sim", "model", 0)
@@ -48,9 +49,11 @@ def run_original(workload: Workload, capacity: float) -> PrefixCacheSim:
     return sim
 
 
-def run_batch(workload: Workload, capacity: float, strategy: str = "insert", arrival: bool = False) -> PrefixCacheSim:
+def run_batch(
+    workload: Workload, capacity: float, refine: int = REFINE_PASSES, arrival: bool = False
+) -> PrefixCacheSim:
     queries = workload.queries
-    plan = plan_batch([query.doc_ids for query in queries], strategy=strategy)  # type: ignore[arg-type]
+    plan = plan_batch([query.doc_ids for query in queries], refine=refine)
     sim = PrefixCacheSim(capacity)
     for index in range(len(queries)) if arrival else plan.order:
         query = queries[index]
@@ -125,13 +128,13 @@ def hit_ratio_tables(workloads: dict[str, Workload]) -> None:
 
 def ablation_table(workloads: dict[str, Workload]) -> None:
     capacity = 256_000
-    headers = ["preset", "online count", "online log2", "online first_seen", "batch insert", "batch tree"]
-    headers += ["batch freq", "batch insert, arrival order"]
+    headers = ["preset", "online count", "online log2", "online first_seen", "batch", "batch, no local search"]
+    headers += ["batch, arrival order"]
     rows = []
     for name, workload in workloads.items():
         row = [name]
         row += [cell(run_online(workload, capacity, mode)) for mode in ("count", "log2", "first_seen")]
-        row += [cell(run_batch(workload, capacity, strategy)) for strategy in ("insert", "tree", "freq")]
+        row += [cell(run_batch(workload, capacity)), cell(run_batch(workload, capacity, refine=0))]
         row.append(cell(run_batch(workload, capacity, arrival=True)))
         rows.append(row)
     table("Ablation on a 256k-token cache: online canonical order and batch strategy", headers, rows)
@@ -234,7 +237,7 @@ def timing_tables(quick: bool, seed: int) -> None:
             ]
         )
     table(
-        "Batch plan (plan_batch, 'insert'), fresh process",
+        "Batch plan (plan_batch), fresh process",
         ["contexts", "blocks", "wall", "cpu", "target", "process peak RSS", "groups"],
         rows,
     )

@@ -12,12 +12,12 @@ loop (microseconds per request) and may run a big batch plan in a worker thread 
 - :mod:`scheduler.dedup`: ``ConversationTracker`` for multi-turn dedup.
 """
 
-from .batch import BatchPlan, Strategy, plan_batch
+from .batch import BatchPlan, plan_batch
 from .blocks import BlockId, block_id, block_ids
 from .dedup import DEFAULT_HINT_TEMPLATE, ConversationTracker, DedupResult, render_hint
 from .ids import mint_request_id, normalize_request_id, normalize_request_ids, request_id_candidates
 from .index import EvictResult, IndexStats, LiveIndex, Plan
-from .order import Popularity, PopularityMode, permutation
+from .order import Popularity, PopularityMode, arrange, permutation
 from .trie import TrieView
 
 __all__ = [
@@ -32,8 +32,8 @@ __all__ = [
     "Plan",
     "Popularity",
     "PopularityMode",
-    "Strategy",
     "TrieView",
+    "arrange",
     "block_id",
     "block_ids",
     "mint_request_id",

@@ -13,17 +13,21 @@ Popularity changes between requests, and a changed order could break a prefix (i
   count doubles.
 - ``"first_seen"``: order of first appearance, which never changes; measured worst.
 
-The table is bounded: when it outgrows ``max_blocks`` every count is halved and zeros are dropped (a decay
-that also keeps the ``"log2"`` order of the survivors, since ``(c // 2).bit_length() == c.bit_length() - 1``).
+The table is bounded and never holds more than ``max_blocks`` blocks: when it outgrows them every count is
+halved and zeros are dropped (a decay that also keeps the ``"log2"`` order of the survivors, since
+``(c // 2).bit_length() == c.bit_length() - 1``), then the least counted blocks go until a quarter of the room is
+free, so a shrink (O(n log n)) happens at most once per ``max_blocks / 4`` new blocks: amortised O(log n).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
-__all__ = ["Popularity", "PopularityMode", "permutation"]
+from .trie import MATCH_BUDGET, Node, match
+
+__all__ = ["Popularity", "PopularityMode", "arrange", "permutation"]
 
 PopularityMode: TypeAlias = Literal["log2", "count", "first_seen"]
 SortKey: TypeAlias = Callable[[int], tuple[int, int]]
@@ -90,13 +94,45 @@ class Popularity:
 
     def _shrink(self) -> None:
         counts = self._counts
+        keep = self._max_blocks - max(1, self._max_blocks // 4)
         if self._mode == "first_seen":
-            # forget the oldest half; the survivors keep their relative order
-            for block in list(islice(counts, len(counts) - self._max_blocks // 2)):
+            # forget the oldest; the survivors keep their relative order
+            for block in list(islice(counts, len(counts) - keep)):
                 del counts[block]
             return
-        while len(counts) > self._max_blocks:
-            self._counts = counts = {block: count >> 1 for block, count in counts.items() if count > 1}
+        counts = {block: count >> 1 for block, count in counts.items() if count > 1}
+        if len(counts) > keep:
+            ranked = sorted(counts.items(), key=_by_count, reverse=True)[:keep]
+            counts = dict(ranked)
+        self._counts = counts
+
+
+def _by_count(item: tuple[int, int]) -> int:
+    return item[1]
+
+
+def arrange(
+    root: Node, blocks: Sequence[int], sort_key: Callable[[int], Any], budget: int = MATCH_BUDGET
+) -> tuple[list[int], int]:
+    """Order one context: the longest path under ``root`` its blocks can form first (the trie walk, see
+    :func:`scheduler.trie.match`), then the other blocks in canonical order (``sort_key``; duplicates adjacent).
+
+    Returns the new sequence and the length of its matched path. The one context planner: the online plan
+    (``LiveIndex.plan``) and the batch plan (``plan_batch``) both call it.
+    """
+    remaining: dict[int, int] = {}
+    for block in blocks:
+        remaining[block] = remaining.get(block, 0) + 1
+    sequence = match(root, remaining, budget) if root.children else []
+    cached = len(sequence)
+    if cached < len(blocks):
+        for block in sorted((block for block, count in remaining.items() if count), key=sort_key):
+            count = remaining[block]
+            if count == 1:
+                sequence.append(block)
+            else:
+                sequence += [block] * count
+    return sequence, cached
 
 
 def permutation(blocks: Sequence[int], ordered: Sequence[int]) -> list[int]:
