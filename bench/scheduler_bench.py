@@ -12,7 +12,8 @@
 2. Ablations on the 256k cache: the canonical-order popularity modes of the online plan, and the batch plan
    with and without its local search (and batch intra-context ordering alone, kept in arrival order).
 3. Timing, each in a fresh subprocess: batch plan wall time and peak RSS growth for 2,000 / 10,000 / 100,000
-   contexts; online plan and commit p50/p99 with 100,000 live requests, and the index's memory (tracemalloc).
+   contexts; online plan and commit p50/p99 with 100,000 live requests, and the index's memory (tracemalloc);
+   100,000 commits each under a new prefix key into an index never evicted from (throughput, first vs last).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import gc
 import json
 import math
+import random
 import resource
 import subprocess
 import sys
@@ -194,6 +196,26 @@ def child_online(size: int, seed: int, probes: int = 10_000) -> dict[str, float]
     }
 
 
+def child_keys(size: int, seed: int, window: int = 5_000) -> dict[str, float]:
+    """``size`` commits, each under a new prefix key (a question before the documents), into an index with the
+    gateway's bounds that the engine never evicts from: commits per second over the first and last ``window``."""
+    rng = random.Random(seed)
+    index = LiveIndex()  # the gateway's defaults: max_keys 1,024, max_requests 200,000
+    contexts = [[rng.getrandbits(62) for _ in range(8)] for _ in range(64)]
+    rates = []
+    for start in (0, size - window):
+        if start:
+            for number in range(window, start):
+                index.commit(("key", number), f"req-{number:032x}", contexts[number % 64])
+        begin = time.perf_counter()
+        for number in range(start, start + window):
+            key = ("key", number)
+            index.commit(key, f"req-{number:032x}", index.plan(key, contexts[number % 64]).blocks)
+        rates.append(window / (time.perf_counter() - begin))
+    stats = index.stats()
+    return {"first": rates[0], "last": rates[1], "keys": stats.keys, "requests": stats.requests}
+
+
 def index_memory(sequences: list[tuple[int, ...]]) -> int:
     """Bytes held by an index of these committed sequences, block ints included (rebuilt under tracemalloc)."""
     gc.collect()
@@ -264,6 +286,20 @@ def timing_tables(quick: bool, seed: int) -> None:
         "blocks / radix nodes",
     ]
     table("Online plan (targets: p99 < 1 ms, 100,000 live requests < 500 MB)", headers, rows)
+    commits = 20_000 if quick else 100_000
+    result = in_subprocess("keys", commits, seed)
+    rows = [
+        [
+            f"{commits:,}",
+            f"{result['first']:,.0f}/s",
+            f"{result['last']:,.0f}/s",
+            f"{result['last'] / result['first']:.2f}",
+            f"{int(result['keys']):,}",
+            f"{int(result['requests']):,}",
+        ]
+    ]
+    headers = ["distinct-prefix commits", "first 5,000", "last 5,000", "last / first", "keys", "live requests"]
+    table("Index bounds: one new key per commit, never evicted (target: last / first >= 0.8)", headers, rows)
 
 
 def main(argv: list[str]) -> None:
@@ -272,11 +308,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--no-ablation", action="store_true")
-    parser.add_argument("--child", choices=["batch", "online"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["batch", "online", "keys"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run = child_batch if args.child == "batch" else child_online
+        run = {"batch": child_batch, "online": child_online, "keys": child_keys}[args.child]
         print(json.dumps(run(args.size, args.seed)))
         return
     started = time.perf_counter()

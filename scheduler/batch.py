@@ -137,10 +137,11 @@ def _in_turn_order(order: list[int], conversations: Sequence[Hashable | None]) -
         if before is not None and before not in done:
             waiting[before] = index
             continue
-        while index is not None:
-            repaired.append(index)
-            done.add(index)
-            index = waiting.pop(index, None)  # type: ignore[assignment]
+        turn: int | None = index
+        while turn is not None:
+            repaired.append(turn)
+            done.add(turn)
+            turn = waiting.pop(turn, None)
     return repaired
 
 

@@ -82,3 +82,23 @@ def test_decay_keeps_quantised_order() -> None:
 def test_unknown_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="mode"):
         Popularity("zipf")  # type: ignore[arg-type]
+
+
+def test_shrinking_is_amortised(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 99 blocks seen very often: halving frees only the newcomers, so a shrink must still make room for many
+    shrinks = []
+    original = Popularity._shrink
+
+    def counting(self: Popularity) -> None:
+        shrinks.append(len(self))
+        original(self)
+
+    monkeypatch.setattr(Popularity, "_shrink", counting)
+    popularity = Popularity("count", max_blocks=100)
+    for block in range(99):
+        popularity.observe([block] * 2)
+    popularity._counts.update(dict.fromkeys(range(99), 2**40))  # as if each were seen 2**40 times
+    for block in range(1000, 2000):
+        popularity.observe([block])
+        assert len(popularity) <= 100
+    assert len(shrinks) <= 1000 // 25 + 1
