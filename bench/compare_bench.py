@@ -7,8 +7,9 @@ each mode, the hit ratio (cached / prompt tokens) on the paged LRU radix cache o
 256k-token capacity (``--capacity``):
 
 - **batch**: the whole workload as one ``/reorder`` batch, run in the planned order. prefixgate: ``plan_batch``
-  as the index API calls it (multi-turn: with the conversation constraint, so turn 2 never runs before turn 1;
-  the reference has none). Reference: ``ContextPilot.schedule_only`` (its stateless ``/reorder``).
+  as the index API calls it, with each document's token count (the API estimates it from the text; multi-turn:
+  with the conversation constraint, so turn 2 never runs before turn 1; the reference has none).
+  Reference: ``ContextPilot.schedule_only`` (its stateless ``/reorder``).
 - **online**: one request at a time, in arrival order, each planned against what is live, and every eviction
   the simulator makes is fed back to the index's evict (``/evict``). prefixgate: ``LiveIndex.plan`` (the proxy)
   and ``plan_batch`` with the live snapshot and popularity on one context (a stateful ``/reorder`` call, as the
@@ -63,7 +64,9 @@ def original(workload: Workload, capacity: float) -> PrefixCacheSim:
 
 def ours_batch(workload: Workload, capacity: float) -> PrefixCacheSim:
     queries = workload.queries
-    plan = plan_batch([query.doc_ids for query in queries], conversations=conversations(workload))
+    plan = plan_batch(
+        [query.doc_ids for query in queries], conversations=conversations(workload), tokens=workload.docs.lengths
+    )
     check_turns(workload, plan.order)
     return serve_in_order(
         workload,

@@ -146,6 +146,15 @@ def _check_limits(request: _Options, contexts: Sequence[Sequence[Any]], settings
             raise InvalidRequest(f"{name} has {len(values)} entries for {len(contexts)} contexts", param=name)
 
 
+def _token_estimates(contexts: Sequence[Sequence[Any]], ids: Sequence[Sequence[int]]) -> dict[int, int]:
+    """About 4 bytes per token: a block's weight in the plan (hits are tokens, not blocks)."""
+    return {
+        block: max(1, len(text.encode("utf-8", "surrogatepass")) // 4)
+        for context, blocks in zip(contexts, ids, strict=True)
+        for text, block in zip(context, blocks, strict=True)
+    }
+
+
 def _conversations(request: _Options) -> list[str | None] | None:
     """Which contexts belong to one conversation and must run in input order: those with the same
     ``conversation_id``, else those continuing the same ``parent_request_ids`` entry."""
@@ -185,8 +194,11 @@ class IndexApi:
             parsed, input_type = _decode_contexts(raw)
             _check_limits(parsed, parsed.contexts, self.settings)
             ids = [[block_id(block) for block in context] for context in parsed.contexts]
+            tokens = _token_estimates(parsed.contexts, ids) if input_type == "string" else None
             started = time.perf_counter()
-            plan = plan_batch(ids, view=view, popularity=popularity, conversations=_conversations(parsed))
+            plan = plan_batch(
+                ids, view=view, popularity=popularity, conversations=_conversations(parsed), tokens=tokens
+            )
             elapsed = (time.perf_counter() - started) * 1000
             return parsed, input_type, ids, plan, plan.apply(parsed.contexts), elapsed
 

@@ -24,10 +24,10 @@ permutation.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, pairwise
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .order import Popularity, arrange, permutation
 from .trie import MATCH_BUDGET, Trie, TrieView
@@ -36,6 +36,10 @@ __all__ = ["BatchPlan", "plan_batch"]
 
 T = TypeVar("T")
 REFINE_PASSES = 6
+# block visits the local search may spend (passes x blocks in the batch): all passes for a few thousand
+# contexts, none past ~15,000 (the 10,000-context target is 1 s)
+REFINE_BLOCKS = 160_000
+COOCCURRENCE_BUDGET = 600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,31 +71,34 @@ def plan_batch(
     view: TrieView | None = None,
     popularity: Popularity | None = None,
     conversations: Sequence[Hashable | None] | None = None,
+    tokens: Mapping[int, int] | None = None,
     refine: int = REFINE_PASSES,
     search_budget: int = MATCH_BUDGET,
 ) -> BatchPlan:
     """Plan a batch of contexts (block ids, see ``scheduler.blocks.block_id``).
 
     Pure: reads ``view`` (an immutable snapshot) and ``popularity`` (single lookups) and nothing else, so it may
-    run in a worker thread. ``conversations[i]``, when not ``None``, names context ``i``'s conversation.
+    run in a worker thread. ``conversations[i]``, when not ``None``, names context ``i``'s conversation;
+    ``tokens`` maps a block to its token count (estimated from its text, or the engine's), 1 when absent.
     """
     if conversations is not None and len(conversations) != len(contexts):
         raise ValueError("conversations must have one entry per context")
     rank = _rank(contexts, popularity)
-    by_rank = rank.__getitem__
+    keys = _context_keys(contexts, rank, tokens)
     trie = view.overlay() if view is not None else Trie()
     sequences: list[list[int]] = []
     for clock, context in enumerate(contexts, start=1):
-        sequence, _ = arrange(trie.root, context, by_rank, search_budget)
+        sequence, _ = arrange(trie.root, context, keys[clock - 1], search_budget)
         trie.insert(sequence, clock)
         sequences.append(sequence)
     budget = max(search_budget, 2 * MATCH_BUDGET)
-    for _ in range(refine):
+    total = sum(map(len, contexts))
+    for _ in range(min(refine, REFINE_BLOCKS // max(total, 1))):
         moved = 0
         for index, context in enumerate(contexts):
             old = sequences[index]
             trie.release(old)
-            sequence, _ = arrange(trie.root, context, by_rank, budget)
+            sequence, _ = arrange(trie.root, context, keys[index], budget)
             trie.insert(sequence, index + 1)
             if sequence != old:
                 sequences[index] = sequence
@@ -143,6 +150,52 @@ def _in_turn_order(order: list[int], conversations: Sequence[Hashable | None]) -
             done.add(turn)
             turn = waiting.pop(turn, None)
     return repaired
+
+
+def _context_keys(
+    contexts: Sequence[Sequence[int]], rank: dict[int, int], tokens: Mapping[int, int] | None
+) -> list[Callable[[int], Any]]:
+    """Each context's canonical order: its blocks by how often they co-occur with its *other* blocks in the
+    rest of the batch, times their tokens (the blocks at the core of its topic first), then by rank.
+
+    Counting co-occurrences costs the sum of squared context sizes: past ``COOCCURRENCE_BUDGET`` (a few
+    thousand contexts) the batch falls back to the rank alone, to stay within the time budget.
+    """
+    by_rank = rank.__getitem__
+    sets = [set(context) for context in contexts]
+    if len(contexts) < 2 or sum(len(blocks) ** 2 for blocks in sets) > COOCCURRENCE_BUDGET:
+        return [by_rank] * len(contexts)
+    together: dict[int, Counter[int]] = {}
+    for blocks in sets:
+        for block in blocks:
+            row = together.get(block)
+            if row is None:
+                row = together[block] = Counter()
+            row.update(blocks)
+    weight = tokens.get if tokens is not None else None
+    keys: list[Callable[[int], Any]] = []
+    for blocks in sets:
+        own = len(blocks)  # this context's own contribution to every row
+        score: dict[int, int] = {}
+        for block in blocks:
+            row = together[block]
+            shared = sum(row[other] for other in blocks) - row[block] - own + 1
+            score[block] = -shared * (weight(block, 1) if weight is not None else 1)
+        keys.append(_ScoreKey(score, rank))
+    return keys
+
+
+class _ScoreKey:
+    """Sort key of one context's blocks: by score, then by rank."""
+
+    __slots__ = ("rank", "score")
+
+    def __init__(self, score: dict[int, int], rank: dict[int, int]) -> None:
+        self.score = score
+        self.rank = rank
+
+    def __call__(self, block: int) -> tuple[int, int]:
+        return self.score[block], self.rank[block]
 
 
 def _rank(contexts: Sequence[Sequence[int]], popularity: Popularity | None) -> dict[int, int]:
