@@ -107,7 +107,9 @@ def proxy_plan(index: LiveIndex, blocks: Sequence[int]) -> Sequence[int]:
 
 
 def reorder_plan(index: LiveIndex, blocks: Sequence[int]) -> Sequence[int]:
-    plan = plan_batch([blocks], view=index.snapshot(KEY), popularity=index.popularity(KEY))
+    plan = plan_batch(
+        [blocks], view=index.snapshot(KEY), popularity=index.popularity(KEY), cooccurrence=index.cooccurrence(KEY)
+    )
     return [blocks[j] for j in plan.permutations[0]]
 
 

@@ -186,6 +186,7 @@ class IndexApi:
         raw = await request.body()
         view = self.residency.index.snapshot(API_KEY) if stateful else None
         popularity = self.residency.index.popularity(API_KEY) if stateful else None
+        cooccurrence = self.residency.index.cooccurrence(API_KEY) if stateful else None
 
         def plan_off_loop() -> tuple[
             _IntContexts | _StrContexts, str, list[list[int]], BatchPlan, list[list[Any]], float
@@ -197,7 +198,12 @@ class IndexApi:
             tokens = _token_estimates(parsed.contexts, ids) if input_type == "string" else None
             started = time.perf_counter()
             plan = plan_batch(
-                ids, view=view, popularity=popularity, conversations=_conversations(parsed), tokens=tokens
+                ids,
+                view=view,
+                popularity=popularity,
+                cooccurrence=cooccurrence,
+                conversations=_conversations(parsed),
+                tokens=tokens,
             )
             elapsed = (time.perf_counter() - started) * 1000
             return parsed, input_type, ids, plan, plan.apply(parsed.contexts), elapsed

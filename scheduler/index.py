@@ -3,7 +3,7 @@
 A *key* is any hashable that separates prefix caches, e.g. ``(engine replica, model, preamble hash)``. Under
 each key a :class:`~scheduler.trie.Trie` holds the block paths of committed requests. The online loop is::
 
-    plan = index.plan(key, blocks)             # cached path first, then the canonical order
+    plan = index.plan(key, blocks)             # cached path first, then co-occurrence and popularity
     ... send the request with blocks in plan.blocks order, stamped with request_id ...
     index.commit(key, request_id, plan.blocks)
     ... later, the engine reports the request's KV evicted ...
@@ -23,14 +23,16 @@ may read (e.g. ``scheduler.batch.plan_batch(..., view=...)``) while the loop kee
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from .cooccur import Cooccurrence
 from .ids import request_id_candidates
 from .order import Popularity, PopularityMode, arrange, permutation
 from .trie import MATCH_BUDGET, Trie, TrieView
 
-__all__ = ["EvictResult", "IndexStats", "LiveIndex", "Plan"]
+__all__ = ["EvictResult", "IndexStats", "LiveIndex", "Plan", "continuation_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +83,13 @@ class IndexStats:
 class _Key:
     """The state of one key: its trie, the popularity behind its canonical order, and its live requests."""
 
-    __slots__ = ("key", "popularity", "requests", "trie")
+    __slots__ = ("cooccurrence", "key", "popularity", "requests", "trie")
 
-    def __init__(self, key: Hashable, popularity: Popularity) -> None:
+    def __init__(self, key: Hashable, popularity: Popularity, cooccurrence: Cooccurrence) -> None:
         self.key = key
         self.trie = Trie()
         self.popularity = popularity
+        self.cooccurrence = cooccurrence
         self.requests: dict[str, None] = {}  # an insertion-ordered set
 
 
@@ -101,6 +104,7 @@ class LiveIndex:
         max_keys: int = 1024,
         popularity: PopularityMode = "count",
         max_tracked_blocks: int = 1_000_000,
+        max_pairs: int = 1_000_000,
         search_budget: int = MATCH_BUDGET,
     ) -> None:
         if max_requests is not None and max_requests < 1:
@@ -110,11 +114,13 @@ class LiveIndex:
         if max_keys < 1:
             raise ValueError("max_keys must be positive")
         Popularity(popularity, max_tracked_blocks)  # validate early
+        Cooccurrence(max_pairs)
         self._max_requests = max_requests
         self._max_nodes = max_nodes
         self._max_keys = max_keys
         self._popularity_mode: PopularityMode = popularity
         self._max_tracked_blocks = max_tracked_blocks
+        self._max_pairs = max_pairs
         self._search_budget = search_budget
         self._keys: OrderedDict[Hashable, _Key] = OrderedDict()  # least recently used first
         self._idle: OrderedDict[Hashable, None] = OrderedDict()  # the keys without live requests, LRU first
@@ -133,12 +139,14 @@ class LiveIndex:
         return request_id in self._requests
 
     def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
-        """Order one context: the longest cached path first, in cached order, then the canonical order."""
+        """Order one context: the longest cached path first, in cached order, then the continuation (see
+        :func:`continuation_key`)."""
         state = self._keys.get(key)
         if state is None:
             ordered, cached = arrange(_EMPTY, blocks, _by_id)
         else:
-            ordered, cached = arrange(state.trie.root, blocks, state.popularity.sort_key(), self._search_budget)
+            sort_key = continuation_key(state.cooccurrence.scores(blocks), state.popularity.sort_key())
+            ordered, cached = arrange(state.trie.root, blocks, sort_key, self._search_budget)
         self._plans += 1
         self._planned_blocks += len(blocks)
         if cached:
@@ -154,6 +162,11 @@ class LiveIndex:
         """
         state = self._keys.get(key)
         return state.popularity if state is not None else None
+
+    def cooccurrence(self, key: Hashable) -> Cooccurrence | None:
+        """The block co-occurrence of ``key`` (for ``plan_batch``; readable from a worker thread, as above)."""
+        state = self._keys.get(key)
+        return state.cooccurrence if state is not None else None
 
     def commit(self, key: Hashable, request_id: str, blocks: Sequence[int]) -> int:
         """Record that ``request_id`` was sent with ``blocks`` in this order; return the blocks already indexed.
@@ -171,6 +184,7 @@ class LiveIndex:
         self._nodes += state.trie.blocks - nodes
         self._radix_nodes += state.trie.nodes - radix
         state.popularity.observe(path)
+        state.cooccurrence.observe(path)
         self._requests[request_id] = (state, path)
         state.requests[request_id] = None
         self._idle.pop(key, None)
@@ -254,7 +268,7 @@ class LiveIndex:
             return state
         while len(self._keys) >= self._max_keys:
             self._drop_key()
-        state = _Key(key, Popularity(self._popularity_mode, self._max_tracked_blocks))
+        state = _Key(key, Popularity(self._popularity_mode, self._max_tracked_blocks), Cooccurrence(self._max_pairs))
         self._keys[key] = state
         self._idle[key] = None
         return state
@@ -292,6 +306,12 @@ class LiveIndex:
         ):
             self._release(next(iter(self._requests)))
             self._lru_evictions += 1
+
+
+def continuation_key(scores: dict[int, int], popularity_key: Callable[[int], tuple[int, int]]) -> Callable[[int], Any]:
+    """The online order after the cached path: most co-occurrence with the request's other blocks first, then
+    the canonical (popularity) order."""
+    return lambda block: (-scores[block], popularity_key(block))
 
 
 def _by_id(block: int) -> tuple[int, int]:
