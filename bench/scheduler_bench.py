@@ -8,7 +8,7 @@
    - batch: ``plan_batch`` over the whole workload, run in the planned order (the ``/reorder`` use);
    - online: one request at a time through ``LiveIndex`` (plan, commit, then the simulator's evictions are fed
      back to ``evict``), in arrival order (the proxy use);
-   - ContextPilot: only if ``import contextpilot`` works (it is not a dependency).
+   (ContextPilot 0.5.0 itself runs in ``python -m bench compare``.)
 2. Ablations on the 256k cache: the canonical-order popularity modes of the online plan, and the batch plan
    with and without its local search (and batch intra-context ordering alone, kept in arrival order).
 3. Timing, each in a fresh subprocess: batch plan wall time and peak RSS growth for 2,000 / 10,000 / 100,000
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from bench.cachesim import PrefixCacheSim
 from bench.workload import PRESETS, Query, Workload, generate
@@ -77,15 +77,6 @@ def run_online(workload: Workload, capacity: float, popularity: str = "count") -
     return sim
 
 
-def contextpilot_runner() -> Callable[[Workload, float], PrefixCacheSim] | None:
-    try:
-        import contextpilot  # noqa: F401
-    except ImportError:
-        return None
-    # An adapter would go here; it is not written because ContextPilot is not installed to test it against.
-    return None
-
-
 def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
     print(f"\n{title}")
@@ -103,15 +94,13 @@ def cell(sim: PrefixCacheSim, baseline: PrefixCacheSim | None = None) -> str:
 
 
 def hit_ratio_tables(workloads: dict[str, Workload]) -> None:
-    contextpilot = contextpilot_runner()
-    headers = ["preset", "cache", "queries", "original", "prefixgate batch", "prefixgate online", "ContextPilot"]
+    headers = ["preset", "cache", "queries", "original", "prefixgate batch", "prefixgate online"]
     rows = []
     for name, workload in workloads.items():
         for label, capacity in CAPACITIES:
             original = run_original(workload, capacity)
             batch = run_batch(workload, capacity)
             online = run_online(workload, capacity)
-            other = cell(contextpilot(workload, capacity), original) if contextpilot else "n/a"
             rows.append(
                 [
                     name,
@@ -120,12 +109,10 @@ def hit_ratio_tables(workloads: dict[str, Workload]) -> None:
                     cell(original),
                     cell(batch, original),
                     cell(online, original),
-                    other,
                 ]
             )
     table("Hit ratio (cached/prompt tokens), prefill tokens, x = hit ratio vs original", headers, rows)
-    if contextpilot is None:
-        print("ContextPilot: `import contextpilot` failed (not installed, not a dependency): column skipped.")
+    print("ContextPilot 0.5.0 itself on the same workloads: python -m bench compare")
 
 
 def ablation_table(workloads: dict[str, Workload]) -> None:

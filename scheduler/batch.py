@@ -41,8 +41,8 @@ __all__ = ["BatchPlan", "plan_batch"]
 T = TypeVar("T")
 REFINE_PASSES = 6
 # block visits the local search may spend (passes x blocks in the batch): all passes for a few thousand
-# contexts, none past ~15,000 (the 10,000-context target is 1 s)
-REFINE_BLOCKS = 160_000
+# contexts, none from ~10,000 on (the 10,000-context target is 1 s)
+REFINE_BLOCKS = 120_000
 COOCCURRENCE_BUDGET = 600_000
 
 
