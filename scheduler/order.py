@@ -21,11 +21,11 @@ free, so a shrink (O(n log n)) happens at most once per ``max_blocks / 4`` new b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from typing import Any, Literal, TypeAlias
 
-from .trie import MATCH_BUDGET, Node, match
+from .trie import MATCH_BUDGET, Node, match, match_weighted
 
 __all__ = ["Popularity", "PopularityMode", "arrange", "permutation"]
 
@@ -112,10 +112,15 @@ def _by_count(item: tuple[int, int]) -> int:
 
 
 def arrange(
-    root: Node, blocks: Sequence[int], sort_key: Callable[[int], Any], budget: int = MATCH_BUDGET
+    root: Node,
+    blocks: Sequence[int],
+    sort_key: Callable[[int], Any],
+    budget: int = MATCH_BUDGET,
+    weight: Mapping[int, int] | None = None,
 ) -> tuple[list[int], int]:
     """Order one context: the longest path under ``root`` its blocks can form first (the trie walk, see
-    :func:`scheduler.trie.match`), then the other blocks in canonical order (``sort_key``; duplicates adjacent).
+    :func:`scheduler.trie.match`; the heaviest with ``weight``, e.g. tokens per block), then the other blocks in
+    canonical order (``sort_key``; duplicates adjacent).
 
     Returns the new sequence and the length of its matched path. The one context planner: the online plan
     (``LiveIndex.plan``) and the batch plan (``plan_batch``) both call it.
@@ -123,7 +128,12 @@ def arrange(
     remaining: dict[int, int] = {}
     for block in blocks:
         remaining[block] = remaining.get(block, 0) + 1
-    sequence = match(root, remaining, budget) if root.children else []
+    if not root.children:
+        sequence = []
+    elif weight is None:
+        sequence = match(root, remaining, budget)
+    else:
+        sequence = match_weighted(root, remaining, weight, budget)
     cached = len(sequence)
     if cached < len(blocks):
         for block in sorted((block for block, count in remaining.items() if count), key=sort_key):

@@ -168,3 +168,22 @@ def test_two_thousand_contexts_are_fast() -> None:
     start = time.process_time()
     plan_batch(contexts)
     assert time.process_time() - start < 1.0  # target 0.2 s; generous for shared CI machines
+
+
+@settings(max_examples=60, deadline=None)
+@given(contexts=batches, data=st.data())
+def test_token_weighted_plans_are_permutations(contexts: list[list[int]], data: st.DataObject) -> None:
+    blocks = sorted({block for context in contexts for block in context})
+    tokens = {block: data.draw(st.integers(1, 900)) for block in blocks}
+    check_plan(contexts, plan_batch(contexts, tokens=tokens))
+
+
+def test_the_trie_walk_takes_the_heaviest_path_when_blocks_have_tokens() -> None:
+    index = LiveIndex()
+    index.commit("k", "short-heavy", [1, 2])
+    index.commit("k", "long-light", [3, 4, 5])
+    view = index.snapshot("k")
+    tokens = {1: 900, 2: 900, 3: 40, 4: 40, 5: 40}
+    context = [5, 4, 3, 2, 1]
+    assert plan_batch([context], view=view).apply([context])[0][:3] == [3, 4, 5]
+    assert plan_batch([context], view=view, tokens=tokens).apply([context])[0][:2] == [1, 2]
