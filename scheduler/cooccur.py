@@ -5,15 +5,17 @@ blocks (the core of its topic), then the popular ones. Measured by ``python -m b
 cache against popularity alone: +13% hit ratio on heavy overlap, +9% on 10,000 contexts, +1% on heavy head,
 unchanged on low overlap and multi-turn.
 
-Bounded: at most ``max_pairs`` counted pairs. When the table outgrows it, every count is halved and zeros are
-dropped until a quarter of the room is free (each halving is O(n) and frees at least the pairs seen once since
-the last, so a shrink happens at most once per ``max_pairs / 4`` new pairs: amortised O(log count) per pair).
-A request counts its first ``MAX_COUNTED`` distinct blocks only, so one request costs at most that squared.
+Bounded: at most ``max_pairs`` counted pairs. The table is one row of counts per block, kept in least recently
+observed order; past the bound the least recently observed rows are dropped whole. Each pair is added once and
+dropped at most once, so the work is amortised O(1) per counted pair, and there is no stop-the-world pass (a
+halving of a million pairs would stall the event loop for a large part of a second). A request counts its
+first ``MAX_COUNTED`` distinct blocks only, so one request costs at most that squared.
 Not thread-safe for writers; a worker thread may read (single dict lookups) while the loop writes.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import islice
 
@@ -31,7 +33,7 @@ class Cooccurrence:
         if max_pairs < 1:
             raise ValueError("max_pairs must be positive")
         self._max_pairs = max_pairs
-        self._rows: dict[int, dict[int, int]] = {}
+        self._rows: OrderedDict[int, dict[int, int]] = OrderedDict()  # least recently observed first
         self._pairs = 0
 
     def __len__(self) -> int:
@@ -49,6 +51,8 @@ class Cooccurrence:
             row = rows.get(block)
             if row is None:
                 row = rows[block] = {}
+            else:
+                rows.move_to_end(block)
             for other in distinct:
                 if other != block:
                     count = row.get(other)
@@ -58,11 +62,12 @@ class Cooccurrence:
                     else:
                         row[other] = count + 1
         self._pairs += added
-        if self._pairs > self._max_pairs:
-            self._shrink()
+        while self._pairs > self._max_pairs and rows:
+            _, row = rows.popitem(last=False)
+            self._pairs -= len(row)
 
     def count(self, a: int, b: int) -> int:
-        """How many observed requests held both ``a`` and ``b`` (decayed by shrinks)."""
+        """How many observed requests held both ``a`` and ``b`` (0 once ``a``'s row was dropped)."""
         row = self._rows.get(a)
         return row.get(b, 0) if row is not None else 0
 
@@ -77,17 +82,3 @@ class Cooccurrence:
             if row:
                 scores[block] = sum(row.get(other, 0) for other in counted)
         return scores
-
-    def _shrink(self) -> None:
-        keep = self._max_pairs - max(1, self._max_pairs // 4)
-        rows = self._rows
-        while self._pairs > keep:
-            halved: dict[int, dict[int, int]] = {}
-            pairs = 0
-            for block, row in rows.items():
-                kept = {other: count >> 1 for other, count in row.items() if count > 1}
-                if kept:
-                    halved[block] = kept
-                    pairs += len(kept)
-            self._rows = rows = halved
-            self._pairs = pairs

@@ -13,16 +13,16 @@ Popularity changes between requests, and a changed order could break a prefix (i
   count doubles.
 - ``"first_seen"``: order of first appearance, which never changes; measured worst.
 
-The table is bounded and never holds more than ``max_blocks`` blocks: when it outgrows them every count is
-halved and zeros are dropped (a decay that also keeps the ``"log2"`` order of the survivors, since
-``(c // 2).bit_length() == c.bit_length() - 1``), then the least counted blocks go until a quarter of the room is
-free, so a shrink (O(n log n)) happens at most once per ``max_blocks / 4`` new blocks: amortised O(log n).
+The table is bounded and never holds more than ``max_blocks`` blocks: past them the least recently observed
+block is forgotten (in ``"first_seen"`` mode the first seen), one per new block: O(1) per block and no
+stop-the-world pass (halving or sorting a million counts would stall the event loop for a large part of a
+second).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import islice
 from typing import Any, Literal, TypeAlias
 
 from .trie import MATCH_BUDGET, Node, match, match_weighted
@@ -45,8 +45,9 @@ class Popularity:
             raise ValueError("max_blocks must be positive")
         self._mode: PopularityMode = mode
         self._max_blocks = max_blocks
-        # count per block; in "first_seen" mode the value is the block's rank of first appearance instead
-        self._counts: dict[int, int] = {}
+        # count per block, least recently observed first; in "first_seen" mode the value is the block's rank of
+        # first appearance instead, in that order
+        self._counts: OrderedDict[int, int] = OrderedDict()
 
     @property
     def mode(self) -> PopularityMode:
@@ -70,9 +71,14 @@ class Popularity:
                     rank += 1
         else:
             for block in dict.fromkeys(blocks):
-                counts[block] = counts.get(block, 0) + 1
-        if len(counts) > self._max_blocks:
-            self._shrink()
+                count = counts.get(block)
+                if count is None:
+                    counts[block] = 1
+                else:
+                    counts[block] = count + 1
+                    counts.move_to_end(block)
+        while len(counts) > self._max_blocks:
+            counts.popitem(last=False)
 
     def sort_key(self) -> SortKey:
         """Return the canonical sort key: smaller sorts first."""
@@ -91,24 +97,6 @@ class Popularity:
     def ordered(self, blocks: Iterable[int]) -> list[int]:
         """Return ``blocks`` sorted in canonical order (duplicates kept, adjacent)."""
         return sorted(blocks, key=self.sort_key())
-
-    def _shrink(self) -> None:
-        counts = self._counts
-        keep = self._max_blocks - max(1, self._max_blocks // 4)
-        if self._mode == "first_seen":
-            # forget the oldest; the survivors keep their relative order
-            for block in list(islice(counts, len(counts) - keep)):
-                del counts[block]
-            return
-        counts = {block: count >> 1 for block, count in counts.items() if count > 1}
-        if len(counts) > keep:
-            ranked = sorted(counts.items(), key=_by_count, reverse=True)[:keep]
-            counts = dict(ranked)
-        self._counts = counts
-
-
-def _by_count(item: tuple[int, int]) -> int:
-    return item[1]
 
 
 def arrange(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,22 +34,16 @@ def test_the_table_never_exceeds_its_bound(requests: list[list[int]]) -> None:
         assert len(table) <= 40
 
 
-def test_shrinking_is_amortised(monkeypatch: pytest.MonkeyPatch) -> None:
-    shrinks = []
-    original = Cooccurrence._shrink
-
-    def counting(self: Cooccurrence) -> None:
-        shrinks.append(len(self))
-        original(self)
-
-    monkeypatch.setattr(Cooccurrence, "_shrink", counting)
-    table = Cooccurrence(max_pairs=400)
-    for _ in range(50):
-        table.observe(range(10))  # 90 pairs seen 50 times: halving keeps them
-    for start in range(100, 2100, 2):
-        table.observe([start, start + 1])
-        assert len(table) <= 400
-    assert len(shrinks) <= 2000 // 100 + 1
+def test_the_least_recently_observed_rows_go_first() -> None:
+    table = Cooccurrence(max_pairs=6)
+    table.observe([1, 2])
+    table.observe([3, 4])
+    table.observe([1, 5])  # row 1 is recent again; rows 2, then 3 and 4 are the oldest
+    assert len(table) <= 6
+    table.observe([6, 7])
+    assert len(table) <= 6
+    assert table.count(1, 5) == 1 and table.count(6, 7) == 1
+    assert table.count(2, 1) == 0 and table.count(3, 4) == 0
 
 
 def test_the_online_plan_puts_the_blocks_that_came_with_the_others_first() -> None:

@@ -69,36 +69,17 @@ def test_table_is_bounded(mode: str) -> None:
     assert popularity.ordered([0, 999])[0] in (0, 999)
 
 
-def test_decay_keeps_quantised_order() -> None:
-    popularity = Popularity("log2", max_blocks=3)
+def test_the_least_recently_observed_block_is_forgotten_first() -> None:
+    popularity = Popularity("count", max_blocks=3)
     for block, times in ((1, 8), (2, 4), (3, 2)):
         for _ in range(times):
             popularity.observe([block])
-    popularity.observe([4])  # over the cap: halve, drop the ones
-    assert len(popularity) <= 3
-    assert popularity.ordered([3, 2, 1]) == [1, 2, 3]
+    popularity.observe([1])
+    popularity.observe([4])  # over the cap: 2 was observed least recently
+    assert len(popularity) == 3
+    assert (popularity.count(1), popularity.count(2), popularity.count(3), popularity.count(4)) == (9, 0, 2, 1)
 
 
 def test_unknown_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="mode"):
         Popularity("zipf")  # type: ignore[arg-type]
-
-
-def test_shrinking_is_amortised(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 99 blocks seen very often: halving frees only the newcomers, so a shrink must still make room for many
-    shrinks = []
-    original = Popularity._shrink
-
-    def counting(self: Popularity) -> None:
-        shrinks.append(len(self))
-        original(self)
-
-    monkeypatch.setattr(Popularity, "_shrink", counting)
-    popularity = Popularity("count", max_blocks=100)
-    for block in range(99):
-        popularity.observe([block] * 2)
-    popularity._counts.update(dict.fromkeys(range(99), 2**40))  # as if each were seen 2**40 times
-    for block in range(1000, 2000):
-        popularity.observe([block])
-        assert len(popularity) <= 100
-    assert len(shrinks) <= 1000 // 25 + 1
