@@ -9,6 +9,7 @@ __all__ = ["BENCHMARKS"]
 
 BENCHMARKS: dict[str, str] = {
     "scheduler": "bench.scheduler_bench",
+    "compare": "bench.compare_bench",
     "proxy": "bench.proxy_bench",
     "path": "bench.path_bench",
     "intercept": "bench.intercept_bench",

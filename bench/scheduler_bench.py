@@ -8,11 +8,12 @@
    - batch: ``plan_batch`` over the whole workload, run in the planned order (the ``/reorder`` use);
    - online: one request at a time through ``LiveIndex`` (plan, commit, then the simulator's evictions are fed
      back to ``evict``), in arrival order (the proxy use);
-   - ContextPilot: only if ``import contextpilot`` works (it is not a dependency).
-2. Ablations on the 256k cache: the canonical-order popularity modes of the online plan, and the batch
-   strategies (and batch intra-context ordering alone, kept in arrival order).
+   (ContextPilot 0.5.0 itself runs in ``python -m bench compare``.)
+2. Ablations on the 256k cache: the canonical-order popularity modes of the online plan, and the batch plan
+   with and without its local search (and batch intra-context ordering alone, kept in arrival order).
 3. Timing, each in a fresh subprocess: batch plan wall time and peak RSS growth for 2,000 / 10,000 / 100,000
-   contexts; online plan and commit p50/p99 with 100,000 live requests, and the index's memory (tracemalloc).
+   contexts; online plan and commit p50/p99 with 100,000 live requests, and the index's memory (tracemalloc);
+   100,000 commits each under a new prefix key into an index never evicted from (throughput, first vs last).
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ import argparse
 import gc
 import json
 import math
+import random
 import resource
 import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from bench.cachesim import PrefixCacheSim
 from bench.workload import PRESETS, Query, Workload, generate
 from scheduler import LiveIndex, block_id, plan_batch
+from scheduler.batch import REFINE_PASSES
 
 CAPACITIES: list[tuple[str, float]] = [("inf", math.inf), ("256k", 256_000), ("64k", 64_000)]
 KEY = ("sim", "model", 0)
@@ -48,9 +51,11 @@ def run_original(workload: Workload, capacity: float) -> PrefixCacheSim:
     return sim
 
 
-def run_batch(workload: Workload, capacity: float, strategy: str = "insert", arrival: bool = False) -> PrefixCacheSim:
+def run_batch(
+    workload: Workload, capacity: float, refine: int = REFINE_PASSES, arrival: bool = False
+) -> PrefixCacheSim:
     queries = workload.queries
-    plan = plan_batch([query.doc_ids for query in queries], strategy=strategy)  # type: ignore[arg-type]
+    plan = plan_batch([query.doc_ids for query in queries], refine=refine)
     sim = PrefixCacheSim(capacity)
     for index in range(len(queries)) if arrival else plan.order:
         query = queries[index]
@@ -72,15 +77,6 @@ def run_online(workload: Workload, capacity: float, popularity: str = "count") -
     return sim
 
 
-def contextpilot_runner() -> Callable[[Workload, float], PrefixCacheSim] | None:
-    try:
-        import contextpilot  # noqa: F401
-    except ImportError:
-        return None
-    # An adapter would go here; it is not written because ContextPilot is not installed to test it against.
-    return None
-
-
 def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
     print(f"\n{title}")
@@ -98,15 +94,13 @@ def cell(sim: PrefixCacheSim, baseline: PrefixCacheSim | None = None) -> str:
 
 
 def hit_ratio_tables(workloads: dict[str, Workload]) -> None:
-    contextpilot = contextpilot_runner()
-    headers = ["preset", "cache", "queries", "original", "prefixgate batch", "prefixgate online", "ContextPilot"]
+    headers = ["preset", "cache", "queries", "original", "prefixgate batch", "prefixgate online"]
     rows = []
     for name, workload in workloads.items():
         for label, capacity in CAPACITIES:
             original = run_original(workload, capacity)
             batch = run_batch(workload, capacity)
             online = run_online(workload, capacity)
-            other = cell(contextpilot(workload, capacity), original) if contextpilot else "n/a"
             rows.append(
                 [
                     name,
@@ -115,23 +109,21 @@ def hit_ratio_tables(workloads: dict[str, Workload]) -> None:
                     cell(original),
                     cell(batch, original),
                     cell(online, original),
-                    other,
                 ]
             )
     table("Hit ratio (cached/prompt tokens), prefill tokens, x = hit ratio vs original", headers, rows)
-    if contextpilot is None:
-        print("ContextPilot: `import contextpilot` failed (not installed, not a dependency): column skipped.")
+    print("ContextPilot 0.5.0 itself on the same workloads: python -m bench compare")
 
 
 def ablation_table(workloads: dict[str, Workload]) -> None:
     capacity = 256_000
-    headers = ["preset", "online count", "online log2", "online first_seen", "batch insert", "batch tree"]
-    headers += ["batch freq", "batch insert, arrival order"]
+    headers = ["preset", "online count", "online log2", "online first_seen", "batch", "batch, no local search"]
+    headers += ["batch, arrival order"]
     rows = []
     for name, workload in workloads.items():
         row = [name]
         row += [cell(run_online(workload, capacity, mode)) for mode in ("count", "log2", "first_seen")]
-        row += [cell(run_batch(workload, capacity, strategy)) for strategy in ("insert", "tree", "freq")]
+        row += [cell(run_batch(workload, capacity)), cell(run_batch(workload, capacity, refine=0))]
         row.append(cell(run_batch(workload, capacity, arrival=True)))
         rows.append(row)
     table("Ablation on a 256k-token cache: online canonical order and batch strategy", headers, rows)
@@ -168,11 +160,12 @@ def child_online(size: int, seed: int, probes: int = 10_000) -> dict[str, float]
         blocks = [block_id(f"doc-{doc}") for doc in query.doc_ids]
         sequences.append(index.plan(KEY, blocks).blocks)
         index.commit(KEY, f"req-{query.query_id:032x}", sequences[-1])
-    plan_ns, commit_ns = [], []
+    plan_ns, plan_cpu_ns, commit_ns = [], [], []
     for query in queries[size:]:
         blocks = [block_id(f"doc-{doc}") for doc in query.doc_ids]
-        start = time.perf_counter_ns()
+        start, cpu = time.perf_counter_ns(), time.thread_time_ns()
         plan = index.plan(KEY, blocks)
+        plan_cpu_ns.append(time.thread_time_ns() - cpu)
         plan_ns.append(time.perf_counter_ns() - start)
         start = time.perf_counter_ns()
         index.commit(KEY, f"probe-{query.query_id}", plan.blocks)
@@ -184,11 +177,32 @@ def child_online(size: int, seed: int, probes: int = 10_000) -> dict[str, float]
         "memory_mb": index_memory(sequences) / 2**20,
         "plan_p50_us": percentile(plan_ns, 50) / 1000,
         "plan_p99_us": percentile(plan_ns, 99) / 1000,
+        "plan_cpu_p99_us": percentile(plan_cpu_ns, 99) / 1000,
         "commit_p50_us": percentile(commit_ns, 50) / 1000,
         "commit_p99_us": percentile(commit_ns, 99) / 1000,
         "nodes": stats.nodes,
         "radix_nodes": stats.radix_nodes,
     }
+
+
+def child_keys(size: int, seed: int, window: int = 5_000) -> dict[str, float]:
+    """``size`` commits, each under a new prefix key (a question before the documents), into an index with the
+    gateway's bounds that the engine never evicts from: commits per second over the first and last ``window``."""
+    rng = random.Random(seed)
+    index = LiveIndex()  # the gateway's defaults: max_keys 1,024, max_requests 200,000
+    contexts = [[rng.getrandbits(62) for _ in range(8)] for _ in range(64)]
+    rates = []
+    for start in (0, size - window):
+        if start:
+            for number in range(window, start):
+                index.commit(("key", number), f"req-{number:032x}", contexts[number % 64])
+        begin = time.perf_counter()
+        for number in range(start, start + window):
+            key = ("key", number)
+            index.commit(key, f"req-{number:032x}", index.plan(key, contexts[number % 64]).blocks)
+        rates.append(window / (time.perf_counter() - begin))
+    stats = index.stats()
+    return {"first": rates[0], "last": rates[1], "keys": stats.keys, "requests": stats.requests}
 
 
 def index_memory(sequences: list[tuple[int, ...]]) -> int:
@@ -234,7 +248,7 @@ def timing_tables(quick: bool, seed: int) -> None:
             ]
         )
     table(
-        "Batch plan (plan_batch, 'insert'), fresh process",
+        "Batch plan (plan_batch), fresh process",
         ["contexts", "blocks", "wall", "cpu", "target", "process peak RSS", "groups"],
         rows,
     )
@@ -245,6 +259,7 @@ def timing_tables(quick: bool, seed: int) -> None:
             f"{live:,}",
             f"{result['plan_p50_us']:.0f} us",
             f"{result['plan_p99_us']:.0f} us",
+            f"{result['plan_cpu_p99_us']:.0f} us",
             f"{result['commit_p50_us']:.0f} us",
             f"{result['commit_p99_us']:.0f} us",
             f"{result['memory_mb']:.0f} MB",
@@ -255,12 +270,27 @@ def timing_tables(quick: bool, seed: int) -> None:
         "live requests",
         "plan p50",
         "plan p99",
+        "plan p99 (thread cpu)",
         "commit p50",
         "commit p99",
         "index memory",
         "blocks / radix nodes",
     ]
     table("Online plan (targets: p99 < 1 ms, 100,000 live requests < 500 MB)", headers, rows)
+    commits = 20_000 if quick else 100_000
+    result = in_subprocess("keys", commits, seed)
+    rows = [
+        [
+            f"{commits:,}",
+            f"{result['first']:,.0f}/s",
+            f"{result['last']:,.0f}/s",
+            f"{result['last'] / result['first']:.2f}",
+            f"{int(result['keys']):,}",
+            f"{int(result['requests']):,}",
+        ]
+    ]
+    headers = ["distinct-prefix commits", "first 5,000", "last 5,000", "last / first", "keys", "live requests"]
+    table("Index bounds: one new key per commit, never evicted (target: last / first >= 0.8)", headers, rows)
 
 
 def main(argv: list[str]) -> None:
@@ -269,11 +299,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--no-ablation", action="store_true")
-    parser.add_argument("--child", choices=["batch", "online"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["batch", "online", "keys"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run = child_batch if args.child == "batch" else child_online
+        run = {"batch": child_batch, "online": child_online, "keys": child_keys}[args.child]
         print(json.dumps(run(args.size, args.seed)))
         return
     started = time.perf_counter()

@@ -1,7 +1,9 @@
 """``prefixgate reorder FILE``: a large batch sent to a running gateway's ``/reorder`` in chunks, with progress.
 
-The contexts (a JSON list, or an object with ``contexts``) go in chunks; on a stateful gateway each chunk is
-planned against what the earlier chunks committed, so chunking loses little sharing. The output has the
+The contexts (a JSON list, or an object with ``contexts`` and optionally ``conversation_ids``, one per context)
+go in chunks; on a stateful gateway each chunk is planned against what the earlier chunks committed, so
+chunking loses little sharing. Chunks run in input order, and inside a chunk the turns of one conversation
+keep their input order, so a later turn never runs before an earlier one. The output has the
 index API's contract over the whole batch: ``reordered_contexts[i]`` belongs to
 ``contexts[original_indices[i]]``, and ``request_ids`` is in input order.
 """
@@ -32,13 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(source: str) -> list[Any]:
+def _load(source: str) -> tuple[list[Any], list[str | None] | None]:
     text = sys.stdin.read() if source == "-" else Path(source).read_text()
     data = json.loads(text)
     contexts = data.get("contexts") if isinstance(data, dict) else data
     if not isinstance(contexts, list):
         raise ValueError("expected a JSON list of contexts, or an object with a 'contexts' list")
-    return contexts
+    conversations = data.get("conversation_ids") if isinstance(data, dict) else None
+    if conversations is not None and (not isinstance(conversations, list) or len(conversations) != len(contexts)):
+        raise ValueError("'conversation_ids' must be a list with one entry per context")
+    return contexts, conversations
 
 
 def _progress(done: int, total: int, started: float) -> None:
@@ -47,7 +52,13 @@ def _progress(done: int, total: int, started: float) -> None:
     print(f"reorder: {done}/{total} contexts ({done / total:.0%}) in {elapsed:.1f} s", end=end, file=sys.stderr)
 
 
-def reorder_in_chunks(client: IndexClient, contexts: Sequence[Any], chunk: int, stateless: bool) -> dict[str, Any]:
+def reorder_in_chunks(
+    client: IndexClient,
+    contexts: Sequence[Any],
+    chunk: int,
+    stateless: bool,
+    conversations: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
     """Send ``contexts`` in chunks; merge the answers into one with the index API's contract."""
     reordered: list[Any] = []
     order: list[int] = []
@@ -55,7 +66,11 @@ def reorder_in_chunks(client: IndexClient, contexts: Sequence[Any], chunk: int, 
     started = time.perf_counter()
     for start in range(0, len(contexts), chunk):
         part = list(contexts[start : start + chunk])
-        answer = client.schedule(part) if stateless else client.reorder_raw(part)
+        turns = list(conversations[start : start + chunk]) if conversations is not None else None
+        if stateless:
+            answer = client.schedule(part, conversation_ids=turns)
+        else:
+            answer = client.reorder_raw(part, conversation_ids=turns)
         reordered += answer["reordered_contexts"]
         order += [start + index for index in answer["original_indices"]]
         request_ids += answer["request_ids"]
@@ -74,9 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("prefixgate reorder: error: --chunk must be at least 1", file=sys.stderr)
         return 2
     try:
-        contexts = _load(args.input)
+        contexts, conversations = _load(args.input)
         with IndexClient(args.url, admin_token=args.admin_token, timeout=600.0) as client:
-            result = reorder_in_chunks(client, contexts, args.chunk, args.stateless) if contexts else {}
+            result = reorder_in_chunks(client, contexts, args.chunk, args.stateless, conversations) if contexts else {}
     except (OSError, ValueError, IndexClientError) as exc:
         print(f"prefixgate reorder: error: {exc}", file=sys.stderr)
         return 1

@@ -138,6 +138,7 @@ class ReorderOptions(TypedDict, total=False):
     deduplicate: bool
     parent_request_ids: Sequence[str | None] | None
     hint_template: str | None
+    conversation_ids: Sequence[str | None] | None  # prefixgate extension: one conversation's turns keep their order
 
 
 # sent explicitly, as ContextPilot's client does, so both clients put the same bytes on the wire
@@ -158,9 +159,10 @@ def _reorder_payload(contexts: Sequence[Sequence[Any]], options: ReorderOptions)
     payload: dict[str, Any] = {"contexts": [list(context) for context in contexts], **_REORDER_DEFAULTS}
     # like ContextPilot's client, a None option is left out rather than sent as null
     payload.update((name, value) for name, value in options.items() if value is not None)
-    parents = options.get("parent_request_ids")
-    if parents is not None:
-        payload["parent_request_ids"] = list(parents)
+    for name in ("parent_request_ids", "conversation_ids"):
+        values = options.get(name)
+        if values is not None:
+            payload[name] = list(values)  # type: ignore[call-overload]
     return payload
 
 
@@ -253,9 +255,11 @@ class IndexClient(_ClientBase):
         alpha: float = 0.001,
         use_gpu: bool = False,
         linkage_method: str = "average",
+        conversation_ids: Sequence[str | None] | None = None,
     ) -> dict[str, Any]:
         """Deprecated: ``POST /schedule``, a reorder that never touches the live index."""
-        payload = _reorder_payload(contexts, {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method})
+        options: ReorderOptions = {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method}
+        payload = _reorder_payload(contexts, {**options, "conversation_ids": conversation_ids})
         return self._request("POST", "/schedule", payload)
 
     def evict(self, request_ids: Sequence[str]) -> dict[str, Any]:
@@ -372,9 +376,11 @@ class AsyncIndexClient(_ClientBase):
         alpha: float = 0.001,
         use_gpu: bool = False,
         linkage_method: str = "average",
+        conversation_ids: Sequence[str | None] | None = None,
     ) -> dict[str, Any]:
         """Deprecated: ``POST /schedule``, a reorder that never touches the live index."""
-        payload = _reorder_payload(contexts, {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method})
+        options: ReorderOptions = {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method}
+        payload = _reorder_payload(contexts, {**options, "conversation_ids": conversation_ids})
         return await self._request("POST", "/schedule", payload)
 
     async def evict(self, request_ids: Sequence[str]) -> dict[str, Any]:

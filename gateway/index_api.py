@@ -49,6 +49,7 @@ class _Options(msgspec.Struct, kw_only=True):
     linkage_method: str = "average"
     initial_tokens_per_context: int = 0
     parent_request_ids: list[str | None] | None = None
+    conversation_ids: list[str | None] | None = None
     deduplicate: bool = False
     hint_template: str | None = None
 
@@ -137,11 +138,29 @@ def _check_limits(request: _Options, contexts: Sequence[Sequence[Any]], settings
         raise InvalidRequest(f"unknown linkage_method {request.linkage_method!r}", param="linkage_method")
     if not 0 <= request.alpha <= 1:
         raise InvalidRequest("alpha must be between 0 and 1", param="alpha")
-    parents = request.parent_request_ids
-    if parents is not None and len(parents) != len(contexts):
-        raise InvalidRequest(
-            f"parent_request_ids has {len(parents)} entries for {len(contexts)} contexts", param="parent_request_ids"
-        )
+    for name, values in (
+        ("parent_request_ids", request.parent_request_ids),
+        ("conversation_ids", request.conversation_ids),
+    ):
+        if values is not None and len(values) != len(contexts):
+            raise InvalidRequest(f"{name} has {len(values)} entries for {len(contexts)} contexts", param=name)
+
+
+def _token_estimates(contexts: Sequence[Sequence[Any]], ids: Sequence[Sequence[int]]) -> dict[int, int]:
+    """About 4 bytes per token: a block's weight in the plan (hits are tokens, not blocks)."""
+    return {
+        block: max(1, len(text.encode("utf-8", "surrogatepass")) // 4)
+        for context, blocks in zip(contexts, ids, strict=True)
+        for text, block in zip(context, blocks, strict=True)
+    }
+
+
+def _conversations(request: _Options) -> list[str | None] | None:
+    """Which contexts belong to one conversation and must run in input order: those with the same
+    ``conversation_id``, else those continuing the same ``parent_request_ids`` entry."""
+    if request.conversation_ids is not None:
+        return request.conversation_ids
+    return request.parent_request_ids
 
 
 class IndexApi:
@@ -166,6 +185,8 @@ class IndexApi:
             self.require_admin(request)
         raw = await request.body()
         view = self.residency.index.snapshot(API_KEY) if stateful else None
+        popularity = self.residency.index.popularity(API_KEY) if stateful else None
+        cooccurrence = self.residency.index.cooccurrence(API_KEY) if stateful else None
 
         def plan_off_loop() -> tuple[
             _IntContexts | _StrContexts, str, list[list[int]], BatchPlan, list[list[Any]], float
@@ -174,13 +195,21 @@ class IndexApi:
             parsed, input_type = _decode_contexts(raw)
             _check_limits(parsed, parsed.contexts, self.settings)
             ids = [[block_id(block) for block in context] for context in parsed.contexts]
+            tokens = _token_estimates(parsed.contexts, ids) if input_type == "string" else None
             started = time.perf_counter()
-            plan = plan_batch(ids, view=view)
+            plan = plan_batch(
+                ids,
+                view=view,
+                popularity=popularity,
+                cooccurrence=cooccurrence,
+                conversations=_conversations(parsed),
+                tokens=tokens,
+            )
             elapsed = (time.perf_counter() - started) * 1000
-            return parsed, input_type, ids, plan, plan.apply(parsed.contexts), elapsed  # type: ignore[arg-type]
+            return parsed, input_type, ids, plan, plan.apply(parsed.contexts), elapsed
 
         parsed, input_type, ids, plan, reordered, plan_ms = await anyio.to_thread.run_sync(plan_off_loop)
-        contexts: list[list[Any]] = parsed.contexts  # type: ignore[assignment]
+        contexts: list[list[Any]] = parsed.contexts
         mode = "stateless"
         request_ids = [mint_request_id() for _ in contexts]
         self.residency.issue(request_ids)

@@ -5,19 +5,22 @@ loop (microseconds per request) and may run a big batch plan in a worker thread 
 
 - :mod:`scheduler.blocks`: block identity (``block_id``).
 - :mod:`scheduler.ids`: request ids (minting; normalising engine-mangled ids).
-- :mod:`scheduler.order`: the canonical block order and mapping new orders back to input positions.
+- :mod:`scheduler.order`: the canonical block order, the one context planner (``arrange``), and mapping new
+  orders back to input positions.
+- :mod:`scheduler.cooccur`: block co-occurrence, the online plan's first preference after the cached path.
 - :mod:`scheduler.trie`: the copy-on-write radix trie of one key.
 - :mod:`scheduler.index`: ``LiveIndex``, the online plan / commit / evict loop.
 - :mod:`scheduler.batch`: ``plan_batch`` for ``/reorder``.
 - :mod:`scheduler.dedup`: ``ConversationTracker`` for multi-turn dedup.
 """
 
-from .batch import BatchPlan, Strategy, plan_batch
+from .batch import BatchPlan, plan_batch
 from .blocks import BlockId, block_id, block_ids
+from .cooccur import Cooccurrence
 from .dedup import DEFAULT_HINT_TEMPLATE, ConversationTracker, DedupResult, render_hint
 from .ids import mint_request_id, normalize_request_id, normalize_request_ids, request_id_candidates
 from .index import EvictResult, IndexStats, LiveIndex, Plan
-from .order import Popularity, PopularityMode, permutation
+from .order import Popularity, PopularityMode, arrange, permutation
 from .trie import TrieView
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "BatchPlan",
     "BlockId",
     "ConversationTracker",
+    "Cooccurrence",
     "DedupResult",
     "EvictResult",
     "IndexStats",
@@ -32,8 +36,8 @@ __all__ = [
     "Plan",
     "Popularity",
     "PopularityMode",
-    "Strategy",
     "TrieView",
+    "arrange",
     "block_id",
     "block_ids",
     "mint_request_id",

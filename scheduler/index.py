@@ -3,15 +3,17 @@
 A *key* is any hashable that separates prefix caches, e.g. ``(engine replica, model, preamble hash)``. Under
 each key a :class:`~scheduler.trie.Trie` holds the block paths of committed requests. The online loop is::
 
-    plan = index.plan(key, blocks)             # cached path first, then the canonical order
+    plan = index.plan(key, blocks)             # cached path first, then co-occurrence and popularity
     ... send the request with blocks in plan.blocks order, stamped with request_id ...
     index.commit(key, request_id, plan.blocks)
     ... later, the engine reports the request's KV evicted ...
     index.evict([request_id])
 
-Request ids are global across keys (a request lives under one key). Memory is bounded: past ``max_requests``
-live requests or ``max_nodes`` trie blocks, the least recently committed request is dropped (an engine also
-evicts the least recently used tail first, and a request's tail was last used when it was committed).
+Request ids are global across keys (a request lives under one key). Memory is bounded, and no bound is ever
+exceeded: past ``max_requests`` live requests or ``max_nodes`` trie blocks, the least recently committed request
+is dropped (an engine also evicts the least recently used tail first, and a request's tail was last used when it
+was committed); a new key past ``max_keys`` drops the least recently used key without live requests, or, when
+every key has some, the least recently used key with its requests. Each costs amortised O(1) per commit.
 
 Thread-safety: a ``LiveIndex`` has a single writer and is not locked; call it from the event loop only.
 :meth:`LiveIndex.snapshot` returns an immutable copy-on-write view of one key in O(1), which a worker thread
@@ -21,15 +23,16 @@ may read (e.g. ``scheduler.batch.plan_batch(..., view=...)``) while the loop kee
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .batch import BatchPlan
-from .ids import mint_request_id, request_id_candidates
-from .order import Popularity, PopularityMode, permutation
-from .trie import MATCH_BUDGET, Trie, TrieView, match
+from .cooccur import Cooccurrence
+from .ids import request_id_candidates
+from .order import Popularity, PopularityMode, arrange, permutation
+from .trie import MATCH_BUDGET, Trie, TrieView
 
-__all__ = ["EvictResult", "IndexStats", "LiveIndex", "Plan"]
+__all__ = ["EvictResult", "IndexStats", "LiveIndex", "Plan", "continuation_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +83,13 @@ class IndexStats:
 class _Key:
     """The state of one key: its trie, the popularity behind its canonical order, and its live requests."""
 
-    __slots__ = ("popularity", "requests", "trie")
+    __slots__ = ("cooccurrence", "key", "popularity", "requests", "trie")
 
-    def __init__(self, popularity: Popularity) -> None:
+    def __init__(self, key: Hashable, popularity: Popularity, cooccurrence: Cooccurrence) -> None:
+        self.key = key
         self.trie = Trie()
         self.popularity = popularity
+        self.cooccurrence = cooccurrence
         self.requests: dict[str, None] = {}  # an insertion-ordered set
 
 
@@ -99,20 +104,26 @@ class LiveIndex:
         max_keys: int = 1024,
         popularity: PopularityMode = "count",
         max_tracked_blocks: int = 1_000_000,
+        max_pairs: int = 1_000_000,
         search_budget: int = MATCH_BUDGET,
     ) -> None:
         if max_requests is not None and max_requests < 1:
             raise ValueError("max_requests must be positive or None")
         if max_nodes is not None and max_nodes < 1:
             raise ValueError("max_nodes must be positive or None")
+        if max_keys < 1:
+            raise ValueError("max_keys must be positive")
         Popularity(popularity, max_tracked_blocks)  # validate early
+        Cooccurrence(max_pairs)
         self._max_requests = max_requests
         self._max_nodes = max_nodes
         self._max_keys = max_keys
         self._popularity_mode: PopularityMode = popularity
         self._max_tracked_blocks = max_tracked_blocks
+        self._max_pairs = max_pairs
         self._search_budget = search_budget
-        self._keys: OrderedDict[Hashable, _Key] = OrderedDict()
+        self._keys: OrderedDict[Hashable, _Key] = OrderedDict()  # least recently used first
+        self._idle: OrderedDict[Hashable, None] = OrderedDict()  # the keys without live requests, LRU first
         # request id -> (key state, committed path); ordered by last commit (LRU first)
         self._requests: OrderedDict[str, tuple[_Key, tuple[int, ...]]] = OrderedDict()
         self._clock = 0
@@ -128,22 +139,34 @@ class LiveIndex:
         return request_id in self._requests
 
     def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
-        """Order one context: the longest cached path first, in cached order, then the canonical order."""
-        remaining: dict[int, int] = {}
-        for block in blocks:
-            remaining[block] = remaining.get(block, 0) + 1
+        """Order one context: the longest cached path first, in cached order, then the continuation (see
+        :func:`continuation_key`)."""
         state = self._keys.get(key)
-        cached = match(state.trie.root, remaining, self._search_budget) if state is not None else []
-        sort_key = state.popularity.sort_key() if state is not None else _by_id
-        ordered = list(cached)
-        for block in sorted((block for block, count in remaining.items() if count), key=sort_key):
-            ordered.extend([block] * remaining[block])
+        if state is None:
+            ordered, cached = arrange(_EMPTY, blocks, _by_id)
+        else:
+            sort_key = continuation_key(state.cooccurrence.scores(blocks), state.popularity.sort_key())
+            ordered, cached = arrange(state.trie.root, blocks, sort_key, self._search_budget)
         self._plans += 1
         self._planned_blocks += len(blocks)
         if cached:
             self._hits += 1
-            self._hit_blocks += len(cached)
-        return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), len(cached))
+            self._hit_blocks += cached
+        return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
+
+    def popularity(self, key: Hashable) -> Popularity | None:
+        """The popularity behind ``key``'s canonical order (for ``plan_batch``), or ``None`` for a new key.
+
+        A worker thread may read it while the loop writes (single dict lookups): a count read mid-update is
+        at most one request stale, which only nudges the order.
+        """
+        state = self._keys.get(key)
+        return state.popularity if state is not None else None
+
+    def cooccurrence(self, key: Hashable) -> Cooccurrence | None:
+        """The block co-occurrence of ``key`` (for ``plan_batch``; readable from a worker thread, as above)."""
+        state = self._keys.get(key)
+        return state.cooccurrence if state is not None else None
 
     def commit(self, key: Hashable, request_id: str, blocks: Sequence[int]) -> int:
         """Record that ``request_id`` was sent with ``blocks`` in this order; return the blocks already indexed.
@@ -161,35 +184,13 @@ class LiveIndex:
         self._nodes += state.trie.blocks - nodes
         self._radix_nodes += state.trie.nodes - radix
         state.popularity.observe(path)
+        state.cooccurrence.observe(path)
         self._requests[request_id] = (state, path)
         state.requests[request_id] = None
+        self._idle.pop(key, None)
         self._inserts += 1
         self._enforce_caps()
         return shared
-
-    def commit_batch(
-        self,
-        key: Hashable,
-        contexts: Sequence[Sequence[int]],
-        plan: BatchPlan,
-        request_ids: Sequence[str] | None = None,
-    ) -> list[str]:
-        """Commit a planned batch; return one request id per context, in *input* order.
-
-        Contexts are committed in ``plan.order`` so that recency matches the order the engine will see them
-        in. Ids are minted (``req-<32 hex>``, distinct even for identical contexts) unless given; given ids must
-        be unique and exactly one per context.
-        """
-        if len(plan.permutations) != len(contexts):
-            raise ValueError("the plan does not belong to these contexts")
-        if request_ids is None:
-            request_ids = [mint_request_id() for _ in contexts]
-        elif len(request_ids) != len(contexts) or len(set(request_ids)) != len(request_ids):
-            raise ValueError("request_ids must be unique, one per context")
-        for index in plan.order:
-            context = contexts[index]
-            self.commit(key, request_ids[index], [context[position] for position in plan.permutations[index]])
-        return list(request_ids)
 
     def evict(self, request_ids: Iterable[str]) -> EvictResult:
         """Release the given requests (exact ids; see :meth:`resolve`). Idempotent: unknown ids are reported."""
@@ -256,6 +257,7 @@ class LiveIndex:
     def reset(self) -> None:
         """Forget every key and request (counters are kept)."""
         self._keys.clear()
+        self._idle.clear()
         self._requests.clear()
         self._nodes = self._radix_nodes = 0
 
@@ -264,22 +266,33 @@ class LiveIndex:
         if state is not None:
             self._keys.move_to_end(key)
             return state
-        if len(self._keys) >= self._max_keys:
-            self._drop_idle_key()
-        state = _Key(Popularity(self._popularity_mode, self._max_tracked_blocks))
+        while len(self._keys) >= self._max_keys:
+            self._drop_key()
+        state = _Key(key, Popularity(self._popularity_mode, self._max_tracked_blocks), Cooccurrence(self._max_pairs))
         self._keys[key] = state
+        self._idle[key] = None
         return state
 
-    def _drop_idle_key(self) -> None:
-        # a key with live requests stays: the request cap bounds those
-        for key, state in self._keys.items():
-            if state.trie.root.live == 0:
-                del self._keys[key]
-                return
+    def _drop_key(self) -> None:
+        """Forget one key in amortised O(1): the least recently used idle key, else the least recently used key
+        with its live requests (each request is released at most once, so the cost is paid by its commit)."""
+        if self._idle:
+            key, _ = self._idle.popitem(last=False)
+            del self._keys[key]
+            return
+        key = next(iter(self._keys))
+        state = self._keys[key]
+        for request_id in list(state.requests):
+            self._release(request_id)
+            self._lru_evictions += 1
+        self._idle.pop(key, None)
+        del self._keys[key]
 
     def _release(self, request_id: str) -> None:
         state, path = self._requests.pop(request_id)
         state.requests.pop(request_id, None)
+        if not state.requests and state.key in self._keys:
+            self._idle[state.key] = None
         nodes, radix = state.trie.blocks, state.trie.nodes
         state.trie.release(path)
         self._nodes += state.trie.blocks - nodes
@@ -295,5 +308,14 @@ class LiveIndex:
             self._lru_evictions += 1
 
 
+def continuation_key(scores: dict[int, int], popularity_key: Callable[[int], tuple[int, int]]) -> Callable[[int], Any]:
+    """The online order after the cached path: most co-occurrence with the request's other blocks first, then
+    the canonical (popularity) order."""
+    return lambda block: (-scores[block], popularity_key(block))
+
+
 def _by_id(block: int) -> tuple[int, int]:
     return (0, block)
+
+
+_EMPTY = Trie().root

@@ -13,17 +13,21 @@ Popularity changes between requests, and a changed order could break a prefix (i
   count doubles.
 - ``"first_seen"``: order of first appearance, which never changes; measured worst.
 
-The table is bounded: when it outgrows ``max_blocks`` every count is halved and zeros are dropped (a decay
-that also keeps the ``"log2"`` order of the survivors, since ``(c // 2).bit_length() == c.bit_length() - 1``).
+The table is bounded and never holds more than ``max_blocks`` blocks: past them the least recently observed
+block is forgotten (in ``"first_seen"`` mode the first seen), one per new block: O(1) per block and no
+stop-the-world pass (halving or sorting a million counts would stall the event loop for a large part of a
+second).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from itertools import islice
-from typing import Literal, TypeAlias
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeAlias
 
-__all__ = ["Popularity", "PopularityMode", "permutation"]
+from .trie import MATCH_BUDGET, Node, match, match_weighted
+
+__all__ = ["Popularity", "PopularityMode", "arrange", "permutation"]
 
 PopularityMode: TypeAlias = Literal["log2", "count", "first_seen"]
 SortKey: TypeAlias = Callable[[int], tuple[int, int]]
@@ -41,8 +45,9 @@ class Popularity:
             raise ValueError("max_blocks must be positive")
         self._mode: PopularityMode = mode
         self._max_blocks = max_blocks
-        # count per block; in "first_seen" mode the value is the block's rank of first appearance instead
-        self._counts: dict[int, int] = {}
+        # count per block, least recently observed first; in "first_seen" mode the value is the block's rank of
+        # first appearance instead, in that order
+        self._counts: OrderedDict[int, int] = OrderedDict()
 
     @property
     def mode(self) -> PopularityMode:
@@ -66,9 +71,14 @@ class Popularity:
                     rank += 1
         else:
             for block in dict.fromkeys(blocks):
-                counts[block] = counts.get(block, 0) + 1
-        if len(counts) > self._max_blocks:
-            self._shrink()
+                count = counts.get(block)
+                if count is None:
+                    counts[block] = 1
+                else:
+                    counts[block] = count + 1
+                    counts.move_to_end(block)
+        while len(counts) > self._max_blocks:
+            counts.popitem(last=False)
 
     def sort_key(self) -> SortKey:
         """Return the canonical sort key: smaller sorts first."""
@@ -88,15 +98,39 @@ class Popularity:
         """Return ``blocks`` sorted in canonical order (duplicates kept, adjacent)."""
         return sorted(blocks, key=self.sort_key())
 
-    def _shrink(self) -> None:
-        counts = self._counts
-        if self._mode == "first_seen":
-            # forget the oldest half; the survivors keep their relative order
-            for block in list(islice(counts, len(counts) - self._max_blocks // 2)):
-                del counts[block]
-            return
-        while len(counts) > self._max_blocks:
-            self._counts = counts = {block: count >> 1 for block, count in counts.items() if count > 1}
+
+def arrange(
+    root: Node,
+    blocks: Sequence[int],
+    sort_key: Callable[[int], Any],
+    budget: int = MATCH_BUDGET,
+    weight: Mapping[int, int] | None = None,
+) -> tuple[list[int], int]:
+    """Order one context: the longest path under ``root`` its blocks can form first (the trie walk, see
+    :func:`scheduler.trie.match`; the heaviest with ``weight``, e.g. tokens per block), then the other blocks in
+    canonical order (``sort_key``; duplicates adjacent).
+
+    Returns the new sequence and the length of its matched path. The one context planner: the online plan
+    (``LiveIndex.plan``) and the batch plan (``plan_batch``) both call it.
+    """
+    remaining: dict[int, int] = {}
+    for block in blocks:
+        remaining[block] = remaining.get(block, 0) + 1
+    if not root.children:
+        sequence = []
+    elif weight is None:
+        sequence = match(root, remaining, budget)
+    else:
+        sequence = match_weighted(root, remaining, weight, budget)
+    cached = len(sequence)
+    if cached < len(blocks):
+        for block in sorted((block for block, count in remaining.items() if count), key=sort_key):
+            count = remaining[block]
+            if count == 1:
+                sequence.append(block)
+            else:
+                sequence += [block] * count
+    return sequence, cached
 
 
 def permutation(blocks: Sequence[int], ordered: Sequence[int]) -> list[int]:

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.timeout(120)
 def test_chunked_reorder_keeps_the_contract_and_shows_progress(tmp_path: Path) -> None:
     rng = random.Random(5)
     contexts = [[rng.randrange(60) for _ in range(rng.randint(3, 8))] for _ in range(1200)]
+    conversations = [f"c{rng.randrange(150)}" if rng.random() < 0.7 else None for _ in contexts]
     source = tmp_path / "contexts.json"
-    source.write_text(json.dumps({"contexts": contexts}))
+    source.write_text(json.dumps({"contexts": contexts, "conversation_ids": conversations}))
     out = tmp_path / "out.json"
     with serve_in_thread(create_app(load_settings(environ={}, upstream="http://127.0.0.1:9"))) as base:
         run = subprocess.run(
@@ -42,6 +43,11 @@ def test_chunked_reorder_keeps_the_contract_and_shows_progress(tmp_path: Path) -
     assert len(set(result["request_ids"])) == len(contexts)
     assert result["scheduled_request_ids"] == [result["request_ids"][i] for i in order]
     assert live["index_stats"]["num_requests"] == len(contexts)
+    turns: dict[str, list[int]] = {}
+    for index in order:  # each conversation's turns run in input order, across chunks too
+        if conversations[index] is not None:
+            turns.setdefault(conversations[index], []).append(index)
+    assert turns and all(indices == sorted(indices) for indices in turns.values())
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:

@@ -60,6 +60,32 @@ async def test_stateful_initial_then_incremental(gateway: AppFactory) -> None:
     assert set(requests["request_ids"]) == set(first["request_ids"]) | set(second["request_ids"])
 
 
+async def test_conversation_turns_run_in_input_order(gateway: AppFactory) -> None:
+    # turn 2 ([1, 2]) alone would run first: it is a prefix of the path the others share
+    contexts = [[1, 2, 3, 9], [1, 2], [1, 2, 3, 8]]
+    async with gateway() as client:
+        free = (await client.post("/schedule", json={"contexts": contexts})).json()
+        by_id = (
+            await client.post("/schedule", json={"contexts": contexts, "conversation_ids": ["c", "c", None]})
+        ).json()
+        by_parent = await client.post("/reorder", json={"contexts": contexts, "parent_request_ids": ["p", "p", None]})
+    assert free["original_indices"][0] == 1
+    for body in (by_id, by_parent.json()):
+        _check_contract(contexts, body)
+        assert body["original_indices"].index(0) < body["original_indices"].index(1)
+
+
+async def test_stateful_reorder_orders_uncached_blocks_by_live_popularity(gateway: AppFactory) -> None:
+    async with gateway() as client:
+        first = (await client.post("/reorder", json={"contexts": [[7, 3, 100 + n] for n in range(5)]})).json()
+        await client.post("/evict", json={"request_ids": first["request_ids"]})  # nothing cached any more
+        second = (await client.post("/reorder", json={"contexts": [[1, 3, 5, 7]]})).json()
+        stateless = (await client.post("/schedule", json={"contexts": [[1, 3, 5, 7]]})).json()
+    assert second["stats"]["predicted_cached_blocks"] == 0
+    assert second["reordered_contexts"] == [[3, 7, 1, 5]]  # 3 and 7 were in five live requests
+    assert stateless["reordered_contexts"] == [[1, 3, 5, 7]]
+
+
 async def test_string_contexts_and_64_bit_ids(gateway: AppFactory) -> None:
     strings = [["doc a", "doc b", "doc c"], ["doc c", "doc b"], ["doc a", "doc a"]]
     big = [[2**64 - 1, -(2**63), 0], [0, 2**64 - 1]]
@@ -146,6 +172,7 @@ async def test_reset_clears(gateway: AppFactory) -> None:
         ({"contexts": [[True]]}, 400, "contexts[0][0]"),
         ({"contexts": [[[1]]]}, 400, "contexts[0][0]"),
         ({"contexts": [[1]], "parent_request_ids": [None, None]}, 400, "parent_request_ids"),
+        ({"contexts": [[1]], "conversation_ids": ["a", "b"]}, 400, "conversation_ids"),
         ({"contexts": [[1]], "linkage_method": "bogus"}, 400, "linkage_method"),
         ({"contexts": [[1]], "alpha": "x"}, 400, "alpha"),
         ({}, 400, None),

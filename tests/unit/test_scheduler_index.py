@@ -7,7 +7,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterator
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -341,3 +341,37 @@ def test_requests_sharing_a_prefix() -> None:
     assert index.requests_sharing("missing", [1]) == []
     index.evict(["a"])
     assert index.requests_sharing("k", [1]) == ["b"]
+
+
+def test_a_new_key_past_the_cap_drops_the_least_recently_used_key_even_when_all_are_busy() -> None:
+    index = LiveIndex(max_keys=2)
+    index.commit("k1", "r1", [1, 2])
+    index.commit("k2", "r2", [1, 2])
+    index.commit("k1", "r1b", [3])  # k1 is now the most recently used
+    index.commit("k3", "r3", [1, 2])
+    assert index.cache_keys() == ["k1", "k3"]
+    assert "r2" not in index and {"r1", "r1b", "r3"} <= set(index.request_ids())
+    assert index.stats().lru_evictions == 1
+    assert index.plan("k2", [1, 2]).cached == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(0, 9), st.integers(0, 30), st.lists(st.integers(0, 40), max_size=6), st.booleans()),
+        max_size=80,
+    )
+)
+def test_bounds_are_never_exceeded(ops: list[tuple[int, int, list[int], bool]]) -> None:
+    index = LiveIndex(max_keys=3, max_requests=5, max_nodes=12, max_tracked_blocks=8)
+    for key, number, blocks, evict in ops:
+        if evict:
+            index.evict([f"r{number}"])
+        else:
+            index.commit(key, f"r{number}", index.plan(key, blocks).blocks)
+        stats = index.stats()
+        assert stats.keys <= 3 and stats.requests <= 5 and stats.nodes <= 12
+        assert all(len(index.popularity(k) or ()) <= 8 for k in index.cache_keys())
+        assert set(index.request_ids()) <= {f"r{n}" for n in range(31)}
+    live = [index.path(rid) for rid in index.request_ids()]
+    assert all(path is not None for path in live)

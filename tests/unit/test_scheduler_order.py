@@ -69,14 +69,15 @@ def test_table_is_bounded(mode: str) -> None:
     assert popularity.ordered([0, 999])[0] in (0, 999)
 
 
-def test_decay_keeps_quantised_order() -> None:
-    popularity = Popularity("log2", max_blocks=3)
+def test_the_least_recently_observed_block_is_forgotten_first() -> None:
+    popularity = Popularity("count", max_blocks=3)
     for block, times in ((1, 8), (2, 4), (3, 2)):
         for _ in range(times):
             popularity.observe([block])
-    popularity.observe([4])  # over the cap: halve, drop the ones
-    assert len(popularity) <= 3
-    assert popularity.ordered([3, 2, 1]) == [1, 2, 3]
+    popularity.observe([1])
+    popularity.observe([4])  # over the cap: 2 was observed least recently
+    assert len(popularity) == 3
+    assert (popularity.count(1), popularity.count(2), popularity.count(3), popularity.count(4)) == (9, 0, 2, 1)
 
 
 def test_unknown_mode_is_rejected() -> None:
