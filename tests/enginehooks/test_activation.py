@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.hooks import hook
+from engines.hooks.install import install_standalone
 from tests.enginehooks.collector import collector
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,8 +40,8 @@ v.allocate(v.pool.get_num_free_blocks())
 s = make_sglang("unified")
 s.run("req-s", [1, 2, 3, 4])
 s.cache.evict(EvictParams(num_tokens=4))
-assert prefixgate_hook._active.flush(10), prefixgate_hook._active.stats
-print("stats", prefixgate_hook._active.stats)
+assert prefixgate_hook.active().flush(10), prefixgate_hook.active().stats
+print("stats", prefixgate_hook.active().stats)
 """
 
 _SGLANG_BACKEND = """
@@ -66,7 +66,7 @@ assert isinstance(cache, UnifiedRadixCache) and "__prefixgate_hook__" in vars(ca
 s = SglangSetup(cache, base.req_to_token, base.allocator, base.params)
 s.run("req-backend", [5, 6, 7])
 cache.evict(EvictParams(num_tokens=3))
-assert prefixgate_hook._active.flush(10), prefixgate_hook._active.stats
+assert prefixgate_hook.active().flush(10), prefixgate_hook.active().stats
 """
 
 
@@ -87,7 +87,7 @@ def _run_child(site_dir: Path, body: str, env_extra: dict[str, str]) -> subproce
 
 @pytest.mark.slow
 def test_pth_activates_and_reports_real_evictions(tmp_path: Path) -> None:
-    hook.install_standalone(tmp_path)
+    install_standalone(tmp_path)
     with collector("/gw") as gateway:
         child = _run_child(
             tmp_path,
@@ -105,7 +105,7 @@ def test_pth_activates_and_reports_real_evictions(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sglang_backend_mode_instruments_only_the_cache_it_builds(tmp_path: Path) -> None:
-    hook.install_standalone(tmp_path)
+    install_standalone(tmp_path)
     with collector() as gateway:
         child = _run_child(
             tmp_path,

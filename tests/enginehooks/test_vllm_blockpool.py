@@ -6,7 +6,7 @@ import pytest
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-from engines.hooks import hook
+from engines import hooks as hook
 from tests.enginehooks.realcaches import VLLM_BLOCK, VllmSetup, make_vllm
 
 # Internal ids as vLLM 0.33 makes them: "<external id>-<8 random hex>".
