@@ -24,12 +24,15 @@ Two forms:
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import subprocess
-import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+
+# argparse, shutil, subprocess and sysconfig are imported where used: activation (the package __init__) only needs
+# pth_line and the constants, and runs at every engine start.
 
 __all__ = [
     "INDEX_URL_VARS",
@@ -68,6 +71,8 @@ def pth_line(module: str) -> str:
 
 
 def _purelib(site_dir: Path | None) -> Path:
+    import sysconfig
+
     return site_dir if site_dir is not None else Path(sysconfig.get_paths()["purelib"])
 
 
@@ -77,6 +82,8 @@ def _dist_info(target: Path) -> Path:
 
 def install_standalone(site_dir: Path | None = None, *, pth: bool = True) -> list[Path]:
     """Copy this package as ``prefixgate_hook`` into ``site_dir`` with its entry point and (unless not) its ``.pth``."""
+    import shutil
+
     target = _purelib(site_dir)
     remove_standalone(target)
     package = target / STANDALONE_PACKAGE
@@ -106,6 +113,8 @@ def install_standalone(site_dir: Path | None = None, *, pth: bool = True) -> lis
 
 def remove_standalone(site_dir: Path | None = None) -> list[Path]:
     """Remove what :func:`install_standalone` (or the older single-file install) wrote; returns what existed."""
+    import shutil
+
     target = _purelib(site_dir)
     removed = []
     for path in (target / PTH_NAME, target / _LEGACY_FILE):
@@ -142,6 +151,8 @@ def remove_hook(*, site_dir: Path | None = None) -> list[Path]:
 
 
 def _run_in(python: str, remove: bool, site_dir: Path | None, pth: bool) -> int:
+    import subprocess
+
     command = [python, str(_HERE), "--remove" if remove else "--install"]
     if site_dir is not None:
         command += ["--site-dir", str(site_dir)]
@@ -172,6 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``prefixgate install-hook``."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="prefixgate install-hook", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -194,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def standalone_main(argv: Sequence[str] | None = None) -> int:
     """``python <this package's folder> --install|--remove [--site-dir DIR] [--no-pth]``, for that interpreter."""
+    import argparse
+
     parser = argparse.ArgumentParser(description="prefixgate eviction hook for vLLM/SGLang (standalone install)")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--install", action="store_true", help="install into this interpreter's site-packages")

@@ -12,7 +12,6 @@ with a warning.
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import importlib.machinery
 import logging
 import sys
@@ -128,7 +127,8 @@ def patch_module(module: types.ModuleType, patches: Mapping[str, Patch]) -> bool
     return True
 
 
-class _PatchingLoader(importlib.abc.Loader):
+# Plain classes, not importlib.abc subclasses: importing importlib.abc costs ~20 ms at every engine start.
+class _PatchingLoader:
     def __init__(self, loader: Any, spec: importlib.machinery.ModuleSpec, patches: Mapping[str, Patch]) -> None:
         self._loader, self._spec, self._patches = loader, spec, patches
 
@@ -144,7 +144,7 @@ class _PatchingLoader(importlib.abc.Loader):
         patch_module(module, self._patches)
 
 
-class PatchingFinder(importlib.abc.MetaPathFinder):
+class PatchingFinder:
     """Finds nothing itself: for the engine modules in ``patches`` it wraps the real loader to patch after exec."""
 
     def __init__(self, patches: Mapping[str, Patch]) -> None:
@@ -161,6 +161,6 @@ class PatchingFinder(importlib.abc.MetaPathFinder):
             spec: importlib.machinery.ModuleSpec | None = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _PatchingLoader(spec.loader, spec, self.patches)
+                    spec.loader = _PatchingLoader(spec.loader, spec, self.patches)  # type: ignore[assignment]  # a duck-typed Loader
                 return spec
         return None
