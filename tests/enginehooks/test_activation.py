@@ -70,14 +70,16 @@ assert prefixgate_hook.active().flush(10), prefixgate_hook.active().stats
 """
 
 
-def _run_child(site_dir: Path, body: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFIXGATE_", "CONTEXTPILOT_"))}
-    env.update(env_extra, PYTHONPATH=str(REPO))
-    script = textwrap.dedent(_PRELUDE) + textwrap.dedent(body)
+def _run_child(
+    site_dir: Path, body: str, env_extra: dict[str, str], *, prelude: bool = True, root: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFIXGATE_", "CONTEXTPILOT_", "VLLM_PLUGINS"))}
+    env.update(env_extra, PYTHONPATH=str(root))
+    script = (textwrap.dedent(_PRELUDE) if prelude else "") + textwrap.dedent(body)
     return subprocess.run(
         [sys.executable, "-c", script, str(site_dir)],
         check=False,
-        cwd=REPO,
+        cwd=root,
         env=env,
         capture_output=True,
         text=True,
@@ -115,3 +117,39 @@ def test_sglang_backend_mode_instruments_only_the_cache_it_builds(tmp_path: Path
         assert child.returncode == 0, child.stdout + child.stderr
         assert gateway.ids == ["req-backend"]
     assert "radix-cache backend 'prefixgate' instrumented UnifiedRadixCache" in child.stderr
+
+
+_VLLM_PLUGIN = """
+import logging, site, sys, warnings
+warnings.simplefilter("ignore")
+site.addsitedir(sys.argv[1])
+assert "prefixgate_hook" not in sys.modules, "no .pth was installed, yet the hook is loaded"
+from tests.enginehooks import stubs
+stubs.install()
+from tests.enginehooks.realcaches import make_vllm  # the cache modules are imported before the plugins load
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # what every vLLM process does before it starts work
+import prefixgate_hook
+assert prefixgate_hook.active() is not None, "the vllm.general_plugins entry point did not activate the hook"
+v = make_vllm(8)
+v.run("chatcmpl-req-plugin-0123abcd", list(range(8)))
+v.allocate(v.pool.get_num_free_blocks())
+assert prefixgate_hook.active().flush(10), prefixgate_hook.active().stats
+"""
+
+
+@pytest.mark.slow
+def test_vllm_plugin_entry_point_alone_reports_real_evictions(tmp_path: Path) -> None:
+    """vLLM's official plugin mechanism, without the .pth: the hook arrives through ``load_general_plugins``."""
+    site_dir, root = tmp_path / "site", tmp_path / "root"
+    install_standalone(site_dir, pth=False)
+    assert not (site_dir / "prefixgate_hook.pth").exists()
+    # Only the tests on the path, not the checkout: its prefixgate.egg-info declares the same plugin name.
+    root.mkdir()
+    (root / "tests").symlink_to(REPO / "tests")
+    with collector() as gateway:
+        env = {"PREFIXGATE_INDEX_URL": gateway.url}
+        child = _run_child(site_dir, _VLLM_PLUGIN, env, prelude=False, root=root)
+        assert child.returncode == 0, child.stdout + child.stderr
+        assert gateway.ids == ["chatcmpl-req-plugin"]
+    assert "patched vllm.v1.core.block_pool (vllm 0.33.0)" in child.stderr
