@@ -255,6 +255,8 @@ def test_sim_stack_wiring(services: dict[str, dict[str, Any]]) -> None:
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--port") + 1] == "8766"
     assert command[command.index("--evict-url") + 1] == "http://gateway:8765/evict"
+    assert "--evict-token" not in command  # a flag would show the token in ps
+    assert "PREFIXGATE_ADMIN_TOKEN" in _environment(sim)
     assert _environment(services["gateway"])["PREFIXGATE_UPSTREAM"] == "http://sim:8766"
 
 
