@@ -34,7 +34,6 @@ def test_configuration_reference_matches_the_settings() -> None:
     assert generated == settings_table(), "docs/configuration.md is stale: run python -m tests.unit.test_config_docs"
 
 
-
 def test_every_hook_variable_is_documented() -> None:
     import re
 
