@@ -185,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``prefixgate install-hook``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="prefixgate install-hook", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="prefixgate install-hook",
+        description="Install the engine eviction hook into an interpreter's site-packages, or remove it.",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.target_python:
