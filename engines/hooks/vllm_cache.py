@@ -81,7 +81,7 @@ def _leave(pool: Any, state: CacheState | None, _result: Any, /, *_args: Any, **
     if state is not None:
         state.depth -= 1
         if not state.depth and state.removed:
-            _settle(pool, state)
+            safely(_settle, pool, state)
 
 
 def _hashes_removed(pool: Any, _seen: None, removed: Any, /, *_args: Any) -> None:
