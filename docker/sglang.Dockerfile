@@ -3,8 +3,9 @@
 #   docker build -f docker/sglang.Dockerfile -t prefixgate/sglang:v0.5.23 .
 # (CUDA-specific variants of the base, e.g. lmsysorg/sglang:v0.5.23-cu130: --build-arg SGLANG_IMAGE=...)
 #
-# The hook is one stdlib-only file (engines/hooks/hook.py, tested against SGLang 0.5.23): `hook.py --install`
-# copies it into the engine interpreter's site-packages as prefixgate_hook.py plus prefixgate_hook.pth, so the
+# The hook is a small stdlib-only package (engines/hooks/, tested against SGLang 0.5.23): `python3 <folder> --install`
+# copies it into the engine interpreter's site-packages as the package prefixgate_hook, with vLLM's plugin entry
+# point and prefixgate_hook.pth (the fallback SGLang relies on), so the
 # engine image needs none of prefixgate's dependencies. The .pth line does nothing unless PREFIXGATE_INDEX_URL
 # is set when the engine starts; then evicted request ids are POSTed to {PREFIXGATE_INDEX_URL}/evict from a
 # background thread (bearer token from PREFIXGATE_ADMIN_TOKEN, if set). The scheduler processes SGLang spawns
@@ -13,11 +14,11 @@
 ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.23
 FROM ${SGLANG_IMAGE}
 
-COPY engines/hooks/hook.py /tmp/prefixgate/hook.py
+COPY engines/hooks/ /tmp/prefixgate_hook/
 # Install for the interpreter that runs sglang.launch_server, then prove the .pth is read by that interpreter:
 # with the variable set, starting Python must import (and activate) the hook; without it, nothing is imported.
-RUN python3 /tmp/prefixgate/hook.py --install \
-    && rm -rf /tmp/prefixgate \
+RUN python3 /tmp/prefixgate_hook --install \
+    && rm -rf /tmp/prefixgate_hook \
     && PREFIXGATE_INDEX_URL=http://127.0.0.1:9 python3 -c "import sys; sys.exit('prefixgate_hook' not in sys.modules)" \
     && python3 -c "import sys; sys.exit('prefixgate_hook' in sys.modules)"
 

@@ -20,6 +20,7 @@ from engines.kvevents import KVEventTracker
 from engines.llamacpp.slots import discover_slots
 from engines.registry import get_engine
 from gateway import __version__
+from gateway.background import BackgroundCollector, Supervisor
 from gateway.errors import GatewayError, error_body, error_type
 from gateway.ids import REQUEST_ID_PATTERN
 from gateway.index_api import index_routes
@@ -147,20 +148,20 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         residency.evict(request_ids)
 
     kv_tracker = KVEventTracker(on_evicted=kv_released, on_reset=residency.reset)
+    supervisor = Supervisor()
+    metrics.registry.register(BackgroundCollector(supervisor, kv_tracker.counters.as_dict))
 
     async def start_background(app: Litestar) -> AsyncIterator[None]:
         subscribers = _kv_subscribers(settings, kv_tracker)
         app.state.kv_subscribers = subscribers
         async with anyio.create_task_group() as tg:
             if settings.engine == "llamacpp":
-                tg.start_soon(learn_slots)
+                supervisor.start(tg, "llamacpp-slots", learn_slots)
             for subscriber in subscribers:
-                subscriber.start()
+                supervisor.start(tg, f"kv-events {subscriber.endpoint}", subscriber.run)
             try:
                 yield
             finally:
-                for subscriber in subscribers:
-                    await subscriber.stop()
                 tg.cancel_scope.cancel()
 
     app = Litestar(
@@ -182,4 +183,5 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     app.state.proxy = proxy
     app.state.residency = residency
     app.state.kv_tracker = kv_tracker
+    app.state.background = supervisor
     return app

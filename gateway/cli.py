@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 
 import httpx
+import msgspec
 
 from gateway import __version__
 from gateway.settings import Settings, SettingsError, add_arguments, load_settings
@@ -20,6 +24,8 @@ from gateway.settings import Settings, SettingsError, add_arguments, load_settin
 __all__ = ["main", "tune_runtime"]
 
 logger = logging.getLogger("prefixgate.cli")
+
+SIM_TOKEN_ENV = "PREFIXGATE_ADMIN_TOKEN"  # noqa: S105 (what engines.sim reads its --evict-token from)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,17 +80,17 @@ def serve(settings: Settings) -> int:
     from gateway.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    logger.info("prefixgate %s starting with %s", __version__, settings.redacted())
-    app = create_app(settings)
-    tune_runtime()
     # uvicorn re-raises SIGTERM once it has shut down; exiting through Python (not the default handler)
     # runs the clean-up below, so the embedded engine stops with the gateway.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    with _embedded_sim(settings):
+    with _embedded_sim(settings) as effective:
+        logger.info("prefixgate %s starting with %s", __version__, effective.redacted())
+        app = create_app(effective)
+        tune_runtime()
         uvicorn.run(
             app,
-            host=settings.host,
-            port=settings.port,
+            host=effective.host,
+            port=effective.port,
             log_config=None,
             access_log=False,
             server_header=False,
@@ -111,20 +117,45 @@ def tune_runtime() -> None:
     gc.set_threshold(10_000, 10, 100)
 
 
+def _bind_sim_socket(settings: Settings) -> tuple[socket.socket, Settings]:
+    """Bind the embedded engine's port here, so that a busy port is seen at once and never someone else's engine.
+
+    Another process on ``sim_port`` (typically a second ``prefixgate serve``'s engine) would otherwise answer the
+    health check and receive this gateway's traffic. Then a free port is used instead, and the settings say so.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", settings.sim_port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            sock.close()
+            raise
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        logger.warning(
+            "port %d is in use (another prefixgate's engine?); the embedded simulated engine listens on %d instead",
+            settings.sim_port,
+            port,
+        )
+        settings = msgspec.structs.replace(settings, sim_port=port)
+    sock.listen(128)
+    return sock, settings
+
+
 @contextlib.contextmanager
-def _embedded_sim(settings: Settings) -> Iterator[None]:
-    """Start the simulated engine as a child process when no upstream was configured."""
+def _embedded_sim(settings: Settings) -> Iterator[Settings]:
+    """Start the simulated engine as a child process when no upstream was configured; yields the settings to use."""
     if not settings.embedded_sim:
-        yield
+        yield settings
         return
+    sock, settings = _bind_sim_socket(settings)
     command = [
         sys.executable,
         "-m",
         "engines.sim",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(settings.sim_port),
+        "--fd",
+        str(sock.fileno()),
         "--capacity-tokens",
         str(settings.sim_capacity_tokens),
         "--prefill-us",
@@ -132,15 +163,18 @@ def _embedded_sim(settings: Settings) -> Iterator[None]:
         "--log-level",
         "warning",
     ]
+    # The token goes through the environment: a command line is visible to every user in ps.
+    env = {name: value for name, value in os.environ.items() if name != SIM_TOKEN_ENV}
     if not settings.stateless:
         command += ["--evict-url", f"http://127.0.0.1:{settings.port}/evict"]
         if settings.admin_token:
-            command += ["--evict-token", settings.admin_token]
-    process = subprocess.Popen(command)
+            env[SIM_TOKEN_ENV] = settings.admin_token
+    with sock:
+        process = subprocess.Popen(command, env=env, pass_fds=[sock.fileno()])
     try:
         _wait_healthy(f"{settings.upstream_url}/health", process)
         logger.info("embedded simulated engine ready at %s", settings.upstream_url)
-        yield
+        yield settings
     finally:
         process.terminate()
         try:

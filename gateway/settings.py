@@ -133,7 +133,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "log_level": ("debug, info, warning or error", "value"),
     "log_format": ("text or json", "value"),
     "api_key": ("bearer key clients must send on proxy routes (repeatable; env: comma-separated)", "multi"),
-    "admin_token": ("bearer token required on /evict, /reset and stateful /reorder", "value"),
+    "admin_token": (
+        "bearer token required on /evict, /reset, /deduplicate, /insert, /update and stateful /reorder and /build",
+        "value",
+    ),
     "upstream_api_key": ("bearer key the gateway sends to the upstream engine", "value"),
     "max_body_bytes": ("largest accepted request body in bytes (413 above)", "value"),
     "connect_timeout": ("seconds to connect to the upstream", "value"),

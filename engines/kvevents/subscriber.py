@@ -1,8 +1,10 @@
 """A live subscription to one engine endpoint's KV-event stream, with gap repair through the replay socket.
 
-One subscriber follows one publisher (one engine, or one DP rank: ranks publish on offset ports). It runs as
-an asyncio task on the gateway's loop (``zmq.asyncio``) and feeds a :class:`KVEventTracker`, whose callbacks
-therefore run on the event loop, the index's single writer.
+One subscriber follows one publisher (one engine, or one DP rank: ranks publish on offset ports). It runs on the
+gateway's loop (``zmq.asyncio``) and feeds a :class:`KVEventTracker`, whose callbacks therefore run on the event
+loop, the index's single writer. The gateway awaits :meth:`KVEventSubscriber.run` under its supervisor
+(``gateway/background.py``), which restarts it with backoff after an unexpected error; ``start``/``stop`` (or
+``async with``) run it as a task of its own, which logs such an error and ends.
 
 Sequence handling (``seq`` counts from 0 in each publisher process):
 
@@ -90,10 +92,29 @@ class KVEventSubscriber:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        """Connect and start following; call from a running event loop."""
+        """Connect and start following in a task of its own; call from a running event loop."""
         if self._task is not None:
             raise RuntimeError("KVEventSubscriber already started")
         loop = asyncio.get_running_loop()
+        self._open()
+        self._task = loop.create_task(self._run_started(), name=f"kv-events {self.endpoint}")
+
+    async def run(self) -> None:
+        """Connect and follow until cancelled; an error closes the sockets and propagates (the caller restarts).
+
+        What was learned survives a restart: the first batch after it is checked against the replay buffer, as
+        after a reconnection, so that nothing published in between goes unnoticed.
+        """
+        if self._task is not None or self._sub is not None:
+            raise RuntimeError("KVEventSubscriber already running")
+        self._open()
+        try:
+            await self._follow()
+        finally:
+            self._close()
+            self._reconnected = self._last_seq is not None
+
+    def _open(self) -> None:
         if self._context is None:
             self._context = zmq.asyncio.Context()
         try:
@@ -106,7 +127,6 @@ class KVEventSubscriber:
         except BaseException:
             self._close()
             raise
-        self._task = loop.create_task(self._run(), name=f"kv-events {self.endpoint}")
 
     async def stop(self) -> None:
         """Stop following and close the sockets (and the context, when the subscriber made it); idempotent."""
@@ -137,21 +157,24 @@ class KVEventSubscriber:
     ) -> None:
         await self.stop()
 
-    async def _run(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self._sub, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+    async def _run_started(self) -> None:
         try:
-            while True:
-                ready = dict(await poller.poll())
-                if self._monitor in ready:  # before data: a reconnection precedes the new connection's messages
-                    await self._drain_monitor()
-                if self._sub in ready:
-                    await self._on_frames(await self._sub.recv_multipart())
+            await self._follow()
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("KV-event subscriber for %s stopped", self.endpoint)
+
+    async def _follow(self) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        while True:
+            ready = dict(await poller.poll())
+            if self._monitor in ready:  # before data: a reconnection precedes the new connection's messages
+                await self._drain_monitor()
+            if self._sub in ready:
+                await self._on_frames(await self._sub.recv_multipart())
 
     async def _drain_monitor(self) -> None:
         while True:

@@ -98,16 +98,14 @@ class SimApp:
             await self._lifespan(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        notifier = self.engine.notifier
+        evictions = self.engine.evictions
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                if notifier is not None:
-                    notifier.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if notifier is not None:
-                    await notifier.aclose()
+                if evictions is not None:
+                    await asyncio.to_thread(evictions.close, 1.0)  # one last, bounded attempt for what is queued
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 
 import httpx
 import uvicorn
@@ -11,9 +13,11 @@ import uvicorn
 from engines.sim.app import create_sim_app
 from engines.sim.config import SimConfig
 
-__all__ = ["build_parser", "build_server", "main"]
+__all__ = ["TOKEN_ENV", "build_parser", "build_server", "main"]
 
 logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "PREFIXGATE_ADMIN_TOKEN"  # noqa: S105 (the variable's name, not a secret)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     add("--port", type=int, default=8766, help="bind port (default: %(default)s)")
+    add("--fd", type=int, default=None, help="serve on this already bound, inherited socket instead of --host/--port")
     add("--model", default=defaults.model, help="served model name (default: %(default)s)")
     add("--capacity-tokens", type=int, default=defaults.capacity_tokens, help="KV cache size in tokens")
     add("--prefill-us", type=float, default=defaults.prefill_us_per_token, help="prefill cost per uncached token (µs)")
@@ -33,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-cache-output", action="store_true", help="cache only prompts, not prompt + generated tokens")
     add("--record-requests", type=int, default=defaults.record_requests, help="requests kept for GET /sim/requests")
     add("--evict-url", default=None, help='POST {"request_ids": [...]} here when cached requests are evicted')
-    add("--evict-token", default=None, help="bearer token for --evict-url")
+    add(
+        "--evict-token",
+        default=None,
+        help=f"bearer token for --evict-url (default: ${TOKEN_ENV}; prefer the variable, a flag shows in ps)",
+    )
     add("--evict-flush-ms", type=float, default=defaults.evict_flush_ms, help="coalescing window for eviction POSTs")
     add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -60,7 +69,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SimCon
         cache_output=not args.no_cache_output,
         record_requests=args.record_requests,
         evict_url=args.evict_url,
-        evict_token=args.evict_token,
+        evict_token=args.evict_token or os.environ.get(TOKEN_ENV) or None,
         evict_flush_ms=args.evict_flush_ms,
     )
 
@@ -91,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     config = _config(args, parser)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    sock = None if args.fd is None else socket.socket(fileno=args.fd)
+    host, port = (args.host, args.port) if sock is None else sock.getsockname()[:2]
     logger.info(
         "simulated engine on http://%s:%d model=%s capacity_tokens=%d prefill_us=%g decode_us=%g evict_url=%s%s",
-        args.host,
-        args.port,
+        host,
+        port,
         config.model,
         config.capacity_tokens,
         config.prefill_us_per_token,
@@ -102,5 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         config.evict_url,
         " (with token)" if config.evict_token else "",
     )
-    build_server(config, args.host, args.port, args.log_level).run()
+    server = build_server(config, args.host, args.port, args.log_level)
+    server.run(sockets=None if sock is None else [sock])
     return 0

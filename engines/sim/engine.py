@@ -1,6 +1,6 @@
 """The simulated engine's state and cost model, independent of HTTP.
 
-``SimEngine`` owns the tokenizer, the radix cache, the eviction notifier, the request log and the counters. A job
+``SimEngine`` owns the tokenizer, the radix cache, the eviction sender, the request log and the counters. A job
 is ``admit``-ted (prefix match, pin, modelled prefill delay, outputs generated deterministically from the prompt),
 ``prefilled`` (the prompt is cached under its request id) and ``finish``-ed (unpin; cache prompt + output, as SGLang
 does for finished requests).
@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from engines.hooks.sender import EvictionReporter
 from engines.sim.cache import Pin, RadixCache
 from engines.sim.config import SimConfig
-from engines.sim.notifier import EvictionNotifier
 from engines.sim.protocol import Job
 from engines.sim.tokenizer import Tokenizer
 
@@ -60,18 +60,21 @@ class Admission:
 class SimEngine:
     """State of one simulated engine; every method runs on the serving event loop."""
 
-    def __init__(self, config: SimConfig, notifier: EvictionNotifier | None = None) -> None:
+    def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.tokenizer = Tokenizer()
         self.cache = RadixCache(config.capacity_tokens, config.max_owners_per_node)
-        if notifier is None and config.evict_url:
-            notifier = EvictionNotifier(
+        # The real engines' hook sender (a daemon thread; report() never blocks the loop), so that every test
+        # and benchmark driving the simulated engine exercises the code that runs inside vLLM and SGLang.
+        self.evictions: EvictionReporter | None = None
+        if config.evict_url:
+            self.evictions = EvictionReporter(
                 config.evict_url,
-                config.evict_token,
-                flush_interval_s=config.evict_flush_ms / 1000,
-                max_pending=config.evict_max_pending,
+                token=config.evict_token,
+                exact_url=True,
+                coalesce_s=config.evict_flush_ms / 1000,
+                max_queue=config.evict_max_pending,
             )
-        self.notifier = notifier
         self.log: deque[RecordedRequest] = deque(maxlen=max(config.record_requests, 0))
         self.limits = (config.default_max_tokens, config.max_tokens_limit, config.max_n)
         self._bare_ids = [self.tokenizer.piece_id(w) for w in _WORDS]
@@ -113,7 +116,7 @@ class SimEngine:
             "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "recorded_requests": len(self.log),
-            "evictions": None if self.notifier is None else self.notifier.stats(),
+            "evictions": None if self.evictions is None else {**self.evictions.stats, "queued": self.evictions.queued},
         }
 
     def admit(self, job: Job, request_ids: list[str]) -> Admission:
@@ -188,5 +191,5 @@ class SimEngine:
 
     def publish_evictions(self) -> None:
         evicted = self.cache.drain_evicted()
-        if evicted and self.notifier is not None:
-            self.notifier.submit(evicted)
+        if evicted and self.evictions is not None:
+            self.evictions.report(evicted)

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engines.hooks.hook import EvictionReporter
+from engines.hooks import EvictionReporter
 from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
 from gateway.settings import load_settings

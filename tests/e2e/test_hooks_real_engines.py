@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.hooks.hook import EvictionReporter, vllm_external_id
+from engines.hooks import EvictionReporter, vllm_external_id
 from gateway.app import create_app
 from gateway.settings import load_settings
 from tests.e2e.servers import serve_in_thread

@@ -21,7 +21,7 @@ AVAILABLE = all(importlib.util.find_spec(name) is not None for name in ENGINES)
 if not AVAILABLE:
     collect_ignore_glob = ["test_*.py"]
 else:
-    from engines.hooks import hook
+    from engines import hooks as hook
     from tests.enginehooks import stubs
 
     stubs.install()

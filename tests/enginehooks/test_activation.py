@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.hooks import hook
+from engines.hooks.install import install_standalone
 from tests.enginehooks.collector import collector
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,8 +40,8 @@ v.allocate(v.pool.get_num_free_blocks())
 s = make_sglang("unified")
 s.run("req-s", [1, 2, 3, 4])
 s.cache.evict(EvictParams(num_tokens=4))
-assert prefixgate_hook._active.flush(10), prefixgate_hook._active.stats
-print("stats", prefixgate_hook._active.stats)
+assert prefixgate_hook.active().flush(10), prefixgate_hook.active().stats
+print("stats", prefixgate_hook.active().stats)
 """
 
 _SGLANG_BACKEND = """
@@ -66,18 +66,20 @@ assert isinstance(cache, UnifiedRadixCache) and "__prefixgate_hook__" in vars(ca
 s = SglangSetup(cache, base.req_to_token, base.allocator, base.params)
 s.run("req-backend", [5, 6, 7])
 cache.evict(EvictParams(num_tokens=3))
-assert prefixgate_hook._active.flush(10), prefixgate_hook._active.stats
+assert prefixgate_hook.active().flush(10), prefixgate_hook.active().stats
 """
 
 
-def _run_child(site_dir: Path, body: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFIXGATE_", "CONTEXTPILOT_"))}
-    env.update(env_extra, PYTHONPATH=str(REPO))
-    script = textwrap.dedent(_PRELUDE) + textwrap.dedent(body)
+def _run_child(
+    site_dir: Path, body: str, env_extra: dict[str, str], *, prelude: bool = True, root: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFIXGATE_", "CONTEXTPILOT_", "VLLM_PLUGINS"))}
+    env.update(env_extra, PYTHONPATH=str(root))
+    script = (textwrap.dedent(_PRELUDE) if prelude else "") + textwrap.dedent(body)
     return subprocess.run(
         [sys.executable, "-c", script, str(site_dir)],
         check=False,
-        cwd=REPO,
+        cwd=root,
         env=env,
         capture_output=True,
         text=True,
@@ -87,7 +89,7 @@ def _run_child(site_dir: Path, body: str, env_extra: dict[str, str]) -> subproce
 
 @pytest.mark.slow
 def test_pth_activates_and_reports_real_evictions(tmp_path: Path) -> None:
-    hook.install_standalone(tmp_path)
+    install_standalone(tmp_path)
     with collector("/gw") as gateway:
         child = _run_child(
             tmp_path,
@@ -105,7 +107,7 @@ def test_pth_activates_and_reports_real_evictions(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sglang_backend_mode_instruments_only_the_cache_it_builds(tmp_path: Path) -> None:
-    hook.install_standalone(tmp_path)
+    install_standalone(tmp_path)
     with collector() as gateway:
         child = _run_child(
             tmp_path,
@@ -115,3 +117,39 @@ def test_sglang_backend_mode_instruments_only_the_cache_it_builds(tmp_path: Path
         assert child.returncode == 0, child.stdout + child.stderr
         assert gateway.ids == ["req-backend"]
     assert "radix-cache backend 'prefixgate' instrumented UnifiedRadixCache" in child.stderr
+
+
+_VLLM_PLUGIN = """
+import logging, site, sys, warnings
+warnings.simplefilter("ignore")
+site.addsitedir(sys.argv[1])
+assert "prefixgate_hook" not in sys.modules, "no .pth was installed, yet the hook is loaded"
+from tests.enginehooks import stubs
+stubs.install()
+from tests.enginehooks.realcaches import make_vllm  # the cache modules are imported before the plugins load
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # what every vLLM process does before it starts work
+import prefixgate_hook
+assert prefixgate_hook.active() is not None, "the vllm.general_plugins entry point did not activate the hook"
+v = make_vllm(8)
+v.run("chatcmpl-req-plugin-0123abcd", list(range(8)))
+v.allocate(v.pool.get_num_free_blocks())
+assert prefixgate_hook.active().flush(10), prefixgate_hook.active().stats
+"""
+
+
+@pytest.mark.slow
+def test_vllm_plugin_entry_point_alone_reports_real_evictions(tmp_path: Path) -> None:
+    """vLLM's official plugin mechanism, without the .pth: the hook arrives through ``load_general_plugins``."""
+    site_dir, root = tmp_path / "site", tmp_path / "root"
+    install_standalone(site_dir, pth=False)
+    assert not (site_dir / "prefixgate_hook.pth").exists()
+    # Only the tests on the path, not the checkout: its prefixgate.egg-info declares the same plugin name.
+    root.mkdir()
+    (root / "tests").symlink_to(REPO / "tests")
+    with collector() as gateway:
+        env = {"PREFIXGATE_INDEX_URL": gateway.url}
+        child = _run_child(site_dir, _VLLM_PLUGIN, env, prelude=False, root=root)
+        assert child.returncode == 0, child.stdout + child.stderr
+        assert gateway.ids == ["chatcmpl-req-plugin"]
+    assert "patched vllm.v1.core.block_pool (vllm 0.33.0)" in child.stderr

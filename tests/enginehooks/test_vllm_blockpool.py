@@ -6,7 +6,8 @@ import pytest
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-from engines.hooks import hook
+from engines import hooks as hook
+from engines.hooks import tracking, vllm_cache
 from tests.enginehooks.realcaches import VLLM_BLOCK, VllmSetup, make_vllm
 
 # Internal ids as vLLM 0.33 makes them: "<external id>-<8 random hex>".
@@ -132,8 +133,8 @@ def test_a_failing_hook_never_breaks_the_engine(
     def settle_that_breaks(pool: object, state: object) -> None:
         raise RuntimeError("internals changed")
 
-    monkeypatch.setattr(hook, "_vllm_settle", settle_that_breaks)
-    monkeypatch.setattr(hook, "_failed", set())
+    monkeypatch.setattr(vllm_cache, "_settle", settle_that_breaks)
+    monkeypatch.setattr(tracking, "_failed", set())
     v = make_vllm(8)
     v.run(A, _prompt(1, 2))
     assert len(v.allocate(v.pool.get_num_free_blocks())) == 7  # evicts everything, as without the hook

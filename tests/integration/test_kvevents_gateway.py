@@ -106,3 +106,46 @@ async def test_client_session_id_is_kept(gateway: AppFactory, upstream: respx.Ro
     sent = json.loads(route.calls.last.request.content)
     assert sent["session_id"] == "mine"
     assert "vllm_xargs" not in sent
+
+
+async def test_a_failing_subscriber_is_restarted_and_reported_in_metrics(
+    gateway: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engines.kvevents.subscriber import KVEventSubscriber
+
+    original = KVEventSubscriber._on_frames
+    failures = []
+
+    async def fails_once(self: KVEventSubscriber, frames: list[bytes]) -> None:
+        if not failures:
+            failures.append(frames)
+            raise RuntimeError("a bug in the subscriber")
+        await original(self, frames)
+
+    monkeypatch.setattr(KVEventSubscriber, "_on_frames", fails_once)
+    port = free_port()
+    context = zmq.asyncio.Context()
+    socket = context.socket(zmq.PUB)
+    socket.bind(f"tcp://127.0.0.1:{port}")
+    publisher = Publisher(socket)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        async with gateway(engine="vllm", kv_events_endpoint=(endpoint,), kv_events_topic="kv") as client:
+            subscriber = client.app.state.kv_subscribers[0]
+
+            async def applied() -> bool:
+                await publisher.publish({"type": "BlockStored", "block_hashes": [publisher.seq], "parent_block_hash": None,
+                                         "token_ids": [1], "block_size": 16, "lora_id": None, "medium": "GPU"})  # fmt: skip
+                return subscriber.last_seq is not None
+
+            await _until(applied, timeout=10)
+            assert failures, "the injected failure never happened"
+            metrics = (await client.get("/metrics")).text
+            assert f'prefixgate_background_restarts_total{{task="kv-events {endpoint}"}} 1.0' in metrics
+            assert f'prefixgate_background_running{{task="kv-events {endpoint}"}} 1.0' in metrics
+            batches = client.app.state.kv_tracker.counters.batches
+            assert batches >= 1
+            assert f'prefixgate_kv_events_total{{kind="batches"}} {float(batches)}' in metrics
+    finally:
+        socket.close(linger=0)
+        context.term()

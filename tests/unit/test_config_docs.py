@@ -34,6 +34,18 @@ def test_configuration_reference_matches_the_settings() -> None:
     assert generated == settings_table(), "docs/configuration.md is stale: run python -m tests.unit.test_config_docs"
 
 
+def test_every_hook_variable_is_documented() -> None:
+    import re
+
+    from engines import hooks
+
+    source = "".join(path.read_text() for path in (DOC.parents[1] / "engines" / "hooks").glob("*.py"))
+    read = set(re.findall(r"\"(PREFIXGATE_HOOK_[A-Z0-9_]+)\"", source)) | {*hooks.INDEX_URL_VARS, hooks.TOKEN_VAR}
+    text = DOC.read_text()
+    table = text[text.index("<!-- hook variables: begin -->") : text.index("<!-- hook variables: end -->")]
+    assert set(re.findall(r"^\| `(\w+)`", table, flags=re.MULTILINE)) == read
+
+
 if __name__ == "__main__":
     text = DOC.read_text()
     head, tail = text[: text.index(BEGIN) + len(BEGIN)], text[text.index(END) :]

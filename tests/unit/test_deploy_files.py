@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from engines.hooks import hook
+from engines import hooks
 from gateway.app import create_app
 from gateway.metrics import Metrics
 from gateway.settings import ENV_PREFIX, OPTIONS, load_settings
@@ -30,14 +30,14 @@ ENGINE_DOCKERFILES = {"vllm": DOCKER / "vllm.Dockerfile", "sglang": DOCKER / "sg
 PROMETHEUS = DOCKER / "prometheus.yml"
 GRAFANA = DOCKER / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "prefixgate.json"
-HOOK_FILE = ROOT / "engines" / "hooks" / "hook.py"
+HOOK_DIR = ROOT / "engines" / "hooks"
 
 ENGINE_PROFILES = ("vllm", "sglang", "llamacpp")
 SETTINGS_VARS = {ENV_PREFIX + name.upper() for name in OPTIONS}
 HOOK_VARS = {
-    *hook.INDEX_URL_VARS,
-    hook.TOKEN_VAR,
-    *re.findall(r"\"(PREFIXGATE_HOOK_[A-Z0-9_]+)\"", HOOK_FILE.read_text()),
+    *hooks.INDEX_URL_VARS,
+    hooks.TOKEN_VAR,
+    *(var for f in HOOK_DIR.glob("*.py") for var in re.findall(r"\"(PREFIXGATE_HOOK_[A-Z0-9_]+)\"", f.read_text())),
 }
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
 _METRIC = re.compile(r"\bprefixgate_[a-z0-9_]+")
@@ -255,6 +255,8 @@ def test_sim_stack_wiring(services: dict[str, dict[str, Any]]) -> None:
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--port") + 1] == "8766"
     assert command[command.index("--evict-url") + 1] == "http://gateway:8765/evict"
+    assert "--evict-token" not in command  # a flag would show the token in ps
+    assert "PREFIXGATE_ADMIN_TOKEN" in _environment(sim)
     assert _environment(services["gateway"])["PREFIXGATE_UPSTREAM"] == "http://sim:8766"
 
 
@@ -317,12 +319,13 @@ def test_engine_dockerfiles_install_the_hook(engine: str) -> None:
     (base,) = list(_base_images(path))
     assert _pinned(base)
     version = base.rpartition(":")[2].removeprefix("v")
-    assert version.startswith(hook._TESTED[engine]), f"{base} is not a version the hook is tested with"
+    tested = {patch.engine: patch.tested for patch in hooks.PATCHES.values()}
+    assert version.startswith(tested[engine]), f"{base} is not a version the hook is tested with"
     copies = [args.split() for keyword, args in instructions if keyword == "COPY"]
     sources = [words[-2] for words in copies]
-    assert "engines/hooks/hook.py" in sources and HOOK_FILE.is_file()
+    assert "engines/hooks/" in sources and (HOOK_DIR / "__main__.py").is_file()
     runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
-    assert re.search(r"python3 \S*hook\.py --install", runs)
+    assert re.search(r"python3 /tmp/prefixgate_hook --install", runs)
     assert set(re.findall(r"PREFIXGATE_\w+", path.read_text())) <= HOOK_VARS
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.hooks.hook import INDEX_URL_VARS, Residency, index_url, pth_line, vllm_external_id
+from engines.hooks import INDEX_URL_VARS, Residency, index_url, pth_line, vllm_external_id
 from scheduler.ids import mint_request_id, normalize_request_id
 
 

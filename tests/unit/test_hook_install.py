@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from engines.hooks import hook
-from engines.hooks.install import PACKAGE_PTH_NAME, install_hook, main, remove_hook
+from engines import hooks
+from engines.hooks.install import PACKAGE_PTH_NAME, install_hook, main, pth_line, remove_hook
 
 REPO = Path(__file__).resolve().parents[2]
+HOOK_DIR = REPO / "engines" / "hooks"
 _PROBE = "import sys; print(sorted(m for m in sys.modules if m.startswith(('engines', 'prefixgate_hook'))))"
 
 
@@ -33,6 +34,7 @@ class Venv:
         return subprocess.run(
             [str(self.python), "-c", code],
             env={**clean, **(env or {})},
+            cwd=self.python.parent,  # not the repository: its prefixgate.egg-info would be on sys.path too
             capture_output=True,
             text=True,
             check=False,
@@ -62,10 +64,11 @@ def clean(venv: Venv) -> Iterator[Venv]:
 
 def test_standalone_pth_activates_a_fresh_interpreter(clean: Venv) -> None:
     written = install_hook(standalone=True, site_dir=clean.purelib)
-    assert {p.name for p in written} == {"prefixgate_hook.py", "prefixgate_hook.pth"}
+    assert clean.purelib / "prefixgate_hook.pth" in written
+    assert {p.name for p in (clean.purelib / "prefixgate_hook").iterdir()} == {p.name for p in HOOK_DIR.glob("*.py")}
     child = clean.run(
         "import sys; import prefixgate_hook as h; "
-        "print(h._active is not None, any(type(f).__name__ == '_PatchingFinder' for f in sys.meta_path))",
+        "print(h.active() is not None, any(type(f).__name__ == 'PatchingFinder' for f in sys.meta_path))",
         env={"PREFIXGATE_INDEX_URL": "http://127.0.0.1:9"},
     )
     assert child.returncode == 0, child.stderr
@@ -81,10 +84,10 @@ def test_without_the_env_var_the_pth_imports_nothing(clean: Venv) -> None:
 
 def test_package_pth_loads_the_installed_prefixgate(clean: Venv) -> None:
     install_hook(site_dir=clean.purelib)
-    assert (clean.purelib / PACKAGE_PTH_NAME).read_text() == hook.pth_line("engines.hooks.hook")
+    assert (clean.purelib / PACKAGE_PTH_NAME).read_text() == pth_line("engines.hooks")
     on = clean.run(_PROBE, env={"CONTEXTPILOT_INDEX_URL": "http://127.0.0.1:9", "PYTHONPATH": str(REPO)})
     assert on.returncode == 0, on.stderr
-    assert "'engines.hooks.hook'" in on.stdout
+    assert "'engines.hooks'" in on.stdout
     # activation pulls in nothing of the gateway (the engine's process stays lean)
     heavy = clean.run(
         "import sys; print([m for m in ('msgspec', 'httpx', 'litestar', 'gateway', 'scheduler') if m in sys.modules])",
@@ -113,7 +116,8 @@ def test_mismatched_engine_internals_warn_and_never_crash(clean: Venv, tmp_path:
 
 def test_target_python_installs_and_removes_in_that_interpreter(clean: Venv) -> None:
     assert main(["--target-python", str(clean.python)]) == 0
-    assert (clean.purelib / "prefixgate_hook.py").read_bytes() == Path(hook.__file__).read_bytes()
+    for source in HOOK_DIR.glob("*.py"):
+        assert (clean.purelib / "prefixgate_hook" / source.name).read_bytes() == source.read_bytes()
     assert (clean.purelib / "prefixgate_hook.pth").exists()
     assert main(["--remove", "--target-python", str(clean.python)]) == 0
     assert not list(clean.purelib.glob("prefixgate_hook*"))
@@ -122,14 +126,19 @@ def test_target_python_installs_and_removes_in_that_interpreter(clean: Venv) -> 
 def test_remove_takes_out_both_forms(tmp_path: Path) -> None:
     install_hook(site_dir=tmp_path)
     install_hook(standalone=True, site_dir=tmp_path)
-    assert len(remove_hook(site_dir=tmp_path)) == 3
+    (tmp_path / "prefixgate_hook.py").write_text("# what versions before the package installed\n")
+    removed = {p.name for p in remove_hook(site_dir=tmp_path)}
+    assert removed == {
+        "prefixgate_hooks.pth", "prefixgate_hook.pth", "prefixgate_hook", "prefixgate_hook.py",
+        "prefixgate_hook-0.1.0.dist-info",
+    }  # fmt: skip
     assert list(tmp_path.iterdir()) == []
     assert remove_hook(site_dir=tmp_path) == []
 
 
 def test_the_pth_line_costs_about_a_microsecond_when_off() -> None:
-    code = compile(hook.pth_line("prefixgate_hook"), "prefixgate_hook.pth", "exec")
-    env = {k: v for k, v in os.environ.items() if k not in hook.INDEX_URL_VARS}
+    code = compile(pth_line("prefixgate_hook"), "prefixgate_hook.pth", "exec")
+    env = {k: v for k, v in os.environ.items() if k not in hooks.INDEX_URL_VARS}
     namespace: dict[str, object] = {}
     runs = 10_000
     saved = dict(os.environ)
@@ -146,29 +155,52 @@ def test_the_pth_line_costs_about_a_microsecond_when_off() -> None:
     assert per_run < 20e-6, f"{per_run * 1e6:.1f} us per interpreter start"
 
 
-def test_standalone_file_is_self_contained() -> None:
-    source = Path(hook.__file__).read_text()
-    imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    assert not [line for line in imports if "engines" in line or "prefixgate" in line], imports
+def test_the_package_is_self_contained() -> None:
+    for module in HOOK_DIR.glob("*.py"):
+        imports = [
+            line.strip() for line in module.read_text().splitlines() if line.lstrip().startswith(("import ", "from "))
+        ]
+        foreign = [line for line in imports if "engines" in line or "prefixgate" in line or "gateway" in line]
+        assert not foreign, (module.name, foreign)
+        absolute = {line.split()[1].split(".")[0] for line in imports if not line.startswith("from .")}
+        assert absolute <= sys.stdlib_module_names | {"__future__"}, (module.name, absolute - sys.stdlib_module_names)
+    assert max(len(m.read_text().splitlines()) for m in HOOK_DIR.glob("*.py")) < 400
+    # run as a folder, with nothing of prefixgate importable (-I: no PYTHONPATH, no user site, no cwd)
     child = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            textwrap.dedent(f"""
-            import runpy, sys
-            sys.argv = ["prefixgate_hook.py", "--help"]
-            runpy.run_path({str(hook.__file__)!r}, run_name="__main__")
-        """),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+        [sys.executable, "-I", str(HOOK_DIR), "--help"], capture_output=True, text=True, check=False, cwd="/"
     )
     assert child.returncode == 0 and "--install" in child.stdout, child.stderr
 
 
+def test_the_plugin_entry_point_alone_activates_the_hook(clean: Venv) -> None:
+    """What vLLM's ``load_general_plugins`` does, without vLLM: the entry point is found, loaded and called."""
+    written = install_hook(standalone=True, site_dir=clean.purelib, pth=False)
+    assert not (clean.purelib / "prefixgate_hook.pth").exists() and written
+    code = textwrap.dedent("""
+        import sys
+        from importlib.metadata import entry_points
+        assert "prefixgate_hook" not in sys.modules
+        (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "prefixgate"]
+        plugin.load()()
+        import prefixgate_hook
+        print(plugin.value, prefixgate_hook.active() is not None)
+    """)
+    on = clean.run(code, env={"PREFIXGATE_INDEX_URL": "http://127.0.0.1:9"})
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.split() == ["prefixgate_hook:vllm_plugin", "True"]
+    off = clean.run(code)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == ["prefixgate_hook:vllm_plugin", "False"]
+
+
+def test_prefixgate_own_metadata_carries_the_plugin_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "prefixgate"]
+    assert plugin.value == "engines.hooks:vllm_plugin" and plugin.load() is hooks.vllm_plugin
+
+
 def test_the_shipped_pth_is_the_one_install_hook_writes(tmp_path: Path) -> None:
-    shipped = Path(hook.__file__).with_name(PACKAGE_PTH_NAME).read_text()
+    shipped = (HOOK_DIR / PACKAGE_PTH_NAME).read_text()
     install_hook(site_dir=tmp_path)
     assert (tmp_path / PACKAGE_PTH_NAME).read_text() == shipped

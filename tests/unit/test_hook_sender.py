@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engines.hooks.hook import EvictionReporter
+from engines.hooks import EvictionReporter
 from tests.enginehooks.collector import collector
 
 

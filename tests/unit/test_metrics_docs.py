@@ -23,7 +23,7 @@ def metrics_table() -> str:
     for family in families:
         labels = sorted({key for sample in family.samples for key in sample.labels if key not in ("le",)})
         declared = getattr(metrics.registry, "_names_to_collectors", {}).get(family.name)
-        labels = labels or list(getattr(declared, "_labelnames", ()))
+        labels = labels or list(getattr(declared, "_labelnames", ()) or getattr(family, "_labelnames", ()))
         name = f"`{family.name}{_SUFFIX.get(family.type, '')}`"
         rows.append(f"| {name} | {family.type} | {', '.join(labels) or '-'} | {family.documentation} |")
     return "\n".join(rows)
