@@ -27,7 +27,8 @@ from gateway.planner import Planner
 from gateway.proxy import Proxy
 from gateway.residency import Residency
 from gateway.settings import Settings
-from gateway.upstream import UpstreamSender, build_client, build_transport
+from gateway.transport import build_transport
+from gateway.upstream import UpstreamSender, build_client
 
 if TYPE_CHECKING:
     from engines.kvevents.subscriber import KVEventSubscriber

@@ -10,7 +10,7 @@ from cachetools import LRUCache
 
 from gateway.settings import Settings
 
-__all__ = ["HOP_BY_HOP", "UpstreamSender", "build_client", "build_transport", "request_headers", "response_headers"]
+__all__ = ["HOP_BY_HOP", "UpstreamSender", "build_client", "request_headers", "response_headers"]
 
 # RFC 9110 §7.6.1 connection-specific fields, plus fields the transport recomputes.
 HOP_BY_HOP = frozenset(
@@ -30,17 +30,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 _CONTROL_PREFIXES = ("x-prefixgate-", "x-contextpilot-")
-
-
-def build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
-    """The upstream connection pool. The proxy sends through it directly (``UpstreamSender``); the client wrapping
-    it (``build_client``) owns its lifetime and serves the gateway's own calls (``/ready``, slot discovery)."""
-    limits = httpx.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_keepalive,
-        keepalive_expiry=30.0,
-    )
-    return httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
 
 
 def build_client(settings: Settings, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
