@@ -9,7 +9,6 @@ launch line its README documents (``python -m contextpilot.server.http_server``)
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ _SERVER_DEPS = [
 
 
 def _venv_dir() -> Path:
-    cache = Path(os.environ.get("CACHE_DIR") or Path.home() / ".cache" / "prefixgate")
+    cache = Path.home() / ".cache" / "prefixgate"  # the Makefile's CACHE_DIR
     # not "contextpilot-0.5.0-venv": the scheduler comparison builds that one with other packages
     return cache / "contextpilot-server-venv"
 
