@@ -1,7 +1,9 @@
 """Proxy overhead side by side: the same ~20 KB RAG requests sent directly to a fast upstream, through prefixgate
 (reordering off, and on), and through the reference (ContextPilot 0.5.0's own server), in one run.
 
-Reports added latency p50/p99 (concurrency 1 and 16), added time-to-first-byte, throughput (also as a share of
+The load comes from a lean keep-alive HTTP/1.1 client (``bench.loadgen``): an httpx load generator cost more CPU
+per request than the servers it measured, and at concurrency 16 it, not they, set the throughput. Reports added
+latency p50/p99 (concurrency 1 and 16), added time-to-first-byte, throughput (also as a share of
 direct), and each server's CPU milliseconds per request (from /proc, so only that process is counted). The fast
 upstream is a bare asyncio HTTP/1.1 server with canned answers, so the proxies dominate. Targets take turns in
 rounds whose order rotates, so load from elsewhere on the machine spreads over all of them. The reference is
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bench import reference_server
+from bench import loadgen, reference_server
 
 __all__ = ["main"]
 
@@ -162,36 +164,32 @@ class _Target:
     reordered: int = 0
 
 
-async def _one(client: httpx.AsyncClient, target: _Target, body: bytes) -> tuple[float, float]:
-    start = time.perf_counter()
-    url = f"{target.base}/v1/chat/completions"
-    async with client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as resp:
-        first = 0.0
-        async for _ in resp.aiter_raw():
-            if not first:
-                first = time.perf_counter() - start
-        if resp.status_code != 200:
-            raise RuntimeError(f"{target.name}: status {resp.status_code}")
-        if '"reordered":true' in resp.headers.get("x-prefixgate-result", ""):
-            target.reordered += 1
-    return time.perf_counter() - start, first
+async def _one(connection: loadgen.Connection, target: _Target, request: bytes) -> tuple[float, float]:
+    total, first, status, head = await connection.post(request)
+    if status != 200:
+        raise RuntimeError(f"{target.name}: status {status}")
+    if b'"reordered":true' in head:
+        target.reordered += 1
+    return total, first
 
 
-async def _chunk(client: httpx.AsyncClient, target: _Target, bodies: list[bytes], cell: tuple[bool, int]) -> None:
-    """Send ``bodies`` to ``target`` with ``cell``'s concurrency; add latencies, wall time and server CPU."""
-    queue = list(bodies)
+async def _chunk(
+    connections: list[loadgen.Connection], target: _Target, requests: list[bytes], cell: tuple[bool, int]
+) -> None:
+    """Send ``requests`` to ``target`` with ``cell``'s concurrency; add latencies, wall time and server CPU."""
+    queue = list(requests)
     latencies = target.latencies.setdefault(cell, [])
     firsts = target.firsts.setdefault(cell, [])
 
-    async def worker() -> None:
+    async def worker(connection: loadgen.Connection) -> None:
         while queue:
-            total, first = await _one(client, target, queue.pop())
+            total, first = await _one(connection, target, queue.pop())
             latencies.append(total)
             firsts.append(first)
 
     cpu = _cpu_seconds(target.process.pid)
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(cell[1])))
+    await asyncio.gather(*(worker(connection) for connection in connections))
     target.elapsed[cell] = target.elapsed.get(cell, 0.0) + time.perf_counter() - start
     target.cpu[cell] = target.cpu.get(cell, 0.0) + _cpu_seconds(target.process.pid) - cpu
 
@@ -200,21 +198,24 @@ async def _cell(targets: list[_Target], count: int, rounds: int, cell: tuple[boo
     """One (streaming, concurrency) cell: every target gets the same requests, in rounds whose order rotates,
     so that a burst of load from elsewhere on the machine is shared out rather than landing on one target."""
     stream, concurrency = cell
-    bodies = [rag_body(i, stream) for i in range(count)]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    clients = [httpx.AsyncClient(limits=limits, timeout=30) for _ in targets]
+    requests = [loadgen.request_bytes("/v1/chat/completions", rag_body(i, stream)) for i in range(count)]
+    pools: list[list[loadgen.Connection]] = []
     try:
-        for client, target in zip(clients, targets, strict=True):  # warm the connection pools
-            await asyncio.gather(*(_one(client, target, body) for body in bodies[: 2 * concurrency]))
+        for target in targets:
+            port = int(target.base.rsplit(":", 1)[1])
+            pools.append([await loadgen.Connection.open("127.0.0.1", port) for _ in range(concurrency)])
+            for connection in pools[-1]:  # warm up
+                await _one(connection, target, requests[0])
             target.reordered = 0
         per = count // rounds
         for r in range(rounds):
             order = [*range(r % len(targets), len(targets)), *range(r % len(targets))]
             for t in order:
-                await _chunk(clients[t], targets[t], bodies[r * per : (r + 1) * per], cell)
+                await _chunk(pools[t], targets[t], requests[r * per : (r + 1) * per], cell)
     finally:
-        for client in clients:
-            await client.aclose()
+        for pool in pools:
+            for connection in pool:
+                connection.close()
 
 
 def _start(name: str, command: list[str], port: int, *, stream: bool = True, ready: str = "/health") -> _Target:
