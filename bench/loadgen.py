@@ -25,6 +25,7 @@ class Connection(asyncio.Protocol):
         self.started = self.first = 0.0
         self.head_end = -1
         self.length = -1  # content-length; -1 chunked
+        self.closed = False  # servers close idle keep-alive connections (uvicorn after 5 s)
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -36,6 +37,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         if self.done is not None and not self.done.done():
             self.done.set_exception(ConnectionError("the server closed the connection"))
 

@@ -163,6 +163,10 @@ class _Target:
     cpu: dict[tuple[bool, int], float] = field(default_factory=dict)
     reordered: int = 0
 
+    @property
+    def port(self) -> int:
+        return int(self.base.rsplit(":", 1)[1])
+
 
 async def _one(connection: loadgen.Connection, target: _Target, request: bytes) -> tuple[float, float]:
     total, first, status, head = await connection.post(request)
@@ -181,15 +185,22 @@ async def _chunk(
     latencies = target.latencies.setdefault(cell, [])
     firsts = target.firsts.setdefault(cell, [])
 
-    async def worker(connection: loadgen.Connection) -> None:
+    async def worker(i: int) -> None:
         while queue:
-            total, first = await _one(connection, target, queue.pop())
+            request = queue.pop()
+            if connections[i].closed:  # idle past the server's keep-alive timeout while other targets ran
+                connections[i] = await loadgen.Connection.open("127.0.0.1", target.port)
+            try:
+                total, first = await _one(connections[i], target, request)
+            except ConnectionError:  # closed just as the request went out: once more on a new connection
+                connections[i] = await loadgen.Connection.open("127.0.0.1", target.port)
+                total, first = await _one(connections[i], target, request)
             latencies.append(total)
             firsts.append(first)
 
     cpu = _cpu_seconds(target.process.pid)
     start = time.perf_counter()
-    await asyncio.gather(*(worker(connection) for connection in connections))
+    await asyncio.gather(*(worker(i) for i in range(len(connections))))
     target.elapsed[cell] = target.elapsed.get(cell, 0.0) + time.perf_counter() - start
     target.cpu[cell] = target.cpu.get(cell, 0.0) + _cpu_seconds(target.process.pid) - cpu
 
@@ -202,8 +213,7 @@ async def _cell(targets: list[_Target], count: int, rounds: int, cell: tuple[boo
     pools: list[list[loadgen.Connection]] = []
     try:
         for target in targets:
-            port = int(target.base.rsplit(":", 1)[1])
-            pools.append([await loadgen.Connection.open("127.0.0.1", port) for _ in range(concurrency)])
+            pools.append([await loadgen.Connection.open("127.0.0.1", target.port) for _ in range(concurrency)])
             for connection in pools[-1]:  # warm up
                 await _one(connection, target, requests[0])
             target.reordered = 0
