@@ -1,16 +1,21 @@
 """``gateway.transport``: httpx's transport on the asyncio network backend, against a real local HTTP/1.1 server.
 
 Connection reuse, a kept-alive connection the upstream closed (not reused), timeouts and failures mapped to httpx's
-exceptions, streamed bodies, and a cancelled request that closes its connection.
+exceptions, streamed bodies, a cancelled request that closes its connection, and a TLS upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import httpcore
 import httpx
 import pytest
 
@@ -162,3 +167,31 @@ async def test_the_transport_uses_the_asyncio_backend() -> None:
         finally:
             AsyncioBackend.connect_tcp = original  # type: ignore[method-assign]
     assert connects == 1
+
+
+async def test_tls_upstream(tmp_path: Path) -> None:
+    """An https upstream: the connection is upgraded with ``start_tls`` and the certificate checked."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    server = _Server()
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=server_context)
+    port = listener.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        async with httpcore.AsyncConnectionPool(ssl_context=trusting, network_backend=AsyncioBackend()) as pool:
+            response = await pool.request("GET", f"https://localhost:{port}/health")
+            assert response.status == 200
+            assert response.content == server.body
+            with pytest.raises(httpcore.ConnectError):  # a certificate the client does not trust
+                async with httpcore.AsyncConnectionPool(network_backend=AsyncioBackend()) as strict:
+                    await strict.request("GET", f"https://localhost:{port}/health")
+    finally:
+        listener.close()
