@@ -1,8 +1,14 @@
-"""Proxy overhead: the same ~20 KB RAG requests sent directly to a fast upstream and through the gateway.
+"""Proxy overhead side by side: the same ~20 KB RAG requests sent directly to a fast upstream, through prefixgate
+(reordering off, and on), and through the reference (ContextPilot 0.5.0's own server), in one run.
 
-Reports added latency p50/p99 (concurrency 1 and 16), added time-to-first-byte for streams, throughput,
-and the gateway's CPU milliseconds per request (from /proc, so only the gateway process is counted).
-The fast upstream is a bare asyncio HTTP/1.1 server with canned answers, so the gateway dominates.
+The load comes from a lean keep-alive HTTP/1.1 client (``bench.loadgen``): an httpx load generator cost more CPU
+per request than the servers it measured, and at concurrency 16 it, not they, set the throughput. Reports added
+latency p50/p99 (concurrency 1 and 16), added time-to-first-byte, throughput (also as a share of
+direct), and each server's CPU milliseconds per request (from /proc, so only that process is counted). The fast
+upstream is a bare asyncio HTTP/1.1 server with canned answers, so the proxies dominate. Targets take turns in
+rounds whose order rotates, so load from elsewhere on the machine spreads over all of them. The reference is
+measured on non-streaming requests only: its ``/v1/chat/completions`` streams, but this comparison keeps to the
+one mode every proxy serves alike. The reference runs from its own venv (``bench.reference_server``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import httpx
+
+from bench import loadgen, reference_server
 
 __all__ = ["main"]
 
@@ -140,39 +149,132 @@ def rag_body(i: int, stream: bool) -> bytes:
     ).encode()
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) -> tuple[float, float]:
+@dataclass
+class _Target:
+    """One server the load goes to: the upstream itself (``direct``), a gateway, or the reference."""
+
+    name: str
+    base: str
+    process: subprocess.Popen[bytes]
+    stream: bool = True  # measured on streaming requests too
+    latencies: dict[tuple[bool, int], list[float]] = field(default_factory=dict)
+    firsts: dict[tuple[bool, int], list[float]] = field(default_factory=dict)
+    elapsed: dict[tuple[bool, int], float] = field(default_factory=dict)
+    cpu: dict[tuple[bool, int], float] = field(default_factory=dict)
+    reordered: int = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.base.rsplit(":", 1)[1])
+
+
+async def _one(connection: loadgen.Connection, target: _Target, request: bytes) -> tuple[float, float]:
+    total, first, status, head = await connection.post(request)
+    if status != 200:
+        raise RuntimeError(f"{target.name}: status {status}")
+    if b'"reordered":true' in head:
+        target.reordered += 1
+    return total, first
+
+
+async def _chunk(
+    connections: list[loadgen.Connection], target: _Target, requests: list[bytes], cell: tuple[bool, int]
+) -> None:
+    """Send ``requests`` to ``target`` with ``cell``'s concurrency; add latencies, wall time and server CPU."""
+    queue = list(requests)
+    latencies = target.latencies.setdefault(cell, [])
+    firsts = target.firsts.setdefault(cell, [])
+
+    async def worker(i: int) -> None:
+        while queue:
+            request = queue.pop()
+            if connections[i].closed:  # idle past the server's keep-alive timeout while other targets ran
+                connections[i] = await loadgen.Connection.open("127.0.0.1", target.port)
+            try:
+                total, first = await _one(connections[i], target, request)
+            except ConnectionError:  # closed just as the request went out: once more on a new connection
+                connections[i] = await loadgen.Connection.open("127.0.0.1", target.port)
+                total, first = await _one(connections[i], target, request)
+            latencies.append(total)
+            firsts.append(first)
+
+    cpu = _cpu_seconds(target.process.pid)
     start = time.perf_counter()
-    async with client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as resp:
-        first = 0.0
-        async for _ in resp.aiter_raw():
-            if not first:
-                first = time.perf_counter() - start
-        if resp.status_code != 200:
-            raise RuntimeError(f"status {resp.status_code}")
-    return time.perf_counter() - start, first
+    await asyncio.gather(*(worker(i) for i in range(len(connections))))
+    target.elapsed[cell] = target.elapsed.get(cell, 0.0) + time.perf_counter() - start
+    target.cpu[cell] = target.cpu.get(cell, 0.0) + _cpu_seconds(target.process.pid) - cpu
 
 
-async def _load(base: str, count: int, concurrency: int, stream: bool) -> tuple[list[float], list[float], float]:
-    bodies = [rag_body(i, stream) for i in range(count)]
-    latencies: list[float] = []
-    firsts: list[float] = []
-    queue = list(range(count))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        for i in range(min(20, count)):  # warm the connection pools
-            await _one(client, f"{base}/v1/chat/completions", bodies[i], stream)
+async def _cell(targets: list[_Target], count: int, rounds: int, cell: tuple[bool, int]) -> None:
+    """One (streaming, concurrency) cell: every target gets the same requests, in rounds whose order rotates,
+    so that a burst of load from elsewhere on the machine is shared out rather than landing on one target."""
+    stream, concurrency = cell
+    requests = [loadgen.request_bytes("/v1/chat/completions", rag_body(i, stream)) for i in range(count)]
+    pools: list[list[loadgen.Connection]] = []
+    try:
+        for target in targets:
+            pools.append([await loadgen.Connection.open("127.0.0.1", target.port) for _ in range(concurrency)])
+            for connection in pools[-1]:  # warm up
+                await _one(connection, target, requests[0])
+            target.reordered = 0
+        per = count // rounds
+        for r in range(rounds):
+            order = [*range(r % len(targets), len(targets)), *range(r % len(targets))]
+            for t in order:
+                await _chunk(pools[t], targets[t], requests[r * per : (r + 1) * per], cell)
+    finally:
+        for pool in pools:
+            for connection in pool:
+                connection.close()
 
-        async def worker() -> None:
-            while queue:
-                i = queue.pop()
-                total, first = await _one(client, f"{base}/v1/chat/completions", bodies[i], stream)
-                latencies.append(total)
-                firsts.append(first)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return latencies, firsts, count / elapsed
+def _start(name: str, command: list[str], port: int, *, stream: bool = True, ready: str = "/health") -> _Target:
+    process = subprocess.Popen(command)
+    target = _Target(name, f"http://127.0.0.1:{port}", process, stream=stream)
+    try:
+        _wait(f"{target.base}{ready}", process, timeout=120)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench proxy", description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per target and cell")
+    parser.add_argument("--quick", action="store_true", help="400 requests per target and cell")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per cell, the target order rotating each round")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference (no venv is built)")
+    args = parser.parse_args(argv)
+    count = 400 if args.quick else args.requests
+    reference_python = None if args.no_reference else reference_server.ensure_venv()
+
+    targets: list[_Target] = []
+    try:
+        port = _free_port()
+        serve_upstream = f"from bench.proxy_bench import _serve_upstream; _serve_upstream({port})"
+        targets.append(_start("direct", [sys.executable, "-c", serve_upstream], port))
+        upstream = targets[0].base
+        gateway = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--engine", "openai"]
+        gateway += ["--log-level", "warning"]
+        port = _free_port()
+        targets.append(_start("prefixgate", [*gateway, "--port", str(port), "--no-reorder"], port))
+        port = _free_port()
+        targets.append(_start("prefixgate reorder", [*gateway, "--port", str(port)], port))
+        if reference_python is not None:
+            port = _free_port()
+            command = reference_server.command(reference_python, port, upstream)
+            # its /health is 503 until a /reorder call builds an index; "/" answers once it serves
+            targets.append(_start("reference", command, port, stream=False, ready="/"))
+        for cell in ((False, 1), (False, 16), (True, 1), (True, 16)):
+            asyncio.run(_cell([t for t in targets if t.stream or not cell[0]], count, args.rounds, cell))
+        _print(targets, count, args.rounds)
+    finally:
+        for target in reversed(targets):
+            target.process.terminate()
+            target.process.wait(timeout=10)
+    return 0
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -180,75 +282,48 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench proxy", description=__doc__)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--quick", action="store_true", help="400 requests per cell")
-    parser.add_argument("--no-reorder", action="store_true", help="gateway with --no-reorder")
-    args = parser.parse_args(argv)
-    count = 400 if args.quick else args.requests
-
-    up_port, gw_port = _free_port(), _free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-c", f"from bench.proxy_bench import _serve_upstream; _serve_upstream({up_port})"]
+def _print(targets: list[_Target], count: int, rounds: int) -> None:
+    direct = targets[0]
+    print(
+        f"\nProxy overhead: {count} requests per target and cell in {rounds} alternating rounds, ~20 KB RAG chat "
+        "bodies (10 blocks), a bare asyncio upstream; CPU/req is the server process's own CPU"
     )
-    command = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--upstream",
-        f"http://127.0.0.1:{up_port}",
-        "--port",
-        str(gw_port),
-        "--log-level",
-        "warning",
-        "--engine",
-        "openai",
-    ]
-    if args.no_reorder:
-        command.append("--no-reorder")
-    gateway = subprocess.Popen(command)
-    try:
-        _wait(f"http://127.0.0.1:{up_port}/health")
-        _wait(f"http://127.0.0.1:{gw_port}/health")
-        rows = []
-        for stream in (False, True):
-            for concurrency in (1, 16):
-                direct = asyncio.run(_load(f"http://127.0.0.1:{up_port}", count, concurrency, stream))
-                cpu_before = _cpu_seconds(gateway.pid)
-                through = asyncio.run(_load(f"http://127.0.0.1:{gw_port}", count, concurrency, stream))
-                cpu_ms = (_cpu_seconds(gateway.pid) - cpu_before) * 1000 / (count + min(20, count))
-                rows.append((stream, concurrency, direct, through, cpu_ms))
-        _print(rows, count)
-    finally:
-        for process in (gateway, upstream):
-            process.terminate()
-            process.wait(timeout=10)
-    return 0
-
-
-def _print(
-    rows: list[tuple[bool, int, tuple[list[float], list[float], float], tuple[list[float], list[float], float], float]],
-    count: int,
-) -> None:
-    print(f"\nProxy overhead ({count} requests per cell, ~20 KB RAG chat bodies, fast upstream)")
     header = (
-        f"{'mode':<10}{'conc':>5}{'direct p50':>12}{'gw p50':>10}{'added p50':>11}{'added p99':>11}"
-        f"{'added TTFB p50':>16}{'direct rps':>12}{'gw rps':>9}{'gw CPU/req':>12}"
+        f"{'target':<20}{'mode':<7}{'conc':>5}{'p50':>9}{'added p50':>11}{'added p99':>11}{'added TTFB':>12}"
+        f"{'rps':>7}{'of direct':>11}{'CPU/req':>10}"
     )
     print(header)
     print("-" * len(header))
-    for stream, concurrency, direct, through, cpu_ms in rows:
-        d_lat, d_first, d_rps = direct
-        g_lat, g_first, g_rps = through
-        added50 = (_pct(g_lat, 0.5) - _pct(d_lat, 0.5)) * 1000
-        added99 = (_pct(g_lat, 0.99) - _pct(d_lat, 0.99)) * 1000
-        ttfb = (statistics.median(g_first) - statistics.median(d_first)) * 1000
+    for cell in ((False, 1), (False, 16), (True, 1), (True, 16)):
+        d_lat, d_first = direct.latencies[cell], direct.firsts[cell]
+        d_rps = len(d_lat) / direct.elapsed[cell]
+        for target in targets:
+            if cell not in target.latencies:
+                continue
+            lat, first = target.latencies[cell], target.firsts[cell]
+            rps = len(lat) / target.elapsed[cell]
+            cpu_ms = target.cpu[cell] * 1000 / len(lat)
+            if target is direct:
+                added = "-"
+                added50 = added99 = ttfb = f"{added:>11}"
+            else:
+                added50 = f"{(_pct(lat, 0.5) - _pct(d_lat, 0.5)) * 1000:>9.2f}ms"
+                added99 = f"{(_pct(lat, 0.99) - _pct(d_lat, 0.99)) * 1000:>9.2f}ms"
+                ttfb = f"{(statistics.median(first) - statistics.median(d_first)) * 1000:>9.2f}ms"
+            print(
+                f"{target.name:<20}{'stream' if cell[0] else 'json':<7}{cell[1]:>5}{_pct(lat, 0.5) * 1000:>7.2f}ms"
+                f"{added50}{added99} {ttfb}{rps:>7.0f}{rps / d_rps:>10.0%}{cpu_ms:>8.3f}ms"
+            )
+    reorder = next((t for t in targets if t.name == "prefixgate reorder"), None)
+    if reorder is not None:
+        print(f"prefixgate reorder: {reorder.reordered} of the measured responses said reordered:true")
+    reference = next((t for t in targets if t.name == "reference"), None)
+    if reference is not None:
+        cell = (False, 16)
+        ours = len(targets[1].latencies[cell]) / targets[1].elapsed[cell]
+        theirs = len(reference.latencies[cell]) / reference.elapsed[cell]
         print(
-            f"{'stream' if stream else 'json':<10}{concurrency:>5}{_pct(d_lat, 0.5) * 1000:>10.2f}ms"
-            f"{_pct(g_lat, 0.5) * 1000:>8.2f}ms{added50:>9.2f}ms{added99:>9.2f}ms{ttfb:>14.2f}ms"
-            f"{d_rps:>12.0f}{g_rps:>9.0f}{cpu_ms:>10.3f}ms"
+            f"json, concurrency 16: prefixgate {ours:.0f} rps = {ours / theirs:.1f}x the reference's {theirs:.0f} rps"
         )
 
 

@@ -67,6 +67,28 @@ class Metrics:
             registry=r,
         )
 
+        # label children by (route, status) and route: ``labels()`` costs more than the update it finds
+        self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._first_byte: dict[str, Histogram] = {}
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """Count one proxied request by route and status, and observe how long it took."""
+        children = self._answered.get((route, status))
+        if children is None:
+            children = self._answered[route, status] = (
+                self.requests.labels(route, str(status)),
+                self.latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def first_byte(self, route: str, seconds: float) -> None:
+        """Observe the time to the first response body byte relayed on ``route``."""
+        child = self._first_byte.get(route)
+        if child is None:
+            child = self._first_byte[route] = self.ttfb.labels(route)
+        child.observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import respx
 
+from gateway.planner import Planner
 from tests.integration.conftest import AppFactory
 
 pytestmark = pytest.mark.anyio
@@ -367,3 +368,23 @@ async def test_no_client_library_defaults_added(gateway: AppFactory, upstream: r
     assert sent["user-agent"] == "my-app/1"
     assert "python-httpx" not in sent.get("user-agent", "")
     assert set(sent.keys()) <= {"host", "content-length", "user-agent", "accept", "accept-encoding", "x-request-id"}
+
+
+async def test_a_bug_in_the_proxy_is_an_openai_shaped_500(
+    gateway: AppFactory, upstream: respx.Router, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``/v1`` bypasses Litestar's exception handling: the app's own edge catch renders and logs the 500."""
+    upstream.post("/v1/chat/completions").mock(side_effect=ok_json)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Planner, "plan", broken)
+    async with gateway() as client:
+        response = await client.post("/v1/chat/completions", content=CHAT, headers={"content-type": "application/json"})
+        health = await client.get("/health")
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "internal_error"
+    assert "a bug" not in response.text
+    assert health.status_code == 200
+    assert "unhandled error on /v1/chat/completions" in caplog.text
