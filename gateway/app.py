@@ -21,9 +21,9 @@ from engines.llamacpp.slots import discover_slots
 from engines.registry import get_engine
 from gateway import __version__
 from gateway.errors import GatewayError, error_body, error_type
-from gateway.ids import REQUEST_ID_PATTERN
+from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces
 from gateway.index_api import index_routes
-from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics
+from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics, watch_event_loop
 from gateway.planner import Planner
 from gateway.proxy import Proxy
 from gateway.residency import Residency
@@ -86,11 +86,15 @@ def _kv_subscribers(settings: Settings, tracker: KVEventTracker) -> list[KVEvent
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
     """Build the gateway for ``settings``; ``transport`` replaces the network (tests use respx routers)."""
     metrics = Metrics()
+    if settings.api_key and not settings.admin_token:
+        logger.warning("client keys are set but no admin token: /evict, /reset and stateful /reorder are open")
     residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
     metrics.registry.register(IndexCollector(residency.index.stats))
     client = build_client(settings, transport)
     planner = Planner(settings, residency, metrics)
-    proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner, issued=residency.issued)
+    namespaces = KeyNamespaces([key.encode() for key in settings.api_key])
+    engine = get_engine(settings.engine)
+    proxy = Proxy(settings, client, engine, metrics, planner, issued=residency.issued, namespaces=namespaces)
     mode = "stateless" if settings.stateless else "live"
 
     @asgi("/v1", is_mount=True, copy_scope=True)
@@ -152,6 +156,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         subscribers = _kv_subscribers(settings, kv_tracker)
         app.state.kv_subscribers = subscribers
         async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_event_loop, metrics)
             if settings.engine == "llamacpp":
                 tg.start_soon(learn_slots)
             for subscriber in subscribers:
@@ -164,7 +169,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
                 tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[proxy_mount, health, ready, metrics_route, *index_routes(settings, residency)],
+        route_handlers=[proxy_mount, health, ready, metrics_route, *index_routes(settings, residency, namespaces)],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             GatewayError: _gateway_error,
