@@ -17,6 +17,16 @@ altered, duplicated or delivered to the wrong request shows up as a text mismatc
 the oracle's additionally shows that no block was lost or duplicated by a reorder. Streams must end with
 ``[DONE]``, carry no error event, and report usage consistent with the text.
 
+Hostile traffic rides along (``--quick`` scales it down): a share of requests are abandoned by their client mid-way
+(``--disconnect-rate``), a share carry hostile prompts (``--hostile-rate``: many numbering styles, many distinct
+separator lines, article and year labels, tags that do not pair, ``index`` quoted inside attributes, one giant
+line), which must still be answered exactly as the oracle answers them; ``--slowloris`` connections dribble
+request headers one byte at a time for the whole run (the gateway must cut them off), and ``--header-floods``
+requests carry 100 KB of headers (431 expected). Reported: requests, lost (no answer at all, not counting the
+deliberate disconnects), non-2xx by status, the gateway's longest event-loop stall (its own
+``prefixgate_event_loop_busy_max_seconds``: CPU time between two 10 ms ticks, so that a machine shared with other
+work does not count; the wall-clock lateness is printed too) and RSS after warm-up and at the end.
+
 Also watched: the gateway's live index never exceeds its cap (``GET /stats``, sampled), the gateway's resident
 memory (``/proc/<pid>/status``: start, sampled peak and ``VmHWM``, end) and ``prefixgate_in_flight_requests``
 back at 0. Exits non-zero when any check fails.
@@ -63,6 +73,18 @@ class Totals:
 
 
 @dataclass
+class Hostile:
+    """What the hostile side of the load saw."""
+
+    disconnects: int = 0
+    slowloris_cut: int = 0
+    slowloris_opened: int = 0
+    floods: Counter[int] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)  # non-2xx answers to ordinary and hostile requests
+    lost: int = 0
+
+
+@dataclass
 class Watch:
     """What the samplers saw while the load ran."""
 
@@ -89,8 +111,41 @@ def _question(i: int) -> str:
     return f"Using the facts, explain {filler} and cite them (reference {i})."
 
 
-def build_request(i: int) -> tuple[str, str, dict[str, Any], int]:
-    """Request ``i``: (kind label, route, body, number of retrieved blocks)."""
+def _hostile_text(i: int) -> str:
+    """A prompt built to be expensive or misleading for the detectors; blocks keep the oracle invariants."""
+    rng = random.Random(i)
+    variant = i % 5
+    if variant == 0:  # many distinct numbering styles, then prose (issue 11, item 1)
+        styles = rng.randint(100, 200)
+        head = "".join(f"Doc{' ' * k}1: some text here\nDoc{' ' * k}2: more text here\n" for k in range(1, styles))
+        return head + "ordinary words in a line of prose\n" * 800
+    if variant == 1:  # many distinct separator lines
+        parts = [f"document text number {k} with enough characters\n{'-' * (3 + k)}\n" for k in range(150)]
+        return "Here are the retrieved documents:\n" + "".join(parts) * 2
+    if variant == 2:  # identifiers that look like positions
+        docs = [_doc(rng.randrange(TOPICS), k) for k in range(3)]
+        return (
+            "Context:\n"
+            + "".join(f"Article {12 + n}: {doc}\n" for n, doc in enumerate(docs))
+            + "\n"
+            + "".join(f"## Document {2021 + n} annual report\n{doc}\n\n" for n, doc in enumerate(docs))
+        )
+    if variant == 3:  # tags that do not pair, an index quoted inside another attribute
+        doc = _doc(rng.randrange(TOPICS), 1)
+        return (
+            "<documents><document>In DocBook, the <document> element wraps a whole book.</document>\n"
+            f'<document>{doc}</document></documents>\n<docs><doc title="see index=\'1\'" index="2">{doc}</doc>\n'
+            f'<doc index="3">{doc}</doc></docs>'
+        )
+    return "word " * 40_000  # one giant line
+
+
+def build_request(i: int, hostile: bool = False) -> tuple[str, str, dict[str, Any], int]:
+    """Request ``i``: (kind label, route, body, number of retrieved blocks; -1: not checked)."""
+    if hostile:
+        content = f"{_hostile_text(i)}\n\n{_question(i)}"
+        body = {"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
+        return "hostile", "/v1/chat/completions", body, -1
     rng = random.Random(i)
     chat = i % 4 < 2
     stream = i % 2 == 1
@@ -160,11 +215,50 @@ async def _send(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) 
     return response.status_code, response.content, dict(response.headers)
 
 
+@dataclass(frozen=True)
+class Mix:
+    """Which requests are abandoned or hostile (decided per request index, reproducibly)."""
+
+    disconnect_rate: float
+    hostile_rate: float
+
+    def of(self, i: int) -> str:
+        draw = random.Random(i * 7919 + 1).random()
+        if draw < self.disconnect_rate:
+            return "disconnect"
+        return "hostile" if draw < self.disconnect_rate + self.hostile_rate else "plain"
+
+
+async def _abandon(client: httpx.AsyncClient, gateway: str, i: int, hostile: Hostile) -> None:
+    """Send a request and go away before the answer is complete."""
+    _, route, body, _ = build_request(i)
+    body["stream"] = True
+    try:
+        async with asyncio.timeout(random.Random(i).uniform(0.001, 0.05)):
+            async with client.stream("POST", gateway + route, json=body) as response:
+                async for _ in response.aiter_raw():
+                    await asyncio.sleep(0.01)
+    except (TimeoutError, httpx.HTTPError):
+        pass
+    hostile.disconnects += 1
+
+
 async def _run_one(
-    client: httpx.AsyncClient, gateway: str, oracle: str, i: int, totals: dict[str, Totals], problems: list[str]
+    client: httpx.AsyncClient,
+    gateway: str,
+    oracle: str,
+    i: int,
+    totals: dict[str, Totals],
+    problems: list[str],
+    mix: Mix,
+    hostile: Hostile,
 ) -> None:
-    kind, route, body, blocks = build_request(i)
-    chat, stream = route.endswith("chat/completions"), bool(body["stream"])
+    what = mix.of(i)
+    if what == "disconnect":
+        await _abandon(client, gateway, i, hostile)
+        return
+    kind, route, body, blocks = build_request(i, hostile=what == "hostile")
+    chat, stream = route.endswith("chat/completions"), bool(body.get("stream"))
     encoded = json.dumps(body).encode()
     row = totals[kind]
     row.requests += 1
@@ -173,8 +267,11 @@ async def _run_one(
         status, raw, headers = await _send(client, gateway + route, encoded, stream)
     except httpx.HTTPError as exc:
         row.errors += 1
+        hostile.lost += 1
         problems.append(f"#{i} {kind}: {exc!r}")
         return
+    if not 200 <= status < 300:
+        hostile.statuses[status] += 1
     row.latencies.append(time.perf_counter() - started)
     got = _parse(chat, stream, status, raw)
     if isinstance(got, str):
@@ -183,9 +280,12 @@ async def _run_one(
         return
     result = json.loads(headers.get("x-prefixgate-result", "{}"))
     row.reordered += bool(result.get("reordered"))
-    if result.get("blocks", 0) != blocks:
+    if blocks >= 0 and result.get("blocks", 0) != blocks:
         row.detection_mismatches += 1
-    o_status, o_raw, _ = await _send(client, oracle + route, encoded, stream)
+    try:
+        o_status, o_raw, _ = await _send(client, oracle + route, encoded, stream)
+    except httpx.TransportError:  # the oracle is not under test: one retry on a fresh connection
+        o_status, o_raw, _ = await _send(client, oracle + route, encoded, stream)
     expected = _parse(chat, stream, o_status, o_raw)
     if isinstance(expected, str):
         raise RuntimeError(f"the oracle failed on #{i}: {expected}")
@@ -212,26 +312,82 @@ async def _sample(gateway: str, pid: int, watch: Watch, stop: asyncio.Event) -> 
                 pass
 
 
+async def _slowloris(port: int, hostile: Hostile, stop: asyncio.Event) -> None:
+    """Hold a connection that sends its headers one byte at a time; reconnect whenever the gateway cuts it."""
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: " + b"s" * 10_000
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.5)
+            continue
+        hostile.slowloris_opened += 1
+        try:
+            for byte in request:
+                if stop.is_set():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                try:
+                    await asyncio.wait_for(reader.read(1), 0.5)
+                    hostile.slowloris_cut += 1  # the server answered (408) or closed: it cut us off
+                    break
+                except TimeoutError:
+                    continue
+        except OSError:
+            hostile.slowloris_cut += 1
+        finally:
+            writer.close()
+
+
+async def _flood(port: int, hostile: Hostile) -> None:
+    """One request with 100 KB of headers (the gateway limit is 64 KB by default)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\n" + b"X-Flood: " + b"f" * 100_000 + b"\r\n\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        hostile.floods[int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0] += 1
+    except (OSError, TimeoutError):
+        hostile.floods[0] += 1
+
+
 async def _load(
-    gateway: str, oracle: str, count: int, concurrency: int, pid: int, watch: Watch
+    gateway: str,
+    oracle: str,
+    indices: range,
+    concurrency: int,
+    pid: int,
+    watch: Watch,
+    setup: tuple[Mix, Hostile, int, int],
 ) -> tuple[dict[str, Totals], list[str], float]:
+    mix, hostile, slowloris, floods = setup
     totals: dict[str, Totals] = defaultdict(Totals)
     problems: list[str] = []
-    next_index = iter(range(count))
-    limits = httpx.Limits(max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency)
+    next_index = iter(indices)
+    port = int(gateway.rsplit(":", 1)[1])
+    # idle connections are dropped before the servers' 5 s keep-alive timeout, never raced against it
+    limits = httpx.Limits(
+        max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency, keepalive_expiry=2.0
+    )
     stop = asyncio.Event()
+    flood_every = max(len(indices) // floods, 1) if floods else 0
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
 
         async def worker() -> None:
             for i in next_index:
-                await _run_one(client, gateway, oracle, i, totals, problems)
+                if flood_every and i % flood_every == 0:
+                    await _flood(port, hostile)
+                await _run_one(client, gateway, oracle, i, totals, problems, mix, hostile)
 
         sampler = asyncio.create_task(_sample(gateway, pid, watch, stop))
+        slow = [asyncio.create_task(_slowloris(port, hostile, stop)) for _ in range(slowloris)]
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         stop.set()
-        await sampler
+        await asyncio.gather(sampler, *slow)
     return totals, problems, elapsed
 
 
@@ -248,12 +404,20 @@ def _metric(text: str, name: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--disconnect-rate", type=float, default=0.05, help="share of requests abandoned mid-way")
+    parser.add_argument("--hostile-rate", type=float, default=0.05, help="share of requests with hostile prompts")
+    parser.add_argument("--slowloris", type=int, default=100, help="connections dribbling headers all along")
+    parser.add_argument("--header-floods", type=int, default=100, help="requests with 100 KB of headers")
+    parser.add_argument("--warmup", type=int, default=1_000, help="requests before the RSS baseline")
     parser.add_argument("--capacity-tokens", type=int, default=40_000, help="KV capacity of the engine behind")
     parser.add_argument("--index-max-requests", type=int, default=1_000, help="the gateway's live index cap")
-    parser.add_argument("--quick", action="store_true", help="2,000 requests")
+    parser.add_argument("--quick", action="store_true", help="2,000 requests, 20 slowloris connections")
     args = parser.parse_args(argv)
     count = 2_000 if args.quick else args.requests
+    if args.quick:
+        args.slowloris, args.header_floods, args.warmup = min(args.slowloris, 20), min(args.header_floods, 20), 300
+    args.warmup = min(args.warmup, count // 2)
 
     gw_port, sim_port, oracle_port = _free_port(), _free_port(), _free_port()
     gateway_url, sim_url = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{sim_port}"
@@ -286,16 +450,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for url, process in ((gateway_url, gateway), (sim_url, engine), (oracle_url, oracle)):
             _wait(f"{url}/health", process)
-        rss_start = _proc_kib(gateway.pid, "VmRSS")
         watch = Watch()
+        hostile = Hostile()
+        setup = (Mix(args.disconnect_rate, args.hostile_rate), hostile, args.slowloris, args.header_floods)
+        asyncio.run(_load(gateway_url, oracle_url, range(args.warmup), args.concurrency, gateway.pid, Watch(), setup))
+        rss_start = _proc_kib(gateway.pid, "VmRSS")
         totals, problems, elapsed = asyncio.run(
-            _load(gateway_url, oracle_url, count, args.concurrency, gateway.pid, watch)
+            _load(gateway_url, oracle_url, range(args.warmup, count), args.concurrency, gateway.pid, watch, setup)
         )
         time.sleep(0.5)  # let the last eviction callbacks land
         rss_end = _proc_kib(gateway.pid, "VmRSS")
         hwm = _proc_kib(gateway.pid, "VmHWM")
         stats = httpx.get(f"{gateway_url}/stats", timeout=10).json()["index_stats"]
-        in_flight = _metric(httpx.get(f"{gateway_url}/metrics", timeout=10).text, "prefixgate_in_flight_requests")
+        exported = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+        in_flight = _metric(exported, "prefixgate_in_flight_requests")
+        stall = (
+            _metric(exported, "prefixgate_event_loop_stall_max_seconds"),
+            _metric(exported, "prefixgate_event_loop_busy_max_seconds"),
+        )
         sim_stats = httpx.get(f"{sim_url}/sim/stats", timeout=10).json()
     finally:
         for process in processes:
@@ -307,9 +479,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                 process.kill()
                 process.wait()
     watch.index_sizes.append(stats["num_requests"])
-    return _report(
-        args, count, totals, problems, elapsed, watch, (rss_start, hwm, rss_end), stats, in_flight, sim_stats
+    failed = _report(
+        args,
+        count - args.warmup,
+        totals,
+        problems,
+        elapsed,
+        watch,
+        (rss_start, hwm, rss_end),
+        stats,
+        in_flight,
+        sim_stats,
     )
+    return _report_hostile(args, count, hostile, stall, rss_start, rss_end) or failed
+
+
+def _report_hostile(
+    args: argparse.Namespace, count: int, hostile: Hostile, stall: tuple[float, float], rss_start: int, rss_end: int
+) -> int:
+    """The hostile side: what was sent, what came back, and the targets of issue 11."""
+    fives = sum(n for status, n in hostile.statuses.items() if status >= 500)
+    growth = (rss_end - rss_start) / 1024
+    print(f"\nHostile mix (all {count} requests, warm-up {args.warmup} included)")
+    print(f"requests                  {count} ({args.disconnect_rate:.0%} abandoned, {args.hostile_rate:.0%} hostile)")
+    print(f"lost                      {hostile.lost}")
+    print(f"non-2xx by status         {dict(sorted(hostile.statuses.items())) or '{}'}")
+    print(f"abandoned by the client   {hostile.disconnects}")
+    print(f"header floods by status   {dict(sorted(hostile.floods.items()))}")
+    slow = f"{args.slowloris} held, {hostile.slowloris_opened} opened, {hostile.slowloris_cut} cut by the gateway"
+    print(f"slowloris                 {slow}")
+    print(f"max event-loop stall      {stall[1] * 1000:.1f} ms of the gateway's own work between two 10 ms ticks")
+    print(f"  (timer lateness         {stall[0] * 1000:.1f} ms wall clock, including time the OS gave to others)")
+    print(f"RSS after warm-up / end   {rss_start / 1024:.1f} MiB / {rss_end / 1024:.1f} MiB (growth {growth:+.1f} MiB)")
+    failed = hostile.lost or fives or stall[1] > 0.05 or growth >= 50 or set(hostile.floods) - {431}
+    print(f"hostile result: {'FAIL' if failed else 'PASS'}")
+    return 1 if failed else 0
 
 
 def _report(

@@ -21,9 +21,9 @@ from engines.registry import get_engine
 from gateway import __version__
 from gateway.background import BackgroundCollector, Supervisor
 from gateway.errors import GatewayError, error_body, error_type
-from gateway.ids import REQUEST_ID_PATTERN
+from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces
 from gateway.index_api import index_routes
-from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics
+from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics, watch_event_loop
 from gateway.planner import Planner
 from gateway.proxy import Proxy
 from gateway.residency import Residency
@@ -123,11 +123,14 @@ class _Gateway(Litestar):
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
     """Build the gateway for ``settings``; ``transport`` replaces the network (tests use respx routers)."""
     metrics = Metrics()
+    if settings.api_key and not settings.admin_token:
+        logger.warning("client keys are set but no admin token: /evict, /reset and stateful /reorder are open")
     residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
     metrics.registry.register(IndexCollector(residency.index.stats))
     transport = transport if transport is not None else build_transport(settings)
     client = build_client(settings, transport)
     planner = Planner(settings, residency, metrics)
+    namespaces = KeyNamespaces([key.encode() for key in settings.api_key])
     proxy = Proxy(
         settings,
         UpstreamSender(client, transport),
@@ -135,6 +138,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         metrics,
         planner,
         issued=residency.issued,
+        namespaces=namespaces,
     )
     mode = "stateless" if settings.stateless else "live"
 
@@ -195,6 +199,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         subscribers = _kv_subscribers(settings, kv_tracker)
         app.state.kv_subscribers = subscribers
         async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_event_loop, metrics)
             if settings.engine == "llamacpp":
                 supervisor.start(tg, "llamacpp-slots", learn_slots)
             for subscriber in subscribers:
@@ -206,7 +211,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     app = _Gateway(
         proxy,
-        route_handlers=[health, ready, metrics_route, *index_routes(settings, residency)],
+        route_handlers=[health, ready, metrics_route, *index_routes(settings, residency, namespaces)],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             GatewayError: _gateway_error,

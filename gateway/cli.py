@@ -77,6 +77,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.edge import edge_protocol
     from gateway.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
@@ -95,6 +96,8 @@ def serve(settings: Settings) -> int:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=5,
+            http=edge_protocol(settings),
+            timeout_keep_alive=settings.http_keepalive_timeout,
         )
     return 0
 

@@ -9,13 +9,19 @@ contract bugs are fixed:
   ``scheduled_request_ids`` is the same ids in execution order, aligned with ``reordered_contexts``;
 - ``/evict`` answers 200 in stateless mode too (nothing to remove), and ``/health`` is 200 on a fresh server.
 
+Who may call what (see docs/reliability.md, "Tenancy"): routes that change the index for everyone (``/evict``,
+``/reset``, ``/insert``, ``/deduplicate``, stateful ``/reorder``) need the admin token when one is configured
+(without one they are open, as engine eviction hooks must reach ``/evict``: set one on any shared listener);
+every other route (``/schedule``, ``/stats``, ``/requests``, ``/search``) needs the admin token or a client key
+whenever either is configured, and a client key sees only its own part: its own index view, its own ids, and
+ids issued to it are honoured only for it. A gateway with neither configured is one open tenant.
+
 Big batches are planned in a worker thread on an immutable snapshot of the live index, so the proxy keeps
 serving; only the final commit runs on the event loop.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any, TypeVar
@@ -27,7 +33,9 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, Unauthorized
+from gateway.access import API_KEY, Access, index_key
+from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.ids import KeyNamespaces
 from gateway.residency import Residency
 from gateway.settings import Settings
 from gateway.wire import malformed_json_is_400, split_error_path
@@ -38,7 +46,6 @@ from scheduler.ids import mint_request_id
 
 __all__ = ["index_routes"]
 
-API_KEY: Hashable = ("index-api",)
 _COMMIT_CHUNK = 256
 _LINKAGE_METHODS = frozenset({"single", "complete", "average", "weighted", "centroid", "median", "ward"})
 
@@ -111,6 +118,8 @@ def _decode_contexts(body: bytes) -> tuple[_IntContexts | _StrContexts, str]:
                 return _str_decoder.decode(body), "string"
             except msgspec.ValidationError:
                 pass
+            except msgspec.DecodeError as exc:  # truncated after the integer decoder stopped at a string
+                raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
             text = str(int_error)
         except msgspec.DecodeError as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
@@ -122,11 +131,13 @@ def _decode_contexts(body: bytes) -> tuple[_IntContexts | _StrContexts, str]:
     )
 
 
-def _check_limits(request: _Options, contexts: Sequence[Sequence[Any]], settings: Settings) -> None:
-    if len(contexts) > settings.reorder_max_contexts:
-        raise PayloadTooLarge(
-            f"at most {settings.reorder_max_contexts} contexts per request", param="contexts", code="too_many_contexts"
-        )
+def _check_limits(
+    request: _Options, contexts: Sequence[Sequence[Any]], settings: Settings, *, stateless: bool = False
+) -> None:
+    most = min(settings.reorder_max_contexts, settings.schedule_max_contexts) if stateless else None
+    most = most or settings.reorder_max_contexts
+    if len(contexts) > most:
+        raise PayloadTooLarge(f"at most {most} contexts per request", param="contexts", code="too_many_contexts")
     for i, context in enumerate(contexts):
         if len(context) > settings.reorder_max_blocks:
             raise PayloadTooLarge(
@@ -164,36 +175,38 @@ def _conversations(request: _Options) -> list[str | None] | None:
 
 
 class IndexApi:
-    """The handlers' shared state: settings, residency, and admin authentication."""
+    """The handlers' shared state: settings, residency, and who is calling (``gateway.access``)."""
 
-    def __init__(self, settings: Settings, residency: Residency) -> None:
+    def __init__(self, settings: Settings, residency: Residency, namespaces: KeyNamespaces | None = None) -> None:
         self.settings = settings
         self.residency = residency
-        self._admin = settings.admin_token.encode()
+        self.access = Access(settings, namespaces)
+
+    def identify(self, request: Request[Any, Any, Any]) -> str | None:
+        return self.access.identify(request.headers.get("authorization", ""))
 
     def require_admin(self, request: Request[Any, Any, Any]) -> None:
-        """State-changing routes need ``Authorization: Bearer <admin token>`` when a token is configured."""
-        if not self._admin:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._admin):
-            raise Unauthorized("this route needs the admin token", code="admin_token_required")
+        self.access.require_admin(request.headers.get("authorization", ""))
 
     async def reorder(self, request: Request[Any, Any, Any], *, stateless: bool) -> dict[str, Any]:
         stateful = not stateless and not self.residency.stateless
+        owner = None
         if stateful:
             self.require_admin(request)
+        else:
+            owner = self.identify(request)
         raw = await request.body()
-        view = self.residency.index.snapshot(API_KEY) if stateful else None
-        popularity = self.residency.index.popularity(API_KEY) if stateful else None
-        cooccurrence = self.residency.index.cooccurrence(API_KEY) if stateful else None
+        key = index_key(owner)
+        view = self.residency.index.snapshot(key) if stateful else None
+        popularity = self.residency.index.popularity(key) if stateful else None
+        cooccurrence = self.residency.index.cooccurrence(key) if stateful else None
 
         def plan_off_loop() -> tuple[
             _IntContexts | _StrContexts, str, list[list[int]], BatchPlan, list[list[Any]], float
         ]:
             # decoding, hashing and planning a big batch take long: a worker thread, on an immutable snapshot
             parsed, input_type = _decode_contexts(raw)
-            _check_limits(parsed, parsed.contexts, self.settings)
+            _check_limits(parsed, parsed.contexts, self.settings, stateless=not stateful)
             ids = [[block_id(block) for block in context] for context in parsed.contexts]
             tokens = _token_estimates(parsed.contexts, ids) if input_type == "string" else None
             started = time.perf_counter()
@@ -212,10 +225,10 @@ class IndexApi:
         contexts: list[list[Any]] = parsed.contexts
         mode = "stateless"
         request_ids = [mint_request_id() for _ in contexts]
-        self.residency.issue(request_ids)
+        self.residency.issue(request_ids, owner)
         if stateful:
             mode = "incremental" if view is not None and view.requests else "initial"
-            await self._commit(ids, plan, request_ids)
+            await self._commit(ids, plan, request_ids, key)
         body: dict[str, Any] = {
             "status": "success",
             "message": f"reordered {len(contexts)} contexts ({mode})",
@@ -245,12 +258,12 @@ class IndexApi:
             body["deduplication"] = self._deduplicate(contexts, request_ids, parsed.parent_request_ids, parsed)
         return body
 
-    async def _commit(self, ids: list[list[int]], plan: BatchPlan, request_ids: list[str]) -> None:
+    async def _commit(self, ids: list[list[int]], plan: BatchPlan, request_ids: list[str], key: Hashable) -> None:
         """Commit a planned batch in execution order, yielding to the event loop between chunks."""
         for start in range(0, len(plan.order), _COMMIT_CHUNK):
             for index in plan.order[start : start + _COMMIT_CHUNK]:
                 blocks = [ids[index][position] for position in plan.permutations[index]]
-                self.residency.commit(request_ids[index], [(API_KEY, blocks)])
+                self.residency.commit(request_ids[index], [(key, blocks)])
             await anyio.lowlevel.checkpoint()
 
     def _deduplicate(
@@ -353,9 +366,11 @@ def _check_hashable(contexts: Sequence[Sequence[Any]]) -> None:
                 raise InvalidRequest("documents must be integers or strings", param=f"contexts[{i}][{j}]")
 
 
-def index_routes(settings: Settings, residency: Residency) -> list[HTTPRouteHandler]:
-    """The index API's route handlers, bound to one gateway's state."""
-    api = IndexApi(settings, residency)
+def index_routes(
+    settings: Settings, residency: Residency, namespaces: KeyNamespaces | None = None
+) -> list[HTTPRouteHandler]:
+    """The index API's route handlers, bound to one gateway's state (``namespaces``: the proxy's, shared)."""
+    api = IndexApi(settings, residency, namespaces)
 
     @post("/reorder", status_code=200)
     async def reorder(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -390,22 +405,30 @@ def index_routes(settings: Settings, residency: Residency) -> list[HTTPRouteHand
         return {"status": "success", "message": "index and conversations reset", "conversation_tracker": "reset"}
 
     @get("/stats", sync_to_thread=False)
-    def stats() -> dict[str, Any]:
+    def stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Live index counters."""
+        api.identify(request)
         return api.stats()
 
     @get("/requests", sync_to_thread=False)
-    def requests() -> dict[str, Any]:
-        """Live request ids, least recently committed first."""
+    def requests(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Live request ids, least recently committed first (a client key: the ids it chose or was issued)."""
+        owner = api.identify(request)
         ids = residency.index.request_ids()
+        if owner is not None:
+            ids = [rid for rid in ids if rid.startswith(f"{owner}-") or residency.issued_to(rid, owner)]
         return {"status": "success", "num_requests": len(ids), "request_ids": ids}
 
     @post("/search", status_code=200)
     async def search(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """How many leading blocks of ``context`` the live index holds (in the given order)."""
+        """How many leading blocks of ``context`` the caller's view of the live index holds (in the given order)."""
+        owner = api.identify(request)
         parsed = _decode(await request.body(), _SearchBody)
         _check_hashable([parsed.context])
-        matched = residency.index.snapshot(API_KEY).prefix_length([block_id(b) for b in parsed.context])
+        if len(parsed.context) > settings.reorder_max_blocks:
+            raise PayloadTooLarge(f"at most {settings.reorder_max_blocks} blocks", param="context")
+        view = residency.index.snapshot(index_key(owner))
+        matched = view.prefix_length([block_id(b) for b in parsed.context])
         return {"status": "success", "prefix_length": matched, "has_prefix": matched > 0, "search_path": []}
 
     @post("/insert", status_code=200)

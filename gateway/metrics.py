@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
+import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -11,7 +13,7 @@ from prometheus_client.registry import Collector
 
 from scheduler.index import IndexStats
 
-__all__ = ["CONTENT_TYPE_LATEST", "IndexCollector", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "IndexCollector", "Metrics", "watch_event_loop"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -67,6 +69,24 @@ class Metrics:
             registry=r,
         )
 
+        self.intercept_skipped = Counter(
+            "prefixgate_intercept_skipped",
+            "Proxied requests with text forwarded unchanged without (complete) interception, by reason",
+            ["reason"],
+            registry=r,
+        )
+
+        self.loop_stall = Gauge(
+            "prefixgate_event_loop_stall_max_seconds",
+            "Longest event-loop stall since start: how late a 10 ms timer fired, at worst",
+            registry=r,
+        )
+        self.loop_busy = Gauge(
+            "prefixgate_event_loop_busy_max_seconds",
+            "Longest CPU time the event loop spent between two 10 ms timer ticks since start (its own work only)",
+            registry=r,
+        )
+
         # label children by (route, status) and route: ``labels()`` costs more than the update it finds
         self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._first_byte: dict[str, Histogram] = {}
@@ -109,3 +129,23 @@ class IndexCollector(Collector):
         evictions.add_metric(["engine"], stats.evictions)
         evictions.add_metric(["capacity"], stats.lru_evictions)
         yield evictions
+
+
+async def watch_event_loop(metrics: Metrics, interval: float = 0.01) -> None:
+    """Sleep ``interval`` again and again; whatever the wake-up is late by, the loop was busy with something else.
+
+    Two measures: how late the timer fired (wall clock: includes time the OS gave to other processes), and how
+    much CPU time the event loop's thread spent between two ticks (only the gateway's own work).
+    """
+    worst = worst_cpu = 0.0
+    while True:
+        started, cpu = time.perf_counter(), time.thread_time()
+        await anyio.sleep(interval)
+        late = time.perf_counter() - started - interval
+        busy = time.thread_time() - cpu
+        if late > worst:
+            worst = late
+            metrics.loop_stall.set(worst)
+        if busy > worst_cpu:
+            worst_cpu = busy
+            metrics.loop_busy.set(worst_cpu)

@@ -14,6 +14,12 @@ Multi-turn stability: the rewrite of a text is memoised by a digest of the origi
 that shape it), so when a later turn resends the same message, it is rewritten byte-identically and the
 prefix that turn 1 cached still matches. The memo also remembers texts it left alone.
 
+Tenancy: with client keys (and without ``--shared-cache``) the memo key and every prefix key start with the
+key's namespace, so one key's planning (memo hits, predicted cached blocks, orders) never depends on what
+another key sent; see docs/reliability.md. Cost: everything done for one request shares one CPU budget
+(``intercept_budget_ms``, on the clock of the thread that plans); past it, the remaining texts are forwarded
+unchanged and counted.
+
 Threads: the live index and the slot table have a single writer, the event loop. A big prompt is planned in a
 worker thread (``plan(..., in_thread=True)``); its index reads and its slot choice then run on the event loop
 (``anyio.from_thread``), and its commit runs there later, in ``PlannedRequest.accept``. The memo is guarded
@@ -35,7 +41,8 @@ from cachetools import LRUCache
 from engines.llamacpp.slots import SlotTable
 from gateway.control import Control, parse_control
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.intercept import BlockGroup, find_groups, splice_all
+from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, find_groups, splice_all
+from gateway.intercept.budget import check
 from gateway.metrics import Metrics
 from gateway.planned import PlannedRequest, Prediction
 from gateway.residency import Residency
@@ -96,6 +103,9 @@ class _Outcome:
     model: bytes
     on_loop: OnLoop
     max_blocks: int
+    tenant: bytes = b""
+    deadline: float | None = None
+    skipped: str | None = None  # why some text was forwarded without (complete) interception
     commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
     groups: int = 0
     blocks: int = 0
@@ -114,14 +124,15 @@ class _Outcome:
                 code="too_many_blocks",
             )
 
-    def header(self) -> dict[str, Any]:
-        return {
-            "groups": self.groups,
-            "blocks": self.blocks,
-            "reordered": self.reordered,
-            "predicted_cached_blocks": self.cached,
-            "memo_hits": self.memo_hits,
-        }
+    def header(self, shared: bool) -> dict[str, Any]:
+        """The ``X-Prefixgate-Result`` fields; with a cache shared across keys, nothing another key can move."""
+        out: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
+        if not shared:
+            out["predicted_cached_blocks"] = self.cached
+            out["memo_hits"] = self.memo_hits
+        if self.skipped is not None:
+            out["skipped"] = self.skipped
+        return out
 
 
 class Planner:
@@ -148,18 +159,28 @@ class Planner:
         return len(self._slots.slots) if self._slots is not None else None
 
     def plan(
-        self, body: RequestBody, request_id: str, headers: Mapping[str, str], *, in_thread: bool = False
+        self,
+        body: RequestBody,
+        request_id: str,
+        headers: Mapping[str, str],
+        *,
+        in_thread: bool = False,
+        tenant: str | None = None,
     ) -> PlannedRequest:
         """Plan one request; 413 when it carries more than ``max_blocks_per_request`` blocks.
 
         ``in_thread``: called from a worker thread; every index read and the slot choice run on the event loop.
+        ``tenant``: the client key's namespace when planning state is per key (None: shared).
         """
         control = parse_control(headers, self.settings)
         on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else _call
         outcome = _Outcome(control, bytes(body.top.get("model", b"")), on_loop, self.settings.max_blocks_per_request)
+        outcome.tenant = (tenant or "").encode()
+        outcome.deadline = deadline_in(self.settings.intercept_budget_ms / 1000)  # in the thread that plans
         fields: dict[str, Any] = {}
         if control.enabled:
             prefix = _Prefix()
+            prefix.update(outcome.tenant + b"\0")
             prefix.update(body.route.encode())
             prefix.update(outcome.model)
             prefix.update(body.top.get("tools", b""))
@@ -167,7 +188,9 @@ class Planner:
                 self._chat(body, body.messages, fields, prefix, outcome)
             elif body.prompt is not None:
                 self._completions(body.prompt, fields, prefix, outcome)
-            result = outcome.header()
+            result = outcome.header(shared=self.settings.shared_cache and bool(self.settings.api_key))
+            if outcome.skipped is not None:
+                self.metrics.intercept_skipped.labels(outcome.skipped).inc()
         else:
             result = {"groups": 0, "reordered": False, "enabled": False}
         if outcome.reordered:
@@ -260,14 +283,25 @@ class Planner:
     def _text(self, text: str, prefix: _Prefix, outcome: _Outcome) -> str | None:
         """Rewrite one text; feed what the engine will see into ``prefix``. None when the text is unchanged."""
         control = outcome.control
+        if outcome.skipped == "budget" or len(text) > MAX_TEXT_CHARS:
+            outcome.skipped = outcome.skipped or "too_large"
+            prefix.update(text.encode("utf-8", "surrogatepass"))
+            return None
         memo_key = blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, key=outcome.model[:64])
         memo_key.update(control.signature())
+        memo_key.update(b"\0" + outcome.tenant)
         digest = memo_key.digest()
         with self._memo_lock:
             entry = self._memo.get(digest)
         fresh: list[int] | None = None
         if entry is None:
-            entry, fresh = self._plan_text(text, prefix, outcome)
+            try:
+                entry, fresh = self._plan_text(text, prefix, outcome)
+            except BudgetExceeded:
+                # the text goes out as it came, and so does every later one (the budget is per request); the
+                # memo remembers it as left alone so that a later turn sends the same bytes again
+                outcome.skipped = "budget"
+                entry, fresh = _Rewrite(None, (), False), []
             with self._memo_lock:
                 self._memo[digest] = entry
         else:
@@ -303,7 +337,9 @@ class Planner:
         """Plan every group of a text not seen before; also return each group's predicted cached blocks."""
         control = outcome.control
         try:
-            groups = find_groups(text, control.mode, tag=control.tag, separator=control.separator)
+            groups = find_groups(
+                text, control.mode, tag=control.tag, separator=control.separator, deadline=outcome.deadline
+            )
         except ValueError as exc:
             raise InvalidRequest(f"invalid control header: {exc}", code="invalid_header") from None
         if control.mode == "auto":
@@ -316,6 +352,7 @@ class Planner:
         metas: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
         cached: list[int] = []
         for group in groups:
+            check(outcome.deadline)
             # the key is what the engine sees before this group: earlier groups already in their new order
             before = splice_all(text[: group.start], edits, annotate=control.annotate) if edits else text[: group.start]
             key = prefix.copy()

@@ -83,6 +83,7 @@ class _Call:
     route: str
     started: float
     own_headers: list[tuple[bytes, bytes]]
+    tenant: str | None = None  # the key's namespace when planning state is per key (see docs/reliability.md)
     stream_slot: bool = False
     planned: PlannedRequest | None = None
 
@@ -112,7 +113,8 @@ class Proxy:
         metrics: Metrics,
         planner: Planner,
         *,
-        issued: Callable[[str], bool] | None = None,
+        issued: Callable[[str, str | None], bool] | None = None,
+        namespaces: KeyNamespaces | None = None,
     ) -> None:
         self.settings = settings
         self.issued = issued  # ids the index API handed out: clients send them back as they are (batch flow)
@@ -121,7 +123,7 @@ class Proxy:
         self.metrics = metrics
         self.planner = planner
         self._keys = [k.encode() for k in settings.api_key]
-        self._namespaces = KeyNamespaces(self._keys)
+        self._namespaces = namespaces if namespaces is not None else KeyNamespaces(self._keys)
         self.streams = 0  # streaming completion requests in flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -137,7 +139,7 @@ class Proxy:
         client_id = headers.get("x-request-id")
         if refusal is not None:
             request_id = mint_request_id()
-        elif client_id and self.issued is not None and self.issued(client_id):
+        elif client_id and self.issued is not None and self.issued(client_id, namespace):
             request_id = client_id
         else:
             request_id = resolve_request_id(client_id, namespace)
@@ -146,6 +148,7 @@ class Proxy:
         route = path.decode("latin-1")
         route = route if route in COMPLETION_ROUTES else "passthrough"
         call = _Call(send, request_id, route, started, [(b"x-request-id", request_id.encode())])
+        call.tenant = None if self.settings.shared_cache else namespace
         status = 500
         self.metrics.in_flight.inc()
         try:
@@ -190,7 +193,7 @@ class Proxy:
             body = await _run(in_thread, decode_request, raw, call.route)
             if body.stream:
                 self._take_stream_slot(call)
-            call.planned = planned = await _run(in_thread, self._plan, body, headers, call.request_id, in_thread)
+            call.planned = planned = await _run(in_thread, self._plan, body, headers, call, in_thread)
         call.own_headers.append((b"x-prefixgate-result", _encoder.encode(planned.result)))
         body.update(planned.fields)
         body.update(self.engine.stamp_fields(call.request_id))
@@ -198,8 +201,8 @@ class Proxy:
             body.update(self.engine.kv_event_fields(call.request_id, body))
         return await _run(in_thread, body.encode)
 
-    def _plan(self, body: RequestBody, headers: dict[str, str], request_id: str, in_thread: bool) -> PlannedRequest:
-        return self.planner.plan(body, request_id, headers, in_thread=in_thread)
+    def _plan(self, body: RequestBody, headers: dict[str, str], call: _Call, in_thread: bool) -> PlannedRequest:
+        return self.planner.plan(body, call.request_id, headers, in_thread=in_thread, tenant=call.tenant)
 
     async def _forward(self, scope: Scope, receive: Receive, path: bytes, body: bytes, call: _Call) -> int:
         target = path.decode("latin-1")

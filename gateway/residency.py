@@ -5,6 +5,11 @@ its own prefix key; the index files each group under its own id (``<rid>``, ``<r
 reports evictions by the request id the gateway stamped, possibly mangled (``chatcmpl-<rid>``, vLLM's
 suffixes): ``evict`` resolves those and releases every group of the request, and its conversation history.
 
+Ids that the index API hands out (``/reorder``, ``/schedule``, ``/insert``) are remembered per *owner* so that the
+proxy honours them verbatim when a client sends one back: ids issued under the admin token (or on a gateway
+without authentication) are honoured for every caller; ids issued to a client key only for that key. Each
+owner has its own bounded pool, so one caller cannot push another's ids out.
+
 Single writer: every method runs on the event loop.
 """
 
@@ -44,7 +49,8 @@ class Residency:
         self.index = LiveIndex(max_requests=max_requests)
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
-        self._issued: LRUCache[str, None] = LRUCache(maxsize=max_requests)
+        self._max_requests = max_requests
+        self._issued: dict[str | None, LRUCache[str, None]] = {}
         self._reset_hooks: list[Callable[[], None]] = []
         self.evict_calls = 0
 
@@ -62,13 +68,26 @@ class Residency:
         if len(ids) > 1:
             self._groups[request_id] = tuple(ids[1:])
 
-    def issue(self, request_ids: Iterable[str]) -> None:
-        """Remember ids the index API handed out, so the proxy honours them when clients send them back."""
+    def issue(self, request_ids: Iterable[str], owner: str | None = None) -> None:
+        """Remember ids the index API handed out to ``owner`` (a key namespace; None: the admin or nobody)."""
+        pool = self._issued.get(owner)
+        if pool is None:
+            pool = self._issued[owner] = LRUCache(maxsize=self._max_requests)
         for request_id in request_ids:
-            self._issued[request_id] = None
+            pool[request_id] = None
 
-    def issued(self, request_id: str) -> bool:
-        return request_id in self._issued
+    def issued(self, request_id: str, namespace: str | None = None) -> bool:
+        """Whether a caller with key ``namespace`` may use ``request_id`` as it is (see the module docstring)."""
+        shared = self._issued.get(None)
+        if shared is not None and request_id in shared:
+            return True
+        own = self._issued.get(namespace) if namespace is not None else None
+        return own is not None and request_id in own
+
+    def issued_to(self, request_id: str, owner: str) -> bool:
+        """Whether ``request_id`` was issued to ``owner`` itself."""
+        pool = self._issued.get(owner)
+        return pool is not None and request_id in pool
 
     @staticmethod
     def group_ids(request_id: str, count: int) -> list[str]:

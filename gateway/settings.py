@@ -62,6 +62,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sim_prefill_us: float = 20.0
     max_blocks_per_request: int = 4_096
     max_concurrent_streams: int = 1_024
+    intercept_budget_ms: float = 50.0
+    shared_cache: bool = False
+    schedule_max_contexts: int = 10_000
+    http_max_header_bytes: int = 65_536
+    http_max_headers: int = 100
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 60.0
+    http_keepalive_timeout: int = 5
+    http_max_requests_per_connection: int = 1_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -78,9 +87,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for name in ("reorder_max_contexts", "reorder_max_blocks", "sim_capacity_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
-        for name in ("connect_timeout", "read_timeout", "write_timeout", "pool_timeout"):
+        for name in (
+            "connect_timeout",
+            "read_timeout",
+            "write_timeout",
+            "pool_timeout",
+            "intercept_budget_ms",
+            "http_header_timeout",
+            "http_body_timeout",
+            "http_keepalive_timeout",
+        ):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be a positive number of seconds")
+                raise ValueError(f"{name}: must be a positive number")
         if self.sim_prefill_us < 0:
             raise ValueError("sim_prefill_us: must not be negative")
         if len(self.kv_events_replay) > len(self.kv_events_endpoint):
@@ -91,7 +109,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for key in self.api_key:
             if not key or any(ch.isspace() for ch in key):
                 raise ValueError("api_key: keys must be non-empty and contain no whitespace")
-        for name in ("max_blocks_per_request", "max_concurrent_streams"):
+        for name in (
+            "max_blocks_per_request",
+            "max_concurrent_streams",
+            "schedule_max_contexts",
+            "http_max_header_bytes",
+            "http_max_headers",
+            "http_max_requests_per_connection",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         # Secrets travel in HTTP headers: only visible ASCII survives every client and server unchanged.
@@ -159,6 +184,21 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "sim_prefill_us": ("simulated prefill cost per uncached prompt token, microseconds", "value"),
     "max_blocks_per_request": ("most retrieved blocks one proxied request may carry (413 above)", "value"),
     "max_concurrent_streams": ("most streaming requests in flight at once (429 with Retry-After above)", "value"),
+    "intercept_budget_ms": (
+        "CPU time per request for finding and planning blocks; past it, forwarded unchanged",
+        "value",
+    ),
+    "shared_cache": ("with --api-key: share the planner memo and index view across keys (off: one per key)", "flag"),
+    "schedule_max_contexts": (
+        "most contexts accepted by one stateless /schedule (or /reorder with --stateless)",
+        "value",
+    ),
+    "http_max_header_bytes": ("largest request line plus headers in bytes (431 above)", "value"),
+    "http_max_headers": ("most header fields in one request (431 above)", "value"),
+    "http_header_timeout": ("seconds a client has to send the request line and headers (408 after)", "value"),
+    "http_body_timeout": ("seconds a client has to send the whole body after its headers (closed after)", "value"),
+    "http_keepalive_timeout": ("seconds an idle keep-alive connection stays open", "value"),
+    "http_max_requests_per_connection": ("requests served on one keep-alive connection before it is closed", "value"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

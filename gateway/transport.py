@@ -36,7 +36,9 @@ def build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
     limits = httpx.Limits(
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_keepalive,
-        keepalive_expiry=30.0,
+        # below the 5 s idle timeout of uvicorn (vLLM, SGLang, the simulated engine): an idle connection is
+        # dropped here before the engine closes it, so no request is ever written into a closing connection
+        keepalive_expiry=4.0,
     )
     transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     # httpx takes no network backend, so its pool is replaced by one built with the same settings and ours.

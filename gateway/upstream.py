@@ -87,10 +87,12 @@ def request_headers(
     """Client headers minus hop-by-hop and control headers, with the gateway's own additions.
 
     The client's ``Authorization`` is forwarded unless it was meant for the gateway (``strip_authorization``)
-    or the gateway has its own upstream key.
+    or the gateway has its own upstream key. Fields that ``Connection`` names are connection-specific too and
+    are dropped (RFC 9110 §7.6.1), whatever their name.
     """
     drop_auth = strip_authorization or bool(upstream_api_key)
-    replaced = {k.encode("latin-1") for k in extra}
+    client_headers = list(client_headers)
+    replaced = {k.encode("latin-1") for k in extra} | _connection_named(client_headers)
     out: list[tuple[bytes, bytes]] = []
     for name, value in client_headers:
         lname = name.lower()
@@ -103,6 +105,15 @@ def request_headers(
         out.append((b"authorization", f"Bearer {upstream_api_key}".encode("latin-1")))
     out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())
     return out
+
+
+def _connection_named(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """The field names listed in the request's ``Connection`` fields (lower-cased)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    return named
 
 
 _HOP_BY_HOP_BYTES = frozenset(h.encode() for h in HOP_BY_HOP)

@@ -12,6 +12,7 @@ See :mod:`gateway.intercept.groups` for the span conventions and :mod:`gateway.i
 formats and the order in which they are tried.
 """
 
+from gateway.intercept.budget import BudgetExceeded, deadline_in
 from gateway.intercept.detect import MAX_TEXT_CHARS, find_groups
 from gateway.intercept.groups import FORMATS, MODES, Block, BlockGroup, NumberSpan
 from gateway.intercept.splice import relevance_line, splice, splice_all
@@ -22,7 +23,9 @@ __all__ = [
     "MODES",
     "Block",
     "BlockGroup",
+    "BudgetExceeded",
     "NumberSpan",
+    "deadline_in",
     "find_groups",
     "relevance_line",
     "splice",

@@ -12,13 +12,17 @@ takes text that an earlier one claimed:
 
 Fenced code and YAML front matter are protected: no marker inside them counts, and a group whose blocks
 would cut a fence in two is dropped. Texts longer than :data:`MAX_TEXT_CHARS` are not inspected. Every
-detector is a handful of linear scans with compiled patterns that cannot backtrack catastrophically.
+detector is a handful of linear scans with compiled patterns that cannot backtrack catastrophically; what a
+detector reads per candidate group is bounded by the size of that group (see :func:`~gateway.intercept.lines.
+scan_window`), never by the rest of the text. A ``deadline`` (see :mod:`gateway.intercept.budget`) is checked
+between detectors and between the candidates of one detector.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
 
+from gateway.intercept.budget import check
 from gateway.intercept.groups import MODES, BlockGroup
 from gateway.intercept.jsonresults import find_json_groups
 from gateway.intercept.markdown import find_markdown_groups
@@ -84,13 +88,15 @@ def find_groups(
     *,
     tag: str | None = None,
     separator: str | None = None,
+    deadline: float | None = None,
 ) -> list[BlockGroup]:
     """Return the block groups of ``text`` in text order; they never overlap.
 
     ``mode`` is ``auto`` or one format (see :data:`~gateway.intercept.groups.MODES`); an explicit format
     relaxes the heuristics that guard ``auto`` against prose and instructions. ``tag`` names the only item tag
     for ``xml_tag``, ``separator`` the only separator line for ``separator`` (both also apply in ``auto``).
-    Raises ``ValueError`` for an unknown mode or an invalid tag name; never for the text itself.
+    Raises ``ValueError`` for an unknown mode or an invalid tag name, and
+    :class:`~gateway.intercept.budget.BudgetExceeded` once ``deadline`` has passed; never for the text itself.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
@@ -109,21 +115,26 @@ def find_groups(
     protected = fenced_spans(text, claims.union([(0, skip_before)])).union([(0, skip_before)])
     groups = [group for group in groups if not protected.contains(group.start)]
     claims = Spans(_spans(groups))
+    check(deadline)
     if mode in ("auto", "numbered"):
-        groups += _select(find_numbered_groups(text, protected, claims, strict), claims, protected)
+        found = find_numbered_groups(text, protected, claims, strict, deadline=deadline)
+        groups += _select(found, claims, protected)
         claims = Spans(_spans(groups))
+    check(deadline)
     if mode in ("auto", "markdown_header"):
         groups += _select(find_markdown_groups(text, protected, claims, strict), claims, protected)
         claims = Spans(_spans(groups))
     reserved = claims
+    check(deadline)
     if mode in ("auto", "template"):
         found, regions = find_template_groups(text, protected)
         groups += _select(found, claims, protected)
         claims = Spans(_spans(groups))
         reserved = claims.union(regions)
+    check(deadline)
     if mode in ("auto", "separator"):
         found = find_separator_groups(
-            text, protected, reserved, strict=strict, separator=separator, skip_before=skip_before
+            text, protected, reserved, strict=strict, separator=separator, skip_before=skip_before, deadline=deadline
         )
         groups += _select(found, reserved, protected)
     groups.sort(key=lambda group: group.start)

@@ -14,7 +14,10 @@ delimiter, so its end is inferred from the shape of the other blocks:
   (and not blank-line separated), its first line;
 - if the others have up to N paragraphs, the last one takes up to N, stopping early at a hard cue, or at a
   *soft* cue (a line that reads like an instruction or a question) once it has N;
-- a soft cue inside what would be the last block makes the end ambiguous.
+- a soft cue inside what would be the last block makes the end ambiguous;
+- a last block that would need more than :func:`scan_window` characters (eight times the longest other block,
+  at least 4 KiB) to decide its end is ambiguous too. This bounds the cost per group by the size of the group
+  itself, so a text with many candidate lists is not rescanned to its end once per list.
 
 Ambiguous means ``None``: the caller leaves that block out of the group. A document left in the tail is
 untouched, whereas a trailing instruction swallowed into a moving block, or half a document left behind,
@@ -39,6 +42,7 @@ __all__ = [
     "line_end",
     "paragraphs",
     "rstrip_end",
+    "scan_window",
     "shape_of",
 ]
 
@@ -69,6 +73,9 @@ _NOT_CONTEXT = re.compile(
     r"|references|bibliography|works cited|footnotes)\b",
 )
 _CUE_WINDOW = 2048
+_WINDOW_FACTOR = 8
+_MIN_WINDOW = 4096
+_STRIP_CHUNK = 256
 
 
 class LinePattern:
@@ -127,10 +134,24 @@ def _hard_inside(text: str, shape: Shape, heading_level: int) -> bool:
 
 
 def rstrip_end(text: str, start: int, end: int) -> int:
-    """Return ``end`` moved left past trailing whitespace, not before ``start``."""
-    if end <= start or not text[end - 1].isspace():
-        return max(end, start)
-    return start + len(text[start:end].rstrip())
+    """Return ``end`` moved left past trailing whitespace, not before ``start``.
+
+    Reads only the trailing whitespace (in chunks), never a copy of the whole span: callers strip spans that
+    may reach the end of a large text.
+    """
+    while end > start and text[end - 1].isspace():
+        chunk_start = max(start, end - _STRIP_CHUNK)
+        kept = len(text[chunk_start:end].rstrip())
+        end = chunk_start + kept
+        if kept:
+            break
+    return max(end, start)
+
+
+def scan_window(shape: Shape) -> int:
+    """How far past its start the last block of a group with ``shape`` may be read to decide where it ends."""
+    longest = max((end - start for start, end in shape.spans), default=0)
+    return max(_WINDOW_FACTOR * longest, _MIN_WINDOW)
 
 
 def line_end(text: str, pos: int, limit: int) -> int:
@@ -183,23 +204,30 @@ def last_end(text: str, start: int, limit: int, shape: Shape, fences: Spans, *, 
     want = max(shape.paragraphs, 1)
     trusted: bool | None = None  # whether hard cues end the block; computed only when one is met
     found: list[tuple[int, int]] = []
+    truncated = limit - start > scan_window(shape)
+    if truncated:
+        limit = start + scan_window(shape)
+    decided = False  # whether the scan stopped on its own, before the end of the (possibly truncated) range
     for para in paragraphs(text, start, limit):
         if found and fences.contains(found[-1][1]):
             found[-1] = (found[-1][0], para[1])
             continue
         if found and want == 1:
+            decided = True
             break
         if found and _hard_at(text, para[0], limit, heading_level):
             trusted = not _hard_inside(text, shape, heading_level) if trusted is None else trusted
             if trusted:
+                decided = True
                 break
         if len(found) == want and _soft_at(text, para[0], limit):
+            decided = True
             break  # the block already has as many paragraphs as any other, and an instruction follows
         found.append(para)
         if len(found) > want:
             return None
-    if not found:
-        return None
+    if not found or (truncated and not decided):
+        return None  # the end lies beyond what may be read for a group of this size: ambiguous
     end = found[-1][1]
     hard = _next_hard_line(text, start, end, heading_level)
     if hard >= 0 and (trusted if trusted is not None else not _hard_inside(text, shape, heading_level)):

@@ -7,7 +7,9 @@ that level or above that is not one of them; deeper headers belong to the sectio
 ``markdown_header`` explicitly, every header of the shallowest level used at least twice starts a section.
 
 Numbers in the headers (``Document 3``) are rewritten by position when they count up by one across the run;
-otherwise they are identifiers and stay. The last section ends by the rule in :mod:`gateway.intercept.lines`.
+otherwise they are identifiers and stay. Years and other numbers from 1000 up (``## Document 2021 annual
+report``) and article numbers (``## Article 12``) are identifiers even when they count up by one. The last
+section ends by the rule in :mod:`gateway.intercept.lines`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple
 
 from gateway.intercept.groups import Block, BlockGroup, NumberSpan
 from gateway.intercept.lines import LinePattern, last_end, rstrip_end, shape_of
+from gateway.intercept.numbered import FIRST_IDENTIFIER
 from gateway.intercept.regions import Spans
 
 __all__ = ["find_markdown_groups"]
@@ -74,9 +77,9 @@ def _runs(headers: list[_Header], level: int, strict: bool) -> list[tuple[list[_
     return runs
 
 
-def _numbers(run: list[_Header]) -> bool:
+def _numbers(text: str, run: list[_Header]) -> bool:
     first = run[0].number
-    if first is None:
+    if first is None or first.value >= FIRST_IDENTIFIER or "article" in text[run[0].start : first.start].lower():
         return False
     return all(h.number is not None and h.number.value == first.value + i for i, h in enumerate(run))
 
@@ -90,7 +93,7 @@ def _block(text: str, header: _Header, end: int, numbered: bool) -> Block:
 
 
 def _group(text: str, run: list[_Header], limit: int, fences: Spans, strict: bool) -> BlockGroup | None:
-    numbered = _numbers(run)
+    numbered = _numbers(text, run)
     blocks = [_block(text, h, rstrip_end(text, h.start, following.start), numbered) for h, following in pairwise(run)]
     last = run[-1]
     spans = [(b.start, b.end) for b in blocks]

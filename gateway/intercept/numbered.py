@@ -11,6 +11,11 @@ the caller asked for this format explicitly. A ``[N]`` list is left alone when t
 numbers in prose (not at a line start) three times or more, or when it sits under a ``References`` heading:
 renumbering would break those citations.
 
+Numbers are rewritten by position only when they are positions: the run counts up by one from its first label
+and is not an identifier scheme. Article numbers (``Article 12:``) and year-like numbers (1000 and above:
+``Document 2021:``) name their item, so such a group keeps each label attached to its item (``number_base`` is
+``None`` and the label is part of the block's identity).
+
 Each item runs to the next marker of its run; the last one ends by the rule in :mod:`gateway.intercept.lines`,
 and is left out of the group when that rule finds its end ambiguous.
 """
@@ -22,11 +27,12 @@ from bisect import bisect_left
 from itertools import pairwise
 from typing import NamedTuple
 
+from gateway.intercept.budget import check
 from gateway.intercept.groups import Block, BlockGroup, NumberSpan
 from gateway.intercept.lines import LinePattern, context_cue_before, last_end, rstrip_end, shape_of
 from gateway.intercept.regions import Spans
 
-__all__ = ["find_numbered_groups"]
+__all__ = ["FIRST_IDENTIFIER", "find_numbered_groups"]
 
 _NUM = r"0|[1-9]\d{0,5}"
 # document words in lower, Title and UPPER case, written as a trie: an alternation of fourteen case-insensitive
@@ -50,6 +56,9 @@ _BIBLIOGRAPHY = re.compile(
 )
 _MIN_CHARS = {"b": 20, "d": 40, "lw": 8, "wb": 8, "wn": 8}
 _MAX_PROSE_CITATIONS = 3
+FIRST_IDENTIFIER = 1000
+"""A numbering that starts at or above this is not a position (years, article and statute numbers)."""
+_IDENTIFIER_WORDS = ("article",)
 
 
 class _Marker(NamedTuple):
@@ -106,6 +115,18 @@ def _blocks(text: str, run: list[_Marker], limit: int, fences: Spans) -> list[Bl
     return blocks
 
 
+def _positional(first: _Marker) -> bool:
+    """Whether a run's numbers are positions a splice may rewrite, judged by its first marker."""
+    style = first.style.lower()
+    return first.number.value < FIRST_IDENTIFIER and not any(word in style for word in _IDENTIFIER_WORDS)
+
+
+def _labels_attached(group: BlockGroup) -> BlockGroup:
+    """The group with its numbers treated as part of each block: they travel with the blocks, never rewritten."""
+    blocks = tuple(Block(b.start, b.end, b.content_start, b.content_end) for b in group.blocks)
+    return BlockGroup(group.format, group.label, blocks, None, group.after)
+
+
 def _document_like(text: str, blocks: list[Block], kind: str) -> bool:
     minimum = _MIN_CHARS[kind]
     return all(len(text[b.content_start : b.content_end].strip()) >= minimum for b in blocks)
@@ -148,11 +169,14 @@ def _accept(text: str, group: BlockGroup, kind: str, strict: bool, citations: _C
     return True
 
 
-def find_numbered_groups(text: str, fences: Spans, claims: Spans, strict: bool = True) -> list[BlockGroup]:
+def find_numbered_groups(
+    text: str, fences: Spans, claims: Spans, strict: bool = True, *, deadline: float | None = None
+) -> list[BlockGroup]:
     """Return candidate numbered groups in ``text`` (they may overlap each other, never ``claims``)."""
     groups = []
     citations: _Citations | None = None
     for markers in _markers(text, fences, claims).values():
+        check(deadline)
         for run, next_start in _runs(markers):
             limit = claims.next_start(run[-1].line_start, len(text) if next_start < 0 else next_start)
             if next_start >= 0:
@@ -161,6 +185,8 @@ def find_numbered_groups(text: str, fences: Spans, claims: Spans, strict: bool =
             if len(blocks) < 2:
                 continue
             group = BlockGroup("numbered", run[0].style, tuple(blocks), run[0].number.value, blocks[-1].end)
+            if not _positional(run[0]):
+                group = _labels_attached(group)
             if run[0].kind == "b" and citations is None:
                 citations = _Citations(text)
             if _accept(text, group, run[0].kind, strict, citations if run[0].kind == "b" else None):

@@ -9,6 +9,10 @@ contributes a block that ends by the rule in :mod:`gateway.intercept.lines`. The
 Markdown documents use ``---`` as a horizontal rule, so in ``auto`` mode a chain needs at least three blocks
 of at least 20 characters, introduced by a line such as ``Here are the retrieved documents:``; front matter
 and fenced code never hold separators.
+
+Every distinct separator line is its own chain; only the :data:`MAX_CHAINS` chains with the most separators are
+examined (real prompts use one or two), so a text made of many distinct separator lines costs no more than a
+text with a few.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 from functools import lru_cache
 from itertools import pairwise
 
+from gateway.intercept.budget import check
 from gateway.intercept.groups import Block, BlockGroup
 from gateway.intercept.lines import (
     LinePattern,
@@ -31,12 +36,14 @@ from gateway.intercept.lines import (
 )
 from gateway.intercept.regions import Spans
 
-__all__ = ["find_separator_groups"]
+__all__ = ["MAX_CHAINS", "find_separator_groups"]
 
 _DEFAULT = LinePattern(r"(-{3,}|={3,})[ \t\r]*(?=\n|\Z)")
 _INTRO = re.compile(r"[^\n]*:[ \t\r]*$|[ \t]*#{1,6}[ \t][^\n]*$")
 _MIN_CHARS = 20
+_NON_SPACE = re.compile(r"\S")
 _MIN_BLOCKS_AUTO = 3
+MAX_CHAINS = 4
 
 
 @lru_cache(maxsize=32)
@@ -56,10 +63,12 @@ def _chains(
 
 
 def _part(text: str, start: int, end: int) -> tuple[int, int] | None:
-    first = next(paragraphs(text, start, end), None)
+    """The text in ``[start, end)`` from the start of its first non-blank line, trailing whitespace cut."""
+    first = _NON_SPACE.search(text, start, end)
     if first is None:
         return None
-    return first[0], rstrip_end(text, first[0], end)
+    line_start = max(text.rfind("\n", start, first.start()) + 1, start)
+    return line_start, rstrip_end(text, line_start, end)
 
 
 def _first_block(text: str, start: int, end: int, shape: Shape) -> tuple[int, int] | None:
@@ -126,6 +135,7 @@ def find_separator_groups(
     strict: bool = True,
     separator: str | None = None,
     skip_before: int = 0,
+    deadline: float | None = None,
 ) -> list[BlockGroup]:
     """Return candidate separator groups (they may overlap each other, never ``claims``).
 
@@ -135,7 +145,12 @@ def find_separator_groups(
         return []
     pattern = _DEFAULT if separator is None else _pattern(separator.strip())
     groups = []
-    for label, seps in _chains(text, pattern, fences, claims, skip_before).items():
+    chains = _chains(text, pattern, fences, claims, skip_before)
+    busiest = sorted(chains.items(), key=lambda item: (-len(item[1]), item[1][0][0]))[:MAX_CHAINS]
+    for label, seps in busiest:
+        check(deadline)
+        if strict and len(seps) < _MIN_BLOCKS_AUTO - 1:
+            continue
         found = _blocks(text, seps, fences, claims)
         if found is None or len(found[0]) < (_MIN_BLOCKS_AUTO if strict else 2):
             continue

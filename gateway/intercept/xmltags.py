@@ -8,8 +8,13 @@ is examined again, so ``<source>`` children of ``<document>`` items never form g
 
 Attributes are kept byte for byte. The one exception is Anthropic's long-context layout
 ``<document index="1">``: when every item of a run carries ``index="N"`` and the values count up by one, they are
-position numbers and are rewritten by position like ``[N]``. ``id`` and every other attribute identify the
-document, not its position, and are never touched.
+position numbers and are rewritten by position like ``[N]`` (unless they start at 1000 or above, like years).
+``id`` and every other attribute identify the document, not its position, and are never touched; the opening tag
+is read attribute by attribute, so ``index='1'`` quoted inside another attribute's value is not the index.
+
+Tags must pair cleanly: an opening tag left without its closing tag, or a closing tag without an opening one (a
+document that mentions ``<document>`` in its text), makes the element that contains it (or the whole text) hold
+no groups, since its items' boundaries are then in doubt.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from gateway.intercept.groups import Block, BlockGroup, NumberSpan
+from gateway.intercept.numbered import FIRST_IDENTIFIER
 
 __all__ = ["ITEM_TAGS", "WRAPPER_TAGS", "find_xml_groups"]
 
@@ -59,7 +65,8 @@ WRAPPER_TAGS = (
 _DEFAULT_ITEMS = frozenset(ITEM_TAGS)
 _DEFAULT_NAMES = tuple(sorted({*ITEM_TAGS, *WRAPPER_TAGS}))
 _TAG_NAME = re.compile(r"[A-Za-z_][\w.:-]*")
-_INDEX_ATTR = re.compile(r"""\sindex\s*=\s*(["'])(0|[1-9]\d{0,5})\1""")
+_ATTRIBUTE = re.compile(r"""\s+([^\s=/>"']+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""")
+_INDEX_VALUE = re.compile(r"0|[1-9]\d{0,5}")
 
 
 @dataclass(slots=True, eq=False)
@@ -70,7 +77,8 @@ class _Element:
     close_start: int
     close_end: int
     children: list[_Element] = field(default_factory=list)
-    tainted: bool = False
+    tainted: bool = False  # cannot be an item: it crosses another element or holds an unpaired tag
+    unclean: bool = False  # holds an unpaired tag directly: its children form no groups
 
 
 @lru_cache(maxsize=64)
@@ -79,10 +87,11 @@ def _tag_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"<(/?)({alternatives})(?=[\s/>])([^<>]*)>")
 
 
-def _elements(text: str, names: tuple[str, ...]) -> list[_Element]:
-    """Pair opening and closing tags by name; unmatched and self-closing tags are ignored."""
+def _elements(text: str, names: tuple[str, ...]) -> tuple[list[_Element], list[int]]:
+    """Pair opening and closing tags by name (self-closing tags are ignored); also return where unpaired tags are."""
     stacks: dict[str, list[re.Match[str]]] = {}
     found: list[_Element] = []
+    unpaired: list[int] = []
     for match in _tag_pattern(names).finditer(text):
         name = match.group(2)
         if not match.group(1):
@@ -93,8 +102,24 @@ def _elements(text: str, names: tuple[str, ...]) -> list[_Element]:
         if opened:
             opening = opened.pop()
             found.append(_Element(name, opening.start(), opening.end(), match.start(), match.end()))
+        else:
+            unpaired.append(match.start())
+    unpaired.extend(opening.start() for opened in stacks.values() for opening in opened)
     found.sort(key=lambda element: element.open_start)
-    return found
+    return found, unpaired
+
+
+def _mark_unpaired(root: _Element, positions: list[int]) -> None:
+    """The innermost element holding each unpaired tag holds no groups, and no element around it is an item."""
+    for pos in positions:
+        node = root
+        while True:
+            node.tainted = True
+            inner = next((c for c in node.children if c.open_start <= pos < c.close_end), None)
+            if inner is None:
+                node.unclean = True
+                break
+            node = inner
 
 
 def _tree(elements: list[_Element], length: int) -> _Element:
@@ -117,7 +142,10 @@ def _blank(text: str, start: int, end: int) -> bool:
     return start == end or text[start:end].isspace()
 
 
-def _runs(text: str, children: list[_Element], items: frozenset[str]) -> list[list[_Element]]:
+def _runs(text: str, node: _Element, items: frozenset[str]) -> list[list[_Element]]:
+    if node.unclean:
+        return []
+    children = node.children
     runs: list[list[_Element]] = []
     current: list[_Element] = []
     for child in children:
@@ -138,15 +166,30 @@ def _runs(text: str, children: list[_Element], items: frozenset[str]) -> list[li
     return runs
 
 
+def _index_attribute(text: str, element: _Element) -> NumberSpan | None:
+    """The ``index`` attribute of the element's opening tag when its value is a plain number, read attribute by
+    attribute (so text quoted inside another attribute's value never counts)."""
+    start = element.open_start + 1 + len(element.name)
+    end = element.open_end - 1
+    for match in _ATTRIBUTE.finditer(text, start, end):
+        if match.group(1).lower() != "index":
+            continue
+        group = next((g for g in (2, 3, 4) if match.group(g) is not None), None)
+        if group is None or _INDEX_VALUE.fullmatch(match.group(group)) is None:
+            return None
+        return NumberSpan(match.start(group), match.end(group), int(match.group(group)))
+    return None
+
+
 def _numbers(text: str, run: list[_Element]) -> list[NumberSpan] | None:
     numbers = []
     for element in run:
-        match = _INDEX_ATTR.search(text, element.open_start, element.open_end)
-        if match is None:
+        number = _index_attribute(text, element)
+        if number is None:
             return None
-        numbers.append(NumberSpan(match.start(2), match.end(2), int(match.group(2))))
+        numbers.append(number)
     first = numbers[0].value
-    if any(number.value != first + offset for offset, number in enumerate(numbers)):
+    if first >= FIRST_IDENTIFIER or any(number.value != first + offset for offset, number in enumerate(numbers)):
         return None
     return numbers
 
@@ -184,13 +227,15 @@ def find_xml_groups(text: str, tag: str | None = None) -> list[BlockGroup]:
     else:
         items = frozenset((tag,))
         names = tuple(sorted({tag, f"{tag}s", *WRAPPER_TAGS}))
-    root = _tree(_elements(text, names), len(text))
+    elements, unpaired = _elements(text, names)
+    root = _tree(elements, len(text))
+    _mark_unpaired(root, unpaired)
     groups: list[BlockGroup] = []
     pending = [root]
     while pending:
         node = pending.pop()
         grouped: set[int] = set()
-        for run in _runs(text, node.children, items):
+        for run in _runs(text, node, items):
             groups.append(_group(text, node, run))
             grouped.update(id(element) for element in run)
         pending.extend(child for child in node.children if id(child) not in grouped)

@@ -65,7 +65,10 @@ def harness() -> Iterator[Harness]:
         return httpx.Response(200, json=ANSWER)
 
     router.route().mock(side_effect=answer)
-    app = create_app(make_settings(max_body_bytes=32 << 20), transport=httpx.MockTransport(_as_network(router)))
+    # no time budget here: the block limit (413) must be reached however slow the machine (the budget's own tests
+    # are in tests/integration/test_hostile.py)
+    settings = make_settings(max_body_bytes=32 << 20, intercept_budget_ms=600_000)
+    app = create_app(settings, transport=httpx.MockTransport(_as_network(router)))
     with TestClient(app=app, timeout=30) as client:
         state.client = client
         yield state

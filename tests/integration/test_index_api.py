@@ -205,9 +205,11 @@ async def test_admin_token_guards_state_changes(gateway: AppFactory) -> None:
         assert (
             await client.post("/evict", json={"request_ids": []}, headers={"authorization": "Bearer x"})
         ).status_code == 401
-        # read-only and stateless routes stay open
-        assert (await client.post("/schedule", json={"contexts": CONTEXTS})).status_code == 200
-        assert (await client.get("/stats")).status_code == 200
+        # with a token configured, read-only and stateless routes need it too (or a client key)
+        assert (await client.post("/schedule", json={"contexts": CONTEXTS})).status_code == 401
+        assert (await client.get("/stats")).status_code == 401
+        assert (await client.post("/schedule", json={"contexts": CONTEXTS}, headers=auth)).status_code == 200
+        assert (await client.get("/stats", headers=auth)).status_code == 200
         assert (await client.post("/reorder", json={"contexts": CONTEXTS}, headers=auth)).status_code == 200
         assert (await client.post("/evict", json={"request_ids": []}, headers=auth)).status_code == 200
 

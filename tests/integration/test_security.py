@@ -149,7 +149,7 @@ async def test_admin_token_guards_every_state_change(gateway: AppFactory, monkey
         compared.append(a)
         return original(a, b)
 
-    monkeypatch.setattr("gateway.index_api.hmac.compare_digest", spy)
+    monkeypatch.setattr("gateway.access.hmac.compare_digest", spy)
     changes: list[tuple[str, dict[str, Any]]] = [
         ("/reorder", {"contexts": [[1, 2]]}),
         ("/build", {"contexts": [[1, 2]]}),
@@ -167,9 +167,12 @@ async def test_admin_token_guards_every_state_change(gateway: AppFactory, monkey
                 assert response.json()["error"]["code"] == "admin_token_required"
             allowed = await client.post(path, json=body, headers={"authorization": "Bearer adm1n-token"})
             assert allowed.status_code == 200, path
-        assert (await client.post("/schedule", json={"contexts": [[1]]})).status_code == 200
-        assert (await client.post("/search", json={"context": [1]})).status_code == 200
-        assert (await client.get("/stats")).status_code == 200
+        # the other index routes need the token too once one is configured (or a client key, see test_hostile)
+        auth = {"authorization": "Bearer adm1n-token"}
+        for method, path, body in (("POST", "/schedule", {"contexts": [[1]]}), ("POST", "/search", {"context": [1]}),
+                                   ("GET", "/stats", None), ("GET", "/requests", None)):  # fmt: skip
+            assert (await client.request(method, path, json=body)).status_code == 401, path
+            assert (await client.request(method, path, json=body, headers=auth)).status_code == 200, path
     assert b"adm1n-token" in compared
 
 
@@ -213,7 +216,7 @@ def test_client_ids_never_pass_for_minted_ones_without_keys(sent: str, effective
 
 async def test_client_ids_are_namespaced_by_key(gateway: AppFactory, upstream: respx.Router) -> None:
     route = upstream.post("/v1/chat/completions").mock(side_effect=ok_json)
-    async with gateway(api_key=("alice-key", "bob-key"), engine="sglang") as client:
+    async with gateway(api_key=("alice-key", "bob-key"), engine="sglang", admin_token="adm") as client:
         alice = {"authorization": "Bearer alice-key", "x-request-id": "shared-id"}
         bob = {"authorization": "Bearer bob-key", "x-request-id": "shared-id"}
         first = await client.post("/v1/chat/completions", content=rag_chat(["a", "b"]), headers=alice)
@@ -223,7 +226,7 @@ async def test_client_ids_are_namespaced_by_key(gateway: AppFactory, upstream: r
         replay = {**bob, "x-request-id": alice_id}
         third = await client.post("/v1/chat/completions", content=rag_chat(["a", "b"]), headers=replay)
         again = await client.post("/v1/chat/completions", content=rag_chat(["a", "b"]), headers=alice)
-        listed = set((await client.get("/requests")).json()["request_ids"])
+        listed = set((await client.get("/requests", headers={"authorization": "Bearer adm"})).json()["request_ids"])
     ids = [r.headers["x-request-id"] for r in (first, second, third, again)]
     assert re.fullmatch(r"k[0-9a-f]{8}-shared-id", ids[0])
     assert re.fullmatch(r"k[0-9a-f]{8}-shared-id", ids[1])
@@ -252,7 +255,7 @@ async def test_one_tenant_cannot_evict_another(gateway: AppFactory, upstream: re
         )
         # the engine reports bob's request evicted (as it would name it): alice's entry stays
         evicted = await client.post("/evict", json={"request_ids": [f"chatcmpl-{bob.headers['x-request-id']}"]})
-        listed = (await client.get("/requests")).json()["request_ids"]
+        listed = (await client.get("/requests", headers={"authorization": "Bearer alice-key"})).json()["request_ids"]
     assert evicted.json()["evicted_request_ids"] == [bob.headers["x-request-id"]]
     assert listed == [alice.headers["x-request-id"]]
 
