@@ -36,6 +36,7 @@ from engines.llamacpp.slots import SlotTable
 from gateway.control import Control, parse_control
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.intercept import BlockGroup, find_groups, splice_all
+from gateway.intercept.boundaries import Boundaries
 from gateway.metrics import Metrics
 from gateway.planned import PlannedRequest, Prediction
 from gateway.residency import Residency
@@ -136,6 +137,8 @@ class Planner:
         )
         self._memo_lock = threading.Lock()
         residency.on_reset(self._clear_memo)
+        self.boundaries = Boundaries()
+        residency.on_reset(self.boundaries.clear)
         self._slots: SlotTable | None = None
 
     def use_slots(self, count: int) -> None:
@@ -306,9 +309,8 @@ class Planner:
             groups = find_groups(text, control.mode, tag=control.tag, separator=control.separator)
         except ValueError as exc:
             raise InvalidRequest(f"invalid control header: {exc}", code="invalid_header") from None
-        if control.mode == "auto":
-            # blank-line splits of template contexts may cut one document into paragraphs: only on request
-            groups = [group for group in groups if not group.label.endswith(":paragraphs")]
+        # blank-line splits of template contexts may cut one document: keep only boundaries traffic confirmed
+        groups = self.boundaries.regroup(text, groups)
         if not groups:
             return _Rewrite(None, (), False), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))
