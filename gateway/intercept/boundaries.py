@@ -46,7 +46,7 @@ _QUERY_AFTER = {template.name: template.anchor[-40:].strip() for template in TEM
 class _Seen:
     """One paragraph's first neighbours on each side, and whether a different one was seen since."""
 
-    __slots__ = ("before", "after", "other_before", "other_after")
+    __slots__ = ("after", "before", "other_after", "other_before")
 
     def __init__(self, before: int, after: int) -> None:
         self.before = before

@@ -54,6 +54,7 @@ _HUB_PROBE = "based solely on the context below"
 _LI_PROBE = "Context information "
 _V1_PROBE = "Use the following context in your response:"
 _REFINE_PROBE = "the original answer"
+_HAYSTACK_PROBE = ", answer the question."
 _LC_IDK = "If you don't know the answer, just say that you don't know, don't try to make up an answer."
 _LC_RAG = "Use the following pieces of retrieved context to answer the question. If you don't know the answer, "
 _LI_CLOSE = "\n---------------------\nGiven the "
@@ -135,10 +136,27 @@ TEMPLATES = (
         "",
         "\n------------\nGiven the new context, refine the original answer",
     ),
+    # Haystack ships no default RAG template: these are PromptBuilder's documented one and its first tutorial's
+    Template(
+        "haystack_rag",
+        "haystack",
+        _HAYSTACK_PROBE,
+        "Given these documents, answer the question.\nDocuments:\n",
+        "",
+        "Question:",
+    ),
+    Template(
+        "haystack_tutorial",
+        "haystack",
+        _HAYSTACK_PROBE,
+        "Given the following information, answer the question.\n\nContext:\n",
+        "",
+        "Question:",
+    ),
 )
 """The recognised templates, in the order they are tried."""
 
-_PROBES = (_LC_PROBE, _HUB_PROBE, _LI_PROBE, _V1_PROBE, _REFINE_PROBE)
+_PROBES = (_LC_PROBE, _HUB_PROBE, _LI_PROBE, _V1_PROBE, _REFINE_PROBE, _HAYSTACK_PROBE)
 _ANCHORS = {
     template.name: re.compile(r"\s+".join(re.escape(word) for word in template.anchor.split()) + r"\s*")
     for template in TEMPLATES

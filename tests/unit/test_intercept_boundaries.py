@@ -36,9 +36,9 @@ def split_chunks(text: str, groups: list[BlockGroup], chunks: list[str]) -> list
         start = text.find(chunk)
         end = start + len(chunk)
         for group in groups:
-            if group.start < end and start < group.end:
-                if not any(b.start <= start and end <= b.end for b in group.blocks):
-                    broken.append(chunk)
+            inside = any(b.start <= start and end <= b.end for b in group.blocks)
+            if group.start < end and start < group.end and not inside:
+                broken.append(chunk)
     return broken
 
 
