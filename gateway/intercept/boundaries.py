@@ -58,7 +58,7 @@ class _Seen:
 class Boundaries:
     """Learns which blank lines of template contexts separate documents, and regroups paragraphs by them."""
 
-    def __init__(self, max_paragraphs: int = 200_000) -> None:
+    def __init__(self, max_paragraphs: int = 100_000) -> None:  # about 300 bytes each: ~30 MB
         self._seen: LRUCache[bytes, _Seen] = LRUCache(maxsize=max_paragraphs)
         self._lock = threading.Lock()  # big prompts are planned on worker threads
 
@@ -86,7 +86,10 @@ class Boundaries:
         ``<template>:learned``), or None when no boundary is confirmed yet.
         """
         slot = _slot(text, group)
-        keys = [blake2b(block.key(text).encode("utf-8", "surrogatepass"), key=slot).digest() for block in group.blocks]
+        keys = [
+            blake2b(block.key(text).encode("utf-8", "surrogatepass"), digest_size=16, key=slot).digest()
+            for block in group.blocks
+        ]
         ids = [int.from_bytes(key[:8], "big") >> 1 for key in keys]  # >= 0, apart from the sentinels
         with self._lock:
             cuts = self._record(keys, ids)
