@@ -126,3 +126,16 @@ def test_every_case_renders_quickly_and_differently() -> None:
         for case in CASES:
             one, two = (context_text(case.render(docs, "q?")) for docs in (DOCS[:3], DOCS[3:]))
             assert one != two and DOCS[0] in one and DOCS[3] in two, case.name
+
+
+async def test_explicit_template_mode_never_cuts_a_first_seen_document(
+    gateway: AppFactory, upstream: respx.Router
+) -> None:
+    """``X-Prefixgate-Format: template`` used to cut at every blank line and interleave paragraphs."""
+    route = upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=OK))
+    with quiet():
+        body = CASES[0].render(DOCS[:4], "How do refunds work?")
+    async with gateway() as client:
+        response = await client.post("/v1/chat/completions", json=body, headers={"X-Prefixgate-Format": "template"})
+    assert json.loads(response.headers["x-prefixgate-result"])["groups"] == 0
+    assert json.loads(route.calls[0].request.content)["messages"] == body["messages"]
