@@ -250,18 +250,29 @@ def _llama_refine(metadata: bool) -> Callable[..., dict[str, Any]]:
     return render
 
 
-def haystack_prompt_builder(docs: Sequence[str], question: str) -> dict[str, Any]:
-    """``PromptBuilder`` with the RAG template of its own documentation, sent as the user message."""
-    from haystack import Document
-    from haystack.components.builders import PromptBuilder
+# PromptBuilder's docstring (haystack/components/builders/prompt_builder.py)
+HAYSTACK_DOCUMENTED = (
+    "\n    Given these documents, answer the question.\n    Documents:\n    {% for doc in documents %}\n"
+    "        {{ doc.content }}\n    {% endfor %}\n\n    Question: {{query}}\n    Answer:\n    "
+)
+# haystack.deepset.ai tutorial 27, "Creating Your First QA Pipeline with Retrieval-Augmentation"
+HAYSTACK_TUTORIAL = (
+    "\nGiven the following information, answer the question.\n\nContext:\n{% for document in documents %}\n"
+    "    {{ document.content }}\n{% endfor %}\n\nQuestion: {{query}}\nAnswer:\n"
+)
 
-    template = (
-        "\n    Given these documents, answer the question.\n    Documents:\n    {% for doc in documents %}\n"
-        "        {{ doc.content }}\n    {% endfor %}\n\n    Question: {{query}}\n    Answer:\n    "
-    )
-    builder = PromptBuilder(template=template, required_variables=["documents", "query"])
-    prompt = builder.run(documents=[Document(content=text) for text in docs], query=question)["prompt"]
-    return {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+
+def _haystack(template: str) -> Callable[[Sequence[str], str], dict[str, Any]]:
+    def render(docs: Sequence[str], question: str) -> dict[str, Any]:
+        """``PromptBuilder`` renders the template; the pipeline sends it as the user message."""
+        from haystack import Document
+        from haystack.components.builders import PromptBuilder
+
+        builder = PromptBuilder(template=template, required_variables=["documents", "query"])
+        prompt = builder.run(documents=[Document(content=text) for text in docs], query=question)["prompt"]
+        return {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+
+    return render
 
 
 class Case:
@@ -306,5 +317,6 @@ CASES = [
     Case("llamaindex tree-summarize with metadata", _llama("tree_summarize", True), "tree_summarize"),
     Case("llamaindex refine", _llama_refine(False), "refine:paragraphs"),
     Case("llamaindex refine with metadata", _llama_refine(True), "refine"),
-    Case("haystack PromptBuilder (documented RAG template)", haystack_prompt_builder, "haystack_rag:paragraphs"),
+    Case("haystack PromptBuilder (documented RAG template)", _haystack(HAYSTACK_DOCUMENTED), "haystack_rag:paragraphs"),
+    Case("haystack PromptBuilder (tutorial template)", _haystack(HAYSTACK_TUTORIAL), "haystack_tutorial:paragraphs"),
 ]
