@@ -1,10 +1,13 @@
 """Cache effect of transparent interception, and the cost of intercept + plan + splice.
 
-Seeded RAG workloads are replayed as unchanged OpenAI chat requests in three shapes (documents in the system
-message as XML, in the user message as a numbered list, in a tool result as JSON; every other request
-streams) against the built-in simulated engine, once directly and once through the gateway (with the
-engine's eviction callbacks wired to the gateway). Reports the engine-reported cached-token ratio and the
-simulated prefill time. Then times the planner alone on 20 KB, 10-block requests.
+Seeded RAG workloads are replayed as unchanged OpenAI chat requests in four shapes (documents in the system
+message as XML, in the user message as a numbered list, in a tool result as JSON, and LangChain's default
+stuff-chain prompt rendered by the real library, documents of one to three paragraphs without any marker;
+every other request streams) against the built-in simulated engine, once directly and once through the
+gateway (with the engine's eviction callbacks wired to the gateway). Reports the engine-reported
+cached-token ratio (whole run, and ``x warm``: the second half of the run) and the simulated prefill time;
+for the LangChain shape, how many requests the gateway needed to learn the document boundaries. Then times
+the planner alone on 20 KB, 10-block requests.
 
 The tool shape is the "retrieval as a tool turn" layout (system, search call, tool result, then the user's
 question): if the per-query question came before the tool result, no two requests could share a prefix
@@ -30,12 +33,51 @@ from bench.workload import Query, Workload, generate
 
 __all__ = ["main"]
 
-SHAPES = ("system", "user", "tool")
+SHAPES = ("system", "user", "tool", "langchain")
 
 
-def render(workload: Workload, query: Query, shape: str) -> dict[str, Any]:
+def _paragraphs(workload: Workload, doc_id: int) -> str:
+    """The document as a text splitter's chunk: one to three paragraphs (blank lines inside a document)."""
+    words = workload.doc_text(doc_id).split(" ")
+    parts = 1 + doc_id % 3
+    size = -(-len(words) // parts)
+    return "\n\n".join(" ".join(words[i : i + size]) for i in range(0, len(words), size))
+
+
+class _LangChain:
+    """LangChain's default stuff chain for chat models (RetrievalQA's ``CHAT_PROMPT``), rendered by the library
+    through ``ChatOpenAI`` with a transport that captures the request instead of sending it."""
+
+    def __init__(self) -> None:
+        from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+        from langchain_classic.chains.question_answering.stuff_prompt import CHAT_PROMPT
+        from langchain_openai import ChatOpenAI
+
+        self.captured: list[dict[str, Any]] = []
+        reply = {"id": "c", "object": "chat.completion", "created": 0, "model": "sim", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}  # fmt: skip
+
+        def capture(request: httpx.Request) -> httpx.Response:
+            self.captured.append(json.loads(request.content))
+            return httpx.Response(200, json=reply)
+
+        client = httpx.Client(transport=httpx.MockTransport(capture))
+        llm = ChatOpenAI(model="sim", api_key="none", base_url="http://capture/v1", http_client=client)  # type: ignore[arg-type]
+        self.chain = create_stuff_documents_chain(llm, CHAT_PROMPT)
+
+    def __call__(self, docs: list[str], question: str) -> dict[str, Any]:
+        from langchain_core.documents import Document
+
+        self.chain.invoke({"context": [Document(page_content=text) for text in docs], "question": question})
+        return {**self.captured[-1], "max_tokens": 4}
+
+
+def render(workload: Workload, query: Query, shape: str, langchain: _LangChain | None = None) -> dict[str, Any]:
     """One unchanged OpenAI chat body, as a RAG app would build it, documents in retrieval order."""
     question = " ".join(f"q{t}" for t in query.question)
+    if shape == "langchain":
+        assert langchain is not None
+        return langchain([_paragraphs(workload, d) for d in query.doc_ids], question)
     docs = [workload.doc_text(d) for d in query.doc_ids]
     if shape == "system":
         inner = "\n".join(f'<document id="d{d}">{text}</document>' for d, text in zip(query.doc_ids, docs, strict=True))
@@ -75,8 +117,11 @@ def _usage(response: httpx.Response, stream: bool) -> tuple[int, int, float]:
     return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], payload["timings"]["prompt_ms"]
 
 
-def replay(base: str, bodies: list[dict[str, Any]]) -> tuple[int, int, float]:
+def replay(base: str, bodies: list[dict[str, Any]], found: list[int] | None = None) -> tuple[int, int, float, float]:
+    """Send every body; return prompt tokens, cached tokens, prefill ms and the cached share of the second half
+    (warm); ``found`` gets each request's blocks."""
     prompt = cached = 0
+    warm = [0, 0]
     prefill_ms = 0.0
     with httpx.Client(timeout=60) as client:
         for i, original in enumerate(bodies):
@@ -84,12 +129,18 @@ def replay(base: str, bodies: list[dict[str, Any]]) -> tuple[int, int, float]:
             body = {**original, "stream": True, "stream_options": {"include_usage": True}} if stream else original
             response = client.post(f"{base}/v1/chat/completions", json=body)
             response.raise_for_status()
+            if found is not None:
+                found.append(json.loads(response.headers.get("x-prefixgate-result", "{}")).get("blocks", 0))
             p, c, ms = _usage(response, stream)
             prompt, cached, prefill_ms = prompt + p, cached + c, prefill_ms + ms
-    return prompt, cached, prefill_ms
+            if i >= len(bodies) // 2:
+                warm[0], warm[1] = warm[0] + p, warm[1] + c
+    return prompt, cached, prefill_ms, warm[1] / max(1, warm[0])
 
 
-def _cache_effect(presets: Sequence[str], queries: int, capacity: int) -> list[tuple[Any, ...]]:
+def _cache_effect(
+    presets: Sequence[str], queries: int, capacity: int, shapes: Sequence[str] = SHAPES
+) -> list[tuple[Any, ...]]:
     sim_port, gw_port = _free_port(), _free_port()
     sim = subprocess.Popen(
         [sys.executable, "-m", "engines.sim", "--port", str(sim_port), "--capacity-tokens", str(capacity),
@@ -100,25 +151,44 @@ def _cache_effect(presets: Sequence[str], queries: int, capacity: int) -> list[t
          "--port", str(gw_port), "--log-level", "warning"]
     )  # fmt: skip
     rows = []
+    langchain = _LangChain() if "langchain" in shapes else None
     try:
         _wait(f"http://127.0.0.1:{sim_port}/health")
         _wait(f"http://127.0.0.1:{gw_port}/health")
         for preset in presets:
             workload = generate(preset, seed=0, n_queries=queries)
-            for shape in SHAPES:
-                bodies = [render(workload, q, shape) for q in workload.queries]
+            for shape in shapes:
+                bodies = [render(workload, q, shape, langchain) for q in workload.queries]
                 results = []
+                found: list[int] = []
                 for base in (f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"):
                     httpx.post(f"http://127.0.0.1:{sim_port}/sim/reset")
                     httpx.post(f"http://127.0.0.1:{gw_port}/reset")
-                    results.append(replay(base, bodies))
-                rows.append((preset, shape, len(bodies), *results))
+                    results.append(replay(base, bodies, found if base.endswith(str(gw_port)) else None))
+                learning = (
+                    _convergence(found, [len(q.doc_ids) for q in workload.queries]) if shape == "langchain" else None
+                )
+                rows.append((preset, shape, len(bodies), *results, learning))
                 print(f"  {preset:<12} {shape:<7} done", file=sys.stderr, flush=True)
     finally:
         for process in (gateway, sim):
             process.terminate()
             process.wait(timeout=10)
     return rows
+
+
+def _convergence(found: list[int], sizes: list[int], window: int = 50) -> tuple[int | None, float]:
+    """When boundary learning converged: the first request from which the share of documents found as their own
+    block, over the next ``window`` requests, reaches 90% of its share over the last ``window`` requests (the
+    steady state: a document retrieved for the first time is never split off); and that steady share."""
+    shares = [min(f, n) / n for f, n in zip(found, sizes, strict=True)]
+    if len(shares) < 2 * window:
+        return None, sum(shares) / max(1, len(shares))
+    steady = sum(shares[-window:]) / window
+    for start in range(len(shares) - window + 1):
+        if sum(shares[start : start + window]) / window >= 0.9 * steady:
+            return start + 1, steady
+    return None, steady
 
 
 def _planner_latency(samples: int) -> dict[str, tuple[float, float]]:
@@ -154,6 +224,7 @@ def _chart(rows: list[tuple[Any, ...]], capacity: int) -> Path:
     from matplotlib import pyplot
 
     labels = [f"{preset}\n{shape}" for preset, shape, *_ in rows]
+    rows = [row[:5] for row in rows]
     positions = range(len(rows))
     figure, (hits, prefill) = pyplot.subplots(2, 1, figsize=(11, 7), sharex=True)
     for axis, pick, title in (
@@ -184,21 +255,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200 queries per preset and shape")
     parser.add_argument("--queries", type=int, default=600)
     parser.add_argument("--capacity", type=int, default=262_144, help="simulated KV capacity in tokens")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--presets", default="overlap,heavy-head,low-overlap", help="comma list of workload presets")
     args, _ = parser.parse_known_args(argv)
     queries = 200 if args.quick else args.queries
-    rows = _cache_effect(("overlap", "heavy-head", "low-overlap"), queries, args.capacity)
+    rows = _cache_effect(args.presets.split(","), queries, args.capacity, args.shapes.split(","))
     print(f"\nTransparent interception vs direct, simulated engine ({args.capacity // 1024}k-token KV cache, "
           f"{queries} requests per row, half streamed)")  # fmt: skip
-    header = f"{'preset':<12}{'shape':<8}{'direct hit':>11}{'gateway hit':>13}{'x':>7}"
+    header = f"{'preset':<12}{'shape':<10}{'direct hit':>9}{'gateway hit':>13}{'x':>7}{'x warm':>8}"
     header += f"{'direct prefill':>16}{'gw prefill':>12}"
     print(header)
     print("-" * len(header))
-    for preset, shape, _n, direct, through in rows:
+    for preset, shape, _n, direct, through, _learning in rows:
         d_ratio = direct[1] / direct[0]
         g_ratio = through[1] / through[0]
         factor = g_ratio / d_ratio if d_ratio else float("inf")
-        print(f"{preset:<12}{shape:<8}{d_ratio:>10.1%}{g_ratio:>13.1%}{factor:>7.2f}"
+        warm = through[3] / direct[3] if direct[3] else float("inf")
+        print(f"{preset:<12}{shape:<10}{d_ratio:>9.1%}{g_ratio:>13.1%}{factor:>7.2f}{warm:>8.2f}"
               f"{direct[2] / 1000:>14.2f} s{through[2] / 1000:>10.2f} s")  # fmt: skip
+    print(
+        "\nLangChain default prompt (CHAT_PROMPT, documents without metadata, 1-3 paragraphs each): boundary learning"
+    )
+    for preset, _shape, n, _direct, _through, learning in rows:
+        if learning is not None:
+            converged, steady = learning
+            when = f"after {converged} requests" if converged is not None else "not within the run"
+            print(f"  {preset:<12} converged {when} of {n}; steady state: {steady:.0%} of documents found as blocks")
     chart = _chart(rows, args.capacity)
     print(f"\nchart: {chart}")
     latency = _planner_latency(300 if args.quick else 1000)

@@ -42,6 +42,7 @@ from engines.llamacpp.slots import SlotTable
 from gateway.control import Control, parse_control
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, find_groups, splice_all
+from gateway.intercept.boundaries import Boundaries
 from gateway.intercept.budget import check
 from gateway.metrics import Metrics
 from gateway.planned import PlannedRequest, Prediction
@@ -147,6 +148,8 @@ class Planner:
         )
         self._memo_lock = threading.Lock()
         residency.on_reset(self._clear_memo)
+        self.boundaries = Boundaries()
+        residency.on_reset(self.boundaries.clear)
         self._slots: SlotTable | None = None
 
     def use_slots(self, count: int) -> None:
@@ -342,9 +345,8 @@ class Planner:
             )
         except ValueError as exc:
             raise InvalidRequest(f"invalid control header: {exc}", code="invalid_header") from None
-        if control.mode == "auto":
-            # blank-line splits of template contexts may cut one document into paragraphs: only on request
-            groups = [group for group in groups if not group.label.endswith(":paragraphs")]
+        # blank-line splits of template contexts may cut one document: keep only boundaries traffic confirmed
+        groups = self.boundaries.regroup(text, groups)
         if not groups:
             return _Rewrite(None, (), False), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))

@@ -22,7 +22,7 @@ import msgspec
 __all__ = ["FORMATS", "MODES", "Block", "BlockGroup", "NumberSpan"]
 
 FORMATS = frozenset(
-    {"xml_tag", "numbered", "json_results", "separator", "markdown_header", "langchain", "llamaindex"},
+    {"xml_tag", "numbered", "json_results", "separator", "markdown_header", "langchain", "llamaindex", "haystack"},
 )
 """Values of :attr:`BlockGroup.format`."""
 

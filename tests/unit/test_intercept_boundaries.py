@@ -1,0 +1,152 @@
+"""Learned document boundaries in template contexts: a chunk is never split; confirmed boundaries are cut."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.intercept import BlockGroup, find_groups
+from gateway.intercept.boundaries import Boundaries
+
+QA = (
+    "Use the following pieces of context to answer the question at the end. If you don't know the answer, "
+    "just say that you don't know, don't try to make up an answer.\n\n"
+)
+
+
+def prompt(chunks: list[str], question: str = "which?") -> str:
+    context = "\n\n".join(chunks)
+    return f"{QA}{context}\n\nQuestion: {question}\nHelpful Answer:"
+
+
+def learned(boundaries: Boundaries, text: str) -> list[BlockGroup]:
+    return boundaries.regroup(text, find_groups(text, "template"))
+
+
+def renderings(text: str, group: BlockGroup) -> list[str]:
+    return [text[block.start : block.end] for block in group.blocks]
+
+
+def split_chunks(text: str, groups: list[BlockGroup], chunks: list[str]) -> list[str]:
+    """The chunks of ``text`` that no single block of ``groups`` contains whole."""
+    broken = []
+    for chunk in chunks:
+        start = text.find(chunk)
+        end = start + len(chunk)
+        for group in groups:
+            inside = any(b.start <= start and end <= b.end for b in group.blocks)
+            if group.start < end and start < group.end and not inside:
+                broken.append(chunk)
+    return broken
+
+
+A = "Alpha one.\n\nAlpha two."
+B = "Beta only."
+C = "Gamma one.\n\nGamma two.\n\nGamma three."
+D = "Delta one.\n\nDelta two."
+
+
+def test_first_request_of_a_chunk_is_never_split() -> None:
+    boundaries = Boundaries()
+    assert learned(boundaries, prompt([A, B, C])) == []
+    assert len(boundaries) == 6  # every paragraph recorded, nothing decided from this request
+
+
+def test_boundaries_seen_apart_are_cut_and_chunks_stay_whole() -> None:
+    boundaries = Boundaries()
+    learned(boundaries, prompt([A, B, C]))
+    learned(boundaries, prompt([C, D, B, A], "other?"))
+    text = prompt([B, A, C, D])
+    (group,) = learned(boundaries, text)
+    assert group.label == "retrieval_qa:learned" and group.format == "langchain"
+    # B|A: B was followed by Gamma, A opened a context; A|C: A was followed by B, C was preceded by B;
+    # C|D: D has only ever followed C, so D may be C's own continuation and moves with it
+    assert renderings(text, group) == [B, A, f"{C}\n\n{D}"]
+    (group,) = learned(boundaries, prompt([D, A, B, C], "more?"))
+    assert split_chunks(prompt([D, A, B, C], "more?"), [group], [A, B, C, D]) == []
+
+
+def test_overlapping_chunks_and_shared_headings_are_not_split() -> None:
+    head = "Shared heading paragraph."
+    x, y, z = f"{head}\n\nX body.", f"{head}\n\nY body.", "Z alone."
+    overlap1, overlap2 = "P one.\n\nP two.\n\nP three.", "P three.\n\nP four."
+    chunks = [x, y, z, overlap1, overlap2]
+    boundaries = Boundaries()
+    rng = random.Random(7)
+    for i in range(60):
+        picked = rng.sample(chunks, rng.randint(1, len(chunks)))
+        text = prompt(picked, f"q{i}?")
+        assert split_chunks(text, learned(boundaries, text), picked) == []
+
+
+def test_slots_do_not_share_knowledge_and_memory_is_bounded() -> None:
+    boundaries = Boundaries(max_paragraphs=8)
+    for i in range(20):
+        learned(boundaries, prompt([f"P{i}a.\n\nP{i}b.", f"Q{i}."]))
+    assert len(boundaries) == 8
+    other = Boundaries()
+    learned(other, prompt([A, B]))
+    learned(other, prompt([B, A]))
+    chat = (
+        "Use the following pieces of context to answer the user's question.\nIf you don't know the answer, just say "
+        f"that you don't know, don't try to make up an answer.\n----------------\n{A}\n\n{B}"
+    )
+    assert learned(other, chat) == []  # another template: nothing learned there yet
+    assert len(learned(other, prompt([A, B], "again?"))) == 1
+
+
+def test_other_groups_pass_through() -> None:
+    text = "<documents>\n<document>one</document>\n<document>two</document>\n</documents>"
+    groups = find_groups(text)
+    assert Boundaries().regroup(text, groups) == groups
+
+
+_WORDS = st.lists(st.sampled_from(["lorem", "ipsum", "dolor", "sit", "amet", "magna", "nulla", "vitae"]), min_size=1,
+                  max_size=6)  # fmt: skip
+
+
+@st.composite
+def corpora(draw: st.DrawFn) -> tuple[list[str], list[list[int]]]:
+    """Chunks of 1-4 paragraphs (unique, or sliding windows that share a paragraph with each neighbour but keep
+    one of their own: a chunk made only of shared paragraphs is the documented blind spot), and requests."""
+    n = draw(st.integers(2, 7))
+    overlap = draw(st.booleans())
+    sizes = draw(st.lists(st.integers(3 if overlap else 1, 4), min_size=n, max_size=n))
+    paragraphs = [f"p{i} {' '.join(draw(_WORDS))}." for i in range(sum(sizes) + n)]
+    chunks, at = [], 0
+    for size in sizes:
+        chunks.append("\n\n".join(paragraphs[at : at + size]))
+        at += size - 1 if overlap and size > 1 else size
+    requests = draw(
+        st.lists(st.permutations(range(n)).flatmap(lambda p: st.integers(1, n).map(lambda k: p[:k])), max_size=12)
+    )
+    return chunks, [list(r) for r in requests]
+
+
+@settings(max_examples=100, deadline=None)
+@given(corpora())
+def test_property_a_chunk_is_never_split_across_blocks(corpus: tuple[list[str], list[list[int]]]) -> None:
+    chunks, requests = corpus
+    boundaries = Boundaries()
+    for i, request in enumerate(requests):
+        picked = [chunks[c] for c in request]
+        text = prompt(picked, f"question {i}?")
+        groups = learned(boundaries, text)
+        assert split_chunks(text, groups, picked) == []
+        if i == 0:
+            assert groups == []
+
+
+def test_learning_converges_on_a_shuffled_workload() -> None:
+    """Not vacuous: with the same chunks retrieved in varied orders, every document becomes its own block."""
+    rng = random.Random(3)
+    chunks = [f"Doc {i} first paragraph.\n\nDoc {i} second paragraph." for i in range(12)]
+    boundaries = Boundaries()
+    for i in range(40):
+        learned(boundaries, prompt(rng.sample(chunks, 5), f"warm {i}?"))
+    picked = rng.sample(chunks, 5)
+    text = prompt(picked, "final?")
+    (group,) = learned(boundaries, text)
+    assert renderings(text, group) == picked
