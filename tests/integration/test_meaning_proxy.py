@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import respx
 
+from gateway.proxy import PLAN_IN_THREAD_BYTES
 from tests.integration.conftest import AppFactory
 
 pytestmark = pytest.mark.anyio
@@ -190,3 +191,16 @@ async def test_access_log_line(gateway: AppFactory, upstream: respx.Router, capl
         r"cached_tokens=64 latency_ms=\d+\.\d",
         lines[0],
     )
+
+
+async def test_a_big_prompt_planned_in_a_worker_thread_keeps_its_meaning(
+    gateway: AppFactory, upstream: respx.Router
+) -> None:
+    route = upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=answer("ok")))
+    question = "What does source [3] say? " + "padding " * (PLAN_IN_THREAD_BYTES // 8)
+    async with gateway() as client:
+        response = await client.post("/v1/chat/completions", json=chat(SOURCES, question))
+    assert len(route.calls.last.request.content) > PLAN_IN_THREAD_BYTES
+    assert json.loads(response.headers["x-prefixgate-result"])["kept_labels"] == {"referenced": 1}
+    system = json.loads(route.calls.last.request.content)["messages"][0]["content"]
+    assert system != SOURCES and shown(system) == dict(enumerate(DOCS, 1))
