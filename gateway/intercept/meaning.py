@@ -66,7 +66,7 @@ _POSITION = re.compile(
     rf"(?:{'|'.join(_ORDINAL_WORDS)})[ \t]+(?:(?:two|three|four|five|few|couple|\d)[ \t]+)?"
     r"(?:(?:search|retrieved|returned|provided|given|listed|ranked|cited)[ \t]+)?"
     r"(?:results?|documents?|docs?|sources?|passages?|chunks?|snippets?|contexts?|articles?|excerpts?|hits?"
-    r"|items?|entries|entry|emails?|records?|citations?|links?|references?|pages?)\b",
+    r"|items?|entries|entry|emails?|records?|citations?|links?|references?|pages?|ones?)\b",
 )
 _ARTICLE_BEFORE = re.compile(r"\b(?:the|your|my)[ \t]+(?:very[ \t]+)?\Z")  # "the first result", not "first results"
 _PLACEHOLDER = (

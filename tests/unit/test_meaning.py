@@ -34,6 +34,7 @@ def _decide(question: str, text: str = SOURCES, *, mapping: bool = False) -> Dec
         ("What about document #2?", "keep_labels", "referenced"),
         ("see doc2 and Result No. 1", "keep_labels", "referenced"),
         ("the third source is wrong", "leave_alone", "referenced"),
+        ("And what does the second one say?", "leave_alone", "referenced"),
         ("What does [4] say?", "renumber", ""),
         ("Summarize the second result.", "leave_alone", "referenced"),
         ("Cite them as [n].", "keep_labels", "cite_by_number"),
