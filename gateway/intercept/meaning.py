@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal
 
 from gateway.intercept.groups import BlockGroup
 
-__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "decide", "scan"]
+__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "decide", "decide_request", "scan"]
 
 Action = Literal["renumber", "keep_labels", "map", "leave_alone"]
 Cue = tuple[str, int]
@@ -390,3 +390,23 @@ def _decide(
             return Decision("map", "cite_by_number")
         return Decision("keep_labels", "cite_by_number")
     return Decision("renumber")
+
+
+def decide_request(
+    texts: Mapping[Hashable, str], groups: Mapping[Hashable, Sequence[BlockGroup]], *, mapping: bool = False
+) -> dict[Hashable, list[Decision]]:
+    """Every group's decision, from every text of one request (``groups``: the groups found per text key).
+
+    The one-call form of :func:`scan`, :class:`RequestCues` and :func:`decide`; the planner makes the same
+    calls itself, with each text's scan memoised.
+    """
+    cues = {key: scan(text, labels=mapping, skip=[(g.start, g.end) for g in groups.get(key, ())]) for key, text in
+            texts.items()}  # fmt: skip
+    if mapping:
+        cues = {key: found.with_labels(groups.get(key, ())) for key, found in cues.items()}
+    request = RequestCues(cues.items())
+    return {
+        key: decide(texts[key], found, request.others(key), mapping=mapping, own=cues[key])
+        for key, found in groups.items()
+        if found
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.intercept import find_groups
-from gateway.intercept.meaning import Decision, RequestCues, decide, scan
+from gateway.intercept.meaning import Decision, RequestCues, decide, decide_request, scan
 
 SOURCES = (
     "Sources:\n"
@@ -96,3 +96,13 @@ def test_skipped_spans_are_not_read() -> None:
     assert {kind for kind, _, _ in scan(text).found} == {"ranked", "num"}
     start = text.index("[1]")
     assert {kind for kind, _, _ in scan(text, skip=[(start, text.index("\nWhat"))]).found} == {"num"}
+
+
+def test_decide_request_reads_every_text() -> None:
+    texts = {"system": SOURCES, "tool": "Search results:\n" + SOURCES.split("\n", 1)[1], "user": "Is [2] right?"}
+    groups = {key: find_groups(text) for key, text in texts.items()}
+    decisions = decide_request(texts, groups)
+    assert set(decisions) == {"system", "tool"}
+    assert decisions["system"] == decisions["tool"] == [Decision("keep_labels", "referenced")]
+    assert decide_request({**texts, "user": "Which?"}, groups) == {"system": [Decision("renumber")],
+                                                                    "tool": [Decision("renumber")]}  # fmt: skip
