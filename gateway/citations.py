@@ -41,6 +41,7 @@ _NUMBER = re.compile(r"\d+")
 _OPEN = re.compile(rf"\[(?:(?:{_WORD})?[ \t]*#?[ \t]*(?:\d{{1,4}}(?:[ \t]*[,;][ \t]*\d{{0,4}}){{0,20}})?)?\Z", re.I)
 _TAIL_WORD = re.compile(r"[A-Za-z]{1,11}(?:[ \t]+#?[ \t]*\d{0,4})?\Z")
 _MAX_HOLD = 96
+_MAX_EVENT = 1 << 20  # an "event" longer than this is relayed unmapped rather than held
 _raw_object = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _raw_list = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
 _encoder = msgspec.json.Encoder()
@@ -125,6 +126,9 @@ class AnswerRewriter:
         data = self._events + chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
+            if len(data) > _MAX_EVENT:  # not a stream of events after all: pass it on as it came
+                self._events = b""
+                return data
             self._events = data
             return b""
         self._events = data[cut + 2 :]

@@ -89,3 +89,10 @@ def test_stream_holds_back_only_a_possible_citation() -> None:
     assert rewriter.split("see Docu") == ("see ", "Docu")
     assert rewriter.split("the tower is tall") == ("the tower is tall", "")
     assert rewriter.split("as [2] says") == ("as [2] says", "")
+
+
+def test_a_stream_without_event_ends_is_not_held_forever() -> None:
+    rewriter = AnswerRewriter([MAP])
+    assert rewriter.feed(b"x" * 1000) == b""
+    assert rewriter.feed(b"y" * (1 << 20)) == b"x" * 1000 + b"y" * (1 << 20)
+    assert rewriter.close() == b""
