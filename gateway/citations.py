@@ -41,6 +41,7 @@ _NUMBER = re.compile(r"\d+")
 _OPEN = re.compile(rf"\[(?:(?:{_WORD})?[ \t]*#?[ \t]*(?:\d{{1,4}}(?:[ \t]*[,;][ \t]*\d{{0,4}}){{0,20}})?)?\Z", re.I)
 _TAIL_WORD = re.compile(r"[A-Za-z]{1,11}(?:[ \t]+#?[ \t]*\d{0,4})?\Z")
 _MAX_HOLD = 96
+_EVENT_END = re.compile(rb"(\r?\n\r?\n)")
 _MAX_EVENT = 1 << 20  # an "event" longer than this is relayed unmapped rather than held
 _raw_object = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _raw_list = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
@@ -74,6 +75,7 @@ class AnswerRewriter:
         self._pending: dict[int, str] = {}
         self._last: dict[str, msgspec.Raw] = {}
         self._field = "content"
+        self._end = b"\n\n"
 
     # text ----------------------------------------------------------------------------------------------------
     def text(self, value: str) -> str:
@@ -122,17 +124,22 @@ class AnswerRewriter:
 
     # SSE -----------------------------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
-        """Relay-ready bytes for the complete events so far; an incomplete event waits for its end."""
+        """Relay-ready bytes for the complete events so far; an incomplete event waits for its end.
+
+        Events end with a blank line, LF or CRLF; each keeps its own line endings.
+        """
         data = self._events + chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
+        end = max(data.rfind(b"\n\n") + 2, data.rfind(b"\n\r\n") + 3)  # after the last blank line (LF or CRLF)
+        if end < 3:
             if len(data) > _MAX_EVENT:  # not a stream of events after all: pass it on as it came
                 self._events = b""
                 return data
             self._events = data
             return b""
-        self._events = data[cut + 2 :]
-        return b"".join(self._event(event) + b"\n\n" for event in data[:cut].split(b"\n\n"))
+        self._events = data[end:]
+        pieces = _EVENT_END.split(data[:end])  # event, end, event, end, ..., ""
+        self._end = pieces[-2]  # a synthesised event ends like the stream's own
+        return b"".join(self._event(event) + end for event, end in zip(pieces[::2], pieces[1::2], strict=False))
 
     def close(self) -> bytes:
         """What is still held when the stream ends without ``[DONE]``."""
@@ -147,7 +154,7 @@ class AnswerRewriter:
             payload = line[5:].strip()
             if payload == b"[DONE]":
                 return self._flush() + event
-            lines[at] = b"data: " + self._chunk(payload)
+            lines[at] = b"data: " + self._chunk(payload) + (b"\r" if line.endswith(b"\r") else b"")
         return b"\n".join(lines)
 
     def _chunk(self, payload: bytes) -> bytes:
@@ -193,7 +200,7 @@ class AnswerRewriter:
         self._pending.clear()
         top = {key: value for key, value in self._last.items() if key in ("id", "object", "created", "model")}
         top["choices"] = msgspec.Raw(_encoder.encode(choices))
-        return b"data: " + _encoder.encode(top) + b"\n\n"
+        return b"data: " + _encoder.encode(top) + self._end
 
 
 def _could_cite(tail: str) -> bool:

@@ -44,19 +44,19 @@ def test_json_answer_chat_and_completion() -> None:
     assert rewriter.json(b"not json") == b"not json"
 
 
-def _stream(pieces: list[str], finish: bool = True) -> bytes:
+def _stream(pieces: list[str], finish: bool = True, end: bytes = b"\n\n") -> bytes:
     events = [
         {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": p}}]}
         for p in pieces
     ]
     if finish:
         events.append({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    return b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    return b"".join(b"data: " + msgspec.json.encode(e) + end for e in events) + b"data: [DONE]" + end
 
 
 def _content(stream: bytes) -> str:
     out = []
-    for event in stream.split(b"\n\n"):
+    for event in stream.replace(b"\r\n", b"\n").split(b"\n\n"):
         if event.startswith(b"data: {"):
             for choice in json.loads(event[6:])["choices"]:
                 out.append(choice.get("delta", {}).get("content", ""))
@@ -71,15 +71,22 @@ ANSWER = "The tower [1] is older than [2, 3]; Document 1 says so, and [Doc 2] to
     cuts=st.lists(st.integers(0, len(ANSWER)), max_size=12),
     chunk=st.integers(1, 64),
     finish=st.booleans(),
+    end=st.sampled_from([b"\n\n", b"\r\n\r\n"]),
+    suffix=st.sampled_from(["", " see Document 2", " and [3"]),
 )
-def test_stream_cut_anywhere_maps_like_the_whole_text(cuts: list[int], chunk: int, finish: bool) -> None:
-    points = sorted({0, len(ANSWER), *cuts})
-    pieces = [ANSWER[a:b] for a, b in pairwise(points)]
-    raw = _stream(pieces, finish)
+def test_stream_cut_anywhere_maps_like_the_whole_text(
+    cuts: list[int], chunk: int, finish: bool, end: bytes, suffix: str
+) -> None:
+    answer = ANSWER + suffix  # ends in a citation, mid-citation or not
+    points = sorted({0, len(answer), *(cut for cut in cuts if cut < len(answer))})
+    pieces = [answer[a:b] for a, b in pairwise(points)]
+    raw = _stream(pieces, finish, end)
     rewriter = AnswerRewriter([MAP])
     out = b"".join(rewriter.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk)) + rewriter.close()
-    assert _content(out) == AnswerRewriter([MAP]).text(ANSWER)
-    assert out.endswith(b"data: [DONE]\n\n")
+    assert _content(out) == AnswerRewriter([MAP]).text(answer)
+    assert out.endswith(b"data: [DONE]" + end)
+    assert raw.count(end) <= out.count(end) <= raw.count(end) + 1  # held text is flushed in one event at most
+    assert out.count(b"\n\n") == (0 if end != b"\n\n" else out.count(end))  # one line ending throughout
 
 
 def test_stream_holds_back_only_a_possible_citation() -> None:
