@@ -36,6 +36,7 @@ __all__ = [
     "CLIENT_ID_FIELDS",
     "CLIENT_PREFIX",
     "REQUEST_ID_PATTERN",
+    "NO_BODY_IDS",
     "BodyIds",
     "KeyNamespaces",
     "body_ids",
@@ -84,6 +85,9 @@ class BodyIds:
     value: str | None
     fields: tuple[str, ...]
     kept: tuple[str, ...]
+
+
+NO_BODY_IDS = BodyIds(None, (), ())
 
 
 def body_ids(top: Mapping[str, msgspec.Raw]) -> BodyIds:

@@ -41,7 +41,7 @@ from gateway.errors import (
     normalize_upstream_error,
     upstream_error_from,
 )
-from gateway.ids import KeyNamespaces, body_ids, mint_request_id, resolve_request_id
+from gateway.ids import NO_BODY_IDS, BodyIds, KeyNamespaces, body_ids, mint_request_id, resolve_request_id
 from gateway.inbound import (
     ClientGone,
     Receive,
@@ -199,8 +199,7 @@ class Proxy:
         """
         in_thread = len(raw) >= PLAN_IN_THREAD_BYTES
         with malformed_json_is_400():
-            body = await _run(in_thread, decode_request, raw, call.route)
-            ids = body_ids(body.top)
+            body, ids = await _run(in_thread, _decode, raw, call.route)
             if ids.value is not None and not call.header_id:
                 # the client chose its id in the body (SGLang's rid, vLLM's request_id): it becomes the request's id
                 call.request_id = self._effective_id(ids.value, call.namespace)
@@ -379,6 +378,12 @@ class Proxy:
             self.metrics.engine_cached_tokens.inc(cached)
             self.metrics.engine_prompt_tokens.inc(prompt)
         return cached
+
+
+def _decode(raw: bytes, route: str) -> tuple[RequestBody, BodyIds]:
+    """The body, and the ids the client put in it (the top level is decoded only when one may be there)."""
+    body = decode_request(raw, route)
+    return body, body_ids(body.top) if b'"rid"' in raw or b'"request_id"' in raw else NO_BODY_IDS
 
 
 def _identity_encoding(planned: PlannedRequest | None) -> dict[str, str]:
