@@ -241,6 +241,15 @@ def _anchored(lower: str, segments: Sequence[tuple[int, int]], pattern: re.Patte
                 yield match
 
 
+_BY_ID = re.compile(r"\bids?\b|[ _-]id\]")
+_BY_NUMBER = re.compile(r"\[(?:n|x|k|i|#|\d{1,3})\]|number|numer|index|indices")
+
+
+def _cite_kind(instruction: str) -> str:
+    """``cite_id`` for "cite document ids" / "[doc_id]" (an identifier travels with its block), else ``cite``."""
+    return "cite_id" if _BY_ID.search(instruction) and not _BY_NUMBER.search(instruction) else "cite"
+
+
 _SENTENCE_END = re.compile(r"(?<!\b[A-Za-z])\.(?:\s|\Z)|\n")  # "e.g." and "i.e." end no sentence
 
 
@@ -269,7 +278,8 @@ def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = (
         return _anchored(lower, segments, pattern)
 
     found: list[tuple[str, int, int]] = []
-    instructions = [(match.start(), _sentence_end(text, match.end())) for match in finditer(_CITE)]
+    cites = list(finditer(_CITE))
+    instructions = [(match.start(), _sentence_end(text, match.end())) for match in cites]
     for pattern in (_BRACKET, _WORD_REF):
         for match in finditer(pattern):
             if any(start <= match.start() < end for start, end in instructions):
@@ -279,7 +289,7 @@ def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = (
                 continue
             kind = "label" if is_label else "num"
             found.extend((kind, value, match.start()) for value in _numbers(match.group(1)))
-    found.extend(("cite", 0, start) for start, _ in instructions)
+    found.extend((_cite_kind(match.group()), 0, match.start()) for match in cites)
     found.extend(
         ("pos", 0, match.start())
         for match in finditer(_POSITION)
@@ -380,16 +390,27 @@ def _decide(
     if not numbered:
         if referenced:
             return Decision("leave_alone", "referenced")
-        if "cite" in kinds:
+        if "cite" in kinds or ("cite_id" in kinds and not _identified(text, group)):
             return Decision("leave_alone", "cite_by_position")
         return Decision("renumber")
     if referenced:
         return Decision("keep_labels", "referenced")
-    if "cite" in kinds:
+    if "cite" in kinds or "cite_id" in kinds:  # a block's number may be the only id it has
         if mapping and not any(value in span for value in labels):
             return Decision("map", "cite_by_number")
         return Decision("keep_labels", "cite_by_number")
     return Decision("renumber")
+
+
+_IDENTIFIER = re.compile(r"""(?i)\b(?:id|doc_id|source|path|name|title|url|file)\s*[=:]|"id"\s*:""")
+
+
+def _identified(text: str, group: BlockGroup) -> bool:
+    """Whether every block names itself before its content (``id="..."``, ``"id":``, a markdown header), so
+    "cite the document ids" means something that moves with the block."""
+    if group.format == "markdown_header":
+        return True
+    return all(_IDENTIFIER.search(text, b.start, max(b.content_start, min(b.end, b.start + 200))) for b in group.blocks)
 
 
 def decide_request(

@@ -106,3 +106,18 @@ def test_decide_request_reads_every_text() -> None:
     assert decisions["system"] == decisions["tool"] == [Decision("keep_labels", "referenced")]
     assert decide_request({**texts, "user": "Which?"}, groups) == {"system": [Decision("renumber")],
                                                                     "tool": [Decision("renumber")]}  # fmt: skip
+
+
+def test_citing_by_id_moves_blocks_that_carry_their_id() -> None:
+    def xml(with_ids: bool) -> str:
+        head = '<document id="d{i}">' if with_ids else "<document>"
+        items = "\n".join(head.format(i=i) + f"{doc}</document>" for i, doc in enumerate(SOURCES.splitlines()[1:]))
+        return f"<documents>\n{items}\n</documents>"
+
+    def decision(system: str, docs: str) -> Decision:
+        return decide_request({"s": system, "u": docs}, {"u": find_groups(docs)})["u"][0]
+
+    assert decision("Cite document ids.", xml(True)) == Decision("renumber")
+    assert decision("Cite document ids.", xml(False)) == Decision("leave_alone", "cite_by_position")
+    assert decision("Cite each claim as [doc_id].", SOURCES) == Decision("keep_labels", "cite_by_number")
+    assert decision("Cite them by number.", xml(True)) == Decision("leave_alone", "cite_by_position")
