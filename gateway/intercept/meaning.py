@@ -108,9 +108,10 @@ _TRIGGERS: dict[re.Pattern[str], tuple[str, ...]] = {
     _CHRONO: ("reverse", "chronolog", "oldest", "newest", "earliest", "latest", "most", "sorted", "ordered",
               "listed", "arranged", "order", "timeline"),
 }  # fmt: skip
+# "Follow these steps", "in the following order", "in order:"; not "instructions", "think step by step"
 _STEPS_LEAD = re.compile(
-    r"(?i)\b(?:steps?|instructions|procedure|recipe|walkthrough|sequence|sequentially|in[ \t]+(?:this|that|"
-    r"the[ \t]+(?:following|given|listed|same))[ \t]+order|in[ \t]+order\b(?![ \t]+to)|one[ \t]+after[ \t]+another)",
+    r"(?i)\b(?:steps|procedure|recipe|walkthrough|sequentially|in[ \t]+(?:this|that|the[ \t]+(?:following|given"
+    r"|listed|same))[ \t]+order|one[ \t]+after[ \t]+another)\b|\bin[ \t]+order[ \t]*:",
 )
 _STEP_START = re.compile(
     r"(?i)[ \t#*>-]*(?:\[?(?:step|phase|stage)[ \t]*#?\d|(?:first(?:ly)?|second(?:ly)?|then|next|after[ \t]+that"
@@ -336,7 +337,9 @@ def steps(text: str, group: BlockGroup, floor: int = 0) -> bool:
     openings = sum(_STEP_START.match(text, block.content_start) is not None for block in group.blocks)
     if openings >= max(2, len(group) - 1):
         return True
-    return _STEPS_LEAD.search(text, max(floor, group.start - _LEAD_WINDOW), group.start) is not None
+    # the two lines just before the group introduce it; an instruction further up is about the answer
+    start = text.rfind("\n", floor, max(floor, text.rfind("\n", floor, max(floor, group.start - 1))))
+    return _STEPS_LEAD.search(text, max(floor, start, group.start - _LEAD_WINDOW), group.start) is not None
 
 
 def decide(

@@ -78,6 +78,9 @@ def test_dates_in_order_and_steps_are_read_from_the_blocks() -> None:
         for i, word in enumerate(("First", "Then", "Finally"), 1)
     )
     assert _decide("How?", steps) == Decision("leave_alone", "steps")
+    assert _decide("How?", "Follow these steps:\n" + SOURCES) == Decision("leave_alone", "steps")
+    for lead in ("Think step by step.\nInstructions: answer from the sources.\n\n", "Follow these steps.\n\nA.\nB.\n"):
+        assert _decide("How?", lead + SOURCES) == Decision("renumber")
 
 
 def test_the_signature_ignores_own_cues_and_order() -> None:
