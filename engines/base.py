@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+from collections.abc import Collection, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +48,17 @@ class EngineAdapter:
     name: str
     body_id_field: str | None = None
 
-    def stamp_fields(self, request_id: str) -> dict[str, str]:
-        """Body fields to set so the engine files the request under ``request_id``."""
-        return {self.body_id_field: request_id} if self.body_id_field else {}
+    def stamp_fields(self, request_id: str, sent: Collection[str] = (), kept: Collection[str] = ()) -> dict[str, str]:
+        """Body fields to set so the engine files the request under ``request_id``.
+
+        ``sent`` names the id fields the client sent as strings (``rid``, ``request_id``): they are set to the
+        effective id too, so the engine never sees an id other than the one the client gets back. ``kept`` names
+        id fields the client sent in another shape (SGLang's list of rids for a batch): they stay as sent.
+        """
+        fields = dict.fromkeys(sent, request_id)
+        if self.body_id_field and self.body_id_field not in kept:
+            fields[self.body_id_field] = request_id
+        return fields
 
     def stamp_headers(self, request_id: str) -> dict[str, str]:
         return {"x-request-id": request_id}

@@ -37,9 +37,10 @@ class Control:
     separator: str | None = None
     scope: frozenset[str] = _SCOPES["all"]
     annotate: bool = False
+    mapping: bool = False  # citation mapping: renumber cite-by-number groups, map the answer back
 
     def signature(self) -> bytes:
-        return f"{self.mode}|{self.tag}|{self.separator}|{int(self.annotate)}".encode()
+        return f"{self.mode}|{self.tag}|{self.separator}|{int(self.annotate)}|{int(self.mapping)}".encode()
 
 
 def _flag(value: str, header: str) -> bool:
@@ -80,6 +81,9 @@ def parse_control(headers: Mapping[str, str], settings: Settings) -> Control:
     annotate = settings.relevance_annotation
     if (value := headers.get("x-prefixgate-annotate")) is not None:
         annotate = _flag(value, "X-Prefixgate-Annotate")
+    mapping = settings.citation_mapping
+    if (value := headers.get("x-prefixgate-citation-mapping")) is not None:
+        mapping = _flag(value, "X-Prefixgate-Citation-Mapping")
     tag = headers.get("x-prefixgate-tag") or headers.get("x-contextpilot-tag")
     separator = headers.get("x-prefixgate-separator") or headers.get("x-contextpilot-separator")
-    return Control(enabled, mode, tag, separator, scope, annotate)
+    return Control(enabled, mode, tag, separator, scope, annotate, mapping)

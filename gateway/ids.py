@@ -12,6 +12,11 @@ so two clients must never end up with the same id:
 
 Minted ids carry 128 random bits and are never namespaced. The effective id is what the engine sees, what the
 client gets back in ``X-Request-Id``, and what ``/requests`` and eviction callbacks show.
+
+A client may choose its id in the ``X-Request-Id`` header or in the body, as SGLang's ``rid`` or vLLM's
+``request_id`` (ContextPilot's online flow sends back, as ``rid``, the id ``/reorder`` returned). The header wins,
+then ``rid``, then ``request_id`` (:func:`body_ids`); the same rules apply whichever carried it, and every id
+field the client sent is forwarded holding the effective id.
 """
 
 from __future__ import annotations
@@ -20,11 +25,27 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import msgspec
 
 from scheduler.ids import mint_request_id, normalize_request_id
 
-__all__ = ["CLIENT_PREFIX", "REQUEST_ID_PATTERN", "KeyNamespaces", "mint_request_id", "resolve_request_id"]
+__all__ = [
+    "CLIENT_ID_FIELDS",
+    "CLIENT_PREFIX",
+    "REQUEST_ID_PATTERN",
+    "NO_BODY_IDS",
+    "BodyIds",
+    "KeyNamespaces",
+    "body_ids",
+    "mint_request_id",
+    "resolve_request_id",
+]
+
+CLIENT_ID_FIELDS = ("rid", "request_id")
+"""Body fields that carry a request id a client chose (SGLang, vLLM), in order of precedence."""
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_PREFIX = "c-"
@@ -53,6 +74,28 @@ def resolve_request_id(client_value: str | None, namespace: str | None = None) -
     if _reserved(client_value):
         return CLIENT_PREFIX + client_value
     return client_value
+
+
+@dataclass(frozen=True, slots=True)
+class BodyIds:
+    """The id a client put in the body (the first string among :data:`CLIENT_ID_FIELDS`), which of those fields
+    it sent as strings (forwarded holding the effective id) and which as lists (a batch's rids, kept as sent;
+    any other shape is replaced like an absent id)."""
+
+    value: str | None
+    fields: tuple[str, ...]
+    kept: tuple[str, ...]
+
+
+NO_BODY_IDS = BodyIds(None, (), ())
+
+
+def body_ids(top: Mapping[str, msgspec.Raw]) -> BodyIds:
+    """Read the client's id fields from a body's raw top-level fields."""
+    sent = {name: msgspec.json.decode(top[name]) for name in CLIENT_ID_FIELDS if name in top}
+    fields = tuple(name for name, value in sent.items() if isinstance(value, str))
+    kept = tuple(name for name, value in sent.items() if isinstance(value, list))
+    return BodyIds(sent[fields[0]] if fields else None, fields, kept)
 
 
 def _reserved(value: str) -> bool:

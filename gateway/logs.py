@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "configure_logging", "request_id_var"]
+__all__ = ["JsonFormatter", "RequestIdFilter", "configure_logging", "log_access", "request_id_var"]
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("prefixgate_request_id", default="-")
 
+_access = logging.getLogger("prefixgate.access")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 _encoder = msgspec.json.Encoder()
 
@@ -51,3 +54,23 @@ def configure_logging(level: str, fmt: str) -> None:
     # httpx logs one INFO line per upstream request (with URLs); numbers belong in /metrics.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_access(
+    request_id: str, route: str, status: int, *, result: Mapping[str, Any], cached_tokens: int | None, started: float
+) -> None:
+    """One line per proxied request (``--access-log``): what was asked, what was found, what the engine reused.
+
+    ``result`` is the planner's ``X-Prefixgate-Result`` (empty for routes it does not plan); no prompt text.
+    """
+    _access.info(
+        "id=%s route=%s status=%d groups=%s reordered=%s predicted_cached_tokens=%s cached_tokens=%s latency_ms=%.1f",
+        request_id,
+        route,
+        status,
+        result.get("groups", "-"),
+        str(result.get("reordered", "-")).lower(),
+        result.get("predicted_cached_tokens", "-"),
+        "-" if cached_tokens is None else cached_tokens,
+        (time.perf_counter() - started) * 1000,
+    )

@@ -58,6 +58,25 @@ class Metrics:
         self.engine_prompt_tokens = Counter(
             "prefixgate_engine_prompt_tokens", "Prompt tokens reported by engines", registry=r
         )
+        self.groups_found = Counter(
+            "prefixgate_groups_found", "Block groups found in proxied prompts, by format", ["format"], registry=r
+        )
+        self.blocks_found = Counter(
+            "prefixgate_blocks_found",
+            "Blocks in the groups found in proxied prompts, by format",
+            ["format"],
+            registry=r,
+        )
+        self.groups_reordered = Counter(
+            "prefixgate_groups_reordered", "Block groups whose blocks were sent in a new order, by format", ["format"],
+            registry=r,
+        )  # fmt: skip
+        self.groups_decided = Counter(
+            "prefixgate_groups_meaning",
+            "Block groups not simply renumbered, by format, decision (keep_labels, map, leave_alone) and reason",
+            ["format", "decision", "reason"],
+            registry=r,
+        )
         self.stale_predictions = Counter(
             "prefixgate_stale_predictions",
             "Requests whose engine-reported cached tokens fell far below the index's prediction",

@@ -13,6 +13,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from engines.llamacpp.slots import Path, SlotTable
+from gateway.citations import AnswerRewriter
 from gateway.metrics import Metrics
 from gateway.residency import Residency
 
@@ -29,14 +30,15 @@ _STALE_FRACTION = 0.25
 class PlannedRequest:
     """What the planner decided for one request, and what to run as the upstream answers it.
 
-    ``fields`` are the body fields to replace, ``result`` the ``X-Prefixgate-Result`` header. The proxy calls
+    ``fields`` are the body fields to replace, ``result`` the ``X-Prefixgate-Result`` header, ``answer`` (citation
+    mapping) what rewrites the answer's citation numbers. The proxy calls
     ``accept`` when the engine accepts the request (what it was sent is now in its cache), ``usage`` with the
     cached-token count the answer reports, and ``finish`` once the upstream is done with it (always, at most
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("commits", "fields", "metrics", "predicted_chars", "predictions", "request_id", "residency",
-                 "result", "slot", "slots")  # fmt: skip
+    __slots__ = ("answer", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
+                 "residency", "result", "slot", "slots")  # fmt: skip
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class PlannedRequest:
         self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
+        self.answer: AnswerRewriter | None = None  # citation mapping: the answer's numbers back to the client's
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""

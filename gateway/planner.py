@@ -14,11 +14,9 @@ Multi-turn stability: the rewrite of a text is memoised by a digest of the origi
 that shape it), so when a later turn resends the same message, it is rewritten byte-identically and the
 prefix that turn 1 cached still matches. The memo also remembers texts it left alone.
 
-Tenancy: with client keys (and without ``--shared-cache``) the memo key and every prefix key start with the
-key's namespace, so one key's planning (memo hits, predicted cached blocks, orders) never depends on what
-another key sent; see docs/reliability.md. Cost: everything done for one request shares one CPU budget
-(``intercept_budget_ms``, on the clock of the thread that plans); past it, the remaining texts are forwarded
-unchanged and counted.
+Meaning: whether a group may be renumbered, must keep its labels or is left alone depends on every text of the
+request (a question that names ``source [3]``, a prompt that asks to cite by number); see
+:mod:`gateway.intercept.meaning`. The cues of the *other* texts are part of the memo key.
 
 Threads: the live index and the slot table have a single writer, the event loop. A big prompt is planned in a
 worker thread (``plan(..., in_thread=True)``); its index reads and its slot choice then run on the event loop
@@ -29,6 +27,7 @@ by a lock.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -39,15 +38,18 @@ import msgspec
 from cachetools import LRUCache
 
 from engines.llamacpp.slots import SlotTable
+from gateway.citations import AnswerRewriter, CitationMap, citation_map
 from gateway.control import Control, parse_control
-from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, find_groups, splice_all
+from gateway.errors import PayloadTooLarge
+from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, splice_all
 from gateway.intercept.boundaries import Boundaries
 from gateway.intercept.budget import check
+from gateway.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
 from gateway.metrics import Metrics
 from gateway.planned import PlannedRequest, Prediction
 from gateway.residency import Residency
 from gateway.settings import Settings
+from gateway.texts import TextScan, TextScans, chat_texts
 from gateway.wire import ChatMessage, RequestBody
 from scheduler.blocks import block_id
 
@@ -59,6 +61,7 @@ OnLoop = Callable[..., Any]
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "tool": "tool", "toolresult": "tool"}
 _encoder = msgspec.json.Encoder()
+_CHARS_PER_TOKEN = 4  # the prediction is in characters; the header also gives it in (estimated) tokens
 
 
 def _call(fn: Callable[..., T], *args: Any) -> T:
@@ -94,6 +97,18 @@ class _Rewrite:
     text: str | None
     groups: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
     reordered: bool
+    choices: tuple[_Choice, ...] = ()  # per group, what meaning allowed and what was done
+    maps: tuple[CitationMap, ...] = ()  # citation mapping: the answer's numbers back to the client's
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """One group's format, size, decision and whether its blocks actually moved (for the header and /metrics)."""
+
+    format: str
+    blocks: int
+    decision: Decision
+    moved: bool
 
 
 @dataclass(slots=True)
@@ -115,6 +130,8 @@ class _Outcome:
     memo_hits: int = 0
     predicted_chars: int = 0
     predictions: list[Prediction] = field(default_factory=list)
+    choices: list[_Choice] = field(default_factory=list)
+    maps: list[CitationMap] = field(default_factory=list)
 
     def check_blocks(self, more: int) -> None:
         """413 before planning ``more`` blocks would take the request past ``max_blocks_per_request``."""
@@ -127,19 +144,31 @@ class _Outcome:
 
     def header(self, shared: bool) -> dict[str, Any]:
         """The ``X-Prefixgate-Result`` fields; with a cache shared across keys, nothing another key can move."""
-        out: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
+        result: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
         if not shared:
-            out["predicted_cached_blocks"] = self.cached
-            out["memo_hits"] = self.memo_hits
+            result["predicted_cached_blocks"] = self.cached
+            result["predicted_cached_tokens"] = self.predicted_chars // _CHARS_PER_TOKEN
+            result["memo_hits"] = self.memo_hits
         if self.skipped is not None:
-            out["skipped"] = self.skipped
-        return out
+            result["skipped"] = self.skipped
+        for action, name in (("keep_labels", "kept_labels"), ("leave_alone", "left_alone"), ("map", "mapped")):
+            reasons = Counter(c.decision.reason for c in self.choices if c.decision.action == action)
+            if reasons:
+                result[name] = dict(sorted(reasons.items()))
+        return result
 
 
 class Planner:
     """Plans every proxied completion request (see ``plan``); owns the rewrite memo and the llama.cpp slots."""
 
-    def __init__(self, settings: Settings, residency: Residency, metrics: Metrics, memo_chars: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        residency: Residency,
+        metrics: Metrics,
+        memo_chars: int = 64 << 20,
+        scan_units: int = 1 << 18,
+    ) -> None:
         self.settings = settings
         self.residency = residency
         self.metrics = metrics
@@ -147,6 +176,7 @@ class Planner:
             maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
         )
         self._memo_lock = threading.Lock()
+        self._scans = TextScans(scan_units)
         residency.on_reset(self._clear_memo)
         self.boundaries = Boundaries()
         residency.on_reset(self.boundaries.clear)
@@ -192,8 +222,7 @@ class Planner:
             elif body.prompt is not None:
                 self._completions(body.prompt, fields, prefix, outcome)
             result = outcome.header(shared=self.settings.shared_cache and bool(self.settings.api_key))
-            if outcome.skipped is not None:
-                self.metrics.intercept_skipped.labels(outcome.skipped).inc()
+            self._count(outcome)
         else:
             result = {"groups": 0, "reordered": False, "enabled": False}
         if outcome.reordered:
@@ -209,9 +238,24 @@ class Planner:
             predicted_chars=outcome.predicted_chars,
         )
         planned.fields.update(fields)
+        if outcome.maps:
+            planned.answer = AnswerRewriter(outcome.maps)
         if self._slots is not None:
             on_loop(self._pin_slot, planned, body)
         return planned
+
+    def _count(self, outcome: _Outcome) -> None:
+        """Groups found, reordered and decided, and blocks found, by format (``/metrics``)."""
+        metrics = self.metrics
+        for choice in outcome.choices:
+            metrics.groups_found.labels(choice.format).inc()
+            metrics.blocks_found.labels(choice.format).inc(choice.blocks)
+            if choice.moved:
+                metrics.groups_reordered.labels(choice.format).inc()
+            if choice.decision.action != "renumber":
+                metrics.groups_decided.labels(choice.format, choice.decision.action, choice.decision.reason).inc()
+        if outcome.skipped is not None:
+            metrics.intercept_skipped.labels(outcome.skipped).inc()
 
     def _pin_slot(self, planned: PlannedRequest, body: RequestBody) -> None:
         """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
@@ -234,6 +278,14 @@ class Planner:
         self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: _Prefix, outcome: _Outcome
     ) -> None:
         sent: list[msgspec.Raw] | None = None  # the messages as sent, once one of them changes
+        control = outcome.control
+        try:
+            scans = {key: self._scans.get(text, control, _ROLES.get(role.lower()) in control.scope
+                                          and len(text) <= MAX_TEXT_CHARS, outcome.deadline)
+                     for key, role, text in chat_texts(messages)}  # fmt: skip
+        except BudgetExceeded:
+            outcome.skipped, scans = "budget", {}  # every text goes out as it came (see ``_text``)
+        cues = RequestCues((key, found.cues) for key, found in scans.items())
         for i, message in enumerate(messages):
             kind = _ROLES.get(message.role.lower())
             content = message.content
@@ -246,17 +298,25 @@ class Planner:
                 continue
             new: str | list[dict[str, Any]] | None
             if isinstance(content, str):
-                new = self._text(content, prefix, outcome)
+                new = self._text(content, prefix, outcome, scans.get((i, -1)), cues.others((i, -1)))
             else:
-                new = self._parts(content, prefix, outcome)
+                contexts = [(scans.get((i, j)), cues.others((i, j))) for j in range(len(content))]
+                new = self._parts(content, prefix, outcome, contexts)
             if new is not None:
                 sent = sent if sent is not None else body.raw_messages()
                 sent[i] = message.with_content(new)
         if sent is not None:
             fields["messages"] = sent
 
-    def _parts(self, parts: list[dict[str, Any]], prefix: _Prefix, outcome: _Outcome) -> list[dict[str, Any]] | None:
-        """Rewrite the ``text`` parts of a content list; None when none changed."""
+    def _parts(
+        self,
+        parts: list[dict[str, Any]],
+        prefix: _Prefix,
+        outcome: _Outcome,
+        contexts: Sequence[tuple[TextScan | None, Others]],
+    ) -> list[dict[str, Any]] | None:
+        """Rewrite the ``text`` parts of a content list; None when none changed. ``contexts[j]``: part ``j``'s
+        scan and the cues of the request's other texts."""
         changed = False
         out = list(parts)
         for j, part in enumerate(parts):
@@ -264,7 +324,7 @@ class Planner:
             if not isinstance(text, str):
                 prefix.update(_encoder.encode(part))
                 continue
-            new = self._text(text, prefix, outcome)
+            new = self._text(text, prefix, outcome, *contexts[j])
             if new is not None:
                 changed = True
                 out[j] = {**part, "text": new}
@@ -283,15 +343,23 @@ class Planner:
             if any(new is not None for new in rewritten):
                 fields["prompt"] = [new if new is not None else old for new, old in zip(rewritten, prompt, strict=True)]
 
-    def _text(self, text: str, prefix: _Prefix, outcome: _Outcome) -> str | None:
+    def _text(
+        self, text: str, prefix: _Prefix, outcome: _Outcome, found: TextScan | None = None, others: Others = NO_OTHERS
+    ) -> str | None:
         """Rewrite one text; feed what the engine will see into ``prefix``. None when the text is unchanged."""
-        control = outcome.control
         if outcome.skipped == "budget" or len(text) > MAX_TEXT_CHARS:
             outcome.skipped = outcome.skipped or "too_large"
             prefix.update(text.encode("utf-8", "surrogatepass"))
             return None
-        memo_key = blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, key=outcome.model[:64])
-        memo_key.update(control.signature())
+        if found is None:
+            try:
+                found = self._scans.get(text, outcome.control, True, outcome.deadline)
+            except BudgetExceeded:
+                outcome.skipped = "budget"
+                prefix.update(text.encode("utf-8", "surrogatepass"))
+                return None
+        memo_key = blake2b(found.key, digest_size=16, key=outcome.model[:64])  # the text and the options
+        memo_key.update(b"|" + others.signature)  # what the other texts refer to decides what may move
         memo_key.update(b"\0" + outcome.tenant)
         digest = memo_key.digest()
         with self._memo_lock:
@@ -299,7 +367,7 @@ class Planner:
         fresh: list[int] | None = None
         if entry is None:
             try:
-                entry, fresh = self._plan_text(text, prefix, outcome)
+                entry, fresh = self._plan_text(text, prefix, outcome, others, found)
             except BudgetExceeded:
                 # the text goes out as it came, and so does every later one (the budget is per request); the
                 # memo remembers it as left alone so that a later turn sends the same bytes again
@@ -321,6 +389,10 @@ class Planner:
         prefix.update(out[position:].encode("utf-8", "surrogatepass"))
         if fresh is None and keys:
             fresh = outcome.on_loop(self._cached_counts, keys)
+            # a group that stays in place predicts nothing: the index's order is not the one sent
+            fresh = [
+                cached if choice.decision.moves else 0 for cached, choice in zip(fresh, entry.choices, strict=True)
+            ]
         for (key, blocks), (_, _, ends), cached in zip(keys, entry.groups, fresh or (), strict=True):
             outcome.commits.append((key, blocks))
             outcome.groups += 1
@@ -330,42 +402,65 @@ class Planner:
                 outcome.predictions.append((key, blocks[:cached]))
                 outcome.predicted_chars = max(outcome.predicted_chars, base + ends[cached - 1])
         outcome.reordered |= entry.reordered
+        outcome.choices.extend(entry.choices)
+        outcome.maps.extend(entry.maps)
         return entry.text
 
     def _cached_counts(self, keys: Sequence[Prediction]) -> list[int]:
         """How many leading blocks of each group the index predicts cached (on the event loop)."""
         return [self.residency.index.plan(key, blocks).cached for key, blocks in keys]
 
-    def _plan_text(self, text: str, prefix: _Prefix, outcome: _Outcome) -> tuple[_Rewrite, list[int]]:
+    def _plan_text(
+        self, text: str, prefix: _Prefix, outcome: _Outcome, others: Others, found: TextScan
+    ) -> tuple[_Rewrite, list[int]]:
         """Plan every group of a text not seen before; also return each group's predicted cached blocks."""
         control = outcome.control
-        try:
-            groups = find_groups(
-                text, control.mode, tag=control.tag, separator=control.separator, deadline=outcome.deadline
-            )
-        except ValueError as exc:
-            raise InvalidRequest(f"invalid control header: {exc}", code="invalid_header") from None
         # blank-line splits of template contexts may cut one document: keep only boundaries traffic confirmed
-        groups = self.boundaries.regroup(text, groups)
+        groups = self.boundaries.regroup(text, list(found.groups or ()))
         if not groups:
             return _Rewrite(None, (), False), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))
-        edits: list[tuple[BlockGroup, tuple[int, ...]]] = []
+        decisions = decide(text, groups, others, mapping=control.mapping, own=found.cues)
+        edits: list[tuple[BlockGroup, tuple[int, ...], bool]] = []
         metas: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+        choices: list[_Choice] = []
+        maps: list[CitationMap] = []
         cached: list[int] = []
-        for group in groups:
+        for group, decision in zip(groups, decisions, strict=True):
             check(outcome.deadline)
             # the key is what the engine sees before this group: earlier groups already in their new order
             before = splice_all(text[: group.start], edits, annotate=control.annotate) if edits else text[: group.start]
             key = prefix.copy()
             key.update(before.encode("utf-8", "surrogatepass"))
-            plan = outcome.on_loop(self.residency.index.plan, key.digest(), [block_id(k) for k in group.keys(text)])
-            edits.append((group, plan.order))
-            metas.append((len(before), plan.blocks, _block_ends(text, group, plan.order, len(before))))
-            cached.append(plan.cached)
-        if not any(list(order) != list(range(len(order))) for _, order in edits):
-            return _Rewrite(None, tuple(metas), False), cached
-        return _Rewrite(splice_all(text, edits, annotate=control.annotate), tuple(metas), True), cached
+            order, blocks, hits = self._order(outcome, key.digest(), text, group, decision)
+            edits.append((group, order, decision.renumbers))
+            metas.append((len(before), blocks, _block_ends(text, group, order, len(before))))
+            moved = order != tuple(range(len(order)))
+            choices.append(_Choice(group.format, len(group), decision, moved))
+            if decision.action == "map" and moved:
+                maps.append(citation_map(text, group, order))
+            cached.append(hits)
+        if not any(choice.moved for choice in choices):
+            return _Rewrite(None, tuple(metas), False, tuple(choices)), cached
+        rewritten = splice_all(text, edits, annotate=control.annotate)
+        return _Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps)), cached
+
+    def _order(
+        self, outcome: _Outcome, key: bytes, text: str, group: BlockGroup, decision: Decision
+    ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """The group's order, its block ids in that order, and the blocks predicted cached.
+
+        Renumbered blocks are identified without their number (they render the same at any position); blocks
+        that keep their labels, or stay where they are, with it: they render the same only under the same label.
+        """
+        if decision.renumbers:
+            ids = [block_id(k) for k in group.keys(text)]
+        else:
+            ids = [block_id(text[block.start : block.end].strip()) for block in group.blocks]
+            if not decision.moves:
+                return tuple(range(len(ids))), tuple(ids), 0
+        plan = outcome.on_loop(self.residency.index.plan, key, ids)
+        return plan.order, plan.blocks, plan.cached
 
 
 def _block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:

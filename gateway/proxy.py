@@ -1,6 +1,7 @@
 """The ``/v1/*`` reverse proxy, as a raw ASGI app mounted into the Litestar application.
 
-Per request: check the client key, resolve the request id (namespaced by that key, see ``gateway.ids``), refuse
+Per request: check the client key, resolve the request id (namespaced by that key, see ``gateway.ids``; a body
+``rid``/``request_id`` counts once the body is decoded), refuse
 header values a server must not forward, read the body within the size limit. On the completion routes: decode the
 body once (``gateway.wire.RequestBody``), take a stream slot (429 beyond ``max_concurrent_streams``), let the
 planner plan it (one ``PlannedRequest``; 413 beyond ``max_blocks_per_request``), apply its fields and the engine's
@@ -8,7 +9,8 @@ request-id stamp, encode the body once. Then stream the upstream answer back, ca
 (the engine took the request), ``usage`` (the cached tokens it reported) and ``finish`` (it is done) on the way.
 
 Server-sent events are relayed chunk by chunk as they arrive; a client disconnect cancels the upstream request;
-a failure after the first streamed byte becomes one SSE ``error`` event.
+a failure after the first streamed byte becomes one SSE ``error`` event. With citation mapping, the plan's
+``answer`` maps the answer's citation numbers back to the client's (``gateway.citations``).
 
 Nothing here blocks the event loop: a completion body of ``PLAN_IN_THREAD_BYTES`` or more is decoded, planned and
 encoded in a worker thread (the planner then reads the live index on the loop). Below it the work is cheaper than
@@ -40,7 +42,7 @@ from gateway.errors import (
     normalize_upstream_error,
     upstream_error_from,
 )
-from gateway.ids import KeyNamespaces, mint_request_id, resolve_request_id
+from gateway.ids import NO_BODY_IDS, BodyIds, KeyNamespaces, body_ids, mint_request_id, resolve_request_id
 from gateway.inbound import (
     ClientGone,
     Receive,
@@ -50,7 +52,7 @@ from gateway.inbound import (
     read_body,
     read_limited,
 )
-from gateway.logs import request_id_var
+from gateway.logs import log_access, request_id_var
 from gateway.metrics import Metrics
 from gateway.planner import PlannedRequest, Planner
 from gateway.settings import Settings
@@ -83,9 +85,12 @@ class _Call:
     route: str
     started: float
     own_headers: list[tuple[bytes, bytes]]
+    namespace: str | None = None
     tenant: str | None = None  # the key's namespace when planning state is per key (see docs/reliability.md)
+    header_id: bool = False  # the client chose its id in X-Request-Id (it wins over body ids)
     stream_slot: bool = False
     planned: PlannedRequest | None = None
+    cached_tokens: int | None = None  # engine-reported, for the access log
 
     def finish(self) -> None:
         """The upstream is done with this request (e.g. its llama.cpp slot is free); idempotent."""
@@ -96,6 +101,7 @@ class _Call:
         """Send the last body message, after the engine's feedback (``cached_tokens``) and ``finish``: a client
         that sends its next request the moment this one ends must find the gateway's view of the upstream
         already up to date."""
+        self.cached_tokens = cached_tokens
         if self.planned is not None:
             self.planned.usage(cached_tokens)
         self.finish()
@@ -137,18 +143,14 @@ class Proxy:
             refusal, namespace = exc, None
         # a refused request never has its id honoured: the client proved nothing about who it is
         client_id = headers.get("x-request-id")
-        if refusal is not None:
-            request_id = mint_request_id()
-        elif client_id and self.issued is not None and self.issued(client_id, namespace):
-            request_id = client_id
-        else:
-            request_id = resolve_request_id(client_id, namespace)
+        request_id = mint_request_id() if refusal is not None else self._effective_id(client_id, namespace)
         token = request_id_var.set(request_id)
         path = raw_path(scope)
         route = path.decode("latin-1")
         route = route if route in COMPLETION_ROUTES else "passthrough"
-        call = _Call(send, request_id, route, started, [(b"x-request-id", request_id.encode())])
+        call = _Call(send, request_id, route, started, [(b"x-request-id", request_id.encode())], namespace)
         call.tenant = None if self.settings.shared_cache else namespace
+        call.header_id = bool(client_id)
         status = 500
         self.metrics.in_flight.inc()
         try:
@@ -167,7 +169,17 @@ class Proxy:
                 self.metrics.disconnects.inc()
             self.metrics.in_flight.dec()
             self.metrics.answered(route, status, time.perf_counter() - started)
+            if self.settings.access_log:
+                result = call.planned.result if call.planned is not None else {}
+                log_access(call.request_id, route, status, result=result, cached_tokens=call.cached_tokens,
+                           started=started)  # fmt: skip
             request_id_var.reset(token)
+
+    def _effective_id(self, client_id: str | None, namespace: str | None) -> str:
+        """An id the index API issued comes back as is; a client's own id is namespaced (``gateway.ids``)."""
+        if client_id and self.issued is not None and self.issued(client_id, namespace):
+            return client_id
+        return resolve_request_id(client_id, namespace)
 
     async def _handle(self, scope: Scope, receive: Receive, headers: dict[str, str], call: _Call) -> int:
         path = raw_path(scope)
@@ -190,13 +202,18 @@ class Proxy:
         """
         in_thread = len(raw) >= PLAN_IN_THREAD_BYTES
         with malformed_json_is_400():
-            body = await _run(in_thread, decode_request, raw, call.route)
+            body, ids = await _run(in_thread, _decode, raw, call.route)
+            if ids.value is not None and not call.header_id:
+                # the client chose its id in the body (SGLang's rid, vLLM's request_id): it becomes the request's id
+                call.request_id = self._effective_id(ids.value, call.namespace)
+                call.own_headers[0] = (b"x-request-id", call.request_id.encode())
+                request_id_var.set(call.request_id)
             if body.stream:
                 self._take_stream_slot(call)
             call.planned = planned = await _run(in_thread, self._plan, body, headers, call, in_thread)
         call.own_headers.append((b"x-prefixgate-result", _encoder.encode(planned.result)))
         body.update(planned.fields)
-        body.update(self.engine.stamp_fields(call.request_id))
+        body.update(self.engine.stamp_fields(call.request_id, ids.fields, ids.kept))
         if self.settings.kv_events_endpoint:
             body.update(self.engine.kv_event_fields(call.request_id, body))
         return await _run(in_thread, body.encode)
@@ -212,7 +229,7 @@ class Proxy:
             scope["headers"],
             strip_authorization=bool(self._keys),
             upstream_api_key=self.settings.upstream_api_key,
-            extra=self.engine.stamp_headers(call.request_id),
+            extra=self.engine.stamp_headers(call.request_id) | _identity_encoding(call.planned),
         )
         request = self.upstream.build(scope["method"], target, outbound, body)
         status = 499
@@ -315,6 +332,9 @@ class Proxy:
                     "the upstream engine answered with an invalid body", code="upstream_invalid_response"
                 )
             cached = self._count_usage(payload)
+        answer = call.planned.answer if call.planned is not None else None
+        if answer is not None and "content-encoding" not in response.headers:
+            body = answer.json(body)
         headers = response_headers(response.headers, keep_length=False)
         await _send_whole(call, response.status_code, headers, body, cached)
 
@@ -328,6 +348,7 @@ class Proxy:
         headers = response_headers(response.headers, keep_length=not sse) + call.own_headers
         await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         sniffer = UsageSniffer() if sse and "content-encoding" not in response.headers else None
+        answer = call.planned.answer if sniffer is not None and call.planned is not None else None
         tail = b"\n\n"
         first = True
         try:
@@ -335,14 +356,16 @@ class Proxy:
                 if first:
                     self.metrics.first_byte(call.route, time.perf_counter() - call.started)
                     first = False
-                await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
-                tail = (tail + chunk)[-4:]
                 if sniffer is not None:
                     sniffer.feed(chunk)
+                if answer is not None and not (chunk := answer.feed(chunk)):
+                    continue  # held until the event (or the citation it may end in) is complete
+                await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                tail = (tail + chunk)[-4:]
         except httpx.HTTPError as exc:
             error = upstream_error_from(exc)
             self.metrics.upstream_errors.labels(error.code or "failed").inc()
-            sniffer = None
+            sniffer = answer = None
             if not sse:
                 logger.warning("upstream failed mid-body; the client receives a truncated response")
             else:
@@ -350,6 +373,8 @@ class Proxy:
                 separator = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) else b"\n\n"
                 event = separator + b"data: " + error.body() + b"\n\n"
                 await call.send({"type": "http.response.body", "body": event, "more_body": True})
+        if answer is not None and (rest := answer.close()):
+            await call.send({"type": "http.response.body", "body": rest, "more_body": True})
         usage = sniffer.usage if sniffer is not None else None
         await call.end(cached_tokens=self._count_usage(usage) if usage is not None else None)
 
@@ -361,6 +386,17 @@ class Proxy:
             self.metrics.engine_cached_tokens.inc(cached)
             self.metrics.engine_prompt_tokens.inc(prompt)
         return cached
+
+
+def _decode(raw: bytes, route: str) -> tuple[RequestBody, BodyIds]:
+    """The body, and the ids the client put in it (the top level is decoded only when one may be there)."""
+    body = decode_request(raw, route)
+    return body, body_ids(body.top) if b'"rid"' in raw or b'"request_id"' in raw else NO_BODY_IDS
+
+
+def _identity_encoding(planned: PlannedRequest | None) -> dict[str, str]:
+    """An answer the gateway rewrites (citation mapping) must come uncompressed."""
+    return {"accept-encoding": "identity"} if planned is not None and planned.answer is not None else {}
 
 
 def _upstream_too_large() -> GatewayError:

@@ -51,6 +51,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     reorder: bool = True
     reorder_scope: ReorderScope = "all"
     relevance_annotation: bool = False
+    citation_mapping: bool = False
+    access_log: bool = False
     index_max_requests: int = 200_000
     reorder_max_contexts: int = 200_000
     reorder_max_blocks: int = 4_096
@@ -173,6 +175,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "reorder": ("reorder retrieved blocks in proxied requests (--no-reorder to turn off)", "bool"),
     "reorder_scope": ("where to look for blocks: all, system, user, tool or completions", "value"),
     "relevance_annotation": ("after a reordered group, restate the retriever's original order", "flag"),
+    "citation_mapping": (
+        "renumber groups the prompt asks to cite by number, and map the answer's [n] back (docs/citation-mapping.md)",
+        "flag",
+    ),
+    "access_log": ("log one line per proxied request: id, route, status, groups, cached tokens, latency", "flag"),
     "index_max_requests": ("live index cap in requests (least recently used dropped first)", "value"),
     "reorder_max_contexts": ("most contexts accepted by one /reorder", "value"),
     "reorder_max_blocks": ("most blocks accepted per context", "value"),

@@ -7,7 +7,9 @@ rewritten to ``number_base + p``, so the same block renders identically wherever
 order the text comes back unchanged.
 
 ``renumber=False`` keeps the original numbers on their blocks instead (for applications that map citations
-back to sources by number), at the price of renderings that depend on the retriever's numbering.
+back to sources by number), at the price of renderings that depend on the retriever's numbering. An edit may
+carry its own choice as a third element, ``(group, order, renumber)``: one request can then renumber one group
+and move another's blocks *with their own labels* (see :mod:`gateway.intercept.meaning`).
 
 The optional relevance annotation restates the retriever's order after a reordered group, in the group's own
 numbering, e.g. ``Relevance order: [3] > [1] > [2]`` (the first entry is the label that the originally
@@ -21,7 +23,10 @@ from collections.abc import Iterable, Sequence
 
 from gateway.intercept.groups import BlockGroup
 
-__all__ = ["relevance_line", "splice", "splice_all"]
+__all__ = ["Edit", "relevance_line", "splice", "splice_all"]
+
+Edit = tuple[BlockGroup, Sequence[int]] | tuple[BlockGroup, Sequence[int], bool]
+"""``(group, order)``, or ``(group, order, renumber)`` to override :func:`splice_all`'s ``renumber`` for one group."""
 
 
 def _check_order(group: BlockGroup, order: Sequence[int]) -> None:
@@ -73,7 +78,7 @@ def _annotation(text: str, group: BlockGroup, order: Sequence[int], renumber: bo
 
 def splice_all(
     text: str,
-    edits: Iterable[tuple[BlockGroup, Sequence[int]]],
+    edits: Iterable[Edit],
     *,
     annotate: bool = False,
     renumber: bool = True,
@@ -88,7 +93,10 @@ def splice_all(
     ordered = sorted(edits, key=lambda edit: edit[0].start)
     pieces: list[str] = []
     pos = 0
-    for group, order in ordered:
+    default = renumber
+    for edit in ordered:
+        group, order = edit[0], edit[1]
+        renumber = edit[2] if len(edit) == 3 else default
         _check_order(group, order)
         if group.start < pos:
             raise ValueError("groups overlap")

@@ -61,7 +61,7 @@ async def test_past_the_budget_the_text_is_forwarded_unchanged_and_counted(
         metrics = (await client.get("/metrics")).text
     assert answer.status_code == 200
     assert result(answer) == {"groups": 0, "blocks": 0, "reordered": False, "predicted_cached_blocks": 0,
-                              "memo_hits": 0, "skipped": "budget"}  # fmt: skip
+                              "predicted_cached_tokens": 0, "memo_hits": 0, "skipped": "budget"}  # fmt: skip
     assert json.loads(route.calls[0].request.content)["messages"] == json.loads(body)["messages"]
     assert metric(metrics, "prefixgate_intercept_skipped_total", 'reason="budget"') == 1
 

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import respx
 
-from gateway import planner as planner_module
+from gateway import texts as texts_module
 from gateway.proxy import PLAN_IN_THREAD_BYTES
 from scheduler.index import LiveIndex
 from tests.integration.conftest import AppFactory
@@ -289,7 +289,7 @@ async def test_a_big_prompt_is_planned_in_a_worker_thread_and_the_index_used_on_
 
         return wrapper
 
-    monkeypatch.setattr(planner_module, "find_groups", spy("find_groups", planner_module.find_groups))
+    monkeypatch.setattr(texts_module, "find_groups", spy("find_groups", texts_module.find_groups))
     monkeypatch.setattr(LiveIndex, "plan", spy("index", LiveIndex.plan))
     monkeypatch.setattr(LiveIndex, "commit", spy("index", LiveIndex.commit))
     route = upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=OK))

@@ -130,6 +130,18 @@ def test_renumber_false_keeps_numbers_on_their_blocks() -> None:
     )
 
 
+def test_one_edit_keeps_its_labels_while_another_is_renumbered() -> None:
+    """Per-edit ``(group, order, renumber)``: a referenced list moves with its labels, the other is renumbered."""
+    text = numbered([0, 1, 2]) + "\n\nContext:\n" + numbered([0, 1, 2]).removeprefix("Sources:\n")
+    first, second = find_groups(text)
+    out = splice_all(text, [(first, [2, 0, 1], False), (second, [2, 0, 1])])
+    kept, renumbered = out.split("\n\nContext:\n")
+    assert kept == numbered([0, 1, 2]).replace(f"[1] {DOCS[0]}\n[2] {DOCS[1]}\n\n[3] {DOCS[2]}",
+                                               f"[3] {DOCS[2]}\n[1] {DOCS[0]}\n\n[2] {DOCS[1]}")  # fmt: skip
+    assert renumbered == numbered([2, 0, 1]).removeprefix("Sources:\n")
+    assert splice_all(text, [(first, [2, 0, 1], True)], renumber=False) == splice(text, first, [2, 0, 1])
+
+
 def test_annotation_keeps_the_following_text_on_its_own_line() -> None:
     xml = "<docs>" + "".join(f"<doc>{doc}</doc>" for doc in DOCS) + "</docs>Question?"
     (group,) = find_groups(xml)

@@ -1,0 +1,86 @@
+"""Citation mapping through a real ``prefixgate serve``: an engine on a real socket streams a citation cut across
+network chunks (``[``, ``2``, ``]``), and the client reads its own numbering back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.servers import free_port, serve_in_thread, wait_healthy
+
+pytestmark = pytest.mark.timeout(90)
+
+DOCS = [
+    "Sagrada Familia in Barcelona, designed by Antoni Gaudi, has been under construction since 1882.",
+    "Big Ben is the nickname of the Great Bell of the clock at the north end of Westminster Palace.",
+    "The Colosseum in Rome is an oval amphitheatre that could hold between 50,000 and 80,000 people.",
+    "The Eiffel Tower in Paris was completed in 1889 for the World's Fair and is 330 metres tall.",
+]
+CITED: list[str] = []  # the numbers the engine cited, in the numbering it was shown
+SYSTEM = "Cite them as [n].\n\nSources:\n" + "\n".join(f"[{i}] {doc}" for i, doc in enumerate(DOCS, 1))
+
+
+async def engine(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An OpenAI-style engine that cites, in its own prompt's numbering, the source about the Eiffel Tower."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/health":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    system = json.loads(body)["messages"][0]["content"]
+    number = next(m.group(1) for m in re.finditer(r"^\[(\d+)\] (.*)$", system, re.M) if "Eiffel" in m.group(2))
+    CITED.append(number)
+    pieces = ["It is in Paris ", "[", number, "]; see Doc", "ument ", number, "."]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for piece in pieces:
+        event = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
+        await send({"type": "http.response.body", "body": b"data: " + json.dumps(event).encode() + b"\n\n",
+                    "more_body": True})  # fmt: skip
+        await asyncio.sleep(0.02)  # separate network writes
+    done = {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    tail = b"data: " + json.dumps(done).encode() + b"\n\ndata: [DONE]\n\n"
+    await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+def test_streamed_citation_split_across_chunks_comes_back_in_the_clients_numbering() -> None:
+    port = free_port()
+    with serve_in_thread(engine) as upstream:
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--upstream", upstream]
+        process = subprocess.Popen([*command, "--citation-mapping", "--log-level", "warning"])
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health")
+            request = {"model": "m", "stream": True, "messages": [{"role": "system", "content": SYSTEM},
+                                                                   {"role": "user", "content": "Where is it?"}]}  # fmt: skip
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=request, timeout=30) as r:
+                result = json.loads(r.headers["x-prefixgate-result"])
+                raw = b"".join(r.iter_raw())
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    assert result["mapped"] == {"cite_by_number": 1}
+    assert CITED and CITED[0] != "4"  # the engine was shown the tower under another number
+    text = "".join(
+        choice["delta"].get("content", "")
+        for event in raw.decode().split("\n\n")
+        if event.startswith("data: {")
+        for choice in json.loads(event[6:])["choices"]
+    )
+    assert text == "It is in Paris [4]; see Document 4."
+    assert raw.endswith(b"data: [DONE]\n\n")
