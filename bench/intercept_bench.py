@@ -1,8 +1,9 @@
 """Cache effect of transparent interception, and the cost of intercept + plan + splice.
 
-Seeded RAG workloads are replayed as unchanged OpenAI chat requests in three shapes (documents in the system
-message as XML, in the user message as a numbered list, in a tool result as JSON; every other request
-streams) against the built-in simulated engine, once directly and once through the gateway (with the
+Seeded RAG workloads are replayed as unchanged requests in five shapes (OpenAI chat: documents in the system
+message as XML, in the user message as a numbered list, in a tool result as JSON; Anthropic Messages: one
+``document`` block per document; OpenAI Responses: a ``function_call_output`` holding the search results as JSON;
+every other request streams) against the built-in simulated engine, once directly and once through the gateway (with the
 engine's eviction callbacks wired to the gateway). Reports the engine-reported cached-token ratio and the
 simulated prefill time. Then times the planner alone on 20 KB, 10-block requests.
 
@@ -27,16 +28,20 @@ import httpx
 
 from bench.proxy_bench import _free_port, _wait
 from bench.workload import Query, Workload, generate
+from engines.base import cached_tokens_from_usage, prompt_tokens_from_usage
 
 __all__ = ["main"]
 
-SHAPES = ("system", "user", "tool")
+SHAPES = ("system", "user", "tool", "messages", "responses")
+ROUTES = {"messages": "/v1/messages", "responses": "/v1/responses"}  # the others are chat completions
 
 
 def render(workload: Workload, query: Query, shape: str) -> dict[str, Any]:
-    """One unchanged OpenAI chat body, as a RAG app would build it, documents in retrieval order."""
+    """One unchanged request body, as a RAG app or agent would build it, documents in retrieval order."""
     question = " ".join(f"q{t}" for t in query.question)
     docs = [workload.doc_text(d) for d in query.doc_ids]
+    if shape in ROUTES:
+        return _agent_body(query, docs, question, shape)
     if shape == "system":
         inner = "\n".join(f'<document id="d{d}">{text}</document>' for d, text in zip(query.doc_ids, docs, strict=True))
         messages = [
@@ -61,7 +66,31 @@ def render(workload: Workload, query: Query, shape: str) -> dict[str, Any]:
     return {"model": "sim", "messages": messages, "max_tokens": 4}
 
 
+def _agent_body(query: Query, docs: list[str], question: str, shape: str) -> dict[str, Any]:
+    """Anthropic Messages (one ``document`` block per document) or Responses (search results as a tool output)."""
+    if shape == "messages":
+        blocks: list[Any] = [
+            {
+                "type": "document",
+                "source": {"type": "text", "media_type": "text/plain", "data": text},
+                "title": f"d{d}",
+            }
+            for d, text in zip(query.doc_ids, docs, strict=True)
+        ]
+        content = [*blocks, {"type": "text", "text": question}]
+        return {"model": "sim", "max_tokens": 4, "system": "Answer from the documents.",
+                "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    results = [{"id": f"d{d}", "text": text} for d, text in zip(query.doc_ids, docs, strict=True)]
+    items = [
+        {"type": "function_call", "call_id": "call_search", "name": "search", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_search", "output": json.dumps({"results": results})},
+        {"role": "user", "content": question},
+    ]
+    return {"model": "sim", "instructions": "You are a research agent.", "input": items, "max_output_tokens": 4}
+
+
 def _usage(response: httpx.Response, stream: bool) -> tuple[int, int, float]:
+    """Prompt tokens, cached tokens and simulated prefill time of one answer, whichever API it speaks."""
     if not stream:
         payload = response.json()
     else:
@@ -69,27 +98,33 @@ def _usage(response: httpx.Response, stream: bool) -> tuple[int, int, float]:
         for line in response.text.splitlines():
             if line.startswith("data: {") and '"usage"' in line:
                 candidate = json.loads(line[6:])
-                if candidate.get("usage"):
+                if cached_tokens_from_usage(candidate) is not None:
                     payload = candidate
-    usage = payload["usage"]
-    return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], payload["timings"]["prompt_ms"]
+    prompt, cached = prompt_tokens_from_usage(payload), cached_tokens_from_usage(payload)
+    assert prompt is not None and cached is not None, "the engine reported no usage"
+    return prompt, cached, payload["timings"]["prompt_ms"]
 
 
-def replay(base: str, bodies: list[dict[str, Any]]) -> tuple[int, int, float]:
+def replay(base: str, bodies: list[dict[str, Any]], shape: str = "system") -> tuple[int, int, float]:
     prompt = cached = 0
     prefill_ms = 0.0
+    route = ROUTES.get(shape, "/v1/chat/completions")
     with httpx.Client(timeout=60) as client:
         for i, original in enumerate(bodies):
             stream = i % 2 == 1
-            body = {**original, "stream": True, "stream_options": {"include_usage": True}} if stream else original
-            response = client.post(f"{base}/v1/chat/completions", json=body)
+            body = {**original, "stream": True} if stream else original
+            if stream and route == "/v1/chat/completions":
+                body["stream_options"] = {"include_usage": True}
+            response = client.post(f"{base}{route}", json=body)
             response.raise_for_status()
             p, c, ms = _usage(response, stream)
             prompt, cached, prefill_ms = prompt + p, cached + c, prefill_ms + ms
     return prompt, cached, prefill_ms
 
 
-def _cache_effect(presets: Sequence[str], queries: int, capacity: int) -> list[tuple[Any, ...]]:
+def _cache_effect(
+    presets: Sequence[str], queries: int, capacity: int, shapes: Sequence[str] = SHAPES
+) -> list[tuple[Any, ...]]:
     sim_port, gw_port = _free_port(), _free_port()
     sim = subprocess.Popen(
         [sys.executable, "-m", "engines.sim", "--port", str(sim_port), "--capacity-tokens", str(capacity),
@@ -105,13 +140,13 @@ def _cache_effect(presets: Sequence[str], queries: int, capacity: int) -> list[t
         _wait(f"http://127.0.0.1:{gw_port}/health")
         for preset in presets:
             workload = generate(preset, seed=0, n_queries=queries)
-            for shape in SHAPES:
+            for shape in shapes:
                 bodies = [render(workload, q, shape) for q in workload.queries]
                 results = []
                 for base in (f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"):
                     httpx.post(f"http://127.0.0.1:{sim_port}/sim/reset")
                     httpx.post(f"http://127.0.0.1:{gw_port}/reset")
-                    results.append(replay(base, bodies))
+                    results.append(replay(base, bodies, shape))
                 rows.append((preset, shape, len(bodies), *results))
                 print(f"  {preset:<12} {shape:<7} done", file=sys.stderr, flush=True)
     finally:
@@ -184,12 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200 queries per preset and shape")
     parser.add_argument("--queries", type=int, default=600)
     parser.add_argument("--capacity", type=int, default=262_144, help="simulated KV capacity in tokens")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--presets", default="overlap,heavy-head,low-overlap")
     args, _ = parser.parse_known_args(argv)
     queries = 200 if args.quick else args.queries
-    rows = _cache_effect(("overlap", "heavy-head", "low-overlap"), queries, args.capacity)
+    shapes = tuple(shape for shape in args.shapes.split(",") if shape)
+    if unknown := set(shapes) - set(SHAPES):
+        parser.error(f"unknown shapes: {sorted(unknown)}")
+    rows = _cache_effect(tuple(p for p in args.presets.split(",") if p), queries, args.capacity, shapes)
     print(f"\nTransparent interception vs direct, simulated engine ({args.capacity // 1024}k-token KV cache, "
           f"{queries} requests per row, half streamed)")  # fmt: skip
-    header = f"{'preset':<12}{'shape':<8}{'direct hit':>11}{'gateway hit':>13}{'x':>7}"
+    header = f"{'preset':<12}{'shape':<10}{'direct hit':>11}{'gateway hit':>13}{'x':>7}"
     header += f"{'direct prefill':>16}{'gw prefill':>12}"
     print(header)
     print("-" * len(header))
@@ -197,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         d_ratio = direct[1] / direct[0]
         g_ratio = through[1] / through[0]
         factor = g_ratio / d_ratio if d_ratio else float("inf")
-        print(f"{preset:<12}{shape:<8}{d_ratio:>10.1%}{g_ratio:>13.1%}{factor:>7.2f}"
+        print(f"{preset:<12}{shape:<10}{d_ratio:>10.1%}{g_ratio:>13.1%}{factor:>7.2f}"
               f"{direct[2] / 1000:>14.2f} s{through[2] / 1000:>10.2f} s")  # fmt: skip
     chart = _chart(rows, args.capacity)
     print(f"\nchart: {chart}")

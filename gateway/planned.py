@@ -13,6 +13,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from engines.llamacpp.slots import Path, SlotTable
+from gateway.apis.walk import AnswerRewriter
 from gateway.metrics import Metrics
 from gateway.residency import Residency
 
@@ -35,8 +36,8 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("commits", "fields", "metrics", "predicted_chars", "predictions", "request_id", "residency",
-                 "result", "slot", "slots")  # fmt: skip
+    __slots__ = ("answer", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
+                 "residency", "result", "slot", "slots")  # fmt: skip
 
     def __init__(
         self,
@@ -59,6 +60,7 @@ class PlannedRequest:
         self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
+        self.answer: AnswerRewriter | None = None  # rewrites the answer (citation positions back to the client's)
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""

@@ -1,7 +1,8 @@
 """Online planning of proxied requests: find block groups in the prompt, order them, splice them back.
 
 For each text in scope (system/developer/user/tool message contents and ``text`` parts, completion prompts;
-never assistant messages or non-text parts) the planner finds block groups, asks the live index for an order
+never assistant messages or non-text parts; on the Messages and Responses routes, what ``gateway.apis`` walks
+hand it, texts and runs of whole blocks alike) the planner finds block groups, asks the live index for an order
 per group, and splices the blocks back in that order; every other byte of the body stays as it was.
 ``Planner.plan`` takes the decoded request (``gateway.wire.RequestBody``) and returns one ``PlannedRequest``:
 the body fields to change, the ``X-Prefixgate-Result`` header, and what to run as the upstream answers.
@@ -33,6 +34,7 @@ import msgspec
 from cachetools import LRUCache
 
 from engines.llamacpp.slots import SlotTable
+from gateway.apis import SHAPES, AnswerRewriter
 from gateway.control import Control, parse_control
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.intercept import BlockGroup, find_groups, splice_all
@@ -134,6 +136,7 @@ class Planner:
         self._memo: LRUCache[bytes, _Rewrite] = LRUCache(
             maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
         )
+        self._unit_memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)  # whole-block orders
         self._memo_lock = threading.Lock()
         residency.on_reset(self._clear_memo)
         self._slots: SlotTable | None = None
@@ -158,6 +161,8 @@ class Planner:
         on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else _call
         outcome = _Outcome(control, bytes(body.top.get("model", b"")), on_loop, self.settings.max_blocks_per_request)
         fields: dict[str, Any] = {}
+        answer: AnswerRewriter | None = None
+        notes: list[str] = []
         if control.enabled:
             prefix = _Prefix()
             prefix.update(body.route.encode())
@@ -167,7 +172,15 @@ class Planner:
                 self._chat(body, body.messages, fields, prefix, outcome)
             elif body.prompt is not None:
                 self._completions(body.prompt, fields, prefix, outcome)
+            elif (shape := SHAPES.get(body.route)) is not None:
+                walked = shape.plan(body.top, body.raw, _Walker(self, prefix, outcome))
+                fields.update(walked.fields)
+                answer, notes = walked.answer, walked.notes
             result = outcome.header()
+            for note in notes:
+                self.metrics.left_alone.labels(note).inc()
+            if notes:
+                result["left_alone"] = notes
         else:
             result = {"groups": 0, "reordered": False, "enabled": False}
         if outcome.reordered:
@@ -183,7 +196,8 @@ class Planner:
             predicted_chars=outcome.predicted_chars,
         )
         planned.fields.update(fields)
-        if self._slots is not None:
+        planned.answer = answer
+        if self._slots is not None and body.route != "/v1/messages":  # llama-server's Messages route drops id_slot
             on_loop(self._pin_slot, planned, body)
         return planned
 
@@ -203,6 +217,7 @@ class Planner:
     def _clear_memo(self) -> None:
         with self._memo_lock:
             self._memo.clear()
+            self._unit_memo.clear()
 
     def _chat(
         self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: _Prefix, outcome: _Outcome
@@ -295,6 +310,44 @@ class Planner:
         outcome.reordered |= entry.reordered
         return entry.text
 
+    def _units(self, units: Sequence[bytes], prefix: _Prefix, outcome: _Outcome) -> tuple[int, ...] | None:
+        """Order a run of whole blocks (documents, search results); feed them into ``prefix`` in that order.
+
+        Memoised by the blocks' identities like texts are, so a resent run is sent in the same order."""
+        outcome.check_blocks(len(units))
+        ids = [block_id(unit) for unit in units]
+        memo_key = blake2b(b"units", digest_size=16, key=outcome.model[:64])
+        for identity in ids:
+            memo_key.update(identity.to_bytes(8, "big"))
+        digest = memo_key.digest()
+        key = prefix.digest()
+        with self._memo_lock:
+            order = self._unit_memo.get(digest)
+        if order is None:
+            plan = outcome.on_loop(self.residency.index.plan, key, ids)
+            order, cached = plan.order, plan.cached
+            with self._memo_lock:
+                self._unit_memo[digest] = order
+        else:
+            outcome.memo_hits += 1
+            cached = outcome.on_loop(self._cached_counts, [(key, tuple(ids[i] for i in order))])[0]
+        sent = tuple(ids[i] for i in order)
+        ends = []
+        for index in order:
+            prefix.update(units[index])
+            ends.append(prefix.fed)
+        outcome.commits.append((key, sent))
+        outcome.groups += 1
+        outcome.blocks += len(sent)
+        outcome.cached += cached
+        if cached:
+            outcome.predictions.append((key, sent[:cached]))
+            outcome.predicted_chars = max(outcome.predicted_chars, ends[cached - 1])
+        if list(order) == list(range(len(order))):
+            return None
+        outcome.reordered = True
+        return order
+
     def _cached_counts(self, keys: Sequence[Prediction]) -> list[int]:
         """How many leading blocks of each group the index predicts cached (on the event loop)."""
         return [self.residency.index.plan(key, blocks).cached for key, blocks in keys]
@@ -327,6 +380,31 @@ class Planner:
         if not any(list(order) != list(range(len(order))) for _, order in edits):
             return _Rewrite(None, tuple(metas), False), cached
         return _Rewrite(splice_all(text, edits, annotate=control.annotate), tuple(metas), True), cached
+
+
+class _Walker:
+    """The planner as ``gateway.apis.walk.Walker`` sees it, for one request."""
+
+    __slots__ = ("_outcome", "_planner", "_prefix")
+
+    def __init__(self, planner: Planner, prefix: _Prefix, outcome: _Outcome) -> None:
+        self._planner, self._prefix, self._outcome = planner, prefix, outcome
+
+    def feed(self, data: bytes) -> None:
+        self._prefix.update(data)
+
+    def text(self, text: str, kind: str) -> str | None:
+        if kind not in self._outcome.control.scope:
+            self._prefix.update(text.encode("utf-8", "surrogatepass"))
+            return None
+        return self._planner._text(text, self._prefix, self._outcome)
+
+    def units(self, units: Sequence[bytes], kind: str) -> tuple[int, ...] | None:
+        if kind not in self._outcome.control.scope:
+            for unit in units:
+                self._prefix.update(unit)
+            return None
+        return self._planner._units(units, self._prefix, self._outcome)
 
 
 def _block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ import httpx
 import msgspec
 
 from engines.base import EngineAdapter, cached_tokens_from_usage, prompt_tokens_from_usage
+from gateway.apis import SHAPES
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -64,7 +65,7 @@ logger = logging.getLogger("prefixgate.proxy")
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-COMPLETION_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
+COMPLETION_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, *SHAPES})  # SHAPES: Anthropic Messages, Responses
 PLAN_IN_THREAD_BYTES = 64 << 10  # measured: see the module doc
 _MAX_ERROR_BODY = 1 << 20
 _MAX_JSON_BODY = 64 << 20
@@ -155,7 +156,7 @@ class Proxy:
             status = 499
         except GatewayError as exc:
             status = exc.status
-            await _send_error(send, exc, request_id)
+            await _send_error(send, exc, request_id, route)
         finally:
             if call.stream_slot:
                 self.streams -= 1
@@ -193,7 +194,7 @@ class Proxy:
             call.planned = planned = await _run(in_thread, self._plan, body, headers, call.request_id, in_thread)
         call.own_headers.append((b"x-prefixgate-result", _encoder.encode(planned.result)))
         body.update(planned.fields)
-        body.update(self.engine.stamp_fields(call.request_id))
+        body.update(self.engine.stamp_fields(call.request_id, call.route))
         if self.settings.kv_events_endpoint:
             body.update(self.engine.kv_event_fields(call.request_id, body))
         return await _run(in_thread, body.encode)
@@ -211,6 +212,8 @@ class Proxy:
             upstream_api_key=self.settings.upstream_api_key,
             extra=self.engine.stamp_headers(call.request_id),
         )
+        if call.planned is not None and call.planned.answer is not None:  # an answer to rewrite must be uncompressed
+            outbound = [(name, value) for name, value in outbound if name != b"accept-encoding"]
         request = build_request(self.client, scope["method"], target, outbound, body)
         status = 499
         async with anyio.create_task_group() as tg:
@@ -231,10 +234,13 @@ class Proxy:
         call.stream_slot = True
 
     def _authorize(self, headers: dict[str, str]) -> str | None:
-        """Check the bearer key; return the request-id namespace of the key presented (None without keys)."""
+        """Check the client key (``Authorization: Bearer`` or, as Anthropic clients send it, ``x-api-key``); return
+        the request-id namespace of the key presented (None without keys)."""
         if not self._keys:
             return None
         scheme, _, presented = headers.get("authorization", "").partition(" ")
+        if "authorization" not in headers and "x-api-key" in headers:
+            scheme, presented = "bearer", headers["x-api-key"]
         offered = presented.strip().encode("latin-1")
         # Compare against every key, without stopping early, so the time taken does not reveal which one matched.
         matched: bytes | None = None
@@ -274,7 +280,7 @@ class Proxy:
     async def _fail(self, call: _Call, error: GatewayError) -> int:
         self.metrics.upstream_errors.labels(error.code or "failed").inc()
         logger.warning("upstream request failed: %s", error.code)
-        await _send_error(call.send, error, call.request_id)
+        await _send_error(call.send, error, call.request_id, call.route)
         return error.status
 
     async def _relay_error(self, response: httpx.Response, call: _Call) -> None:
@@ -282,7 +288,9 @@ class Proxy:
         body = await read_limited(response.aiter_raw(), _MAX_ERROR_BODY, _upstream_too_large)
         normalized = None
         if "content-encoding" not in response.headers:
-            normalized = normalize_upstream_error(response.status_code, body)
+            shape = SHAPES.get(call.route)
+            normalize = shape.normalize_upstream_error if shape is not None else normalize_upstream_error
+            normalized = normalize(response.status_code, body)
         if normalized is None:
             headers = response_headers(response.headers, keep_length=False)
         else:
@@ -306,7 +314,9 @@ class Proxy:
                 raise UpstreamError(
                     "the upstream engine answered with an invalid body", code="upstream_invalid_response"
                 )
-            cached = self._count_usage(payload)
+            cached = self._count_usage(payload, call.route)
+            if call.planned is not None and call.planned.answer is not None:
+                body = call.planned.answer.json(body)
         headers = response_headers(response.headers, keep_length=False)
         await _send_whole(call, response.status_code, headers, body, cached)
 
@@ -320,17 +330,20 @@ class Proxy:
         headers = response_headers(response.headers, keep_length=not sse) + call.own_headers
         await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         sniffer = UsageSniffer() if sse and "content-encoding" not in response.headers else None
+        answer = call.planned.answer if call.planned is not None else None
+        rewriter = answer.stream() if answer is not None and sniffer is not None else None
         tail = b"\n\n"
         first = True
         try:
-            async for chunk in response.aiter_raw():
+            async for received in response.aiter_raw():
                 if first:
                     self.metrics.ttfb.labels(call.route).observe(time.perf_counter() - call.started)
                     first = False
+                if sniffer is not None:
+                    sniffer.feed(received)
+                chunk = rewriter.feed(received) if rewriter is not None else received
                 await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 tail = (tail + chunk)[-4:]
-                if sniffer is not None:
-                    sniffer.feed(chunk)
         except httpx.HTTPError as exc:
             error = upstream_error_from(exc)
             self.metrics.upstream_errors.labels(error.code or "failed").inc()
@@ -339,19 +352,25 @@ class Proxy:
                 logger.warning("upstream failed mid-body; the client receives a truncated response")
             else:
                 logger.warning("upstream stream failed after the first byte: %s", error.code)
+                rest = rewriter.flush() if rewriter is not None else b""
+                tail = (tail + rest)[-4:]
                 separator = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) else b"\n\n"
-                event = separator + b"data: " + error.body() + b"\n\n"
-                await call.send({"type": "http.response.body", "body": event, "more_body": True})
+                shape = SHAPES.get(call.route)
+                event = shape.stream_error(error) if shape is not None else b"data: " + error.body() + b"\n\n"
+                await call.send({"type": "http.response.body", "body": rest + separator + event, "more_body": True})
+            rewriter = None
+        if rewriter is not None and (rest := rewriter.flush()):
+            await call.send({"type": "http.response.body", "body": rest, "more_body": True})
         usage = sniffer.usage if sniffer is not None else None
-        await call.end(cached_tokens=self._count_usage(usage) if usage is not None else None)
+        await call.end(cached_tokens=self._count_usage(usage, call.route) if usage is not None else None)
 
-    def _count_usage(self, payload: dict[str, Any]) -> int | None:
+    def _count_usage(self, payload: dict[str, Any], route: str) -> int | None:
         """Count the engine-reported prompt and cached tokens of an answer; return the cached ones."""
         cached = cached_tokens_from_usage(payload)
         prompt = prompt_tokens_from_usage(payload)
         if cached is not None and prompt is not None:
-            self.metrics.engine_cached_tokens.inc(cached)
-            self.metrics.engine_prompt_tokens.inc(prompt)
+            self.metrics.engine_cached_tokens.labels(route).inc(cached)
+            self.metrics.engine_prompt_tokens.labels(route).inc(prompt)
         return cached
 
 
@@ -380,8 +399,9 @@ async def _send_whole(
     await call.end(body, cached_tokens)
 
 
-async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    body = exc.body()
+async def _send_error(send: Send, exc: GatewayError, request_id: str, route: str) -> None:
+    shape = SHAPES.get(route)
+    body = shape.error_body(exc) if shape is not None else exc.body()
     await send(
         {
             "type": "http.response.start",
