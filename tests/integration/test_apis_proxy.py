@@ -360,3 +360,22 @@ async def test_text_inside_one_search_result_is_planned_unless_cited(
         assert sent[1] == result(["gamma", "beta", "alpha"])  # cited block ranges point into it: left as sent
     else:
         assert sent[0]["content"] == sent[1]["content"]
+
+
+async def test_a_big_body_is_planned_off_the_loop_the_same_way(gateway: AppFactory, upstream: respx.Router) -> None:
+    route = upstream.post("/v1/messages").mock(return_value=httpx.Response(200, json=MESSAGE))
+
+    def big(name: str) -> dict[str, Any]:
+        block = document(name)
+        block["source"]["data"] = TEXTS[name] * 100  # ~40 KB each: the body is planned in a worker thread
+        return block
+
+    async with gateway() as client:
+        await client.post("/v1/messages", content=compact(messages_body([big(n) for n in ("beta", "gamma")])))
+        response = await client.post(
+            "/v1/messages", content=compact(messages_body([big(n) for n in ("gamma", "alpha", "beta")]))
+        )
+    sent = json.loads(route.calls[1].request.content)
+    assert len(route.calls[1].request.content) > 64 << 10
+    assert titles(sent)[:2] == titles(json.loads(route.calls[0].request.content))
+    assert json.loads(response.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 2
