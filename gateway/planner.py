@@ -34,7 +34,7 @@ import msgspec
 from cachetools import LRUCache
 
 from engines.llamacpp.slots import SlotTable
-from gateway.apis import SHAPES, AnswerRewriter
+from gateway.apis import SHAPES, AnswerRewriter, ScopedWalker
 from gateway.control import Control, parse_control
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.intercept import BlockGroup, find_groups, splice_all
@@ -116,6 +116,16 @@ class _Outcome:
                 code="too_many_blocks",
             )
 
+    def record(self, key: Hashable, blocks: tuple[int, ...], cached: int, ends: Sequence[int], base: int = 0) -> None:
+        """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base)."""
+        self.commits.append((key, blocks))
+        self.groups += 1
+        self.blocks += len(blocks)
+        self.cached += cached
+        if cached:
+            self.predictions.append((key, blocks[:cached]))
+            self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
+
     def header(self) -> dict[str, Any]:
         return {
             "groups": self.groups,
@@ -173,7 +183,13 @@ class Planner:
             elif body.prompt is not None:
                 self._completions(body.prompt, fields, prefix, outcome)
             elif (shape := SHAPES.get(body.route)) is not None:
-                walked = shape.plan(body.top, body.raw, _Walker(self, prefix, outcome))
+                walker = ScopedWalker(
+                    prefix.update,
+                    lambda text: self._text(text, prefix, outcome),
+                    lambda units: self._units(units, prefix, outcome),
+                    outcome.control.scope,
+                )
+                walked = shape.plan(body.top, body.raw, walker)
                 fields.update(walked.fields)
                 answer, notes = walked.answer, walked.notes
             result = outcome.header()
@@ -300,13 +316,7 @@ class Planner:
         if fresh is None and keys:
             fresh = outcome.on_loop(self._cached_counts, keys)
         for (key, blocks), (_, _, ends), cached in zip(keys, entry.groups, fresh or (), strict=True):
-            outcome.commits.append((key, blocks))
-            outcome.groups += 1
-            outcome.blocks += len(blocks)
-            outcome.cached += cached
-            if cached:
-                outcome.predictions.append((key, blocks[:cached]))
-                outcome.predicted_chars = max(outcome.predicted_chars, base + ends[cached - 1])
+            outcome.record(key, blocks, cached, ends, base)
         outcome.reordered |= entry.reordered
         return entry.text
 
@@ -316,10 +326,7 @@ class Planner:
         Memoised by the blocks' identities like texts are, so a resent run is sent in the same order."""
         outcome.check_blocks(len(units))
         ids = [block_id(unit) for unit in units]
-        memo_key = blake2b(b"units", digest_size=16, key=outcome.model[:64])
-        for identity in ids:
-            memo_key.update(identity.to_bytes(8, "big"))
-        digest = memo_key.digest()
+        digest = blake2b(b"".join(i.to_bytes(8, "big") for i in ids), digest_size=16, key=outcome.model[:64]).digest()
         key = prefix.digest()
         with self._memo_lock:
             order = self._unit_memo.get(digest)
@@ -331,18 +338,11 @@ class Planner:
         else:
             outcome.memo_hits += 1
             cached = outcome.on_loop(self._cached_counts, [(key, tuple(ids[i] for i in order))])[0]
-        sent = tuple(ids[i] for i in order)
         ends = []
         for index in order:
             prefix.update(units[index])
             ends.append(prefix.fed)
-        outcome.commits.append((key, sent))
-        outcome.groups += 1
-        outcome.blocks += len(sent)
-        outcome.cached += cached
-        if cached:
-            outcome.predictions.append((key, sent[:cached]))
-            outcome.predicted_chars = max(outcome.predicted_chars, ends[cached - 1])
+        outcome.record(key, tuple(ids[i] for i in order), cached, ends)
         if list(order) == list(range(len(order))):
             return None
         outcome.reordered = True
@@ -380,31 +380,6 @@ class Planner:
         if not any(list(order) != list(range(len(order))) for _, order in edits):
             return _Rewrite(None, tuple(metas), False), cached
         return _Rewrite(splice_all(text, edits, annotate=control.annotate), tuple(metas), True), cached
-
-
-class _Walker:
-    """The planner as ``gateway.apis.walk.Walker`` sees it, for one request."""
-
-    __slots__ = ("_outcome", "_planner", "_prefix")
-
-    def __init__(self, planner: Planner, prefix: _Prefix, outcome: _Outcome) -> None:
-        self._planner, self._prefix, self._outcome = planner, prefix, outcome
-
-    def feed(self, data: bytes) -> None:
-        self._prefix.update(data)
-
-    def text(self, text: str, kind: str) -> str | None:
-        if kind not in self._outcome.control.scope:
-            self._prefix.update(text.encode("utf-8", "surrogatepass"))
-            return None
-        return self._planner._text(text, self._prefix, self._outcome)
-
-    def units(self, units: Sequence[bytes], kind: str) -> tuple[int, ...] | None:
-        if kind not in self._outcome.control.scope:
-            for unit in units:
-                self._prefix.update(unit)
-            return None
-        return self._planner._units(units, self._prefix, self._outcome)
 
 
 def _block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:

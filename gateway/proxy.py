@@ -30,14 +30,13 @@ import httpx
 import msgspec
 
 from engines.base import EngineAdapter, cached_tokens_from_usage, prompt_tokens_from_usage
-from gateway.apis import SHAPES
+from gateway.apis import SHAPES, error_body, normalize_error, stream_error
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
     TooManyRequests,
     Unauthorized,
     UpstreamError,
-    normalize_upstream_error,
     upstream_error_from,
 )
 from gateway.ids import KeyNamespaces, mint_request_id, resolve_request_id
@@ -288,9 +287,7 @@ class Proxy:
         body = await read_limited(response.aiter_raw(), _MAX_ERROR_BODY, _upstream_too_large)
         normalized = None
         if "content-encoding" not in response.headers:
-            shape = SHAPES.get(call.route)
-            normalize = shape.normalize_upstream_error if shape is not None else normalize_upstream_error
-            normalized = normalize(response.status_code, body)
+            normalized = normalize_error(call.route, response.status_code, body)
         if normalized is None:
             headers = response_headers(response.headers, keep_length=False)
         else:
@@ -355,9 +352,8 @@ class Proxy:
                 rest = rewriter.flush() if rewriter is not None else b""
                 tail = (tail + rest)[-4:]
                 separator = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) else b"\n\n"
-                shape = SHAPES.get(call.route)
-                event = shape.stream_error(error) if shape is not None else b"data: " + error.body() + b"\n\n"
-                await call.send({"type": "http.response.body", "body": rest + separator + event, "more_body": True})
+                event = rest + separator + stream_error(call.route, error)
+                await call.send({"type": "http.response.body", "body": event, "more_body": True})
             rewriter = None
         if rewriter is not None and (rest := rewriter.flush()):
             await call.send({"type": "http.response.body", "body": rest, "more_body": True})
@@ -400,8 +396,7 @@ async def _send_whole(
 
 
 async def _send_error(send: Send, exc: GatewayError, request_id: str, route: str) -> None:
-    shape = SHAPES.get(route)
-    body = shape.error_body(exc) if shape is not None else exc.body()
+    body = error_body(route, exc)
     await send(
         {
             "type": "http.response.start",

@@ -13,10 +13,21 @@ from dataclasses import dataclass
 import msgspec
 
 from gateway.apis import anthropic, responses
-from gateway.apis.walk import AnswerRewriter, AnswerStream, Planned, Walker
+from gateway.apis.walk import AnswerRewriter, AnswerStream, Planned, ScopedWalker, Walker
 from gateway.errors import GatewayError, normalize_upstream_error
 
-__all__ = ["SHAPES", "AnswerRewriter", "AnswerStream", "Planned", "Shape", "Walker"]
+__all__ = [
+    "SHAPES",
+    "AnswerRewriter",
+    "AnswerStream",
+    "Planned",
+    "ScopedWalker",
+    "Shape",
+    "Walker",
+    "error_body",
+    "normalize_error",
+    "stream_error",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +62,21 @@ SHAPES: dict[str, Shape] = {
         normalize_upstream_error,
     ),
 }
+
+
+def error_body(route: str, exc: GatewayError) -> bytes:
+    """The error body as the route's API shapes it (OpenAI's everywhere but ``/v1/messages``)."""
+    shape = SHAPES.get(route)
+    return shape.error_body(exc) if shape is not None else exc.body()
+
+
+def stream_error(route: str, exc: GatewayError) -> bytes:
+    """The SSE event that ends a stream the upstream broke off, as the route's API shapes it."""
+    shape = SHAPES.get(route)
+    return shape.stream_error(exc) if shape is not None else b"data: " + exc.body() + b"\n\n"
+
+
+def normalize_error(route: str, status: int, body: bytes) -> bytes | None:
+    """An upstream error body in the route's error shape (None: relay it as it is)."""
+    shape = SHAPES.get(route)
+    return (shape.normalize_upstream_error if shape is not None else normalize_upstream_error)(status, body)

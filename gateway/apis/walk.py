@@ -9,7 +9,7 @@ rewrite (its groups found and spliced as in chat messages), ``units`` for a run 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ __all__ = [
     "AnswerRewriter",
     "AnswerStream",
     "Planned",
+    "ScopedWalker",
     "Walker",
     "as_list",
     "as_object",
@@ -55,6 +56,34 @@ class AnswerRewriter(Protocol):
     def json(self, body: bytes) -> bytes: ...
 
     def stream(self) -> AnswerStream: ...
+
+
+class ScopedWalker:
+    """A ``Walker`` over the planner's steps: texts and runs whose kind is out of ``scope`` are fed as they are."""
+
+    __slots__ = ("_scope", "_text", "_units", "feed")
+
+    def __init__(
+        self,
+        feed: Callable[[bytes], None],
+        text: Callable[[str], str | None],
+        units: Callable[[Sequence[bytes]], tuple[int, ...] | None],
+        scope: Container[str],
+    ) -> None:
+        self.feed, self._text, self._units, self._scope = feed, text, units, scope
+
+    def text(self, text: str, kind: str) -> str | None:
+        if kind in self._scope:
+            return self._text(text)
+        self.feed(text.encode("utf-8", "surrogatepass"))
+        return None
+
+    def units(self, units: Sequence[bytes], kind: str) -> tuple[int, ...] | None:
+        if kind in self._scope:
+            return self._units(units)
+        for unit in units:
+            self.feed(unit)
+        return None
 
 
 @dataclass(slots=True)
