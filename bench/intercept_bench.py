@@ -1,13 +1,14 @@
 """Cache effect of transparent interception, and the cost of intercept + plan + splice.
 
-Seeded RAG workloads are replayed as unchanged OpenAI chat requests in four shapes (documents in the system
+Seeded RAG workloads are replayed as unchanged requests in six shapes (OpenAI chat: documents in the system
 message as XML, in the user message as a numbered list, in a tool result as JSON, and LangChain's default
 stuff-chain prompt rendered by the real library, documents of one to three paragraphs without any marker;
-every other request streams) against the built-in simulated engine, once directly and once through the
-gateway (with the engine's eviction callbacks wired to the gateway). Reports the engine-reported
-cached-token ratio (whole run, and ``x warm``: the second half of the run) and the simulated prefill time;
-for the LangChain shape, how many requests the gateway needed to learn the document boundaries. Then times
-the planner alone on 20 KB, 10-block requests.
+Anthropic Messages: one ``document`` block per document; OpenAI Responses: a ``function_call_output`` holding
+the search results as JSON; every other request streams) against the built-in simulated engine, once directly
+and once through the gateway (with the engine's eviction callbacks wired to the gateway). Reports the
+engine-reported cached-token ratio (whole run, and ``x warm``: the second half of the run) and the simulated
+prefill time; for the LangChain shape, how many requests the gateway needed to learn the document boundaries.
+Then times the planner alone on 20 KB, 10-block requests.
 
 The tool shape is the "retrieval as a tool turn" layout (system, search call, tool result, then the user's
 question): if the per-query question came before the tool result, no two requests could share a prefix
@@ -30,10 +31,12 @@ import httpx
 
 from bench.proxy_bench import _free_port, _wait
 from bench.workload import Query, Workload, generate
+from engines.base import cached_tokens_from_usage, prompt_tokens_from_usage
 
 __all__ = ["main"]
 
-SHAPES = ("system", "user", "tool", "langchain")
+SHAPES = ("system", "user", "tool", "langchain", "messages", "responses")
+ROUTES = {"messages": "/v1/messages", "responses": "/v1/responses"}  # the others are chat completions
 
 
 def _paragraphs(workload: Workload, doc_id: int) -> str:
@@ -73,12 +76,14 @@ class _LangChain:
 
 
 def render(workload: Workload, query: Query, shape: str, langchain: _LangChain | None = None) -> dict[str, Any]:
-    """One unchanged OpenAI chat body, as a RAG app would build it, documents in retrieval order."""
+    """One unchanged request body, as a RAG app or agent would build it, documents in retrieval order."""
     question = " ".join(f"q{t}" for t in query.question)
     if shape == "langchain":
         assert langchain is not None
         return langchain([_paragraphs(workload, d) for d in query.doc_ids], question)
     docs = [workload.doc_text(d) for d in query.doc_ids]
+    if shape in ROUTES:
+        return _agent_body(query, docs, question, shape)
     if shape == "system":
         inner = "\n".join(f'<document id="d{d}">{text}</document>' for d, text in zip(query.doc_ids, docs, strict=True))
         messages = [
@@ -103,7 +108,31 @@ def render(workload: Workload, query: Query, shape: str, langchain: _LangChain |
     return {"model": "sim", "messages": messages, "max_tokens": 4}
 
 
+def _agent_body(query: Query, docs: list[str], question: str, shape: str) -> dict[str, Any]:
+    """Anthropic Messages (one ``document`` block per document) or Responses (search results as a tool output)."""
+    if shape == "messages":
+        blocks: list[Any] = [
+            {
+                "type": "document",
+                "source": {"type": "text", "media_type": "text/plain", "data": text},
+                "title": f"d{d}",
+            }
+            for d, text in zip(query.doc_ids, docs, strict=True)
+        ]
+        content = [*blocks, {"type": "text", "text": question}]
+        return {"model": "sim", "max_tokens": 4, "system": "Answer from the documents.",
+                "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    results = [{"id": f"d{d}", "text": text} for d, text in zip(query.doc_ids, docs, strict=True)]
+    items = [
+        {"type": "function_call", "call_id": "call_search", "name": "search", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_search", "output": json.dumps({"results": results})},
+        {"role": "user", "content": question},
+    ]
+    return {"model": "sim", "instructions": "You are a research agent.", "input": items, "max_output_tokens": 4}
+
+
 def _usage(response: httpx.Response, stream: bool) -> tuple[int, int, float]:
+    """Prompt tokens, cached tokens and simulated prefill time of one answer, whichever API it speaks."""
     if not stream:
         payload = response.json()
     else:
@@ -111,23 +140,29 @@ def _usage(response: httpx.Response, stream: bool) -> tuple[int, int, float]:
         for line in response.text.splitlines():
             if line.startswith("data: {") and '"usage"' in line:
                 candidate = json.loads(line[6:])
-                if candidate.get("usage"):
+                if cached_tokens_from_usage(candidate) is not None:
                     payload = candidate
-    usage = payload["usage"]
-    return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], payload["timings"]["prompt_ms"]
+    prompt, cached = prompt_tokens_from_usage(payload), cached_tokens_from_usage(payload)
+    assert prompt is not None and cached is not None, "the engine reported no usage"
+    return prompt, cached, payload["timings"]["prompt_ms"]
 
 
-def replay(base: str, bodies: list[dict[str, Any]], found: list[int] | None = None) -> tuple[int, int, float, float]:
+def replay(
+    base: str, bodies: list[dict[str, Any]], shape: str = "system", found: list[int] | None = None
+) -> tuple[int, int, float, float]:
     """Send every body; return prompt tokens, cached tokens, prefill ms and the cached share of the second half
     (warm); ``found`` gets each request's blocks."""
     prompt = cached = 0
     warm = [0, 0]
     prefill_ms = 0.0
+    route = ROUTES.get(shape, "/v1/chat/completions")
     with httpx.Client(timeout=60) as client:
         for i, original in enumerate(bodies):
             stream = i % 2 == 1
-            body = {**original, "stream": True, "stream_options": {"include_usage": True}} if stream else original
-            response = client.post(f"{base}/v1/chat/completions", json=body)
+            body = {**original, "stream": True} if stream else original
+            if stream and route == "/v1/chat/completions":
+                body["stream_options"] = {"include_usage": True}
+            response = client.post(f"{base}{route}", json=body)
             response.raise_for_status()
             if found is not None:
                 found.append(json.loads(response.headers.get("x-prefixgate-result", "{}")).get("blocks", 0))
@@ -164,7 +199,7 @@ def _cache_effect(
                 for base in (f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"):
                     httpx.post(f"http://127.0.0.1:{sim_port}/sim/reset")
                     httpx.post(f"http://127.0.0.1:{gw_port}/reset")
-                    results.append(replay(base, bodies, found if base.endswith(str(gw_port)) else None))
+                    results.append(replay(base, bodies, shape, found if base.endswith(str(gw_port)) else None))
                 learning = (
                     _convergence(found, [len(q.doc_ids) for q in workload.queries]) if shape == "langchain" else None
                 )
@@ -259,10 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--presets", default="overlap,heavy-head,low-overlap", help="comma list of workload presets")
     args, _ = parser.parse_known_args(argv)
     queries = 200 if args.quick else args.queries
-    rows = _cache_effect(args.presets.split(","), queries, args.capacity, args.shapes.split(","))
+    shapes = tuple(shape for shape in args.shapes.split(",") if shape)
+    if unknown := set(shapes) - set(SHAPES):
+        parser.error(f"unknown shapes: {sorted(unknown)}")
+    rows = _cache_effect([p for p in args.presets.split(",") if p], queries, args.capacity, list(shapes))
     print(f"\nTransparent interception vs direct, simulated engine ({args.capacity // 1024}k-token KV cache, "
           f"{queries} requests per row, half streamed)")  # fmt: skip
-    header = f"{'preset':<12}{'shape':<10}{'direct hit':>9}{'gateway hit':>13}{'x':>7}{'x warm':>8}"
+    header = f"{'preset':<12}{'shape':<10}{'direct hit':>11}{'gateway hit':>13}{'x':>7}{'x warm':>8}"
     header += f"{'direct prefill':>16}{'gw prefill':>12}"
     print(header)
     print("-" * len(header))
@@ -271,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         g_ratio = through[1] / through[0]
         factor = g_ratio / d_ratio if d_ratio else float("inf")
         warm = through[3] / direct[3] if direct[3] else float("inf")
-        print(f"{preset:<12}{shape:<10}{d_ratio:>9.1%}{g_ratio:>13.1%}{factor:>7.2f}{warm:>8.2f}"
+        print(f"{preset:<12}{shape:<10}{d_ratio:>11.1%}{g_ratio:>13.1%}{factor:>7.2f}{warm:>8.2f}"
               f"{direct[2] / 1000:>14.2f} s{through[2] / 1000:>10.2f} s")  # fmt: skip
     print(
         "\nLangChain default prompt (CHAT_PROMPT, documents without metadata, 1-3 paragraphs each): boundary learning"

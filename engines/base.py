@@ -9,32 +9,60 @@ from typing import Any
 __all__ = ["EngineAdapter", "cached_tokens_from_usage", "prompt_tokens_from_usage"]
 
 
-def cached_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
-    """Engine-reported cached prompt tokens in a response or stream chunk, if it carries any.
-
-    Reads OpenAI's ``usage.prompt_tokens_details.cached_tokens`` (SGLang with ``--enable-cache-report``,
-    vLLM with ``--enable-prompt-tokens-details``, llama-server always), else llama.cpp's ``timings.cache_n``.
-    """
+def _usage(payload: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ``usage`` object of an answer or stream event: top level (chat, completions, Anthropic ``message_delta``),
+    or inside ``response`` (Responses ``response.completed``) or ``message`` (Anthropic ``message_start``)."""
     usage = payload.get("usage")
     if isinstance(usage, Mapping):
-        details = usage.get("prompt_tokens_details")
-        if isinstance(details, Mapping):
-            value = details.get("cached_tokens")
-            if isinstance(value, int) and not isinstance(value, bool):
+        return usage
+    for wrapper in ("response", "message"):
+        inner = payload.get(wrapper)
+        if isinstance(inner, Mapping) and isinstance(inner.get("usage"), Mapping):
+            nested: Mapping[str, Any] = inner["usage"]
+            return nested
+    return None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def cached_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
+    """Engine-reported cached prompt tokens in a response or stream event, if it carries any.
+
+    Reads OpenAI's ``usage.prompt_tokens_details.cached_tokens`` (SGLang with ``--enable-cache-report``,
+    vLLM with ``--enable-prompt-tokens-details``, llama-server always), the Responses API's
+    ``usage.input_tokens_details.cached_tokens``, Anthropic's ``usage.cache_read_input_tokens``, else llama.cpp's
+    ``timings.cache_n``.
+    """
+    usage = _usage(payload)
+    if usage is not None:
+        for details_name in ("prompt_tokens_details", "input_tokens_details"):
+            details = usage.get(details_name)
+            if isinstance(details, Mapping) and (value := _count(details.get("cached_tokens"))) is not None:
                 return value
+        if (value := _count(usage.get("cache_read_input_tokens"))) is not None:
+            return value
     timings = payload.get("timings")
     if isinstance(timings, Mapping):
-        value = timings.get("cache_n")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        return _count(timings.get("cache_n"))
     return None
 
 
 def prompt_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
-    """Engine-reported prompt tokens (``usage.prompt_tokens``), if the payload carries them."""
-    usage = payload.get("usage")
-    value = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """Engine-reported prompt tokens: ``usage.prompt_tokens`` (chat, completions), ``usage.input_tokens``
+    (Responses), or Anthropic's uncached ``input_tokens`` plus ``cache_read_input_tokens`` and
+    ``cache_creation_input_tokens``."""
+    usage = _usage(payload)
+    if usage is None:
+        return None
+    if (value := _count(usage.get("prompt_tokens"))) is not None:
+        return value
+    uncached = _count(usage.get("input_tokens"))
+    cache_read = _count(usage.get("cache_read_input_tokens"))
+    if uncached is None or cache_read is None:
+        return uncached
+    return uncached + cache_read + (_count(usage.get("cache_creation_input_tokens")) or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +76,25 @@ class EngineAdapter:
     name: str
     body_id_field: str | None = None
 
-    def stamp_fields(self, request_id: str, sent: Collection[str] = (), kept: Collection[str] = ()) -> dict[str, str]:
+    def stamp_fields(
+        self,
+        request_id: str,
+        sent: Collection[str] = (),
+        kept: Collection[str] = (),
+        route: str = "/v1/chat/completions",
+    ) -> dict[str, str]:
         """Body fields to set so the engine files the request under ``request_id``.
 
         ``sent`` names the id fields the client sent as strings (``rid``, ``request_id``): they are set to the
         effective id too, so the engine never sees an id other than the one the client gets back. ``kept`` names
         id fields the client sent in another shape (SGLang's list of rids for a batch): they stay as sent.
+        On ``/v1/responses`` vLLM and SGLang take the id from the body field ``request_id`` (their default is a
+        fresh ``resp_...``); elsewhere SGLang takes ``rid`` and vLLM the ``X-Request-Id`` header.
         """
         fields = dict.fromkeys(sent, request_id)
-        if self.body_id_field and self.body_id_field not in kept:
-            fields[self.body_id_field] = request_id
+        field = "request_id" if route == "/v1/responses" and self.name in ("vllm", "sglang") else self.body_id_field
+        if field and field not in kept:
+            fields[field] = request_id
         return fields
 
     def stamp_headers(self, request_id: str) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 With citation mapping on, a group whose prompt asks to cite by number is renumbered for the cache like any
 other (:mod:`gateway.intercept.meaning` decides ``map``), and the model cites the *new* numbers. The
-:class:`AnswerRewriter` turns them back into the client's: ``[2]`` -> ``[4]``, ``[2, 3]`` -> ``[4, 1]``,
+:class:`CitationRewriter` turns them back into the client's: ``[2]`` -> ``[4]``, ``[2, 3]`` -> ``[4, 1]``,
 ``[Doc 2]``, ``Document 2``, ``Source #2``, in a JSON answer (``choices[].message.content`` / ``text``) and in
 streamed deltas. A stream holds back only a tail that may still become a citation (``[``, ``[1``,
 ``Document``, ``Source 1``) until the next delta, the choice's ``finish_reason`` or ``[DONE]`` decides it.
@@ -23,7 +23,7 @@ import msgspec
 
 from gateway.intercept.groups import BlockGroup
 
-__all__ = ["AnswerRewriter", "CitationMap", "citation_map"]
+__all__ = ["CitationRewriter", "CitationMap", "citation_map"]
 
 _WORDS = (
     "doc", "docs", "document", "documents", "source", "sources", "passage", "passages", "chunk", "chunks",
@@ -62,8 +62,8 @@ def citation_map(text: str, group: BlockGroup, order: Sequence[int]) -> Citation
     return CitationMap(tuple((base + p, base + index) for p, index in enumerate(order) if p != index))
 
 
-class AnswerRewriter:
-    """Rewrites one answer's citations; ``json`` for a whole body, ``feed``/``close`` for an SSE stream."""
+class CitationRewriter:
+    """Rewrites one answer's citations; ``json`` for a whole body, ``feed``/``flush`` for an SSE stream."""
 
     def __init__(self, maps: Iterable[CitationMap]) -> None:
         self.numbers: dict[int, int] = {}
@@ -141,7 +141,11 @@ class AnswerRewriter:
         self._end = pieces[-2]  # a synthesised event ends like the stream's own
         return b"".join(self._event(event) + end for event, end in zip(pieces[::2], pieces[1::2], strict=False))
 
-    def close(self) -> bytes:
+    def stream(self) -> CitationRewriter:
+        """The rewriter of one streamed answer (``gateway.apis.AnswerStream``): this one, it holds one answer."""
+        return self
+
+    def flush(self) -> bytes:
         """What is still held when the stream ends without ``[DONE]``."""
         rest, self._events = self._events, b""
         return self._flush() + rest

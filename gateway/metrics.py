@@ -53,10 +53,16 @@ class Metrics:
             "prefixgate_predicted_cached_blocks", "Blocks the live index predicted to be cached", registry=r
         )
         self.engine_cached_tokens = Counter(
-            "prefixgate_engine_cached_tokens", "Cached prompt tokens reported by engines", registry=r
+            "prefixgate_engine_cached_tokens", "Cached prompt tokens reported by engines", ["route"], registry=r
         )
         self.engine_prompt_tokens = Counter(
-            "prefixgate_engine_prompt_tokens", "Prompt tokens reported by engines", registry=r
+            "prefixgate_engine_prompt_tokens", "Prompt tokens reported by engines", ["route"], registry=r
+        )
+        self.left_alone = Counter(
+            "prefixgate_left_alone",
+            "Requests whose blocks were left in place on purpose, by reason (see X-Prefixgate-Result)",
+            ["reason"],
+            registry=r,
         )
         self.groups_found = Counter(
             "prefixgate_groups_found", "Block groups found in proxied prompts, by format", ["format"], registry=r

@@ -13,7 +13,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from engines.llamacpp.slots import Path, SlotTable
-from gateway.citations import AnswerRewriter
+from gateway.apis.walk import AnswerRewriter
 from gateway.metrics import Metrics
 from gateway.residency import Residency
 
@@ -61,7 +61,7 @@ class PlannedRequest:
         self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
-        self.answer: AnswerRewriter | None = None  # citation mapping: the answer's numbers back to the client's
+        self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""

@@ -1,7 +1,8 @@
 """Online planning of proxied requests: find block groups in the prompt, order them, splice them back.
 
 For each text in scope (system/developer/user/tool message contents and ``text`` parts, completion prompts;
-never assistant messages or non-text parts) the planner finds block groups, asks the live index for an order
+never assistant messages or non-text parts; on the Messages and Responses routes, what ``gateway.apis`` walks
+hand it, texts and runs of whole blocks alike) the planner finds block groups, asks the live index for an order
 per group, and splices the blocks back in that order; every other byte of the body stays as it was.
 ``Planner.plan`` takes the decoded request (``gateway.wire.RequestBody``) and returns one ``PlannedRequest``:
 the body fields to change, the ``X-Prefixgate-Result`` header, and what to run as the upstream answers.
@@ -38,7 +39,8 @@ import msgspec
 from cachetools import LRUCache
 
 from engines.llamacpp.slots import SlotTable
-from gateway.citations import AnswerRewriter, CitationMap, citation_map
+from gateway.apis import SHAPES, AnswerRewriter, ScopedWalker
+from gateway.citations import CitationMap, CitationRewriter, citation_map
 from gateway.control import Control, parse_control
 from gateway.errors import PayloadTooLarge
 from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, splice_all
@@ -142,6 +144,16 @@ class _Outcome:
                 code="too_many_blocks",
             )
 
+    def record(self, key: Hashable, blocks: tuple[int, ...], cached: int, ends: Sequence[int], base: int = 0) -> None:
+        """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base)."""
+        self.commits.append((key, blocks))
+        self.groups += 1
+        self.blocks += len(blocks)
+        self.cached += cached
+        if cached:
+            self.predictions.append((key, blocks[:cached]))
+            self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
+
     def header(self, shared: bool) -> dict[str, Any]:
         """The ``X-Prefixgate-Result`` fields; with a cache shared across keys, nothing another key can move."""
         result: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
@@ -175,6 +187,7 @@ class Planner:
         self._memo: LRUCache[bytes, _Rewrite] = LRUCache(
             maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
         )
+        self._unit_memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)  # whole-block orders
         self._memo_lock = threading.Lock()
         self._scans = TextScans(scan_units)
         residency.on_reset(self._clear_memo)
@@ -211,6 +224,8 @@ class Planner:
         outcome.tenant = (tenant or "").encode()
         outcome.deadline = deadline_in(self.settings.intercept_budget_ms / 1000)  # in the thread that plans
         fields: dict[str, Any] = {}
+        answer: AnswerRewriter | None = None
+        notes: list[str] = []
         if control.enabled:
             prefix = _Prefix()
             prefix.update(outcome.tenant + b"\0")
@@ -221,8 +236,22 @@ class Planner:
                 self._chat(body, body.messages, fields, prefix, outcome)
             elif body.prompt is not None:
                 self._completions(body.prompt, fields, prefix, outcome)
+            elif (shape := SHAPES.get(body.route)) is not None:
+                walker = ScopedWalker(
+                    prefix.update,
+                    lambda text: self._text(text, prefix, outcome),
+                    lambda units: self._units(units, prefix, outcome),
+                    outcome.control.scope,
+                )
+                walked = shape.plan(body.top, body.raw, walker)
+                fields.update(walked.fields)
+                answer, notes = walked.answer, walked.notes
             result = outcome.header(shared=self.settings.shared_cache and bool(self.settings.api_key))
             self._count(outcome)
+            for note in notes:  # a part of the request the walk left alone, and why (with the groups' reasons)
+                self.metrics.left_alone.labels(note).inc()
+                left = result.setdefault("left_alone", {})
+                left[note] = left.get(note, 0) + 1
         else:
             result = {"groups": 0, "reordered": False, "enabled": False}
         if outcome.reordered:
@@ -239,8 +268,9 @@ class Planner:
         )
         planned.fields.update(fields)
         if outcome.maps:
-            planned.answer = AnswerRewriter(outcome.maps)
-        if self._slots is not None:
+            answer = CitationRewriter(outcome.maps)
+        planned.answer = answer
+        if self._slots is not None and body.route != "/v1/messages":  # llama-server's Messages route drops id_slot
             on_loop(self._pin_slot, planned, body)
         return planned
 
@@ -273,6 +303,7 @@ class Planner:
     def _clear_memo(self) -> None:
         with self._memo_lock:
             self._memo.clear()
+            self._unit_memo.clear()
 
     def _chat(
         self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: _Prefix, outcome: _Outcome
@@ -394,17 +425,40 @@ class Planner:
                 cached if choice.decision.moves else 0 for cached, choice in zip(fresh, entry.choices, strict=True)
             ]
         for (key, blocks), (_, _, ends), cached in zip(keys, entry.groups, fresh or (), strict=True):
-            outcome.commits.append((key, blocks))
-            outcome.groups += 1
-            outcome.blocks += len(blocks)
-            outcome.cached += cached
-            if cached:
-                outcome.predictions.append((key, blocks[:cached]))
-                outcome.predicted_chars = max(outcome.predicted_chars, base + ends[cached - 1])
+            outcome.record(key, blocks, cached, ends, base)
         outcome.reordered |= entry.reordered
         outcome.choices.extend(entry.choices)
         outcome.maps.extend(entry.maps)
         return entry.text
+
+    def _units(self, units: Sequence[bytes], prefix: _Prefix, outcome: _Outcome) -> tuple[int, ...] | None:
+        """Order a run of whole blocks (documents, search results); feed them into ``prefix`` in that order.
+
+        Memoised by the blocks' identities like texts are, so a resent run is sent in the same order."""
+        outcome.check_blocks(len(units))
+        ids = [block_id(unit) for unit in units]
+        digest = blake2b(b"".join(i.to_bytes(8, "big") for i in ids), digest_size=16, key=outcome.model[:64])
+        digest.update(b"\0" + outcome.tenant)  # one key's memo hits never tell what another key sent
+        key = prefix.digest()
+        with self._memo_lock:
+            order = self._unit_memo.get(digest.digest())
+        if order is None:
+            plan = outcome.on_loop(self.residency.index.plan, key, ids)
+            order, cached = plan.order, plan.cached
+            with self._memo_lock:
+                self._unit_memo[digest.digest()] = order
+        else:
+            outcome.memo_hits += 1
+            cached = outcome.on_loop(self._cached_counts, [(key, tuple(ids[i] for i in order))])[0]
+        ends = []
+        for index in order:
+            prefix.update(units[index])
+            ends.append(prefix.fed)
+        outcome.record(key, tuple(ids[i] for i in order), cached, ends)
+        if list(order) == list(range(len(order))):
+            return None
+        outcome.reordered = True
+        return order
 
     def _cached_counts(self, keys: Sequence[Prediction]) -> list[int]:
         """How many leading blocks of each group the index predicts cached (on the event loop)."""

@@ -33,13 +33,13 @@ import httpx
 import msgspec
 
 from engines.base import EngineAdapter, cached_tokens_from_usage, prompt_tokens_from_usage
+from gateway.apis import SHAPES, error_body, normalize_error, stream_error
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
     TooManyRequests,
     Unauthorized,
     UpstreamError,
-    normalize_upstream_error,
     upstream_error_from,
 )
 from gateway.ids import NO_BODY_IDS, BodyIds, KeyNamespaces, body_ids, mint_request_id, resolve_request_id
@@ -67,7 +67,7 @@ logger = logging.getLogger("prefixgate.proxy")
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-COMPLETION_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
+COMPLETION_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, *SHAPES})  # SHAPES: Anthropic Messages, Responses
 PLAN_IN_THREAD_BYTES = 64 << 10  # measured: see the module doc
 _MAX_ERROR_BODY = 1 << 20
 _MAX_JSON_BODY = 64 << 20
@@ -161,7 +161,7 @@ class Proxy:
             status = 499
         except GatewayError as exc:
             status = exc.status
-            await _send_error(send, exc, request_id)
+            await _send_error(send, exc, request_id, route)
         finally:
             if call.stream_slot:
                 self.streams -= 1
@@ -213,7 +213,7 @@ class Proxy:
             call.planned = planned = await _run(in_thread, self._plan, body, headers, call, in_thread)
         call.own_headers.append((b"x-prefixgate-result", _encoder.encode(planned.result)))
         body.update(planned.fields)
-        body.update(self.engine.stamp_fields(call.request_id, ids.fields, ids.kept))
+        body.update(self.engine.stamp_fields(call.request_id, ids.fields, ids.kept, call.route))
         if self.settings.kv_events_endpoint:
             body.update(self.engine.kv_event_fields(call.request_id, body))
         return await _run(in_thread, body.encode)
@@ -256,10 +256,13 @@ class Proxy:
         call.stream_slot = True
 
     def _authorize(self, headers: dict[str, str]) -> str | None:
-        """Check the bearer key; return the request-id namespace of the key presented (None without keys)."""
+        """Check the client key (``Authorization: Bearer`` or, as Anthropic clients send it, ``x-api-key``); return
+        the request-id namespace of the key presented (None without keys)."""
         if not self._keys:
             return None
         scheme, _, presented = headers.get("authorization", "").partition(" ")
+        if "authorization" not in headers and "x-api-key" in headers:
+            scheme, presented = "bearer", headers["x-api-key"]
         offered = presented.strip().encode("latin-1")
         # Compare against every key, without stopping early, so the time taken does not reveal which one matched.
         matched: bytes | None = None
@@ -299,7 +302,7 @@ class Proxy:
     async def _fail(self, call: _Call, error: GatewayError) -> int:
         self.metrics.upstream_errors.labels(error.code or "failed").inc()
         logger.warning("upstream request failed: %s", error.code)
-        await _send_error(call.send, error, call.request_id)
+        await _send_error(call.send, error, call.request_id, call.route)
         return error.status
 
     async def _relay_error(self, response: httpx.Response, call: _Call) -> None:
@@ -307,7 +310,7 @@ class Proxy:
         body = await read_limited(response.aiter_raw(), _MAX_ERROR_BODY, _upstream_too_large)
         normalized = None
         if "content-encoding" not in response.headers:
-            normalized = normalize_upstream_error(response.status_code, body)
+            normalized = normalize_error(call.route, response.status_code, body)
         if normalized is None:
             headers = response_headers(response.headers, keep_length=False)
         else:
@@ -331,7 +334,7 @@ class Proxy:
                 raise UpstreamError(
                     "the upstream engine answered with an invalid body", code="upstream_invalid_response"
                 )
-            cached = self._count_usage(payload)
+            cached = self._count_usage(payload, call.route)
         answer = call.planned.answer if call.planned is not None else None
         if answer is not None and "content-encoding" not in response.headers:
             body = answer.json(body)
@@ -348,17 +351,19 @@ class Proxy:
         headers = response_headers(response.headers, keep_length=not sse) + call.own_headers
         await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         sniffer = UsageSniffer() if sse and "content-encoding" not in response.headers else None
-        answer = call.planned.answer if sniffer is not None and call.planned is not None else None
+        answer = call.planned.answer if call.planned is not None else None
+        rewriter = answer.stream() if answer is not None and sniffer is not None else None
         tail = b"\n\n"
         first = True
         try:
-            async for chunk in response.aiter_raw():
+            async for received in response.aiter_raw():
                 if first:
                     self.metrics.first_byte(call.route, time.perf_counter() - call.started)
                     first = False
                 if sniffer is not None:
-                    sniffer.feed(chunk)
-                if answer is not None and not (chunk := answer.feed(chunk)):
+                    sniffer.feed(received)
+                chunk = rewriter.feed(received) if rewriter is not None else received
+                if not chunk:
                     continue  # held until the event (or the citation it may end in) is complete
                 await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 tail = (tail + chunk)[-4:]
@@ -370,21 +375,24 @@ class Proxy:
                 logger.warning("upstream failed mid-body; the client receives a truncated response")
             else:
                 logger.warning("upstream stream failed after the first byte: %s", error.code)
+                rest = rewriter.flush() if rewriter is not None else b""
+                tail = (tail + rest)[-4:]
                 separator = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) else b"\n\n"
-                event = separator + b"data: " + error.body() + b"\n\n"
+                event = rest + separator + stream_error(call.route, error)
                 await call.send({"type": "http.response.body", "body": event, "more_body": True})
-        if answer is not None and (rest := answer.close()):
+            rewriter = None
+        if rewriter is not None and (rest := rewriter.flush()):
             await call.send({"type": "http.response.body", "body": rest, "more_body": True})
         usage = sniffer.usage if sniffer is not None else None
-        await call.end(cached_tokens=self._count_usage(usage) if usage is not None else None)
+        await call.end(cached_tokens=self._count_usage(usage, call.route) if usage is not None else None)
 
-    def _count_usage(self, payload: dict[str, Any]) -> int | None:
+    def _count_usage(self, payload: dict[str, Any], route: str) -> int | None:
         """Count the engine-reported prompt and cached tokens of an answer; return the cached ones."""
         cached = cached_tokens_from_usage(payload)
         prompt = prompt_tokens_from_usage(payload)
         if cached is not None and prompt is not None:
-            self.metrics.engine_cached_tokens.inc(cached)
-            self.metrics.engine_prompt_tokens.inc(prompt)
+            self.metrics.engine_cached_tokens.labels(route).inc(cached)
+            self.metrics.engine_prompt_tokens.labels(route).inc(prompt)
         return cached
 
 
@@ -424,8 +432,8 @@ async def _send_whole(
     await call.end(body, cached_tokens)
 
 
-async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    body = exc.body()
+async def _send_error(send: Send, exc: GatewayError, request_id: str, route: str) -> None:
+    body = error_body(route, exc)
     await send(
         {
             "type": "http.response.start",

@@ -159,7 +159,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "stateless": ("keep no live index: /reorder is one-shot, /evict removes nothing", "flag"),
     "log_level": ("debug, info, warning or error", "value"),
     "log_format": ("text or json", "value"),
-    "api_key": ("bearer key clients must send on proxy routes (repeatable; env: comma-separated)", "multi"),
+    "api_key": (
+        "key clients must send on proxy routes, as Authorization: Bearer or x-api-key "
+        "(repeatable; env: comma-separated)",
+        "multi",
+    ),
     "admin_token": (
         "bearer token required on /evict, /reset, /deduplicate, /insert, /update and stateful /reorder and /build",
         "value",

@@ -86,9 +86,9 @@ def request_headers(
 ) -> list[tuple[bytes, bytes]]:
     """Client headers minus hop-by-hop and control headers, with the gateway's own additions.
 
-    The client's ``Authorization`` is forwarded unless it was meant for the gateway (``strip_authorization``)
-    or the gateway has its own upstream key. Fields that ``Connection`` names are connection-specific too and
-    are dropped (RFC 9110 §7.6.1), whatever their name.
+    The client's ``Authorization`` (and ``x-api-key``, Anthropic's form) is forwarded unless it was meant for the
+    gateway (``strip_authorization``) or the gateway has its own upstream key. Fields that ``Connection`` names
+    are connection-specific too and are dropped (RFC 9110 §7.6.1), whatever their name.
     """
     drop_auth = strip_authorization or bool(upstream_api_key)
     client_headers = list(client_headers)
@@ -98,7 +98,7 @@ def request_headers(
         lname = name.lower()
         if lname in _HOP_BY_HOP_BYTES or lname in replaced or lname.startswith(_CONTROL_PREFIXES_BYTES):
             continue
-        if drop_auth and lname == b"authorization":
+        if drop_auth and lname in (b"authorization", b"x-api-key"):
             continue
         out.append((lname, value))
     if upstream_api_key:

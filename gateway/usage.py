@@ -27,7 +27,8 @@ class UsageSniffer:
         data = (self._pending + chunk).replace(b"\r\n", b"\n")
         events = data.split(b"\n\n")
         # a trailing CR may be the first half of a CRLF split across chunks: it stays pending, as it is
-        self._pending = events.pop()[-(1 << 16) :]
+        # a Responses stream's last event carries the whole response (output text included) before its usage
+        self._pending = events.pop()[-(1 << 20) :]
         for event in events:
             if b'"usage"' not in event and b'"timings"' not in event:
                 continue

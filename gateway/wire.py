@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.apis import SHAPES
 from gateway.errors import InvalidRequest
 
 __all__ = [
@@ -64,6 +65,7 @@ _encoder = msgspec.json.Encoder()
 _views: dict[str, msgspec.json.Decoder[Any]] = {
     CHAT_ROUTE: msgspec.json.Decoder(_Chat),
     COMPLETIONS_ROUTE: msgspec.json.Decoder(_Completion),
+    **{route: msgspec.json.Decoder(shape.view) for route, shape in SHAPES.items()},  # Messages, Responses
 }
 _role = msgspec.json.Decoder(str)
 _content = msgspec.json.Decoder(Content)
@@ -132,7 +134,8 @@ class RequestBody:
 
 
 def decode_request(raw: bytes, route: str) -> RequestBody:
-    """Decode a chat or completion request body once, or raise a 400 naming the offending field."""
+    """Decode a completion-route body once (chat, completions, or a ``gateway.apis`` shape: Messages, Responses),
+    or raise a 400 naming the offending field."""
     with malformed_json_is_400():
         try:
             view = _views[route].decode(raw)
@@ -149,8 +152,10 @@ def decode_request(raw: bytes, route: str) -> RequestBody:
             raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if isinstance(view, _Chat):
             return RequestBody(raw, route, stream=bool(view.stream), messages=_messages(view.messages))
-        _check_prompt(view.prompt)
-        return RequestBody(raw, route, stream=bool(view.stream), prompt=view.prompt)
+        if isinstance(view, _Completion):
+            _check_prompt(view.prompt)
+            return RequestBody(raw, route, stream=bool(view.stream), prompt=view.prompt)
+        return RequestBody(raw, route, stream=bool(view.stream))  # a gateway.apis shape: its walk reads ``top``
 
 
 def _messages(sent: list[dict[str, msgspec.Raw]]) -> list[ChatMessage]:

@@ -1,6 +1,7 @@
 """The simulated engine's HTTP surface: a raw ASGI application (no framework; it sits under every test and benchmark).
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``,
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/messages`` (Anthropic),
+``POST /v1/responses`` (OpenAI Responses; all four streaming and not, see ``engines.sim.apis``), ``GET /v1/models``,
 ``GET /health``, and for tests ``GET /sim/requests``, ``GET /sim/stats``, ``POST /sim/reset``. Streams are real
 SSE: each event is its own ASGI body message, sent as it is produced. A client disconnect (``http.disconnect``
 while a response is being generated) stops the work and is counted as a cancellation.
@@ -15,13 +16,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
 import msgspec
 
-from engines.sim import protocol
+from engines.sim import apis, protocol
 from engines.sim.config import SimConfig
 from engines.sim.engine import Admission, SimEngine
 from engines.sim.protocol import ChunkWriter, Job, RequestError, encode, error_body
@@ -40,6 +41,7 @@ _Handler = Callable[[Scope, Receive, Send, bytes], Awaitable[None]]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 _decoder = msgspec.json.Decoder()
+_Parse = Callable[[bytes, Any, str, tuple[int, int, int]], Job]
 
 
 def create_sim_app(config: SimConfig | None = None) -> SimApp:
@@ -84,6 +86,8 @@ class SimApp:
         self._routes: dict[str, tuple[str, _Handler]] = {
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
+            "/v1/messages": ("POST", self._messages),
+            "/v1/responses": ("POST", self._responses),
             "/v1/models": ("GET", self._models),
             "/health": ("GET", self._health),
             "/sim/requests": ("GET", self._requests),
@@ -177,12 +181,18 @@ class SimApp:
         await _send_json(send, 200, encode(out))
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        await self._generate(scope, receive, send, body, chat=False)
+        await self._generate(scope, receive, send, body, protocol.completion_job)
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        await self._generate(scope, receive, send, body, chat=True)
+        await self._generate(scope, receive, send, body, protocol.chat_job)
 
-    async def _generate(self, scope: Scope, receive: Receive, send: Send, body: bytes, *, chat: bool) -> None:
+    async def _messages(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await self._generate(scope, receive, send, body, apis.messages_job)
+
+    async def _responses(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await self._generate(scope, receive, send, body, apis.responses_job)
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, body: bytes, parse: _Parse) -> None:
         engine = self.engine
         header_rid = fault = None
         for name, value in scope["headers"]:
@@ -191,7 +201,6 @@ class SimApp:
             elif name == b"x-sim-fault":
                 fault = value.decode("latin-1").strip().lower()
         try:
-            parse = protocol.chat_job if chat else protocol.completion_job
             job = parse(body, engine.tokenizer, engine.config.model, engine.limits)
             request_ids = self._request_ids(job, header_rid)
         except RequestError as exc:
@@ -207,11 +216,15 @@ class SimApp:
             await _send_error(send, status, f"simulated fault {status}", kind, headers=headers)
             return
         admission = engine.admit(job, request_ids)
-        response_id = ("chatcmpl-" if chat else "cmpl-") + request_ids[0]
+        response_id = ("chatcmpl-" if job.chat else "cmpl-") + request_ids[0]
         engine.in_flight += 1
         completed = False
         try:
-            if job.stream:
+            if job.api != "openai":
+                work = self._answer_api(
+                    send, job, admission, request_ids[0], headers, midstream_fault=fault == "midstream"
+                )
+            elif job.stream:
                 work = self._stream(send, job, admission, response_id, headers, midstream_fault=fault == "midstream")
             else:
                 work = self._respond(send, job, admission, response_id, headers)
@@ -289,6 +302,64 @@ class SimApp:
         await _send_json(send, 200, body, headers)
         return True
 
+    async def _answer_api(
+        self,
+        send: Send,
+        job: Job,
+        admission: Admission,
+        request_id: str,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        midstream_fault: bool,
+    ) -> bool:
+        """A Messages or Responses answer (one choice), whole or as that API's SSE events."""
+        writer = (
+            apis.MessagesWriter(job, request_id) if job.api == "messages" else apis.ResponsesWriter(job, request_id)
+        )
+        prompt, cached = len(job.prompts[0]), admission.cached[0]
+        if job.stream:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers})
+        if admission.prefill_s > 0:
+            await asyncio.sleep(admission.prefill_s)
+        self.engine.prefilled(job, admission)
+        pieces = admission.pieces[0]
+        timings = self._accounting(job, admission)[1]
+        if not job.stream:
+            decode_s = job.max_tokens * self.engine.config.decode_us_per_token / 1e6
+            if decode_s > 0:
+                await asyncio.sleep(decode_s)
+            body = writer.body("".join(pieces), writer.usage(prompt, cached, len(pieces)), timings)
+            await _send_json(send, 200, body, headers)
+            return True
+        await send(
+            {"type": "http.response.body", "body": writer.head(writer.usage(prompt, cached, 0)), "more_body": True}
+        )
+        async for step in self._paced(job.max_tokens):
+            await send({"type": "http.response.body", "body": writer.token(pieces[step]), "more_body": True})
+            if midstream_fault:
+                self.engine.errors_total += 1
+                event = writer.error("simulated fault in the middle of a stream")
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+                return False
+        tail = writer.tail("".join(pieces), writer.usage(prompt, cached, len(pieces)), timings)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return True
+
+    async def _paced(self, steps: int) -> AsyncIterator[int]:
+        """Yield each decode step when it is due: sub-millisecond sleeps are not honoured by event loops, so sleep
+        only when a millisecond behind, and otherwise yield every few tokens so disconnects are still noticed."""
+        loop = asyncio.get_running_loop()
+        decode_s = self.engine.config.decode_us_per_token / 1e6
+        deadline = loop.time()
+        for step in range(steps):
+            deadline += decode_s
+            delay = deadline - loop.time()
+            if delay >= 0.001:
+                await asyncio.sleep(delay)
+            elif step & 15 == 15:
+                await asyncio.sleep(0)
+            yield step
+
     async def _stream(
         self,
         send: Send,
@@ -308,18 +379,7 @@ class SimApp:
         if job.chat:
             for index in range(len(samples)):
                 await send({"type": "http.response.body", "body": writer.role(index), "more_body": True})
-        loop = asyncio.get_running_loop()
-        decode_s = self.engine.config.decode_us_per_token / 1e6
-        deadline = loop.time()
-        for step in range(job.max_tokens):
-            # Pace against a deadline: sub-millisecond sleeps are not honoured by event loops, so sleep only when
-            # a millisecond behind, and otherwise yield every few tokens so disconnects are still noticed.
-            deadline += decode_s
-            delay = deadline - loop.time()
-            if delay >= 0.001:
-                await asyncio.sleep(delay)
-            elif step & 15 == 15:
-                await asyncio.sleep(0)
+        async for step in self._paced(job.max_tokens):
             for index, pieces in enumerate(samples):
                 await send({"type": "http.response.body", "body": writer.token(index, pieces[step]), "more_body": True})
             if midstream_fault:

@@ -98,6 +98,8 @@ class Job:
     stream: bool
     include_usage: bool
     body_rids: list[str] | None
+    api: str = "openai"  # or "messages" (Anthropic), "responses" (OpenAI Responses): see engines.sim.apis
+    citation: Any = None  # messages: the document the answer cites (engines.sim.apis.Citation)
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:

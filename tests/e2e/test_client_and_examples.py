@@ -21,7 +21,7 @@ from tests.e2e.servers import free_port, serve_in_thread
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = ["rag_chat.py", "batch_reorder.py", "agent_tools.py"]
+EXAMPLES = ["rag_chat.py", "batch_reorder.py", "agent_tools.py", "claude_documents.py"]
 
 
 @pytest.fixture
@@ -110,6 +110,20 @@ def test_agent_tools_example(gateway: str) -> None:
     assert headers[0]["blocks"] == 4
     assert headers[1]["memo_hits"] > 0
     assert "turn 2 reused turn 1's prompt: yes" in out
+
+
+def test_claude_documents_example(gateway: str) -> None:
+    done = run_example("claude_documents.py", gateway)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    headers = [json.loads(line) for line in re.findall(r"X-Prefixgate-Result: (\{.*\})", out)]
+    assert len(headers) == 3 and all(header["groups"] == 1 for header in headers)
+    assert any(header["reordered"] for header in headers[1:])
+    cited = re.findall(r"citation: document_index (\d) -> '([a-z-]+)'", out)
+    assert len(cited) == 3  # the simulated engine cites the first document it is sent; each checked by the script
+    cached = [int(n) for n in re.findall(r"cache_read_input_tokens: (\d+) of", out)]
+    assert cached[0] < 20 and all(n > 100 for n in cached[1:]), out  # the first shares only the template
+    assert "summary: 3 questions" in out
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -285,7 +285,7 @@ async def test_stream_relayed_byte_for_byte(gateway: AppFactory, upstream: respx
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.content == b"".join(SSE)
-    assert "prefixgate_engine_cached_tokens_total 4.0" in metrics.text
+    assert 'prefixgate_engine_cached_tokens_total{route="/v1/chat/completions"} 4.0' in metrics.text
 
 
 async def test_failure_after_first_byte_becomes_one_error_event(gateway: AppFactory, upstream: respx.Router) -> None:
@@ -331,7 +331,7 @@ async def test_health_metrics_ready(gateway: AppFactory, upstream: respx.Router)
     assert ready.status_code == 200
     assert 'prefixgate_requests_total{route="/v1/completions",status="200"} 1.0' in metrics.text
     assert "prefixgate_request_duration_seconds_bucket" in metrics.text
-    assert "prefixgate_engine_cached_tokens_total 3.0" in metrics.text
+    assert 'prefixgate_engine_cached_tokens_total{route="/v1/completions"} 3.0' in metrics.text
 
 
 async def test_ready_is_503_when_upstream_down(gateway: AppFactory, upstream: respx.Router) -> None:

@@ -9,14 +9,14 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.citations import AnswerRewriter, CitationMap, citation_map
+from gateway.citations import CitationMap, CitationRewriter, citation_map
 from gateway.intercept import find_groups, splice
 
 MAP = CitationMap(((1, 3), (2, 1), (3, 2)))  # the model's [1] is the client's [3], ...
 
 
 def test_text_forms_are_mapped_once() -> None:
-    rewriter = AnswerRewriter([MAP])
+    rewriter = CitationRewriter([MAP])
     out = rewriter.text("See [1], [2, 3] and [Doc 1]; Document 2 agrees, Source #3 not. a[4] and [1-2] stay.")
     assert out == "See [3], [1, 2] and [Doc 3]; Document 1 agrees, Source #2 not. a[4] and [1-2] stay."
     assert rewriter.rewritten == 6
@@ -34,7 +34,7 @@ def test_map_of_a_spliced_group_points_the_model_numbers_at_the_client_numbers()
 
 
 def test_json_answer_chat_and_completion() -> None:
-    rewriter = AnswerRewriter([MAP])
+    rewriter = CitationRewriter([MAP])
     chat = {"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": "It is [1]."}}], "u": 1.50}
     out = json.loads(rewriter.json(json.dumps(chat).encode()))
     assert out["choices"][0]["message"]["content"] == "It is [3]."
@@ -81,16 +81,16 @@ def test_stream_cut_anywhere_maps_like_the_whole_text(
     points = sorted({0, len(answer), *(cut for cut in cuts if cut < len(answer))})
     pieces = [answer[a:b] for a, b in pairwise(points)]
     raw = _stream(pieces, finish, end)
-    rewriter = AnswerRewriter([MAP])
-    out = b"".join(rewriter.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk)) + rewriter.close()
-    assert _content(out) == AnswerRewriter([MAP]).text(answer)
+    rewriter = CitationRewriter([MAP])
+    out = b"".join(rewriter.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk)) + rewriter.flush()
+    assert _content(out) == CitationRewriter([MAP]).text(answer)
     assert out.endswith(b"data: [DONE]" + end)
     assert raw.count(end) <= out.count(end) <= raw.count(end) + 1  # held text is flushed in one event at most
     assert out.count(b"\n\n") == (0 if end != b"\n\n" else out.count(end))  # one line ending throughout
 
 
 def test_stream_holds_back_only_a_possible_citation() -> None:
-    rewriter = AnswerRewriter([MAP])
+    rewriter = CitationRewriter([MAP])
     assert rewriter.split("The answer is clear [") == ("The answer is clear ", "[")
     assert rewriter.split("see Document 1") == ("see ", "Document 1")
     assert rewriter.split("see Docu") == ("see ", "Docu")
@@ -99,7 +99,7 @@ def test_stream_holds_back_only_a_possible_citation() -> None:
 
 
 def test_a_stream_without_event_ends_is_not_held_forever() -> None:
-    rewriter = AnswerRewriter([MAP])
+    rewriter = CitationRewriter([MAP])
     assert rewriter.feed(b"x" * 1000) == b""
     assert rewriter.feed(b"y" * (1 << 20)) == b"x" * 1000 + b"y" * (1 << 20)
-    assert rewriter.close() == b""
+    assert rewriter.flush() == b""

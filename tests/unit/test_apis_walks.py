@@ -1,0 +1,154 @@
+"""Whatever shape a client sends, the Messages and Responses walks either plan it or leave it alone; they never fail
+with anything but a 400, and a rewrite only ever permutes what the client sent."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import InvalidRequest
+from gateway.metrics import Metrics
+from gateway.planner import Planner
+from gateway.residency import Residency
+from gateway.settings import load_settings
+from gateway.wire import decode_request
+
+PLANNER = Planner(load_settings(environ={}), Residency(max_requests=10_000, stateless=False), Metrics())
+DOCS = [f"Passage {i}: " + " ".join(f"w{i}x{j}" for j in range(12)) for i in range(4)]
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from(["", "x", *DOCS]))
+anything = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["type", "text"]), inner),
+    max_leaves=6,
+)
+block_types = st.sampled_from(["text", "document", "search_result", "tool_result", "image", 7, None])
+
+
+@st.composite
+def blocks(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(block_types)
+    block: dict[str, Any] = {"type": kind}
+    text = draw(st.sampled_from(DOCS))
+    if kind == "text":
+        block["text"] = draw(st.one_of(st.just(text), anything))
+    elif kind == "document":
+        block["source"] = draw(st.one_of(
+            st.just({"type": "text", "media_type": "text/plain", "data": text}),
+            st.just({"type": "content", "content": [{"type": "text", "text": text}]}), anything))  # fmt: skip
+        block["citations"] = draw(st.one_of(st.just({"enabled": True}), anything))
+    elif kind == "search_result":
+        block.update(source="s", title="t", content=[{"type": "text", "text": text}])
+    elif kind == "tool_result":
+        block["content"] = draw(st.one_of(st.just(text), st.lists(st.just({"type": "document", "source": {
+            "type": "text", "media_type": "text/plain", "data": text}}), max_size=3), anything))  # fmt: skip
+    if draw(st.booleans()):
+        block["cache_control"] = draw(st.one_of(st.just({"type": "ephemeral"}), anything))
+    return block
+
+
+messages_bodies = st.fixed_dictionaries(
+    {
+        "model": st.just("m"),
+        "system": st.one_of(st.just("sys"), st.lists(blocks(), max_size=2), anything),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.sampled_from(["user", "assistant", 3]),
+                    "content": st.one_of(st.sampled_from(DOCS), st.lists(blocks(), max_size=5)),
+                }
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    }
+)
+items = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "developer", "assistant", ["x"]]),
+            "content": st.one_of(
+                st.sampled_from(DOCS),
+                st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "type": st.sampled_from(["input_text", "x"]),
+                            "text": st.one_of(st.sampled_from(DOCS), anything),
+                        }
+                    ),
+                    max_size=3,
+                ),
+                anything,
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function_call_output"),
+            "call_id": st.just("c"),
+            "output": st.one_of(st.sampled_from(DOCS), anything),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("file_search_call"),
+            "results": st.one_of(st.lists(st.sampled_from(DOCS).map(lambda t: {"text": t}), max_size=4), anything),
+        }
+    ),
+    anything.filter(lambda value: isinstance(value, dict)),
+)
+responses_bodies = st.fixed_dictionaries(
+    {
+        "model": st.just("m"),
+        "instructions": st.one_of(st.just("Be brief."), st.none()),
+        "input": st.one_of(st.sampled_from(DOCS), st.lists(items, max_size=5)),
+    }
+)
+
+
+def _plan(route: str, body: dict[str, Any]) -> bytes | None:
+    try:
+        request = decode_request(json.dumps(body).encode(), route)
+        request.update(PLANNER.plan(request, "r1", {}).fields)
+    except InvalidRequest:
+        return None
+    return request.encode()
+
+
+def _leaves(value: Any) -> Counter[str]:
+    """Every scalar with its path of keys (list positions left out): a permutation keeps this multiset."""
+    found: Counter[str] = Counter()
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(child, f"{path}.{key}")
+        elif isinstance(node, list):
+            for child in node:
+                walk(child, path + "[]")
+        else:
+            found[f"{path}={json.dumps(node)}"] += 1
+
+    walk(value, "")
+    return found
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages_bodies)
+def test_messages_walk_never_fails_and_only_permutes(body: dict[str, Any]) -> None:
+    out = _plan("/v1/messages", body)
+    if out is not None:
+        assert _leaves(msgspec.json.decode(out)) == _leaves(body)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(responses_bodies)
+def test_responses_walk_never_fails_and_only_permutes(body: dict[str, Any]) -> None:
+    out = _plan("/v1/responses", body)
+    if out is not None:
+        assert _leaves(msgspec.json.decode(out)) == _leaves(body)
