@@ -24,11 +24,15 @@ from gateway.errors import GatewayError, error_body, error_type
 from gateway.ids import REQUEST_ID_PATTERN
 from gateway.index_api import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics
-from gateway.planner import Planner
+from gateway.planner import Detections, Planner
 from gateway.proxy import Proxy
+from gateway.replicas import Replica, ReplicaSet
 from gateway.residency import Residency
+from gateway.router import Router
+from gateway.routing import BalanceGuard
 from gateway.settings import Settings
 from gateway.upstream import build_client
+from scheduler.index import IndexStats
 
 if TYPE_CHECKING:
     from engines.kvevents.subscriber import KVEventSubscriber
@@ -69,28 +73,61 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return _error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, body)
 
 
-def _kv_subscribers(settings: Settings, tracker: KVEventTracker) -> list[KVEventSubscriber]:
-    """One subscriber per engine KV-event endpoint (one per data-parallel rank), sharing one tracker."""
+def _kv_subscribers(settings: Settings, trackers: list[KVEventTracker]) -> list[KVEventSubscriber]:
+    """One subscriber per engine KV-event endpoint. With one replica, every endpoint (one per data-parallel rank)
+    feeds its tracker; with several, endpoint ``i`` belongs to replica ``i``."""
     if not settings.kv_events_endpoint:
         return []
     from engines.kvevents.subscriber import KVEventSubscriber
 
     replays: list[str | None] = [*settings.kv_events_replay]
     replays += [None] * (len(settings.kv_events_endpoint) - len(replays))
+    owners = trackers if len(trackers) > 1 else trackers * len(settings.kv_events_endpoint)
     return [
         KVEventSubscriber(endpoint, tracker, topic=settings.kv_events_topic, replay_endpoint=replay)
-        for endpoint, replay in zip(settings.kv_events_endpoint, replays, strict=True)
+        for endpoint, replay, tracker in zip(settings.kv_events_endpoint, replays, owners, strict=True)
     ]
+
+
+def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, metrics: Metrics) -> ReplicaSet:
+    """One replica per ``--upstream``: its own client, live index and planner."""
+    replicas = []
+    detections = Detections() if len(settings.upstreams) > 1 else None
+    for position, (kind, url) in enumerate(settings.upstreams):
+        residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
+        replica = Replica(
+            position, f"r{position}", url, get_engine(kind), build_client(settings, transport, url), residency
+        )
+        replica.planner = Planner(settings, residency, metrics, detections=detections)
+        replicas.append(replica)
+    return ReplicaSet(replicas, eject_after=settings.eject_after, max_requests=settings.index_max_requests)
+
+
+def _total_stats(replicas: ReplicaSet) -> IndexStats:
+    every = [replica.residency.index.stats() for replica in replicas.replicas]
+    return IndexStats(*(sum(getattr(s, name) for s in every) for name in IndexStats.__dataclass_fields__))
 
 
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
     """Build the gateway for ``settings``; ``transport`` replaces the network (tests use respx routers)."""
     metrics = Metrics()
-    residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
-    metrics.registry.register(IndexCollector(residency.index.stats))
-    client = build_client(settings, transport)
-    planner = Planner(settings, residency, metrics)
-    proxy = Proxy(settings, client, get_engine(settings.engine), metrics, planner, issued=residency.issued)
+    replicas = _replicas(settings, transport, metrics)
+    first = replicas.replicas[0]
+    residency = first.residency  # the index API's state lives with the first replica
+    planner = first.planner
+    assert planner is not None
+    client = first.client
+    metrics.registry.register(IndexCollector(lambda: _total_stats(replicas)))
+    router = Router(replicas, BalanceGuard(settings.balance_abs, settings.balance_rel), metrics)
+    proxy = Proxy(
+        settings,
+        client,
+        first.engine,
+        metrics,
+        router,
+        issued=residency.issued,
+        passthrough_upstream=router.passthrough if len(replicas) > 1 else None,
+    )
     mode = "stateless" if settings.stateless else "live"
 
     @asgi("/v1", is_mount=True, copy_scope=True)
@@ -100,7 +137,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     @get("/health", sync_to_thread=False)
     def health() -> dict[str, Any]:
         """Liveness: the gateway process answers (200 from the start). Does not contact the upstream."""
-        stats = residency.index.stats()
+        stats = _total_stats(replicas)
+        several = {"replicas": [r.describe() for r in replicas.replicas]} if len(replicas) > 1 else {}
         return {
             "status": "ready",
             "mode": mode,
@@ -111,18 +149,20 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             "index_stats": {"num_requests": stats.requests, "num_nodes": stats.nodes},
             "slots": planner.slot_count,
             "timestamp": time.time(),
+            **several,
         }
 
     @get("/ready")
     async def ready() -> Response[dict[str, Any]]:
-        """Readiness: the upstream engine answers its health (or models) endpoint."""
-        for path in ("/health", "/v1/models"):
-            try:
-                response = await client.get(path, timeout=2.0)
-            except httpx.HTTPError:
-                continue
-            if response.status_code < 400:
-                return Response({"status": "ready", "upstream": "ok"})
+        """Readiness: an upstream engine (any replica) answers its health (or models) endpoint."""
+        for replica in replicas.healthy():
+            for path in ("/health", "/v1/models"):
+                try:
+                    response = await replica.client.get(path, timeout=2.0)
+                except httpx.HTTPError:
+                    continue
+                if response.status_code < 400:
+                    return Response({"status": "ready", "upstream": "ok"})
         body = {"status": "not_ready", "upstream": "unreachable or unhealthy"}
         return Response(body, status_code=503)
 
@@ -131,29 +171,47 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def close_client() -> None:
-        await client.aclose()
+        for replica in replicas.replicas:
+            await replica.client.aclose()
+        if replication is not None:
+            await replication.aclose()
 
-    async def learn_slots() -> None:
+    async def learn_slots(replica: Replica) -> None:
         """llama.cpp: find the slot count (retrying while the server starts), then pin requests to slots."""
+        planner = replica.planner
+        assert planner is not None
         while True:
-            count = await discover_slots(client)
+            count = await discover_slots(replica.client)
             if count is not None:
                 planner.use_slots(count)
-                logger.info("llama-server has %d slots; requests are pinned with id_slot", count)
+                logger.info("llama-server %s has %d slots; requests are pinned with id_slot", replica.name, count)
                 return
             await anyio.sleep(2.0)
 
-    def kv_released(request_ids: list[str]) -> None:
-        residency.evict(request_ids)
+    def kv_tracker_for(replica: Replica) -> KVEventTracker:
+        def released(request_ids: list[str]) -> None:
+            replica.residency.evict(request_ids)
 
-    kv_tracker = KVEventTracker(on_evicted=kv_released, on_reset=residency.reset)
+        return KVEventTracker(on_evicted=released, on_reset=replica.residency.reset)
+
+    kv_trackers = [kv_tracker_for(replica) for replica in replicas.replicas]
+    replication = None
+    if settings.state:
+        from gateway.replication import Replication
+
+        replication = Replication(settings.state, replicas, metrics, max_len=settings.state_max_len)
+    kv_tracker = kv_trackers[0]
 
     async def start_background(app: Litestar) -> AsyncIterator[None]:
-        subscribers = _kv_subscribers(settings, kv_tracker)
+        subscribers = _kv_subscribers(settings, kv_trackers)
         app.state.kv_subscribers = subscribers
         async with anyio.create_task_group() as tg:
-            if settings.engine == "llamacpp":
-                tg.start_soon(learn_slots)
+            for replica in replicas.replicas:
+                if replica.engine.name == "llamacpp":
+                    tg.start_soon(learn_slots, replica)
+            tg.start_soon(replicas.run_health_checks, settings.health_interval)
+            if replication is not None:
+                tg.start_soon(replication.run)
             for subscriber in subscribers:
                 subscriber.start()
             try:
@@ -164,7 +222,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
                 tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[proxy_mount, health, ready, metrics_route, *index_routes(settings, residency)],
+        route_handlers=[proxy_mount, health, ready, metrics_route, *index_routes(settings, residency, replicas)],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             GatewayError: _gateway_error,
@@ -182,4 +240,6 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     app.state.proxy = proxy
     app.state.residency = residency
     app.state.kv_tracker = kv_tracker
+    app.state.replicas = replicas
+    app.state.replication = replication
     return app

@@ -28,6 +28,7 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, Unauthorized
+from gateway.replicas import ReplicaSet
 from gateway.residency import Residency
 from gateway.settings import Settings
 from gateway.wire import malformed_json_is_400, split_error_path
@@ -147,9 +148,10 @@ def _check_limits(request: _Options, contexts: Sequence[Sequence[Any]], settings
 class IndexApi:
     """The handlers' shared state: settings, residency, and admin authentication."""
 
-    def __init__(self, settings: Settings, residency: Residency) -> None:
+    def __init__(self, settings: Settings, residency: Residency, replicas: ReplicaSet | None = None) -> None:
         self.settings = settings
         self.residency = residency
+        self.replicas = replicas
         self._admin = settings.admin_token.encode()
 
     def require_admin(self, request: Request[Any, Any, Any]) -> None:
@@ -279,7 +281,13 @@ class IndexApi:
     async def evict(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         self.require_admin(request)
         parsed = _decode(await request.body(), _EvictBody)
-        outcome = self.residency.evict(parsed.request_ids)
+        replica = request.query_params.get("replica")  # an engine hook configured per replica names it
+        if self.replicas is not None:
+            if replica is not None and self.replicas.get(replica) is None:
+                raise InvalidRequest(f"unknown replica {replica!r}", param="replica", code="unknown_replica")
+            outcome = self.replicas.evict(parsed.request_ids, replica)
+        else:
+            outcome = self.residency.evict(parsed.request_ids)
         return {
             "status": "success",
             "removed_count": outcome.removed_count,
@@ -324,9 +332,12 @@ def _check_hashable(contexts: Sequence[Sequence[Any]]) -> None:
                 raise InvalidRequest("documents must be integers or strings", param=f"contexts[{i}][{j}]")
 
 
-def index_routes(settings: Settings, residency: Residency) -> list[HTTPRouteHandler]:
-    """The index API's route handlers, bound to one gateway's state."""
-    api = IndexApi(settings, residency)
+def index_routes(
+    settings: Settings, residency: Residency, replicas: ReplicaSet | None = None
+) -> list[HTTPRouteHandler]:
+    """The index API's route handlers, bound to one gateway's state (``/evict`` and ``/reset`` reach every
+    replica's index when ``replicas`` is given; the batch routes use ``residency``)."""
+    api = IndexApi(settings, residency, replicas)
 
     @post("/reorder", status_code=200)
     async def reorder(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -357,7 +368,10 @@ def index_routes(settings: Settings, residency: Residency) -> list[HTTPRouteHand
     async def reset(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Forget the live index and conversation history."""
         api.require_admin(request)
-        residency.reset()
+        if replicas is not None:
+            replicas.reset()
+        else:
+            residency.reset()
         return {"status": "success", "message": "index and conversations reset", "conversation_tracker": "reset"}
 
     @get("/stats", sync_to_thread=False)

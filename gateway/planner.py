@@ -43,7 +43,7 @@ from gateway.settings import Settings
 from gateway.wire import ChatMessage, RequestBody
 from scheduler.blocks import block_id
 
-__all__ = ["PlannedRequest", "Planner"]  # PlannedRequest lives in gateway.planned
+__all__ = ["Detections", "PlannedRequest", "Planner"]  # PlannedRequest lives in gateway.planned
 
 T = TypeVar("T")
 OnLoop = Callable[..., Any]
@@ -124,11 +124,36 @@ class _Outcome:
         }
 
 
+class Detections:
+    """Where the block groups of each text are: independent of any index, so the planners of several replicas
+    share one (a request planned for two replicas is searched for blocks once). Thread-safe."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._cache: LRUCache[bytes, list[BlockGroup]] = LRUCache(maxsize=size)
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> list[BlockGroup] | None:
+        with self._lock:
+            return self._cache.get(digest)
+
+    def put(self, digest: bytes, groups: list[BlockGroup]) -> None:
+        with self._lock:
+            self._cache[digest] = groups
+
+
 class Planner:
     """Plans every proxied completion request (see ``plan``); owns the rewrite memo and the llama.cpp slots."""
 
-    def __init__(self, settings: Settings, residency: Residency, metrics: Metrics, memo_chars: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        residency: Residency,
+        metrics: Metrics,
+        memo_chars: int = 64 << 20,
+        detections: Detections | None = None,
+    ) -> None:
         self.settings = settings
+        self._detections = detections
         self.residency = residency
         self.metrics = metrics
         self._memo: LRUCache[bytes, _Rewrite] = LRUCache(
@@ -148,11 +173,18 @@ class Planner:
         return len(self._slots.slots) if self._slots is not None else None
 
     def plan(
-        self, body: RequestBody, request_id: str, headers: Mapping[str, str], *, in_thread: bool = False
+        self,
+        body: RequestBody,
+        request_id: str,
+        headers: Mapping[str, str],
+        *,
+        in_thread: bool = False,
+        record: bool = True,
     ) -> PlannedRequest:
         """Plan one request; 413 when it carries more than ``max_blocks_per_request`` blocks.
 
         ``in_thread``: called from a worker thread; every index read and the slot choice run on the event loop.
+        ``record=False`` (a routing probe, see ``gateway.router``) counts nothing in the metrics.
         """
         control = parse_control(headers, self.settings)
         on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else _call
@@ -170,9 +202,6 @@ class Planner:
             result = outcome.header()
         else:
             result = {"groups": 0, "reordered": False, "enabled": False}
-        if outcome.reordered:
-            self.metrics.blocks_reordered.inc()
-        self.metrics.predicted_cached_blocks.inc(outcome.cached)
         planned = PlannedRequest(
             request_id,
             self.residency,
@@ -183,9 +212,17 @@ class Planner:
             predicted_chars=outcome.predicted_chars,
         )
         planned.fields.update(fields)
+        if record:
+            self.record(planned)
         if self._slots is not None:
             on_loop(self._pin_slot, planned, body)
         return planned
+
+    def record(self, planned: PlannedRequest) -> None:
+        """Count a planned request in the metrics (once, for the replica it is sent to)."""
+        if planned.result.get("reordered"):
+            self.metrics.blocks_reordered.inc()
+        self.metrics.predicted_cached_blocks.inc(planned.result.get("predicted_cached_blocks", 0))
 
     def _pin_slot(self, planned: PlannedRequest, body: RequestBody) -> None:
         """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
@@ -267,7 +304,7 @@ class Planner:
             entry = self._memo.get(digest)
         fresh: list[int] | None = None
         if entry is None:
-            entry, fresh = self._plan_text(text, prefix, outcome)
+            entry, fresh = self._plan_text(text, prefix, outcome, digest)
             with self._memo_lock:
                 self._memo[digest] = entry
         else:
@@ -299,16 +336,22 @@ class Planner:
         """How many leading blocks of each group the index predicts cached (on the event loop)."""
         return [self.residency.index.plan(key, blocks).cached for key, blocks in keys]
 
-    def _plan_text(self, text: str, prefix: _Prefix, outcome: _Outcome) -> tuple[_Rewrite, list[int]]:
+    def _plan_text(
+        self, text: str, prefix: _Prefix, outcome: _Outcome, digest: bytes = b""
+    ) -> tuple[_Rewrite, list[int]]:
         """Plan every group of a text not seen before; also return each group's predicted cached blocks."""
         control = outcome.control
-        try:
-            groups = find_groups(text, control.mode, tag=control.tag, separator=control.separator)
-        except ValueError as exc:
-            raise InvalidRequest(f"invalid control header: {exc}", code="invalid_header") from None
-        if control.mode == "auto":
-            # blank-line splits of template contexts may cut one document into paragraphs: only on request
-            groups = [group for group in groups if not group.label.endswith(":paragraphs")]
+        groups = self._detections.get(digest) if self._detections is not None and digest else None
+        if groups is None:
+            try:
+                groups = find_groups(text, control.mode, tag=control.tag, separator=control.separator)
+            except ValueError as exc:
+                raise InvalidRequest(f"invalid control header: {exc}", code="invalid_header") from None
+            if control.mode == "auto":
+                # blank-line splits of template contexts may cut one document into paragraphs: only on request
+                groups = [group for group in groups if not group.label.endswith(":paragraphs")]
+            if self._detections is not None and digest:
+                self._detections.put(digest, groups)
         if not groups:
             return _Rewrite(None, (), False), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))

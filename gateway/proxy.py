@@ -21,9 +21,9 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import httpx
@@ -51,13 +51,13 @@ from gateway.inbound import (
 )
 from gateway.logs import request_id_var
 from gateway.metrics import Metrics
-from gateway.planner import PlannedRequest, Planner
+from gateway.planner import PlannedRequest
 from gateway.settings import Settings
 from gateway.upstream import build_request, request_headers, response_headers
 from gateway.usage import UsageSniffer, decode_answer
 from gateway.wire import CHAT_ROUTE, COMPLETIONS_ROUTE, RequestBody, decode_request, malformed_json_is_400
 
-__all__ = ["PLAN_IN_THREAD_BYTES", "Proxy"]
+__all__ = ["PLAN_IN_THREAD_BYTES", "Proxy", "Upstream"]
 
 logger = logging.getLogger("prefixgate.proxy")
 
@@ -71,6 +71,25 @@ _MAX_JSON_BODY = 64 << 20
 _SSE = "text/event-stream"
 _encoder = msgspec.json.Encoder()
 T = TypeVar("T")
+# httpx errors raised before any byte of the request reached the engine: safe to send elsewhere
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_REROUTED = -1
+
+
+class RequestPlanner(Protocol):
+    """``gateway.planner.Planner`` (one upstream) or ``gateway.router.Router`` (several replicas)."""
+
+    def plan(
+        self, body: RequestBody, request_id: str, headers: Mapping[str, str], *, in_thread: bool = False
+    ) -> PlannedRequest: ...
+
+
+class Upstream(Protocol):
+    """Where a request goes: an engine replica's pooled client and engine kind (``gateway.replicas``). A plan made
+    by the router (``gateway.router``) carries one as ``planned.upstream``, and a ``planned.reroute``."""
+
+    client: httpx.AsyncClient
+    engine: EngineAdapter
 
 
 @dataclass(slots=True)
@@ -84,6 +103,10 @@ class _Call:
     own_headers: list[tuple[bytes, bytes]]
     stream_slot: bool = False
     planned: PlannedRequest | None = None
+    upstream: Upstream | None = None  # None: the proxy's own client
+    body: RequestBody | None = None  # kept to plan the request again for another replica
+    headers: dict[str, str] | None = None
+    payload: bytes = b""
 
     def finish(self) -> None:
         """The upstream is done with this request (e.g. its llama.cpp slot is free); idempotent."""
@@ -109,9 +132,10 @@ class Proxy:
         client: httpx.AsyncClient,
         engine: EngineAdapter,
         metrics: Metrics,
-        planner: Planner,
+        planner: RequestPlanner,
         *,
         issued: Callable[[str], bool] | None = None,
+        passthrough_upstream: Callable[[], Upstream] | None = None,
     ) -> None:
         self.settings = settings
         self.issued = issued  # ids the index API handed out: clients send them back as they are (batch flow)
@@ -119,6 +143,7 @@ class Proxy:
         self.engine = engine
         self.metrics = metrics
         self.planner = planner
+        self.passthrough_upstream = passthrough_upstream  # several replicas: where non-planned requests go
         self._keys = [k.encode() for k in settings.api_key]
         self._namespaces = KeyNamespaces(self._keys)
         self.streams = 0  # streaming completion requests in flight
@@ -172,6 +197,8 @@ class Proxy:
         try:
             if call.route not in COMPLETION_ROUTES:
                 check_passthrough_path(path)
+                if self.passthrough_upstream is not None:
+                    call.upstream = self.passthrough_upstream()
             elif scope["method"] != "POST":
                 raise InvalidRequest(f"{call.route} accepts POST only", code="method_not_allowed")
             else:
@@ -191,12 +218,35 @@ class Proxy:
             if body.stream:
                 self._take_stream_slot(call)
             call.planned = planned = await _run(in_thread, self._plan, body, headers, call.request_id, in_thread)
+        call.body, call.headers = body, headers
+        self._apply(body, planned, call)
+        return await _run(in_thread, body.encode)
+
+    def _apply(self, body: RequestBody, planned: PlannedRequest, call: _Call) -> None:
+        """Take the plan's result header, fields and upstream; stamp the request id the way its engine reads it."""
+        call.upstream = getattr(planned, "upstream", None)
+        engine = call.upstream.engine if call.upstream is not None else self.engine
         call.own_headers.append((b"x-prefixgate-result", _encoder.encode(planned.result)))
         body.update(planned.fields)
-        body.update(self.engine.stamp_fields(call.request_id))
+        body.update(engine.stamp_fields(call.request_id))
         if self.settings.kv_events_endpoint:
-            body.update(self.engine.kv_event_fields(call.request_id, body))
-        return await _run(in_thread, body.encode)
+            body.update(engine.kv_event_fields(call.request_id, body))
+
+    def _reroute(self, call: _Call) -> bool:
+        """The request never reached its replica: plan it for the next one (False when there is none)."""
+        reroute = getattr(call.planned, "reroute", None)
+        if reroute is None or call.body is None or call.headers is None:
+            return False
+        call.finish()  # the replica it was planned for does not serve it
+        planned: PlannedRequest | None = reroute(call.body, call.headers)
+        if planned is None:
+            return False
+        call.planned = planned
+        call.body.changes.clear()
+        call.own_headers[:] = [h for h in call.own_headers if h[0] != b"x-prefixgate-result"]
+        self._apply(call.body, planned, call)
+        call.payload = call.body.encode()
+        return True
 
     def _plan(self, body: RequestBody, headers: dict[str, str], request_id: str, in_thread: bool) -> PlannedRequest:
         return self.planner.plan(body, request_id, headers, in_thread=in_thread)
@@ -205,17 +255,24 @@ class Proxy:
         target = path.decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        outbound = request_headers(
-            scope["headers"],
-            strip_authorization=bool(self._keys),
-            upstream_api_key=self.settings.upstream_api_key,
-            extra=self.engine.stamp_headers(call.request_id),
-        )
-        request = build_request(self.client, scope["method"], target, outbound, body)
+        call.payload = body
         status = 499
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-            status = await self._exchange(request, call)
+            outcome = _REROUTED
+            while outcome == _REROUTED:  # bounded: each reroute goes to a replica not tried yet
+                upstream = call.upstream
+                client = upstream.client if upstream is not None else self.client
+                engine = upstream.engine if upstream is not None else self.engine
+                outbound = request_headers(
+                    scope["headers"],
+                    strip_authorization=bool(self._keys),
+                    upstream_api_key=self.settings.upstream_api_key,
+                    extra=engine.stamp_headers(call.request_id),
+                )
+                request = build_request(client, scope["method"], target, outbound, call.payload)
+                outcome = await self._exchange(request, call, client)
+            status = outcome  # stays 499 when the client went away (the watcher cancelled the scope)
             tg.cancel_scope.cancel()
         return status
 
@@ -245,10 +302,15 @@ class Proxy:
             raise Unauthorized("missing or invalid API key", code="invalid_api_key")
         return self._namespaces[matched]
 
-    async def _exchange(self, request: httpx.Request, call: _Call) -> int:
+    async def _exchange(self, request: httpx.Request, call: _Call, client: httpx.AsyncClient) -> int:
         """Send upstream and relay the answer; errors before the response starts become error responses."""
         try:
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
+        except _NOT_SENT as exc:
+            if self._reroute(call):
+                self.metrics.upstream_errors.labels(upstream_error_from(exc).code or "failed").inc()
+                return _REROUTED
+            return await self._fail(call, upstream_error_from(exc))
         except httpx.HTTPError as exc:
             return await self._fail(call, upstream_error_from(exc))
         planned = call.planned
