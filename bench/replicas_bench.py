@@ -211,6 +211,7 @@ def _mode(name: str, bodies: list[dict[str, Any]], capacity: int, prefill_us: fl
         if gateways > 1:
             time.sleep(0.5)
             result["lag"] = [_lag(httpx.get(f"{t}/metrics").text) for t in targets]
+            result["idle_lag"] = _idle_lag(targets, bodies[:50])
         return result
     finally:
         for process in reversed(processes):
@@ -218,13 +219,31 @@ def _mode(name: str, bodies: list[dict[str, Any]], capacity: int, prefill_us: fl
             process.wait(timeout=10)
 
 
-def _lag(metrics: str) -> tuple[int, float, float]:
-    """(changes applied, p50 and p99 upper bucket bounds in ms) of ``prefixgate_state_lag_seconds``."""
-    buckets = []
+def _buckets(metrics: str) -> list[tuple[float, float]]:
+    out = []
     for line in metrics.splitlines():
         if line.startswith("prefixgate_state_lag_seconds_bucket"):
             bound = line.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
+            out.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
+    return out
+
+
+def _idle_lag(targets: list[str], bodies: list[dict[str, Any]]) -> tuple[int, float, float]:
+    """The same lag for requests sent one at a time to the first gateway (the machine otherwise idle)."""
+    before = _buckets(httpx.get(f"{targets[1]}/metrics").text)
+    for body in bodies:
+        httpx.post(f"{targets[0]}/v1/chat/completions", json=body, timeout=60).raise_for_status()
+    time.sleep(0.5)
+    after = _buckets(httpx.get(f"{targets[1]}/metrics").text)
+    return _lag_of([(b, c - c0) for (b, c), (_, c0) in zip(after, before, strict=True)])
+
+
+def _lag(metrics: str) -> tuple[int, float, float]:
+    """(changes applied, p50 and p99 upper bucket bounds in ms) of ``prefixgate_state_lag_seconds``."""
+    return _lag_of(_buckets(metrics))
+
+
+def _lag_of(buckets: list[tuple[float, float]]) -> tuple[int, float, float]:
     total = buckets[-1][1] if buckets else 0.0
     if not total:
         return 0, 0.0, 0.0
@@ -305,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for _, r in rows:
         for i, (applied, p50, p99) in enumerate(r.get("lag", [])):
             print(f"replication lag, gateway {i + 1}: {applied} changes applied, p50 <= {p50:g} ms, p99 <= {p99:g} ms")
+        if "idle_lag" in r:
+            applied, p50, p99 = r["idle_lag"]
+            print(f"replication lag, one request at a time: {applied} changes, p50 <= {p50:g} ms, p99 <= {p99:g} ms")
     four, one = _routing_cost(300 if args.quick else 1000)
     print(f"routing + planning in process, p50: {four:.3f} ms with {REPLICAS} replicas, {one:.3f} ms with 1 "
           f"(routing adds {four - one:.3f} ms)")  # fmt: skip
