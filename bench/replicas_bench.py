@@ -144,7 +144,8 @@ async def _run(targets: list[str], bodies: list[dict[str, Any]], client_policy: 
             prefill_ms += payload["timings"]["prompt_ms"]
             per_replica[name] = per_replica.get(name, 0) + 1
 
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # idle connections are dropped before the servers drop them (uvicorn: 5 s), so none is reused as it closes
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*(worker(http) for _ in range(CONCURRENCY)))

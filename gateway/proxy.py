@@ -21,9 +21,9 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -51,13 +51,13 @@ from gateway.inbound import (
 )
 from gateway.logs import request_id_var
 from gateway.metrics import Metrics
-from gateway.planner import PlannedRequest
+from gateway.planned import PlannedRequest, RequestPlanner, Upstream
 from gateway.settings import Settings
 from gateway.upstream import build_request, request_headers, response_headers
 from gateway.usage import UsageSniffer, decode_answer
 from gateway.wire import CHAT_ROUTE, COMPLETIONS_ROUTE, RequestBody, decode_request, malformed_json_is_400
 
-__all__ = ["PLAN_IN_THREAD_BYTES", "Proxy", "Upstream"]
+__all__ = ["PLAN_IN_THREAD_BYTES", "Proxy"]
 
 logger = logging.getLogger("prefixgate.proxy")
 
@@ -74,22 +74,6 @@ T = TypeVar("T")
 # httpx errors raised before any byte of the request reached the engine: safe to send elsewhere
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _REROUTED = -1
-
-
-class RequestPlanner(Protocol):
-    """``gateway.planner.Planner`` (one upstream) or ``gateway.router.Router`` (several replicas)."""
-
-    def plan(
-        self, body: RequestBody, request_id: str, headers: Mapping[str, str], *, in_thread: bool = False
-    ) -> PlannedRequest: ...
-
-
-class Upstream(Protocol):
-    """Where a request goes: an engine replica's pooled client and engine kind (``gateway.replicas``). A plan made
-    by the router (``gateway.router``) carries one as ``planned.upstream``, and a ``planned.reroute``."""
-
-    client: httpx.AsyncClient
-    engine: EngineAdapter
 
 
 @dataclass(slots=True)

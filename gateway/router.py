@@ -1,7 +1,8 @@
 """Joint routing and reordering: plan a request against every healthy replica, send the plan made for the best.
 
-The router is the proxy's planner (``Proxy(planner=router)``). With one replica it is that replica's planner and
-nothing more. With several, for one request it
+The router is the proxy's planner (``Router.plan`` has ``Planner.plan``'s contract and returns a
+:class:`RoutedRequest`, a ``PlannedRequest`` that also names its replica). With one replica it is that replica's
+planner plus load accounting. With several, for one request it
 
 1. plans the request once with a *probe* replica's planner (the conversation's replica, else the least loaded),
    which finds the block groups and their prefix keys;
@@ -10,8 +11,11 @@ nothing more. With several, for one request it
    :func:`gateway.routing.rank` (cache against load, balance guard, affinity);
 3. keeps the probe's plan when the probe won, else plans the request again with the winner's planner, so the
    prompt is ordered for the cache of the replica it goes to, and committed only to that replica's index;
-4. leaves a ``reroute`` on the exchange: if the request cannot be *sent* (connection refused), the proxy asks
-   for the same request planned for the next replica in the ranking. A request that was sent is never retried.
+4. gives the plan a ``reroute``: if the request cannot be *sent* (connection refused), the proxy asks for the
+   same request planned for the next replica in the ranking. A request that was sent is never retried.
+
+Big bodies are planned in a worker thread (``in_thread``); the router's reads and writes of replica state then
+run on the event loop, like the planner's index reads.
 
 Load is tracked per replica while a request is in flight: one request, and its predicted uncached prompt tokens
 (the prefill it queues) until the engine answers.
