@@ -115,6 +115,7 @@ async def _run(targets: list[str], bodies: list[dict[str, Any]], client_policy: 
     prefill_ms = 0.0
     latencies: list[float] = []
     per_replica: dict[str, int] = {}
+    retries = [0]
 
     async def worker(http: httpx.AsyncClient) -> None:
         nonlocal prompt, cached, prefill_ms
@@ -128,7 +129,16 @@ async def _run(targets: list[str], bodies: list[dict[str, Any]], client_policy: 
             else:
                 replica, base = -1, targets[i % len(targets)]
             started = time.perf_counter()
-            response = await http.post(f"{base}/v1/chat/completions", json=body)
+            try:
+                response = await http.post(f"{base}/v1/chat/completions", json=body)
+                lost = response.status_code == 502 and b"upstream_connection_lost" in response.content
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                lost = True
+            if lost:
+                # a keep-alive connection the engine closed as it was reused (rare, under load; between the client
+                # and an engine, or between a gateway and an engine): sent again, and counted
+                retries[0] += 1
+                response = await http.post(f"{base}/v1/chat/completions", json=body)
             latencies.append(time.perf_counter() - started)
             response.raise_for_status()
             if router is not None:
@@ -156,6 +166,7 @@ async def _run(targets: list[str], bodies: list[dict[str, Any]], client_policy: 
         "counts": counts,
         "p99": _pct(latencies, 0.99),
         "wall": time.perf_counter() - started,
+        "retries": retries[0],
     }
 
 
@@ -314,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = r["counts"]
         spread = max(counts) / max(1, min(counts))
         print(f"{name:<20}{r['ratio']:>12.1%}{r['prefill_s']:>9.2f}s{'/'.join(map(str, counts)):>22}"
-              f"{spread:>9.2f}{r['p99'] * 1000:>7.0f}ms{r['wall']:>7.1f}s")  # fmt: skip
+              f"{spread:>9.2f}{r['p99'] * 1000:>7.0f}ms{r['wall']:>7.1f}s"
+              + (f"  ({r['retries']} resent after a connection reset)" if r["retries"] else ""))  # fmt: skip
     ratios = {name: r["ratio"] for name, r in rows}
     if "joint" in ratios:
         for base in ("cache-aware", "round-robin"):

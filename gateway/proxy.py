@@ -291,7 +291,11 @@ class Proxy:
         try:
             response = await client.send(request, stream=True)
         except _NOT_SENT as exc:
-            if self._reroute(call):
+            try:
+                rerouted = self._reroute(call)
+            except GatewayError as error:
+                return await self._fail(call, error)
+            if rerouted:
                 self.metrics.upstream_errors.labels(upstream_error_from(exc).code or "failed").inc()
                 return _REROUTED
             return await self._fail(call, upstream_error_from(exc))
