@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -86,7 +86,7 @@ class ReplicaSet:
     def __len__(self) -> int:
         return len(self.replicas)
 
-    def __iter__(self) -> Iterable[Replica]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Replica]:
         return iter(self.replicas)
 
     def get(self, name: str) -> Replica | None:
