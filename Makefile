@@ -8,7 +8,7 @@ CACHE_DIR ?= $(HOME)/.cache/prefixgate
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sim test lint format unit bench llama-server tiny-model contextpilot-client engines-venv engine-tests install-hook clean
+.PHONY: help install run sim test lint format unit bench llama-server tiny-model contextpilot-client engines-venv engine-tests install-hook redis-server clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -36,8 +36,9 @@ format: $(STAMP) ## apply ruff format and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint llama-server tiny-model contextpilot-client engines-venv ## lint, then every test (real llama-server, real engine caches)
+test: lint llama-server tiny-model contextpilot-client engines-venv redis-server ## lint, then every test (real llama-server, real engine caches, real Redis)
 	PREFIXGATE_LLAMA_SERVER="$$($(MAKE) -s llama-server | tail -n1)" \
+	PREFIXGATE_REDIS_SERVER="$$($(MAKE) -s redis-server | tail -n1)" \
 	PREFIXGATE_CONTEXTPILOT_WHEEL="$$($(MAKE) -s contextpilot-client | tail -n1)" \
 	PREFIXGATE_ENGINES_VENV="$$($(MAKE) -s engines-venv | tail -n1)" \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -64,6 +65,12 @@ engine-tests: engines-venv ## only the eviction-hook tests against the real vLLM
 
 install-hook: $(STAMP) ## install the engine eviction hook's .pth into .venv (active only with PREFIXGATE_INDEX_URL set)
 	$(BIN)/prefixgate install-hook
+
+redis-server: ## install (once, Debian's package; needs root or an existing install) a real Redis server; prints its path last
+	@command -v redis-server >/dev/null || { \
+		test "$$(id -u)" = 0 || { echo "redis-server is missing: apt-get install redis-server (as root)" >&2; exit 1; }; \
+		apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+	@command -v redis-server
 
 tiny-model: $(STAMP) ## write the tiny random-weight GGUF test model; prints its path last
 	@$(BIN)/python -m engines.llamacpp.tinymodel --cache-dir $(CACHE_DIR)

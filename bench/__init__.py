@@ -15,4 +15,5 @@ BENCHMARKS: dict[str, str] = {
     "intercept": "bench.intercept_bench",
     "llama": "bench.llama_bench",
     "soak": "bench.soak_bench",
+    "replicas": "bench.replicas_bench",
 }

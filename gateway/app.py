@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -23,13 +24,19 @@ from gateway.background import BackgroundCollector, Supervisor
 from gateway.errors import GatewayError, error_body, error_type
 from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces
 from gateway.index_api import index_routes
+from gateway.intercept.boundaries import Boundaries
 from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics, watch_event_loop
 from gateway.planner import Planner
 from gateway.proxy import Proxy
+from gateway.replicas import Replica, ReplicaSet
 from gateway.residency import Residency
+from gateway.router import Router
+from gateway.routing import BalanceGuard
 from gateway.settings import Settings
+from gateway.texts import TextScans
 from gateway.transport import build_transport
 from gateway.upstream import UpstreamSender, build_client
+from scheduler.index import IndexStats
 
 if TYPE_CHECKING:
     from engines.kvevents.subscriber import KVEventSubscriber
@@ -70,17 +77,19 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return _error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, body)
 
 
-def _kv_subscribers(settings: Settings, tracker: KVEventTracker) -> list[KVEventSubscriber]:
-    """One subscriber per engine KV-event endpoint (one per data-parallel rank), sharing one tracker."""
+def _kv_subscribers(settings: Settings, trackers: list[KVEventTracker]) -> list[KVEventSubscriber]:
+    """One subscriber per engine KV-event endpoint. With one replica, every endpoint (one per data-parallel rank)
+    feeds its tracker; with several, endpoint ``i`` belongs to replica ``i``."""
     if not settings.kv_events_endpoint:
         return []
     from engines.kvevents.subscriber import KVEventSubscriber
 
     replays: list[str | None] = [*settings.kv_events_replay]
     replays += [None] * (len(settings.kv_events_endpoint) - len(replays))
+    owners = trackers if len(trackers) > 1 else trackers * len(settings.kv_events_endpoint)
     return [
         KVEventSubscriber(endpoint, tracker, topic=settings.kv_events_topic, replay_endpoint=replay)
-        for endpoint, replay in zip(settings.kv_events_endpoint, replays, strict=True)
+        for endpoint, replay, tracker in zip(settings.kv_events_endpoint, replays, owners, strict=True)
     ]
 
 
@@ -120,32 +129,67 @@ class _Gateway(Litestar):
             await send({"type": "http.response.body", "body": body})
 
 
+def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, metrics: Metrics) -> ReplicaSet:
+    """One replica per ``--upstream``: its own connection pool, client, live index and planner (the planners
+    share what does not depend on an index: the scans of texts and the learned paragraph boundaries)."""
+    replicas = []
+    scans, boundaries = TextScans(), Boundaries()
+    for position, (kind, url) in enumerate(settings.upstreams):
+        residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
+        pool = transport if transport is not None else build_transport(settings)
+        client = build_client(settings, pool, url)
+        replica = Replica(
+            position, f"r{position}", url, get_engine(kind), client, UpstreamSender(client, pool), residency
+        )
+        replica.planner = Planner(settings, residency, metrics, scans=scans, boundaries=boundaries)
+        replicas.append(replica)
+    return ReplicaSet(replicas, eject_after=settings.eject_after, max_requests=settings.index_max_requests)
+
+
+def _kv_counters(trackers: list[KVEventTracker]) -> dict[str, int]:
+    """The KV-event stream counters of every replica's tracker, added up."""
+    total: dict[str, int] = {}
+    for tracker in trackers:
+        for name, value in tracker.counters.as_dict().items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def _total_stats(replicas: ReplicaSet) -> IndexStats:
+    every = [replica.residency.index.stats() for replica in replicas.replicas]
+    return IndexStats(*(sum(getattr(s, name) for s in every) for name in IndexStats.__dataclass_fields__))
+
+
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
     """Build the gateway for ``settings``; ``transport`` replaces the network (tests use respx routers)."""
     metrics = Metrics()
     if settings.api_key and not settings.admin_token:
         logger.warning("client keys are set but no admin token: /evict, /reset and stateful /reorder are open")
-    residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
-    metrics.registry.register(IndexCollector(residency.index.stats))
-    transport = transport if transport is not None else build_transport(settings)
-    client = build_client(settings, transport)
-    planner = Planner(settings, residency, metrics)
+    replicas = _replicas(settings, transport, metrics)
+    first = replicas.replicas[0]
+    residency = first.residency  # the index API's state lives with the first replica
+    planner = first.planner
+    assert planner is not None
+    metrics.registry.register(IndexCollector(lambda: _total_stats(replicas)))
+    router = Router(replicas, BalanceGuard(settings.balance_abs, settings.balance_rel), metrics)
     namespaces = KeyNamespaces([key.encode() for key in settings.api_key])
     proxy = Proxy(
         settings,
-        UpstreamSender(client, transport),
-        get_engine(settings.engine),
+        first.sender,
+        first.engine,
         metrics,
-        planner,
+        router,
         issued=residency.issued,
         namespaces=namespaces,
+        passthrough_upstream=router.passthrough if len(replicas) > 1 else None,
     )
     mode = "stateless" if settings.stateless else "live"
 
     @get("/health", sync_to_thread=False)
     def health() -> dict[str, Any]:
         """Liveness: the gateway process answers (200 from the start). Does not contact the upstream."""
-        stats = residency.index.stats()
+        stats = _total_stats(replicas)
+        several = {"replicas": [r.describe() for r in replicas.replicas]} if len(replicas) > 1 else {}
         return {
             "status": "ready",
             "mode": mode,
@@ -156,18 +200,20 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             "index_stats": {"num_requests": stats.requests, "num_nodes": stats.nodes},
             "slots": planner.slot_count,
             "timestamp": time.time(),
+            **several,
         }
 
     @get("/ready")
     async def ready() -> Response[dict[str, Any]]:
-        """Readiness: the upstream engine answers its health (or models) endpoint."""
-        for path in ("/health", "/v1/models"):
-            try:
-                response = await client.get(path, timeout=2.0)
-            except httpx.HTTPError:
-                continue
-            if response.status_code < 400:
-                return Response({"status": "ready", "upstream": "ok"})
+        """Readiness: an upstream engine (any replica) answers its health (or models) endpoint."""
+        for replica in replicas.healthy():
+            for path in ("/health", "/v1/models"):
+                try:
+                    response = await replica.client.get(path, timeout=2.0)
+                except httpx.HTTPError:
+                    continue
+                if response.status_code < 400:
+                    return Response({"status": "ready", "upstream": "ok"})
         body = {"status": "not_ready", "upstream": "unreachable or unhealthy"}
         return Response(body, status_code=503)
 
@@ -176,32 +222,52 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def close_client() -> None:
-        await client.aclose()
+        for replica in replicas.replicas:
+            await replica.client.aclose()
+        if replication is not None:
+            await replication.aclose()
 
-    async def learn_slots() -> None:
+    async def learn_slots(replica: Replica) -> None:
         """llama.cpp: find the slot count (retrying while the server starts), then pin requests to slots."""
+        planner = replica.planner
+        assert planner is not None
         while True:
-            count = await discover_slots(client)
+            count = await discover_slots(replica.client)
             if count is not None:
                 planner.use_slots(count)
-                logger.info("llama-server has %d slots; requests are pinned with id_slot", count)
+                logger.info("llama-server %s has %d slots; requests are pinned with id_slot", replica.name, count)
                 return
             await anyio.sleep(2.0)
 
-    def kv_released(request_ids: list[str]) -> None:
-        residency.evict(request_ids)
+    def kv_tracker_for(replica: Replica) -> KVEventTracker:
+        def released(request_ids: list[str]) -> None:
+            replica.residency.evict(request_ids)
 
-    kv_tracker = KVEventTracker(on_evicted=kv_released, on_reset=residency.reset)
+        return KVEventTracker(on_evicted=released, on_reset=replica.residency.reset)
+
+    kv_trackers = [kv_tracker_for(replica) for replica in replicas.replicas]
+    replication = None
+    if settings.state:
+        from gateway.replication import Replication
+
+        replication = Replication(settings.state, replicas, metrics, max_len=settings.state_max_len)
+    kv_tracker = kv_trackers[0]
     supervisor = Supervisor()
-    metrics.registry.register(BackgroundCollector(supervisor, kv_tracker.counters.as_dict))
+    metrics.registry.register(BackgroundCollector(supervisor, lambda: _kv_counters(kv_trackers)))
 
     async def start_background(app: Litestar) -> AsyncIterator[None]:
-        subscribers = _kv_subscribers(settings, kv_tracker)
+        subscribers = _kv_subscribers(settings, kv_trackers)
         app.state.kv_subscribers = subscribers
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_event_loop, metrics)
-            if settings.engine == "llamacpp":
-                supervisor.start(tg, "llamacpp-slots", learn_slots)
+            for replica in replicas.replicas:
+                if replica.engine.name == "llamacpp":
+                    name = "llamacpp-slots" if len(replicas.replicas) == 1 else f"llamacpp-slots {replica.name}"
+                    supervisor.start(tg, name, partial(learn_slots, replica))
+            if len(replicas.replicas) > 1:
+                supervisor.start(tg, "health-checks", partial(replicas.run_health_checks, settings.health_interval))
+            if replication is not None:
+                supervisor.start(tg, "replication", replication.run)
             for subscriber in subscribers:
                 supervisor.start(tg, f"kv-events {subscriber.endpoint}", subscriber.run)
             try:
@@ -211,7 +277,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     app = _Gateway(
         proxy,
-        route_handlers=[health, ready, metrics_route, *index_routes(settings, residency, namespaces)],
+        route_handlers=[health, ready, metrics_route, *index_routes(settings, residency, namespaces, replicas)],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             GatewayError: _gateway_error,
@@ -230,4 +296,6 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     app.state.residency = residency
     app.state.kv_tracker = kv_tracker
     app.state.background = supervisor
+    app.state.replicas = replicas
+    app.state.replication = replication
     return app

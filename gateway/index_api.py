@@ -36,6 +36,7 @@ from litestar.handlers import HTTPRouteHandler
 from gateway.access import API_KEY, Access, index_key
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.ids import KeyNamespaces
+from gateway.replicas import ReplicaSet
 from gateway.residency import Residency
 from gateway.settings import Settings
 from gateway.wire import malformed_json_is_400, split_error_path
@@ -177,9 +178,16 @@ def _conversations(request: _Options) -> list[str | None] | None:
 class IndexApi:
     """The handlers' shared state: settings, residency, and who is calling (``gateway.access``)."""
 
-    def __init__(self, settings: Settings, residency: Residency, namespaces: KeyNamespaces | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        residency: Residency,
+        namespaces: KeyNamespaces | None = None,
+        replicas: ReplicaSet | None = None,
+    ) -> None:
         self.settings = settings
         self.residency = residency
+        self.replicas = replicas
         self.access = Access(settings, namespaces)
 
     def identify(self, request: Request[Any, Any, Any]) -> str | None:
@@ -321,7 +329,13 @@ class IndexApi:
     async def evict(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         self.require_admin(request)
         parsed = _decode(await request.body(), _EvictBody)
-        outcome = self.residency.evict(parsed.request_ids)
+        replica = request.query_params.get("replica")  # an engine hook configured per replica names it
+        if self.replicas is not None:
+            if replica is not None and self.replicas.get(replica) is None:
+                raise InvalidRequest(f"unknown replica {replica!r}", param="replica", code="unknown_replica")
+            outcome = self.replicas.evict(parsed.request_ids, replica)
+        else:
+            outcome = self.residency.evict(parsed.request_ids)
         return {
             "status": "success",
             "removed_count": outcome.removed_count,
@@ -367,10 +381,15 @@ def _check_hashable(contexts: Sequence[Sequence[Any]]) -> None:
 
 
 def index_routes(
-    settings: Settings, residency: Residency, namespaces: KeyNamespaces | None = None
+    settings: Settings,
+    residency: Residency,
+    namespaces: KeyNamespaces | None = None,
+    replicas: ReplicaSet | None = None,
 ) -> list[HTTPRouteHandler]:
-    """The index API's route handlers, bound to one gateway's state (``namespaces``: the proxy's, shared)."""
-    api = IndexApi(settings, residency, namespaces)
+    """The index API's route handlers, bound to one gateway's state (``namespaces``: the proxy's, shared;
+    ``/evict`` and ``/reset`` reach every replica's index when ``replicas`` is given; the batch routes use
+    ``residency``)."""
+    api = IndexApi(settings, residency, namespaces, replicas)
 
     @post("/reorder", status_code=200)
     async def reorder(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -401,7 +420,10 @@ def index_routes(
     async def reset(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Forget the live index and conversation history."""
         api.require_admin(request)
-        residency.reset()
+        if replicas is not None:
+            replicas.reset()
+        else:
+            residency.reset()
         return {"status": "success", "message": "index and conversations reset", "conversation_tracker": "reset"}
 
     @get("/stats", sync_to_thread=False)

@@ -112,6 +112,30 @@ class Metrics:
             registry=r,
         )
 
+        self.state_published = Counter(
+            "prefixgate_state_published", "Index changes sent to the shared Redis stream", registry=r
+        )
+        self.state_applied = Counter(
+            "prefixgate_state_applied", "Index changes of other gateways applied from the shared stream", registry=r
+        )
+        self.state_dropped = Counter(
+            "prefixgate_state_dropped", "Index changes dropped while Redis was unreachable (queue full)", registry=r
+        )
+        self.state_errors = Counter(
+            "prefixgate_state_errors", "Shared-state failures by kind (publish, follow, decode)", ["kind"], registry=r
+        )
+        self.state_lag = Histogram(
+            "prefixgate_state_lag_seconds",
+            "From another gateway making an index change to this gateway applying it",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
+        self.state_stream_length = Gauge(
+            "prefixgate_state_stream_length",
+            "Entries in the shared Redis stream (bounded by --state-max-len)",
+            registry=r,
+        )
+
         # label children by (route, status) and route: ``labels()`` costs more than the update it finds
         self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._first_byte: dict[str, Histogram] = {}

@@ -4,20 +4,30 @@ A ``PlannedRequest`` carries the body fields to replace and the ``X-Prefixgate-R
 the proxy runs on the event loop: ``accept`` (the engine took the request: commit what it was sent to the live
 index, and record the llama.cpp slot it now holds), ``usage`` (the cached tokens the answer reported: release
 index entries the engine no longer holds) and ``finish`` (the upstream is done: free the slot).
+
+``RequestPlanner`` is what the proxy plans with (``gateway.planner.Planner``, or ``gateway.router.Router`` with
+several replicas); a plan made by the router also carries its ``Upstream`` (the replica's client and engine).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
+import httpx
+
+from engines.base import EngineAdapter
 from engines.llamacpp.slots import Path, SlotTable
 from gateway.apis.walk import AnswerRewriter
 from gateway.metrics import Metrics
 from gateway.residency import Residency
 
-__all__ = ["PlannedRequest", "Prediction"]
+if TYPE_CHECKING:
+    from gateway.upstream import UpstreamSender
+    from gateway.wire import RequestBody
+
+__all__ = ["PlannedRequest", "Prediction", "RequestPlanner", "Upstream"]
 
 logger = logging.getLogger("prefixgate.planner")
 
@@ -38,7 +48,7 @@ class PlannedRequest:
     """
 
     __slots__ = ("answer", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
-                 "residency", "result", "slot", "slots")  # fmt: skip
+                 "residency", "result", "slot", "slots", "tally")  # fmt: skip
 
     def __init__(
         self,
@@ -62,6 +72,7 @@ class PlannedRequest:
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
+        self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
@@ -97,3 +108,26 @@ class PlannedRequest:
         slots, self.slots = self.slots, None
         if slots is not None and self.slot is not None:
             slots.finish(self.slot)
+
+
+class RequestPlanner(Protocol):
+    """``gateway.planner.Planner`` (one upstream) or ``gateway.router.Router`` (several replicas)."""
+
+    def plan(
+        self,
+        body: RequestBody,
+        request_id: str,
+        headers: Mapping[str, str],
+        *,
+        in_thread: bool = False,
+        tenant: str | None = None,
+    ) -> PlannedRequest: ...
+
+
+class Upstream(Protocol):
+    """Where a request goes: an engine replica's pooled client and engine kind (``gateway.replicas``). A plan made
+    by the router (``gateway.router``) carries one as ``planned.upstream``, and a ``planned.reroute``."""
+
+    client: httpx.AsyncClient
+    sender: UpstreamSender
+    engine: EngineAdapter

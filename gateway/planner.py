@@ -178,8 +178,11 @@ class Planner:
         settings: Settings,
         residency: Residency,
         metrics: Metrics,
+        *,
         memo_chars: int = 64 << 20,
         scan_units: int = 1 << 18,
+        scans: TextScans | None = None,
+        boundaries: Boundaries | None = None,
     ) -> None:
         self.settings = settings
         self.residency = residency
@@ -189,9 +192,9 @@ class Planner:
         )
         self._unit_memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)  # whole-block orders
         self._memo_lock = threading.Lock()
-        self._scans = TextScans(scan_units)
+        self._scans = scans if scans is not None else TextScans(scan_units)  # replicas share one
         residency.on_reset(self._clear_memo)
-        self.boundaries = Boundaries()
+        self.boundaries = boundaries if boundaries is not None else Boundaries()  # replicas share one
         residency.on_reset(self.boundaries.clear)
         self._slots: SlotTable | None = None
 
@@ -212,11 +215,13 @@ class Planner:
         *,
         in_thread: bool = False,
         tenant: str | None = None,
+        record: bool = True,
     ) -> PlannedRequest:
         """Plan one request; 413 when it carries more than ``max_blocks_per_request`` blocks.
 
         ``in_thread``: called from a worker thread; every index read and the slot choice run on the event loop.
         ``tenant``: the client key's namespace when planning state is per key (None: shared).
+        ``record=False`` (a routing probe, see ``gateway.router``) counts nothing in the metrics.
         """
         control = parse_control(headers, self.settings)
         on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else _call
@@ -247,16 +252,11 @@ class Planner:
                 fields.update(walked.fields)
                 answer, notes = walked.answer, walked.notes
             result = outcome.header(shared=self.settings.shared_cache and bool(self.settings.api_key))
-            self._count(outcome)
             for note in notes:  # a part of the request the walk left alone, and why (with the groups' reasons)
-                self.metrics.left_alone.labels(note).inc()
                 left = result.setdefault("left_alone", {})
                 left[note] = left.get(note, 0) + 1
         else:
             result = {"groups": 0, "reordered": False, "enabled": False}
-        if outcome.reordered:
-            self.metrics.blocks_reordered.inc()
-        self.metrics.predicted_cached_blocks.inc(outcome.cached)
         planned = PlannedRequest(
             request_id,
             self.residency,
@@ -270,13 +270,28 @@ class Planner:
         if outcome.maps:
             answer = CitationRewriter(outcome.maps)
         planned.answer = answer
+        if control.enabled:
+            planned.tally = lambda: self._count(outcome, notes)
+        if record:
+            self.record(planned)
         if self._slots is not None and body.route != "/v1/messages":  # llama-server's Messages route drops id_slot
             on_loop(self._pin_slot, planned, body)
         return planned
 
-    def _count(self, outcome: _Outcome) -> None:
-        """Groups found, reordered and decided, and blocks found, by format (``/metrics``)."""
+    def record(self, planned: PlannedRequest) -> None:
+        """Count a planned request in the metrics (once, for the replica it is sent to)."""
+        if planned.tally is not None:
+            planned.tally()
+            planned.tally = None
+        if planned.result.get("reordered"):
+            self.metrics.blocks_reordered.inc()
+        self.metrics.predicted_cached_blocks.inc(planned.result.get("predicted_cached_blocks", 0))
+
+    def _count(self, outcome: _Outcome, notes: Sequence[str]) -> None:
+        """Groups found, reordered and decided, and blocks found, by format; parts left alone (``/metrics``)."""
         metrics = self.metrics
+        for note in notes:
+            metrics.left_alone.labels(note).inc()
         for choice in outcome.choices:
             metrics.groups_found.labels(choice.format).inc()
             metrics.blocks_found.labels(choice.format).inc(choice.blocks)

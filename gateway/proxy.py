@@ -54,7 +54,7 @@ from gateway.inbound import (
 )
 from gateway.logs import log_access, request_id_var
 from gateway.metrics import Metrics
-from gateway.planner import PlannedRequest, Planner
+from gateway.planned import PlannedRequest, RequestPlanner, Upstream
 from gateway.settings import Settings
 from gateway.upstream import UpstreamSender, request_headers, response_headers
 from gateway.usage import UsageSniffer, decode_answer
@@ -74,6 +74,9 @@ _MAX_JSON_BODY = 64 << 20
 _SSE = "text/event-stream"
 _encoder = msgspec.json.Encoder()
 T = TypeVar("T")
+# httpx errors raised before any byte of the request reached the engine: safe to send elsewhere
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_REROUTED = -1
 
 
 @dataclass(slots=True)
@@ -91,6 +94,11 @@ class _Call:
     stream_slot: bool = False
     planned: PlannedRequest | None = None
     cached_tokens: int | None = None  # engine-reported, for the access log
+    upstream: Upstream | None = None  # None: the proxy's own upstream
+    body: RequestBody | None = None  # kept to plan the request again for another replica
+    headers: dict[str, str] | None = None
+    ids: BodyIds = NO_BODY_IDS  # the id fields the client sent in the body
+    payload: bytes = b""
 
     def finish(self) -> None:
         """The upstream is done with this request (e.g. its llama.cpp slot is free); idempotent."""
@@ -117,10 +125,11 @@ class Proxy:
         upstream: UpstreamSender,
         engine: EngineAdapter,
         metrics: Metrics,
-        planner: Planner,
+        planner: RequestPlanner,
         *,
         issued: Callable[[str, str | None], bool] | None = None,
         namespaces: KeyNamespaces | None = None,
+        passthrough_upstream: Callable[[], Upstream] | None = None,
     ) -> None:
         self.settings = settings
         self.issued = issued  # ids the index API handed out: clients send them back as they are (batch flow)
@@ -128,6 +137,7 @@ class Proxy:
         self.engine = engine
         self.metrics = metrics
         self.planner = planner
+        self.passthrough_upstream = passthrough_upstream  # several replicas: where non-planned requests go
         self._keys = [k.encode() for k in settings.api_key]
         self._namespaces = namespaces if namespaces is not None else KeyNamespaces(self._keys)
         self.streams = 0  # streaming completion requests in flight
@@ -187,6 +197,8 @@ class Proxy:
         try:
             if call.route not in COMPLETION_ROUTES:
                 check_passthrough_path(path)
+                if self.passthrough_upstream is not None:
+                    call.upstream = self.passthrough_upstream()
             elif scope["method"] != "POST":
                 raise InvalidRequest(f"{call.route} accepts POST only", code="method_not_allowed")
             else:
@@ -211,12 +223,35 @@ class Proxy:
             if body.stream:
                 self._take_stream_slot(call)
             call.planned = planned = await _run(in_thread, self._plan, body, headers, call, in_thread)
+        call.body, call.headers, call.ids = body, headers, ids
+        self._apply(body, planned, call)
+        return await _run(in_thread, body.encode)
+
+    def _apply(self, body: RequestBody, planned: PlannedRequest, call: _Call) -> None:
+        """Take the plan's result header, fields and upstream; stamp the request id the way its engine reads it."""
+        call.upstream = getattr(planned, "upstream", None)
+        engine = call.upstream.engine if call.upstream is not None else self.engine
         call.own_headers.append((b"x-prefixgate-result", _encoder.encode(planned.result)))
         body.update(planned.fields)
-        body.update(self.engine.stamp_fields(call.request_id, ids.fields, ids.kept, call.route))
+        body.update(engine.stamp_fields(call.request_id, call.ids.fields, call.ids.kept, call.route))
         if self.settings.kv_events_endpoint:
-            body.update(self.engine.kv_event_fields(call.request_id, body))
-        return await _run(in_thread, body.encode)
+            body.update(engine.kv_event_fields(call.request_id, body))
+
+    def _reroute(self, call: _Call) -> bool:
+        """The request never reached its replica: plan it for the next one (False when there is none)."""
+        reroute = getattr(call.planned, "reroute", None)
+        if reroute is None or call.body is None or call.headers is None:
+            return False
+        call.finish()  # the replica it was planned for does not serve it
+        planned: PlannedRequest | None = reroute(call.body, call.headers)
+        if planned is None:
+            return False
+        call.planned = planned
+        call.body.changes.clear()
+        call.own_headers[:] = [h for h in call.own_headers if h[0] != b"x-prefixgate-result"]
+        self._apply(call.body, planned, call)
+        call.payload = call.body.encode()
+        return True
 
     def _plan(self, body: RequestBody, headers: dict[str, str], call: _Call, in_thread: bool) -> PlannedRequest:
         return self.planner.plan(body, call.request_id, headers, in_thread=in_thread, tenant=call.tenant)
@@ -225,13 +260,7 @@ class Proxy:
         target = path.decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        outbound = request_headers(
-            scope["headers"],
-            strip_authorization=bool(self._keys),
-            upstream_api_key=self.settings.upstream_api_key,
-            extra=self.engine.stamp_headers(call.request_id) | _identity_encoding(call.planned),
-        )
-        request = self.upstream.build(scope["method"], target, outbound, body)
+        call.payload = body
         status = 499
         # the disconnect watcher is a plain asyncio task, not an anyio task group (~10% of the gateway's CPU per
         # request, ``python -m bench proxy``); cancelled in ``finally`` before it can resume, it never outlives
@@ -239,7 +268,20 @@ class Proxy:
         with anyio.CancelScope() as watched:
             watcher = asyncio.ensure_future(_watch_disconnect(receive, watched))
             try:
-                status = await self._exchange(request, call)
+                outcome = _REROUTED
+                while outcome == _REROUTED:  # bounded: each reroute goes to a replica not tried yet
+                    upstream = call.upstream
+                    sender = upstream.sender if upstream is not None else self.upstream
+                    engine = upstream.engine if upstream is not None else self.engine
+                    outbound = request_headers(
+                        scope["headers"],
+                        strip_authorization=bool(self._keys),
+                        upstream_api_key=self.settings.upstream_api_key,
+                        extra=engine.stamp_headers(call.request_id) | _identity_encoding(call.planned),
+                    )
+                    request = sender.build(scope["method"], target, outbound, call.payload)
+                    outcome = await self._exchange(request, call, sender)
+                status = outcome  # stays 499 when the client went away (the watcher cancelled the scope)
             finally:
                 watcher.cancel()
         return status
@@ -273,10 +315,19 @@ class Proxy:
             raise Unauthorized("missing or invalid API key", code="invalid_api_key")
         return self._namespaces[matched]
 
-    async def _exchange(self, request: httpx.Request, call: _Call) -> int:
+    async def _exchange(self, request: httpx.Request, call: _Call, sender: UpstreamSender) -> int:
         """Send upstream and relay the answer; errors before the response starts become error responses."""
         try:
-            response = await self.upstream.send(request)
+            response = await sender.send(request)
+        except _NOT_SENT as exc:
+            try:
+                rerouted = self._reroute(call)
+            except GatewayError as error:
+                return await self._fail(call, error)
+            if rerouted:
+                self.metrics.upstream_errors.labels(upstream_error_from(exc).code or "failed").inc()
+                return _REROUTED
+            return await self._fail(call, upstream_error_from(exc))
         except httpx.HTTPError as exc:
             return await self._fail(call, upstream_error_from(exc))
         planned = call.planned

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cachetools import LRUCache
 
@@ -24,7 +25,10 @@ from scheduler.dedup import ConversationTracker
 from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
 
-__all__ = ["EvictOutcome", "Residency"]
+__all__ = ["Change", "EvictOutcome", "Residency"]
+
+Change = tuple[Any, ...]
+"""An index change for replication: ``("commit", request_id, groups)``, ``("evict", request_ids)``, ``("reset",)``."""
 
 
 @dataclass(slots=True)
@@ -53,6 +57,7 @@ class Residency:
         self._issued: dict[str | None, LRUCache[str, None]] = {}
         self._reset_hooks: list[Callable[[], None]] = []
         self.evict_calls = 0
+        self.on_change: Callable[[Change], None] | None = None  # gateway.replication publishes changes
 
     def on_reset(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` on every reset (state derived from the index, such as the planner's memo)."""
@@ -67,6 +72,8 @@ class Residency:
             self.index.commit(key, group_id, blocks)
         if len(ids) > 1:
             self._groups[request_id] = tuple(ids[1:])
+        if self.on_change is not None:
+            self.on_change(("commit", request_id, groups))
 
     def issue(self, request_ids: Iterable[str], owner: str | None = None) -> None:
         """Remember ids the index API handed out to ``owner`` (a key namespace; None: the admin or nobody)."""
@@ -112,6 +119,8 @@ class Residency:
                 outcome.evicted_request_ids.append(request_id)
             else:
                 outcome.not_found.append(raw)
+        if self.on_change is not None and outcome.evicted_request_ids:
+            self.on_change(("evict", outcome.evicted_request_ids))
         return outcome
 
     def reset(self) -> None:
@@ -121,3 +130,5 @@ class Residency:
         self._issued.clear()
         for hook in self._reset_hooks:
             hook()
+        if self.on_change is not None:
+            self.on_change(("reset",))

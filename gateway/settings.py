@@ -23,6 +23,7 @@ __all__ = ["ENV_PREFIX", "OPTIONS", "Settings", "SettingsError", "add_arguments"
 ENV_PREFIX = "PREFIXGATE_"
 
 Engine = Literal["sglang", "vllm", "llamacpp", "openai"]
+ENGINE_KINDS = ("sglang", "vllm", "llamacpp", "openai")
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 ReorderScope = Literal["all", "system", "user", "tool", "completions"]
@@ -33,7 +34,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     host: str = "127.0.0.1"
     port: int = 8765
-    upstream: str = ""
+    upstream: tuple[str, ...] = ()
     engine: Engine = "openai"
     stateless: bool = False
     log_level: LogLevel = "info"
@@ -73,16 +74,39 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     http_body_timeout: float = 60.0
     http_keepalive_timeout: int = 5
     http_max_requests_per_connection: int = 1_000
+    health_interval: float = 2.0
+    eject_after: int = 3
+    balance_abs: int = 4
+    balance_rel: float = 1.5
+    state: str = ""
+    state_max_len: int = 100_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port: must be between 0 and 65535")
         if not 1 <= self.sim_port <= 65535:
             raise ValueError("sim_port: must be between 1 and 65535")
-        if self.upstream:
-            parts = urlsplit(self.upstream)
+        for entry in self.upstream:
+            kind, url = _split_upstream(entry)
+            parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError("upstream: must be an http:// or https:// URL")
+                raise ValueError("upstream: must be an http:// or https:// URL, optionally KIND=URL")
+            if kind and kind not in ENGINE_KINDS:
+                raise ValueError(f"upstream: unknown engine kind {kind!r} (one of {', '.join(ENGINE_KINDS)})")
+        if (
+            len(self.kv_events_endpoint) > 1
+            and len(self.upstream) > 1
+            and len(self.kv_events_endpoint) != len(self.upstream)
+        ):
+            raise ValueError("kv_events_endpoint: with several upstreams, give one endpoint per --upstream")
+        if not self.health_interval > 0:
+            raise ValueError("health_interval: must be a positive number of seconds")
+        if self.eject_after < 1 or self.balance_abs < 0 or self.balance_rel < 1:
+            raise ValueError("eject_after: at least 1; balance_abs: at least 0; balance_rel: at least 1")
+        if self.state and urlsplit(self.state).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("state: expected redis://host:port[/db] (or rediss://, unix://)")
+        if self.state_max_len < 100:
+            raise ValueError("state_max_len: must be at least 100")
         for name in ("max_body_bytes", "max_connections", "max_keepalive", "index_max_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
@@ -129,9 +153,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                     raise ValueError(f"{name}: must be visible ASCII characters (no spaces or control characters)")
 
     @property
+    def upstreams(self) -> list[tuple[str, str]]:
+        """Every engine replica as ``(engine kind, base URL without trailing slash)``, in the order given; the
+        embedded simulated engine when none was given. ``KIND=URL`` overrides ``--engine`` for one replica."""
+        if not self.upstream:
+            return [(self.engine, f"http://127.0.0.1:{self.sim_port}")]
+        out = []
+        for entry in self.upstream:
+            kind, url = _split_upstream(entry)
+            out.append((kind or self.engine, url.rstrip("/")))
+        return out
+
+    @property
     def upstream_url(self) -> str:
-        """The upstream base URL (the embedded simulated engine when none was given), without trailing slash."""
-        return (self.upstream or f"http://127.0.0.1:{self.sim_port}").rstrip("/")
+        """The first upstream base URL (the embedded simulated engine when none was given), without trailing slash."""
+        return self.upstreams[0][1]
 
     @property
     def embedded_sim(self) -> bool:
@@ -146,6 +182,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return out
 
 
+def _split_upstream(entry: str) -> tuple[str, str]:
+    """``KIND=URL`` -> (kind, url); a bare URL -> ("", url) (an ``=`` inside the URL is not a kind)."""
+    head, sep, rest = entry.partition("=")
+    if sep and "://" not in head:
+        return head.strip(), rest.strip()
+    return "", entry.strip()
+
+
 class SettingsError(ValueError):
     """An option had an invalid value; the message names the option and its variable."""
 
@@ -154,7 +198,11 @@ class SettingsError(ValueError):
 OPTIONS: dict[str, tuple[str, str]] = {
     "host": ("address to bind (default 127.0.0.1: loopback only)", "value"),
     "port": ("port to listen on", "value"),
-    "upstream": ("base URL of the engine; empty starts the built-in simulated engine", "value"),
+    "upstream": (
+        "base URL of an engine replica, repeatable (env: comma-separated); KIND=URL sets its engine kind; "
+        "empty starts the built-in simulated engine",
+        "multi",
+    ),
     "engine": ("engine kind behind --upstream: sglang, vllm, llamacpp or openai (generic)", "value"),
     "stateless": ("keep no live index: /reorder is one-shot, /evict removes nothing", "flag"),
     "log_level": ("debug, info, warning or error", "value"),
@@ -210,6 +258,12 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "http_body_timeout": ("seconds a client has to send the whole body after its headers (closed after)", "value"),
     "http_keepalive_timeout": ("seconds an idle keep-alive connection stays open", "value"),
     "http_max_requests_per_connection": ("requests served on one keep-alive connection before it is closed", "value"),
+    "health_interval": ("seconds between active health checks of each replica (with several upstreams)", "value"),
+    "eject_after": ("consecutive failures (checks or connects) that take a replica out of routing", "value"),
+    "balance_abs": ("balance guard: in-flight spread above which the least loaded replica wins...", "value"),
+    "balance_rel": ("...when the busiest replica also has this many times the idlest's in-flight requests", "value"),
+    "state": ("redis://host:port/db shares index changes with other gateways (empty: in process only)", "value"),
+    "state_max_len": ("index changes kept in the shared Redis stream (XADD MAXLEN ~)", "value"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -32,10 +32,12 @@ HOP_BY_HOP = frozenset(
 _CONTROL_PREFIXES = ("x-prefixgate-", "x-contextpilot-")
 
 
-def build_client(settings: Settings, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+def build_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport, base_url: str | None = None
+) -> httpx.AsyncClient:
     """One pooled client per upstream. LLM streams are long, so the read timeout is minutes, not seconds."""
     return httpx.AsyncClient(
-        base_url=settings.upstream_url,
+        base_url=base_url or settings.upstream_url,
         transport=transport,
         timeout=httpx.Timeout(
             connect=settings.connect_timeout,

@@ -133,7 +133,9 @@ async def test_citations_point_at_the_clients_document(gateway: AppFactory, upst
         order, response = await _reordered_pair(client, cite=True)
     sent_order = titles(json.loads(route.calls[1].request.content))
     assert sent_order != order
-    assert route.calls[1].request.headers["accept-encoding"] == "identity"  # an answer to rewrite must come uncompressed
+    assert (
+        route.calls[1].request.headers["accept-encoding"] == "identity"
+    )  # an answer to rewrite must come uncompressed
     cited = [c["document_index"] for c in response.json()["content"][0]["citations"]]
     assert [order[i] for i in cited] == [sent_order[0], sent_order[2]]
     assert response.json()["usage"] == MESSAGE["usage"]

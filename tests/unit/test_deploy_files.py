@@ -222,9 +222,11 @@ def test_gateway_environments_load(services: dict[str, dict[str, Any]]) -> None:
     assert gateways
     for name, svc in gateways.items():
         settings = load_settings(environ=_environment(svc))
-        host = urlsplit(settings.upstream).hostname
-        assert host in services, f"{name}: upstream {settings.upstream} is not a service"
-        assert _profiles(services[host]) == _profiles(svc), f"{name}: upstream {host} is in another profile"
+        assert settings.upstream, name
+        for _, url in settings.upstreams:
+            host = urlsplit(url).hostname
+            assert host in services, f"{name}: upstream {url} is not a service"
+            assert _profiles(services[host]) == _profiles(svc), f"{name}: upstream {host} is in another profile"
         profile = next(iter(_profiles(svc)), None)
         if profile in ENGINE_PROFILES:
             assert settings.engine == profile, name
