@@ -28,11 +28,9 @@ by a lock.
 from __future__ import annotations
 
 import threading
-from collections import Counter
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from hashlib import blake2b
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio.from_thread
 import msgspec
@@ -41,13 +39,22 @@ from cachetools import LRUCache
 from engines.llamacpp.slots import SlotTable
 from gateway.apis import SHAPES, AnswerRewriter, ScopedWalker
 from gateway.citations import CitationMap, CitationRewriter, citation_map
-from gateway.control import Control, parse_control
-from gateway.errors import PayloadTooLarge
+from gateway.control import parse_control
 from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, splice_all
 from gateway.intercept.boundaries import Boundaries
 from gateway.intercept.budget import check
 from gateway.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
 from gateway.metrics import Metrics
+from gateway.outcome import (
+    Choice,
+    OnLoop,
+    Outcome,
+    Prefix,
+    Rewrite,
+    block_ends,
+    call_here,
+    client_slot,
+)
 from gateway.planned import PlannedRequest, Prediction
 from gateway.residency import Residency
 from gateway.settings import Settings
@@ -57,117 +64,8 @@ from scheduler.blocks import block_id
 
 __all__ = ["PlannedRequest", "Planner"]  # PlannedRequest lives in gateway.planned
 
-T = TypeVar("T")
-OnLoop = Callable[..., Any]
-"""Runs ``fn(*args)`` on the event loop: a plain call there, ``anyio.from_thread.run_sync`` from a worker."""
-
 _ROLES = {"system": "system", "developer": "system", "user": "user", "tool": "tool", "toolresult": "tool"}
 _encoder = msgspec.json.Encoder()
-_CHARS_PER_TOKEN = 4  # the prediction is in characters; the header also gives it in (estimated) tokens
-
-
-def _call(fn: Callable[..., T], *args: Any) -> T:
-    return fn(*args)
-
-
-class _Prefix:
-    """A digest of what the engine sees, fed in prompt order, that also counts how much it was fed."""
-
-    __slots__ = ("fed", "hasher")
-
-    def __init__(self, hasher: Any = None, fed: int = 0) -> None:
-        self.hasher = hasher if hasher is not None else blake2b(digest_size=16)
-        self.fed = fed
-
-    def update(self, data: bytes | msgspec.Raw) -> None:
-        self.hasher.update(data)
-        self.fed += len(data)
-
-    def copy(self) -> _Prefix:
-        return _Prefix(self.hasher.copy(), self.fed)
-
-    def digest(self) -> bytes:
-        digest: bytes = self.hasher.digest()
-        return digest
-
-
-@dataclass(frozen=True, slots=True)
-class _Rewrite:
-    """A memoised text rewrite: the new text (None: unchanged) and, per group, where it starts in the output,
-    its blocks in sent order, and where each block's rendering ends in the output."""
-
-    text: str | None
-    groups: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
-    reordered: bool
-    choices: tuple[_Choice, ...] = ()  # per group, what meaning allowed and what was done
-    maps: tuple[CitationMap, ...] = ()  # citation mapping: the answer's numbers back to the client's
-
-
-@dataclass(frozen=True, slots=True)
-class _Choice:
-    """One group's format, size, decision and whether its blocks actually moved (for the header and /metrics)."""
-
-    format: str
-    blocks: int
-    decision: Decision
-    moved: bool
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """One request's planning: its options, model and block limit, and what it found."""
-
-    control: Control
-    model: bytes
-    on_loop: OnLoop
-    max_blocks: int
-    tenant: bytes = b""
-    deadline: float | None = None
-    skipped: str | None = None  # why some text was forwarded without (complete) interception
-    commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
-    groups: int = 0
-    blocks: int = 0
-    reordered: bool = False
-    cached: int = 0
-    memo_hits: int = 0
-    predicted_chars: int = 0
-    predictions: list[Prediction] = field(default_factory=list)
-    choices: list[_Choice] = field(default_factory=list)
-    maps: list[CitationMap] = field(default_factory=list)
-
-    def check_blocks(self, more: int) -> None:
-        """413 before planning ``more`` blocks would take the request past ``max_blocks_per_request``."""
-        if self.blocks + more > self.max_blocks:
-            raise PayloadTooLarge(
-                f"the request carries at least {self.blocks + more} retrieved blocks; at most {self.max_blocks} "
-                "are accepted",
-                code="too_many_blocks",
-            )
-
-    def record(self, key: Hashable, blocks: tuple[int, ...], cached: int, ends: Sequence[int], base: int = 0) -> None:
-        """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base)."""
-        self.commits.append((key, blocks))
-        self.groups += 1
-        self.blocks += len(blocks)
-        self.cached += cached
-        if cached:
-            self.predictions.append((key, blocks[:cached]))
-            self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
-
-    def header(self, shared: bool) -> dict[str, Any]:
-        """The ``X-Prefixgate-Result`` fields; with a cache shared across keys, nothing another key can move."""
-        result: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
-        if not shared:
-            result["predicted_cached_blocks"] = self.cached
-            result["predicted_cached_tokens"] = self.predicted_chars // _CHARS_PER_TOKEN
-            result["memo_hits"] = self.memo_hits
-        if self.skipped is not None:
-            result["skipped"] = self.skipped
-        for action, name in (("keep_labels", "kept_labels"), ("leave_alone", "left_alone"), ("map", "mapped")):
-            reasons = Counter(c.decision.reason for c in self.choices if c.decision.action == action)
-            if reasons:
-                result[name] = dict(sorted(reasons.items()))
-        return result
 
 
 class Planner:
@@ -187,7 +85,7 @@ class Planner:
         self.settings = settings
         self.residency = residency
         self.metrics = metrics
-        self._memo: LRUCache[bytes, _Rewrite] = LRUCache(
+        self._memo: LRUCache[bytes, Rewrite] = LRUCache(
             maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
         )
         self._unit_memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)  # whole-block orders
@@ -224,15 +122,15 @@ class Planner:
         ``record=False`` (a routing probe, see ``gateway.router``) counts nothing in the metrics.
         """
         control = parse_control(headers, self.settings)
-        on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else _call
-        outcome = _Outcome(control, bytes(body.top.get("model", b"")), on_loop, self.settings.max_blocks_per_request)
+        on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else call_here
+        outcome = Outcome(control, bytes(body.top.get("model", b"")), on_loop, self.settings.max_blocks_per_request)
         outcome.tenant = (tenant or "").encode()
         outcome.deadline = deadline_in(self.settings.intercept_budget_ms / 1000)  # in the thread that plans
         fields: dict[str, Any] = {}
         answer: AnswerRewriter | None = None
         notes: list[str] = []
         if control.enabled:
-            prefix = _Prefix()
+            prefix = Prefix()
             prefix.update(outcome.tenant + b"\0")
             prefix.update(body.route.encode())
             prefix.update(outcome.model)
@@ -287,7 +185,7 @@ class Planner:
             self.metrics.blocks_reordered.inc()
         self.metrics.predicted_cached_blocks.inc(planned.result.get("predicted_cached_blocks", 0))
 
-    def _count(self, outcome: _Outcome, notes: Sequence[str]) -> None:
+    def _count(self, outcome: Outcome, notes: Sequence[str]) -> None:
         """Groups found, reordered and decided, and blocks found, by format; parts left alone (``/metrics``)."""
         metrics = self.metrics
         for note in notes:
@@ -306,7 +204,7 @@ class Planner:
         """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
         slots = self._slots
         assert slots is not None
-        chosen = _client_slot(body.top, len(slots.slots))
+        chosen = client_slot(body.top, len(slots.slots))
         if chosen is None:
             chosen = slots.choose(planned.commits)
             planned.fields["id_slot"] = chosen
@@ -321,7 +219,7 @@ class Planner:
             self._unit_memo.clear()
 
     def _chat(
-        self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: _Prefix, outcome: _Outcome
+        self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: Prefix, outcome: Outcome
     ) -> None:
         sent: list[msgspec.Raw] | None = None  # the messages as sent, once one of them changes
         control = outcome.control
@@ -357,8 +255,8 @@ class Planner:
     def _parts(
         self,
         parts: list[dict[str, Any]],
-        prefix: _Prefix,
-        outcome: _Outcome,
+        prefix: Prefix,
+        outcome: Outcome,
         contexts: Sequence[tuple[TextScan | None, Others]],
     ) -> list[dict[str, Any]] | None:
         """Rewrite the ``text`` parts of a content list; None when none changed. ``contexts[j]``: part ``j``'s
@@ -376,7 +274,7 @@ class Planner:
                 out[j] = {**part, "text": new}
         return out if changed else None
 
-    def _completions(self, prompt: str | list[Any], fields: dict[str, Any], prefix: _Prefix, outcome: _Outcome) -> None:
+    def _completions(self, prompt: str | list[Any], fields: dict[str, Any], prefix: Prefix, outcome: Outcome) -> None:
         if "completions" not in outcome.control.scope:
             return
         if isinstance(prompt, str):
@@ -390,7 +288,7 @@ class Planner:
                 fields["prompt"] = [new if new is not None else old for new, old in zip(rewritten, prompt, strict=True)]
 
     def _text(
-        self, text: str, prefix: _Prefix, outcome: _Outcome, found: TextScan | None = None, others: Others = NO_OTHERS
+        self, text: str, prefix: Prefix, outcome: Outcome, found: TextScan | None = None, others: Others = NO_OTHERS
     ) -> str | None:
         """Rewrite one text; feed what the engine will see into ``prefix``. None when the text is unchanged."""
         if outcome.skipped == "budget" or len(text) > MAX_TEXT_CHARS:
@@ -418,7 +316,7 @@ class Planner:
                 # the text goes out as it came, and so does every later one (the budget is per request); the
                 # memo remembers it as left alone so that a later turn sends the same bytes again
                 outcome.skipped = "budget"
-                entry, fresh = _Rewrite(None, (), False), []
+                entry, fresh = Rewrite(None, (), False), []
             with self._memo_lock:
                 self._memo[digest] = entry
         else:
@@ -446,7 +344,7 @@ class Planner:
         outcome.maps.extend(entry.maps)
         return entry.text
 
-    def _units(self, units: Sequence[bytes], prefix: _Prefix, outcome: _Outcome) -> tuple[int, ...] | None:
+    def _units(self, units: Sequence[bytes], prefix: Prefix, outcome: Outcome) -> tuple[int, ...] | None:
         """Order a run of whole blocks (documents, search results); feed them into ``prefix`` in that order.
 
         Memoised by the blocks' identities like texts are, so a resent run is sent in the same order."""
@@ -480,19 +378,19 @@ class Planner:
         return [self.residency.index.plan(key, blocks).cached for key, blocks in keys]
 
     def _plan_text(
-        self, text: str, prefix: _Prefix, outcome: _Outcome, others: Others, found: TextScan
-    ) -> tuple[_Rewrite, list[int]]:
+        self, text: str, prefix: Prefix, outcome: Outcome, others: Others, found: TextScan
+    ) -> tuple[Rewrite, list[int]]:
         """Plan every group of a text not seen before; also return each group's predicted cached blocks."""
         control = outcome.control
         # blank-line splits of template contexts may cut one document: keep only boundaries traffic confirmed
         groups = self.boundaries.regroup(text, list(found.groups or ()))
         if not groups:
-            return _Rewrite(None, (), False), []
+            return Rewrite(None, (), False), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))
         decisions = decide(text, groups, others, mapping=control.mapping, own=found.cues)
         edits: list[tuple[BlockGroup, tuple[int, ...], bool]] = []
         metas: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
-        choices: list[_Choice] = []
+        choices: list[Choice] = []
         maps: list[CitationMap] = []
         cached: list[int] = []
         for group, decision in zip(groups, decisions, strict=True):
@@ -503,19 +401,19 @@ class Planner:
             key.update(before.encode("utf-8", "surrogatepass"))
             order, blocks, hits = self._order(outcome, key.digest(), text, group, decision)
             edits.append((group, order, decision.renumbers))
-            metas.append((len(before), blocks, _block_ends(text, group, order, len(before))))
+            metas.append((len(before), blocks, block_ends(text, group, order, len(before))))
             moved = order != tuple(range(len(order)))
-            choices.append(_Choice(group.format, len(group), decision, moved))
+            choices.append(Choice(group.format, len(group), decision, moved))
             if decision.action == "map" and moved:
                 maps.append(citation_map(text, group, order))
             cached.append(hits)
         if not any(choice.moved for choice in choices):
-            return _Rewrite(None, tuple(metas), False, tuple(choices)), cached
+            return Rewrite(None, tuple(metas), False, tuple(choices)), cached
         rewritten = splice_all(text, edits, annotate=control.annotate)
-        return _Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps)), cached
+        return Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps)), cached
 
     def _order(
-        self, outcome: _Outcome, key: bytes, text: str, group: BlockGroup, decision: Decision
+        self, outcome: Outcome, key: bytes, text: str, group: BlockGroup, decision: Decision
     ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """The group's order, its block ids in that order, and the blocks predicted cached.
 
@@ -530,26 +428,3 @@ class Planner:
                 return tuple(range(len(ids))), tuple(ids), 0
         plan = outcome.on_loop(self.residency.index.plan, key, ids)
         return plan.order, plan.blocks, plan.cached
-
-
-def _block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:
-    """Where each block's rendering ends in the output, for blocks in ``order`` from ``start`` (gaps stay put)."""
-    gaps = [len(gap) for gap in group.gaps(text)]
-    ends: list[int] = []
-    position = start
-    for slot, index in enumerate(order):
-        block = group.blocks[index]
-        position += block.end - block.start
-        ends.append(position)
-        if slot < len(gaps):
-            position += gaps[slot]
-    return tuple(ends)
-
-
-def _client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:
-    """A valid ``id_slot`` the client chose itself (kept as is), else None."""
-    raw = top.get("id_slot")
-    if raw is None:
-        return None
-    value = msgspec.json.decode(raw)
-    return value if type(value) is int and 0 <= value < count else None

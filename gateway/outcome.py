@@ -1,0 +1,168 @@
+"""What planning one request produces, piece by piece (``gateway.planner`` drives it).
+
+``Prefix`` is the digest of what the engine sees before a point of the prompt; ``Rewrite`` one memoised text
+rewrite; ``Choice`` what meaning allowed for one group; ``Outcome`` everything found while planning one request,
+and the ``X-Prefixgate-Result`` header made from it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.citations import CitationMap
+from gateway.control import Control
+from gateway.errors import PayloadTooLarge
+from gateway.intercept import BlockGroup
+from gateway.intercept.meaning import Decision
+from gateway.planned import Prediction
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "Choice",
+    "OnLoop",
+    "Outcome",
+    "Prefix",
+    "Rewrite",
+    "block_ends",
+    "call_here",
+    "client_slot",
+]
+
+T = TypeVar("T")
+OnLoop = Callable[..., Any]
+"""Runs ``fn(*args)`` on the event loop: a plain call there, ``anyio.from_thread.run_sync`` from a worker."""
+
+CHARS_PER_TOKEN = 4  # the prediction is in characters; the header also gives it in (estimated) tokens
+
+
+def call_here(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
+class Prefix:
+    """A digest of what the engine sees, fed in prompt order, that also counts how much it was fed."""
+
+    __slots__ = ("fed", "hasher")
+
+    def __init__(self, hasher: Any = None, fed: int = 0) -> None:
+        self.hasher = hasher if hasher is not None else blake2b(digest_size=16)
+        self.fed = fed
+
+    def update(self, data: bytes | msgspec.Raw) -> None:
+        self.hasher.update(data)
+        self.fed += len(data)
+
+    def copy(self) -> Prefix:
+        return Prefix(self.hasher.copy(), self.fed)
+
+    def digest(self) -> bytes:
+        digest: bytes = self.hasher.digest()
+        return digest
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """A memoised text rewrite: the new text (None: unchanged) and, per group, where it starts in the output,
+    its blocks in sent order, and where each block's rendering ends in the output."""
+
+    text: str | None
+    groups: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
+    reordered: bool
+    choices: tuple[Choice, ...] = ()  # per group, what meaning allowed and what was done
+    maps: tuple[CitationMap, ...] = ()  # citation mapping: the answer's numbers back to the client's
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One group's format, size, decision and whether its blocks actually moved (for the header and /metrics)."""
+
+    format: str
+    blocks: int
+    decision: Decision
+    moved: bool
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One request's planning: its options, model and block limit, and what it found."""
+
+    control: Control
+    model: bytes
+    on_loop: OnLoop
+    max_blocks: int
+    tenant: bytes = b""
+    deadline: float | None = None
+    skipped: str | None = None  # why some text was forwarded without (complete) interception
+    commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
+    groups: int = 0
+    blocks: int = 0
+    reordered: bool = False
+    cached: int = 0
+    memo_hits: int = 0
+    predicted_chars: int = 0
+    predictions: list[Prediction] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    maps: list[CitationMap] = field(default_factory=list)
+
+    def check_blocks(self, more: int) -> None:
+        """413 before planning ``more`` blocks would take the request past ``max_blocks_per_request``."""
+        if self.blocks + more > self.max_blocks:
+            raise PayloadTooLarge(
+                f"the request carries at least {self.blocks + more} retrieved blocks; at most {self.max_blocks} "
+                "are accepted",
+                code="too_many_blocks",
+            )
+
+    def record(self, key: Hashable, blocks: tuple[int, ...], cached: int, ends: Sequence[int], base: int = 0) -> None:
+        """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base)."""
+        self.commits.append((key, blocks))
+        self.groups += 1
+        self.blocks += len(blocks)
+        self.cached += cached
+        if cached:
+            self.predictions.append((key, blocks[:cached]))
+            self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
+
+    def header(self, shared: bool) -> dict[str, Any]:
+        """The ``X-Prefixgate-Result`` fields; with a cache shared across keys, nothing another key can move."""
+        result: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
+        if not shared:
+            result["predicted_cached_blocks"] = self.cached
+            result["predicted_cached_tokens"] = self.predicted_chars // CHARS_PER_TOKEN
+            result["memo_hits"] = self.memo_hits
+        if self.skipped is not None:
+            result["skipped"] = self.skipped
+        for action, name in (("keep_labels", "kept_labels"), ("leave_alone", "left_alone"), ("map", "mapped")):
+            reasons = Counter(c.decision.reason for c in self.choices if c.decision.action == action)
+            if reasons:
+                result[name] = dict(sorted(reasons.items()))
+        return result
+
+
+def block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:
+    """Where each block's rendering ends in the output, for blocks in ``order`` from ``start`` (gaps stay put)."""
+    gaps = [len(gap) for gap in group.gaps(text)]
+    ends: list[int] = []
+    position = start
+    for slot, index in enumerate(order):
+        block = group.blocks[index]
+        position += block.end - block.start
+        ends.append(position)
+        if slot < len(gaps):
+            position += gaps[slot]
+    return tuple(ends)
+
+
+def client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:
+    """A valid ``id_slot`` the client chose itself (kept as is), else None."""
+    raw = top.get("id_slot")
+    if raw is None:
+        return None
+    value = msgspec.json.decode(raw)
+    return value if type(value) is int and 0 <= value < count else None
