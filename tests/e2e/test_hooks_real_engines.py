@@ -66,7 +66,7 @@ def test_the_gateway_forgets_what_the_hook_reports() -> None:
         ids = planned["request_ids"]
 
         def index_size() -> int:
-            stats: int = httpx.get(f"{base}/stats").json()["index_stats"]["num_requests"]
+            stats: int = httpx.get(f"{base}/stats", headers=auth).json()["index_stats"]["num_requests"]
             return stats
 
         assert index_size() == 2
