@@ -383,7 +383,7 @@ class Planner:
         """Plan every group of a text not seen before; also return each group's predicted cached blocks."""
         control = outcome.control
         # blank-line splits of template contexts may cut one document: keep only boundaries traffic confirmed
-        groups = self.boundaries.regroup(text, list(found.groups or ()))
+        groups = self.boundaries.regroup(text, list(found.groups or ()), outcome.tenant)
         if not groups:
             return Rewrite(None, (), False), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))

@@ -69,23 +69,26 @@ class Boundaries:
         with self._lock:
             self._seen.clear()
 
-    def regroup(self, text: str, groups: list[BlockGroup]) -> list[BlockGroup]:
-        """Replace each ``:paragraphs`` group by its learned grouping (or drop it); keep every other group."""
+    def regroup(self, text: str, groups: list[BlockGroup], tenant: bytes = b"") -> list[BlockGroup]:
+        """Replace each ``:paragraphs`` group by its learned grouping (or drop it); keep every other group.
+
+        ``tenant``: the client key's namespace when planning state is per key: what one key's traffic
+        confirmed never splits another key's documents (that would tell it which chunks others sent)."""
         out: list[BlockGroup] = []
         for group in groups:
             if not group.label.endswith(_SUFFIX):
                 out.append(group)
-            elif (learned := self.learn(text, group)) is not None:
+            elif (learned := self.learn(text, group, tenant)) is not None:
                 out.append(learned)
         return out
 
-    def learn(self, text: str, group: BlockGroup) -> BlockGroup | None:
+    def learn(self, text: str, group: BlockGroup, tenant: bytes = b"") -> BlockGroup | None:
         """Decide ``group``'s documents from earlier traffic, then record what this request shows.
 
         Returns the group with one block per run of paragraphs between confirmed boundaries (label
         ``<template>:learned``), or None when no boundary is confirmed yet.
         """
-        slot = _slot(text, group)
+        slot = _slot(text, group, tenant)
         keys = [
             blake2b(block.key(text).encode("utf-8", "surrogatepass"), digest_size=16, key=slot).digest()
             for block in group.blocks
@@ -131,13 +134,13 @@ def _parted(left: _Seen | None, right: _Seen | None, left_id: int, right_id: int
     return (left.other_after or left.after != right_id) and (right.other_before or right.before != left_id)
 
 
-def _slot(text: str, group: BlockGroup) -> bytes:
-    """The template slot: its name and the text before its context, without a query placed before it."""
+def _slot(text: str, group: BlockGroup, tenant: bytes = b"") -> bytes:
+    """The template slot: its tenant, name and the text before its context, without a query placed before it."""
     name = group.label[: -len(_SUFFIX)]
     before = text[: group.start]
     fixed = _QUERY_AFTER.get(name)
     if fixed is not None and (cut := before.find(fixed)) >= 0:
         before = before[: cut + len(fixed)]
-    digest = blake2b(f"{group.format}|{name}|".encode(), digest_size=16)
+    digest = blake2b(tenant + b"\0" + f"{group.format}|{name}|".encode(), digest_size=16)
     digest.update(before.encode("utf-8", "surrogatepass"))
     return digest.digest()

@@ -97,6 +97,16 @@ def test_slots_do_not_share_knowledge_and_memory_is_bounded() -> None:
     assert len(learned(other, prompt([A, B], "again?"))) == 1
 
 
+def test_one_tenants_traffic_never_splits_another_tenants_documents() -> None:
+    boundaries = Boundaries()
+    for tenant in (b"k1", b"k1"):
+        text = prompt([A, B, C]) if not len(boundaries) else prompt([C, D, B, A], "other?")
+        boundaries.regroup(text, find_groups(text, "template"), tenant)
+    text = prompt([B, A, C, D])
+    assert boundaries.regroup(text, find_groups(text, "template"), b"k2") == []  # k2 learned nothing yet
+    assert len(boundaries.regroup(text, find_groups(text, "template"), b"k1")) == 1
+
+
 def test_other_groups_pass_through() -> None:
     text = "<documents>\n<document>one</document>\n<document>two</document>\n</documents>"
     groups = find_groups(text)
