@@ -89,7 +89,8 @@ def test_gateway_down_never_blocks_the_engine_and_recovers() -> None:
         for i in range(10_000):
             sender.report([f"req-{i}"])
         elapsed = time.perf_counter() - started
-        assert elapsed < 0.05, f"10,000 reports took {elapsed * 1000:.1f} ms"
+        # queueing costs microseconds each; a report that tried the network would cost a connect attempt each
+        assert elapsed < 0.3, f"10,000 reports took {elapsed * 1000:.1f} ms"
         time.sleep(0.2)
         assert sender.stats["failed_posts"] >= 1
         with collector(port=port) as gateway:  # the gateway comes (back) up on the same address
@@ -121,13 +122,13 @@ def test_close_is_bounded_while_the_gateway_is_down() -> None:
 
 def test_a_slow_gateway_does_not_slow_reporting() -> None:
     with collector() as gateway, reporter(gateway.url) as sender:
-        gateway.delay_s = 0.3
+        gateway.delay_s = 1.0
         sender.report(["req-0"])
         time.sleep(0.05)  # the sender is now waiting on the slow POST
         started = time.perf_counter()
         for i in range(1, 1000):
             sender.report([f"req-{i}"])
-        assert time.perf_counter() - started < 0.05
+        assert time.perf_counter() - started < 0.5  # a report that waited for the POST would take ~1 s
         assert sender.flush(10)
         assert len(gateway.ids) == 1000
 

@@ -140,8 +140,9 @@ def test_twenty_kilobytes_tokenise_quickly() -> None:
     tok._text_memo.clear()  # measure the tokenizer, not the whole-text memo
     best = float("inf")
     for text in texts:
-        start = time.perf_counter()
+        start = time.thread_time()  # CPU time: preemption on a busy machine does not count
         tok._encode(text)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     assert len(tok.encode(texts[0])) > 3000
-    assert best < 0.005, f"20 KB took {best * 1e3:.2f} ms"
+    # ~1 ms on a quiet machine; a per-character Python loop over 20 KB would take tens of ms
+    assert best < 0.01, f"20 KB took {best * 1e3:.2f} ms"
