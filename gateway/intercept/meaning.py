@@ -39,7 +39,7 @@ from typing import Literal
 
 from gateway.intercept.groups import BlockGroup
 
-__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "decide", "decide_request", "scan"]
+__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "dated_in_order", "decide", "decide_request", "scan"]
 
 Action = Literal["renumber", "keep_labels", "map", "leave_alone"]
 Cue = tuple[str, int]
@@ -317,9 +317,14 @@ def _date_key(text: str) -> tuple[str, tuple[int, ...]] | None:
 
 def chronological(text: str, group: BlockGroup) -> bool:
     """Whether every block starts with a date of one kind and the dates run in one direction (not all equal)."""
+    return dated_in_order(text[block.start : min(block.end, block.start + _DATE_WINDOW)] for block in group.blocks)
+
+
+def dated_in_order(heads: Iterable[str]) -> bool:
+    """Whether every head (a block's first characters) holds a date of one kind and they run in one direction."""
     keys = []
-    for block in group.blocks:
-        key = _date_key(text[block.start : min(block.end, block.start + _DATE_WINDOW)])
+    for head in heads:
+        key = _date_key(head)
         if key is None:
             return False  # most groups stop at their first block
         keys.append(key)
