@@ -92,7 +92,10 @@ def test_a_question_in_a_later_turn_stops_the_documents_moving_and_the_memo_does
     content = request["messages"][0]["content"]
 
     def turn(question: str) -> tuple[bytes, dict[str, Any]]:
-        body = {**request, "messages": [{"role": "user", "content": [*content[:-1], {"type": "text", "text": question}]}]}
+        body = {
+            **request,
+            "messages": [{"role": "user", "content": [*content[:-1], {"type": "text", "text": question}]}],
+        }
         return run(planner, "/v1/messages", msgspec.json.encode(body))
 
     first, result1 = turn("Which landmark is in Spain?")
