@@ -17,7 +17,8 @@ prefix that turn 1 cached still matches. The memo also remembers texts it left a
 
 Meaning: whether a group may be renumbered, must keep its labels or is left alone depends on every text of the
 request (a question that names ``source [3]``, a prompt that asks to cite by number); see
-:mod:`gateway.intercept.meaning`. The cues of the *other* texts are part of the memo key.
+:mod:`gateway.intercept.meaning`, and for runs of whole blocks :mod:`gateway.apis.units`. The cues of the *other*
+texts are part of the memo key. Messages and Responses bodies are walked twice: once to read every text, once to plan.
 
 Threads: the live index and the slot table have a single writer, the event loop. A big prompt is planned in a
 worker thread (``plan(..., in_thread=True)``); its index reads and its slot choice then run on the event loop
