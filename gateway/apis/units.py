@@ -37,15 +37,18 @@ from gateway.outcome import Choice, Outcome, Prefix
 from gateway.residency import Residency
 from scheduler.blocks import block_id
 
-__all__ = ["UnitOrders", "decide_run"]
+__all__ = ["UnitOrders", "decide_run", "run_facts"]
 
 _HEAD = 240  # the characters of a block read for a date, as for text blocks
 _IDS = ("title", "file_id", "filename")
 _decoder = msgspec.json.Decoder()
 
 
-def decide_run(units: Sequence[bytes], others: Others, first: int = 0) -> Decision:
-    """Whether the run ``units`` (blocks ``first`` .. ``first + len(units) - 1`` of their type) may move."""
+def decide_run(
+    units: Sequence[bytes], others: Others, first: int = 0, facts: tuple[bool, bool] | None = None
+) -> Decision:
+    """Whether the run ``units`` (blocks ``first`` .. ``first + len(units) - 1`` of their type) may move;
+    ``facts``: the run's :func:`run_facts`, when the caller remembers them."""
     kinds = {kind for kind, _ in others.cues}
     if "ranked" in kinds:
         return Decision("leave_alone", "ranked")
@@ -53,12 +56,18 @@ def decide_run(units: Sequence[bytes], others: Others, first: int = 0) -> Decisi
         return Decision("leave_alone", "chronological")
     if "pos" in kinds or any(kind == "num" and value <= first + len(units) for kind, value in others.cues):
         return Decision("leave_alone", "referenced")
-    blocks = [_decoded(unit) for unit in units]
-    if dated_in_order(_head(block) for block in blocks):
+    dated, named = facts if facts is not None else run_facts(units)
+    if dated:
         return Decision("leave_alone", "chronological")
-    if "cite" in kinds or ("cite_id" in kinds and not all(_named(block) for block in blocks)):
+    if "cite" in kinds or ("cite_id" in kinds and not named):
         return Decision("leave_alone", "cite_by_position")
     return Decision("renumber")
+
+
+def run_facts(units: Sequence[bytes]) -> tuple[bool, bool]:
+    """What the blocks themselves say: whether they open with dates in order, whether every one names itself."""
+    blocks = [_decoded(unit) for unit in units]
+    return dated_in_order(_head(block) for block in blocks), all(_named(block) for block in blocks)
 
 
 def _decoded(unit: bytes) -> dict[str, Any]:
@@ -94,11 +103,13 @@ class UnitOrders:
     def __init__(self, residency: Residency) -> None:
         self.residency = residency
         self._memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)
+        self._facts: LRUCache[bytes, tuple[bool, bool]] = LRUCache(maxsize=1 << 16)  # run_facts, by the blocks
         self._lock = threading.Lock()
 
     def clear(self) -> None:
         with self._lock:
             self._memo.clear()
+            self._facts.clear()
 
     def plan(
         self, units: Sequence[bytes], prefix: Prefix, outcome: Outcome, others: Others, *, form: str, first: int
@@ -111,20 +122,27 @@ class UnitOrders:
         outcome.check_blocks(len(units))
         ids = [block_id(unit) for unit in units]
         key = prefix.digest()
-        decision = decide_run(units, others, first)
+        digest = blake2b(b"".join(i.to_bytes(8, "big") for i in ids), digest_size=16, key=outcome.model[:64])
+        digest.update(b"\0" + outcome.tenant)  # one key's memo hits never tell what another key sent
+        memo_key = digest.digest()
+        with self._lock:
+            facts = self._facts.get(memo_key)
+        if facts is None:
+            facts = run_facts(units)
+            with self._lock:
+                self._facts[memo_key] = facts
+        decision = decide_run(units, others, first, facts)
         if not decision.moves:
             order: tuple[int, ...] = tuple(range(len(units)))
             cached = 0  # a run that stays in place predicts nothing: the index's order is not the one sent
         else:
-            digest = blake2b(b"".join(i.to_bytes(8, "big") for i in ids), digest_size=16, key=outcome.model[:64])
-            digest.update(b"\0" + outcome.tenant)  # one key's memo hits never tell what another key sent
             with self._lock:
-                memo = self._memo.get(digest.digest())
+                memo = self._memo.get(memo_key)
             if memo is None:
                 plan = outcome.on_loop(self.residency.index.plan, key, ids)
                 order, cached = plan.order, plan.cached
                 with self._lock:
-                    self._memo[digest.digest()] = order
+                    self._memo[memo_key] = order
             else:
                 order = memo
                 outcome.memo_hits += 1
