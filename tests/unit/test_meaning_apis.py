@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.apis.units import decide_run
 from gateway.intercept.meaning import Decision, RequestCues, scan
@@ -147,3 +149,53 @@ def test_search_results_dated_in_order_stay_in_order() -> None:
     assert decide_run(dated, cues_of("What changed?")) == Decision("leave_alone", "chronological")
     shuffled = [dated[1], dated[0], dated[2]]
     assert decide_run(shuffled, cues_of("What changed?")) == Decision("renumber")
+
+
+def test_past_the_budget_no_run_moves() -> None:
+    """The texts could not all be read: nothing is known to be safe, so the documents go out as sent."""
+    settings = load_settings(environ={}, intercept_budget_ms=0.000001)
+    planner = Planner(settings, Residency(max_requests=100, stateless=False), Metrics())
+    request = dict(CASES["control_msg_documents"]["request"])
+    request["system"] = "Sources:\n" + "\n".join(f"[{i}] Landmark note {i} " + "word " * 400 for i in range(1, 5))
+    body = msgspec.json.encode(request)
+    sent, result = run(planner, "/v1/messages", body)
+    assert result["skipped"] == "budget" and sent == body
+
+
+_ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth"]
+_WORDS = ["tower", "bell", "river", "bridge", "castle", "museum", "harbour", "garden", "market", "library"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    words=st.lists(st.lists(st.sampled_from(_WORDS), min_size=6, max_size=12), min_size=2, max_size=6, unique_by=tuple),
+    place=st.sampled_from(["question", "system", "assistant", "later_turn", "tool_result"]),
+    data=st.data(),
+)
+def test_any_document_named_anywhere_in_a_messages_request_keeps_every_block_in_place(
+    words: list[list[str]], place: str, data: Any
+) -> None:
+    docs = [{"type": "document", "source": {"type": "text", "media_type": "text/plain",
+             "data": " ".join(ws).capitalize() + "."}} for ws in words]  # fmt: skip
+    k = data.draw(st.integers(1, len(docs)))
+    reference = data.draw(st.sampled_from([f"What does document {k} say?", f"Summarize the {_ORDINALS[k - 1]} "
+                                           "document only.", f"Is [{k}] right?", "Compare the last two documents."]))  # fmt: skip
+    question = reference if place == "question" else "Which one is about water?"
+    request: dict[str, Any] = {"model": "m", "max_tokens": 8, "system": reference if place == "system" else "Hi."}
+    if place == "tool_result":
+        tool = {"type": "tool_result", "tool_use_id": "t", "content": docs}
+        turn = [{"role": "user", "content": [tool, {"type": "text", "text": question}]}]
+        request["messages"] = [{"role": "user", "content": "Search."},
+                               {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "s",
+                                                                  "input": {}}]}, *turn]  # fmt: skip
+        request["system"] = reference
+    else:
+        request["messages"] = [{"role": "user", "content": [*docs, {"type": "text", "text": question}]}]
+    if place in ("assistant", "later_turn"):
+        said = reference if place == "assistant" else "Here is what I found."
+        asked = reference if place == "later_turn" else "Go on."
+        request["messages"] += [{"role": "assistant", "content": said}, {"role": "user", "content": asked}]
+    body = msgspec.json.encode(request)
+    sent, result = plan("/v1/messages", body)
+    assert sent == body
+    assert result["left_alone"] == {"referenced": 1}
