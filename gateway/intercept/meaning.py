@@ -260,11 +260,13 @@ def _sentence_end(text: str, at: int) -> int:
     return match.start() if match is not None else min(len(text), at + 200)
 
 
-def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = ()) -> TextCues:
+def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = (), holds: bool = True) -> TextCues:
     """Return the cues of one text (see the module docstring); ``labels`` also records line-start labels.
 
     ``skip`` lists sorted, disjoint spans not to read (the text's own block groups: what a document says is not
-    an instruction about the documents, and skipping them keeps the scan to the prompt's own words).
+    an instruction about the documents, and skipping them keeps the scan to the prompt's own words). ``holds``:
+    whether the text may hold blocks of its own; when not (an assistant answer, a text out of scope), a line-start
+    ``[2]`` or ``Document 2:`` labels nothing there, so it names a block of another text (``num``).
     """
     lower = text.translate(_ASCII_LOWER)  # the patterns are lowercase: a third of the cost of IGNORECASE
 
@@ -285,7 +287,7 @@ def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = (
         for match in finditer(pattern):
             if any(start <= match.start() < end for start, end in instructions):
                 continue  # "cite them as [1], [2]": examples of the format, not references
-            is_label = _line_start_label(text, match.start(), match.end())
+            is_label = holds and _line_start_label(text, match.start(), match.end())
             if is_label and not labels:
                 continue
             kind = "label" if is_label else "num"
