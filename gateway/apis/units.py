@@ -7,7 +7,8 @@ Anthropic's ``document_index`` counts, and what a reader means by "document 3").
 request (:class:`~gateway.intercept.meaning.Others`), a run is left alone when
 
 - a text calls the order meaningful ("ranked by relevance", "newest first": ``ranked`` / ``chronological``), or
-  the blocks themselves open with dates that run in one direction (``chronological``);
+  the blocks themselves open with dates that run in one direction (``chronological``) or like steps ("Step 1",
+  "First, ... Then, ...": ``steps``);
 - a text refers to a block by position ("the second document", "the top result") or by a number up to the run's
   last position ("What does document 3 say?", "see result [2]"; the number counts blocks from 1, or 0: both are
   taken, as the reader's count cannot be known): ``referenced``;
@@ -32,7 +33,7 @@ from typing import Any
 import msgspec
 from cachetools import LRUCache
 
-from gateway.intercept.meaning import Decision, Others, dated_in_order
+from gateway.intercept.meaning import Decision, Others, dated_in_order, read_as_steps
 from gateway.outcome import Choice, Outcome, Prefix
 from gateway.residency import Residency
 from scheduler.blocks import block_id
@@ -45,7 +46,7 @@ _decoder = msgspec.json.Decoder()
 
 
 def decide_run(
-    units: Sequence[bytes], others: Others, first: int = 0, facts: tuple[bool, bool] | None = None
+    units: Sequence[bytes], others: Others, first: int = 0, facts: tuple[bool, bool, bool] | None = None
 ) -> Decision:
     """Whether the run ``units`` (blocks ``first`` .. ``first + len(units) - 1`` of their type) may move;
     ``facts``: the run's :func:`run_facts`, when the caller remembers them."""
@@ -56,18 +57,24 @@ def decide_run(
         return Decision("leave_alone", "chronological")
     if "pos" in kinds or any(kind == "num" and value <= first + len(units) for kind, value in others.cues):
         return Decision("leave_alone", "referenced")
-    dated, named = facts if facts is not None else run_facts(units)
+    dated, stepped, named = facts if facts is not None else run_facts(units)
     if dated:
         return Decision("leave_alone", "chronological")
+    if stepped:
+        return Decision("leave_alone", "steps")
     if "cite" in kinds or ("cite_id" in kinds and not named):
         return Decision("leave_alone", "cite_by_position")
     return Decision("renumber")
 
 
-def run_facts(units: Sequence[bytes]) -> tuple[bool, bool]:
-    """What the blocks themselves say: whether they open with dates in order, whether every one names itself."""
+def run_facts(units: Sequence[bytes]) -> tuple[bool, bool, bool]:
+    """What the blocks themselves say: whether they open with dates in order, whether they open like steps (by
+    their titles or their texts), and whether every one names itself."""
     blocks = [_decoded(unit) for unit in units]
-    return dated_in_order(_head(block) for block in blocks), all(_named(block) for block in blocks)
+    parts = [_parts(block) for block in blocks]
+    dated = dated_in_order(f"{title}\n{body}"[:_HEAD] for title, body in parts)
+    stepped = read_as_steps([(body, 0) for _, body in parts]) or read_as_steps([(title, 0) for title, _ in parts])
+    return dated, stepped, all(_named(block) for block in blocks)
 
 
 def _decoded(unit: bytes) -> dict[str, Any]:
@@ -78,7 +85,7 @@ def _decoded(unit: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _head(block: dict[str, Any]) -> str:
+def _parts(block: dict[str, Any]) -> tuple[str, str]:
     """The block's title and first characters (a document's source, a search result's or file result's text)."""
     source = block.get("source")
     body: Any = None
@@ -88,8 +95,7 @@ def _head(block: dict[str, Any]) -> str:
     if isinstance(body, list):
         body = next((b.get("text") for b in body if isinstance(b, dict) and isinstance(b.get("text"), str)), "")
     title = block.get("title")
-    head = (title + "\n" if isinstance(title, str) else "") + (body if isinstance(body, str) else "")
-    return head[:_HEAD]
+    return (title[:_HEAD] if isinstance(title, str) else ""), (body[:_HEAD] if isinstance(body, str) else "")
 
 
 def _named(block: dict[str, Any]) -> bool:
@@ -103,7 +109,7 @@ class UnitOrders:
     def __init__(self, residency: Residency) -> None:
         self.residency = residency
         self._memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)
-        self._facts: LRUCache[bytes, tuple[bool, bool]] = LRUCache(maxsize=1 << 16)  # run_facts, by the blocks
+        self._facts: LRUCache[bytes, tuple[bool, bool, bool]] = LRUCache(maxsize=1 << 16)  # run_facts, by the blocks
         self._lock = threading.Lock()
 
     def clear(self) -> None:

@@ -39,7 +39,8 @@ from typing import Literal
 
 from gateway.intercept.groups import BlockGroup
 
-__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "dated_in_order", "decide", "decide_request", "scan"]
+__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "dated_in_order", "decide", "decide_request",
+           "read_as_steps", "scan"]  # fmt: skip
 
 Action = Literal["renumber", "keep_labels", "map", "leave_alone"]
 Cue = tuple[str, int]
@@ -341,12 +342,17 @@ def dated_in_order(heads: Iterable[str]) -> bool:
 
 def steps(text: str, group: BlockGroup, floor: int = 0) -> bool:
     """Whether the group reads as ordered steps: its blocks open like steps, or the text just before says so."""
-    openings = sum(_STEP_START.match(text, block.content_start) is not None for block in group.blocks)
-    if openings >= max(2, len(group) - 1):
+    if read_as_steps([(text, block.content_start) for block in group.blocks]):
         return True
     # the two lines just before the group introduce it; an instruction further up is about the answer
     start = text.rfind("\n", floor, max(floor, text.rfind("\n", floor, max(floor, group.start - 1))))
     return _STEPS_LEAD.search(text, max(floor, start, group.start - _LEAD_WINDOW), group.start) is not None
+
+
+def read_as_steps(starts: Sequence[tuple[str, int]]) -> bool:
+    """Whether blocks (each a text and where its content starts) open like steps: all, or all but one."""
+    openings = sum(_STEP_START.match(text, at) is not None for text, at in starts)
+    return openings >= max(2, len(starts) - 1)
 
 
 def decide(
