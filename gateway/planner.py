@@ -17,7 +17,8 @@ prefix that turn 1 cached still matches. The memo also remembers texts it left a
 
 Meaning: whether a group may be renumbered, must keep its labels or is left alone depends on every text of the
 request (a question that names ``source [3]``, a prompt that asks to cite by number); see
-:mod:`gateway.intercept.meaning`. The cues of the *other* texts are part of the memo key.
+:mod:`gateway.intercept.meaning`, and for runs of whole blocks :mod:`gateway.apis.units`. The cues of the *other*
+texts are part of the memo key. Messages and Responses bodies are walked twice: once to read every text, once to plan.
 
 Threads: the live index and the slot table have a single writer, the event loop. A big prompt is planned in a
 worker thread (``plan(..., in_thread=True)``); its index reads and its slot choice then run on the event loop
@@ -28,7 +29,7 @@ by a lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from hashlib import blake2b
 from typing import Any
 
@@ -37,7 +38,9 @@ import msgspec
 from cachetools import LRUCache
 
 from engines.llamacpp.slots import SlotTable
-from gateway.apis import SHAPES, AnswerRewriter, ScopedWalker
+from gateway.apis import SHAPES, AnswerRewriter, ScopedWalker, Shape
+from gateway.apis.units import UnitOrders
+from gateway.apis.walk import Reader
 from gateway.citations import CitationMap, CitationRewriter, citation_map
 from gateway.control import parse_control
 from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, splice_all
@@ -88,7 +91,8 @@ class Planner:
         self._memo: LRUCache[bytes, Rewrite] = LRUCache(
             maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
         )
-        self._unit_memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)  # whole-block orders
+        self._units = UnitOrders(residency)  # whole-block runs (documents, search results)
+        residency.on_reset(self._units.clear)
         self._memo_lock = threading.Lock()
         self._scans = scans if scans is not None else TextScans(scan_units)  # replicas share one
         residency.on_reset(self._clear_memo)
@@ -140,15 +144,7 @@ class Planner:
             elif body.prompt is not None:
                 self._completions(body.prompt, fields, prefix, outcome)
             elif (shape := SHAPES.get(body.route)) is not None:
-                walker = ScopedWalker(
-                    prefix.update,
-                    lambda text: self._text(text, prefix, outcome),
-                    lambda units: self._units(units, prefix, outcome),
-                    outcome.control.scope,
-                )
-                walked = shape.plan(body.top, body.raw, walker)
-                fields.update(walked.fields)
-                answer, notes = walked.answer, walked.notes
+                answer, notes = self._shaped(shape, body, fields, prefix, outcome)
             result = outcome.header(shared=self.settings.shared_cache and bool(self.settings.api_key))
             for note in notes:  # a part of the request the walk left alone, and why (with the groups' reasons)
                 left = result.setdefault("left_alone", {})
@@ -216,20 +212,48 @@ class Planner:
     def _clear_memo(self) -> None:
         with self._memo_lock:
             self._memo.clear()
-            self._unit_memo.clear()
+
+    def _read(
+        self, texts: Iterable[tuple[Hashable, str, bool]], outcome: Outcome
+    ) -> tuple[dict[Hashable, TextScan], RequestCues]:
+        """Scan every text of a request (key, text, whether its groups are looked for) and gather their cues."""
+        try:
+            scans = {key: self._scans.get(text, outcome.control, in_scope and len(text) <= MAX_TEXT_CHARS,
+                                          outcome.deadline) for key, text, in_scope in texts}  # fmt: skip
+        except BudgetExceeded:
+            outcome.skipped, scans = "budget", {}  # every text goes out as it came (see ``_text``)
+        return scans, RequestCues((key, found.cues) for key, found in scans.items())
+
+    def _shaped(
+        self, shape: Shape, body: RequestBody, fields: dict[str, Any], prefix: Prefix, outcome: Outcome
+    ) -> tuple[AnswerRewriter | None, list[str]]:
+        """Messages and Responses: read every text first (a ``Reader`` walk), then plan each text and run of whole
+        blocks with the cues of the others (see ``gateway.apis.walk``)."""
+        reader = Reader(outcome.control.scope)
+        shape.plan(body.top, body.raw, reader)
+        scans, cues = self._read(((i, text, in_scope) for i, (text, in_scope) in enumerate(reader.texts)), outcome)
+
+        def text(value: str, key: int) -> str | None:
+            found = scans.get(key)
+            if found is not None and reader.texts[key][0] != value:  # never splice another text's groups
+                found = None
+            return self._text(value, prefix, outcome, found, cues.others(key))
+
+        def units(values: Sequence[bytes], form: str, first: int) -> tuple[int, ...] | None:
+            return self._units.plan(values, prefix, outcome, cues.others(None), form=form, first=first)
+
+        walked = shape.plan(body.top, body.raw, ScopedWalker(prefix.update, text, units, outcome.control.scope))
+        fields.update(walked.fields)
+        return walked.answer, walked.notes
 
     def _chat(
         self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: Prefix, outcome: Outcome
     ) -> None:
         sent: list[msgspec.Raw] | None = None  # the messages as sent, once one of them changes
-        control = outcome.control
-        try:
-            scans = {key: self._scans.get(text, control, _ROLES.get(role.lower()) in control.scope
-                                          and len(text) <= MAX_TEXT_CHARS, outcome.deadline)
-                     for key, role, text in chat_texts(messages)}  # fmt: skip
-        except BudgetExceeded:
-            outcome.skipped, scans = "budget", {}  # every text goes out as it came (see ``_text``)
-        cues = RequestCues((key, found.cues) for key, found in scans.items())
+        scope = outcome.control.scope
+        scans, cues = self._read(
+            ((k, t, _ROLES.get(role.lower()) in scope) for k, role, t in chat_texts(messages)), outcome
+        )
         for i, message in enumerate(messages):
             kind = _ROLES.get(message.role.lower())
             content = message.content
@@ -343,35 +367,6 @@ class Planner:
         outcome.choices.extend(entry.choices)
         outcome.maps.extend(entry.maps)
         return entry.text
-
-    def _units(self, units: Sequence[bytes], prefix: Prefix, outcome: Outcome) -> tuple[int, ...] | None:
-        """Order a run of whole blocks (documents, search results); feed them into ``prefix`` in that order.
-
-        Memoised by the blocks' identities like texts are, so a resent run is sent in the same order."""
-        outcome.check_blocks(len(units))
-        ids = [block_id(unit) for unit in units]
-        digest = blake2b(b"".join(i.to_bytes(8, "big") for i in ids), digest_size=16, key=outcome.model[:64])
-        digest.update(b"\0" + outcome.tenant)  # one key's memo hits never tell what another key sent
-        key = prefix.digest()
-        with self._memo_lock:
-            order = self._unit_memo.get(digest.digest())
-        if order is None:
-            plan = outcome.on_loop(self.residency.index.plan, key, ids)
-            order, cached = plan.order, plan.cached
-            with self._memo_lock:
-                self._unit_memo[digest.digest()] = order
-        else:
-            outcome.memo_hits += 1
-            cached = outcome.on_loop(self._cached_counts, [(key, tuple(ids[i] for i in order))])[0]
-        ends = []
-        for index in order:
-            prefix.update(units[index])
-            ends.append(prefix.fed)
-        outcome.record(key, tuple(ids[i] for i in order), cached, ends)
-        if list(order) == list(range(len(order))):
-            return None
-        outcome.reordered = True
-        return order
 
     def _cached_counts(self, keys: Sequence[Prediction]) -> list[int]:
         """How many leading blocks of each group the index predicts cached (on the event loop)."""

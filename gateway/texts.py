@@ -53,7 +53,8 @@ class TextScans:
             found = self._memo.get(key)
         if found is None:
             groups = tuple(groups_in(text, control, deadline)) if in_scope else None
-            cues = scan(text, labels=control.mapping, skip=[(group.start, group.end) for group in groups or ()])
+            skip = [(group.start, group.end) for group in groups or ()]
+            cues = scan(text, labels=control.mapping, skip=skip, holds=in_scope)  # out of scope: labels nothing
             if control.mapping:
                 cues = cues.with_labels(groups or ())
             found = TextScan(key, groups, cues)

@@ -9,6 +9,11 @@ moves and ends a run, so each cache breakpoint still covers the same set of bloc
 touched. Only the fields that change are re-encoded (``msgspec.Raw`` everywhere else): ``cache_control``,
 ``citations`` settings, images, titles and unknown fields keep their bytes.
 
+Meaning: every text of the request is read first, assistant turns included (see ``gateway.apis.walk``), and a
+run of whole blocks moves only when nothing refers to its blocks by position ("the second document", "document
+3", "[2]"), asks to cite by number in the text, or calls their order meaningful (ranked, chronological, or blocks
+dated in order): see ``gateway.apis.units``. The model's own structured citations need no such care:
+
 Citations name blocks by position, so moved blocks get a ``CitationMap`` that puts the answer's indices back in
 the client's order (every answer, whether or not citations were asked for). Citations the client sends back (an
 earlier answer resent in an assistant turn) are mapped the other way, to the positions the engine is sent, so a
@@ -22,7 +27,16 @@ from typing import Any
 import msgspec
 
 from gateway.apis.citations import CitationMap
-from gateway.apis.walk import Planned, Walker, as_list, as_object, as_text_or_list, feed_other, with_fields
+from gateway.apis.walk import (
+    Planned,
+    Walker,
+    as_list,
+    as_object,
+    as_text_or_list,
+    feed_other,
+    read_texts,
+    with_fields,
+)
 from gateway.errors import GatewayError
 
 __all__ = ["MessagesView", "error_body", "normalize_upstream_error", "plan", "stream_error"]
@@ -60,6 +74,8 @@ def plan(top: dict[str, msgspec.Raw], body: bytes, walker: Walker) -> Planned:
         message = as_object(raw) or {}
         role = _decoder.decode(message["role"]) if "role" in message else None
         if role != "user" or "content" not in message:
+            if "content" in message:
+                read_texts(walker, message["content"])  # an earlier answer may name a document by number
             walker.feed(bytes(raw))
             continue
         feed_other(walker, message, "content")
@@ -128,7 +144,7 @@ class _Walk:
         start, end = span
         base = self.counts[unit]
         self.counts[unit] += end - start
-        order = self.walker.units([bytes(raw) for raw in raws[start:end]], kind)
+        order = self.walker.units([bytes(raw) for raw in raws[start:end]], kind, unit, base)
         if order is None:
             return False
         out[start:end] = [raws[start + index] for index in order]

@@ -3,8 +3,10 @@
 Texts planned like chat messages: ``instructions``, ``input`` as a string, ``input_text`` parts and string contents
 of ``system``/``developer``/``user`` message items, and ``function_call_output`` outputs (a string or ``input_text``
 parts: tool results). Whole blocks permuted: the ``results`` of a ``file_search_call`` item (each result is a unit;
-answers cite files by id, not by position). Assistant items, function calls, reasoning and unknown items pass as they
-are; only changed fields are re-encoded.
+answers cite files by id, not by position; a run moves only when no text of the request refers to a result by
+position or number, nor calls the order meaningful: ``gateway.apis.units``). Assistant items are read for such
+references (every text is read first, see ``gateway.apis.walk``); they, function calls, reasoning and unknown
+items pass as they are; only changed fields are re-encoded.
 
 A request with ``previous_response_id`` continues a conversation the engine stored: what precedes the new input is
 not in the request, so no prefix key can describe it. Such requests are left alone, and the result header says so.
@@ -16,7 +18,16 @@ from typing import Any
 
 import msgspec
 
-from gateway.apis.walk import Planned, Walker, as_list, as_object, as_text_or_list, feed_other, with_fields
+from gateway.apis.walk import (
+    Planned,
+    Walker,
+    as_list,
+    as_object,
+    as_text_or_list,
+    feed_other,
+    read_texts,
+    with_fields,
+)
 from gateway.errors import GatewayError
 
 __all__ = ["ResponsesView", "plan", "stream_error"]
@@ -58,8 +69,9 @@ def plan(top: dict[str, msgspec.Raw], body: bytes, walker: Walker) -> Planned:
         return planned
     items = value or []
     changed = False
+    results = [0]  # file-search results met so far: a run's position among them
     for i, raw in enumerate(items):
-        replacement = _item(walker, raw)
+        replacement = _item(walker, raw, results)
         if replacement is not None:
             items[i] = replacement
             changed = True
@@ -68,7 +80,7 @@ def plan(top: dict[str, msgspec.Raw], body: bytes, walker: Walker) -> Planned:
     return planned
 
 
-def _item(walker: Walker, raw: msgspec.Raw) -> msgspec.Raw | None:
+def _item(walker: Walker, raw: msgspec.Raw, results: list[int]) -> msgspec.Raw | None:
     item = as_object(raw) or {}
     type_ = _decoder.decode(item["type"]) if "type" in item else "message"
     role = _decoder.decode(item["role"]) if "role" in item else None
@@ -78,8 +90,10 @@ def _item(walker: Walker, raw: msgspec.Raw) -> msgspec.Raw | None:
     elif type_ == "function_call_output":
         field, kind = "output", "tool"
     elif type_ == "file_search_call" and "results" in item:
-        return _file_search(walker, item)
+        return _file_search(walker, item, results)
     if field is None or kind is None or field not in item:
+        if type_ == "message" and "content" in item:
+            read_texts(walker, item["content"])  # an assistant's earlier answer may name "result [2]"
         walker.feed(bytes(raw))
         return None
     feed_other(walker, item, field)
@@ -107,13 +121,15 @@ def _item(walker: Walker, raw: msgspec.Raw) -> msgspec.Raw | None:
     return with_fields(item, {field: parts}) if changed else None
 
 
-def _file_search(walker: Walker, item: dict[str, msgspec.Raw]) -> msgspec.Raw | None:
+def _file_search(walker: Walker, item: dict[str, msgspec.Raw], seen: list[int]) -> msgspec.Raw | None:
     feed_other(walker, item, "results")
     results = as_list(item["results"]) or []
+    first = seen[0]
+    seen[0] += len(results)
     if len(results) < 2:
         walker.feed(bytes(item["results"]))
         return None
-    order = walker.units([bytes(result) for result in results], "tool")
+    order = walker.units([bytes(result) for result in results], "tool", "file_search_result", first)
     if order is None:
         return None
     return with_fields(item, {"results": [results[index] for index in order]})

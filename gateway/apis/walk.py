@@ -3,8 +3,15 @@
 An API module (``gateway.apis.anthropic``, ``gateway.apis.responses``) knows where the texts and the whole-block
 units sit in its request body; the planner knows how to order them. The walk visits the body in prompt order and
 hands every piece to a ``Walker``: ``feed`` for bytes that stay as they are, ``text`` for a text the planner may
-rewrite (its groups found and spliced as in chat messages), ``units`` for a run of whole blocks (several
-``document`` blocks) the planner may permute. Each call also feeds what the engine will see into the prefix key.
+rewrite (its groups found and spliced as in chat messages), ``read`` for a text that is never rewritten but may say
+something about the blocks (an assistant turn citing "document 2"), ``units`` for a run of whole blocks (several
+``document`` blocks) the planner may permute. ``text``, ``units`` and ``feed`` also feed what the engine will see
+into the prefix key.
+
+Meaning is decided from the whole request, as on the chat route, so the planner walks a body twice: first with a
+``Reader`` that changes nothing and collects every text (``text`` and ``read`` alike, numbered in the order met),
+then with a ``ScopedWalker`` that meets the same texts in the same order and plans each one with the cues of all
+the others (the walk is deterministic: the ordinals of the two walks name the same texts).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ __all__ = [
     "AnswerRewriter",
     "AnswerStream",
     "Planned",
+    "Reader",
     "ScopedWalker",
     "Walker",
     "as_list",
     "as_object",
     "as_text_or_list",
     "feed_other",
+    "read_texts",
     "with_fields",
 ]
 
@@ -38,8 +47,12 @@ class Walker(Protocol):
     def text(self, text: str, kind: str) -> str | None:
         """The text rewritten (block groups in it reordered), or None when it stays as it is."""
 
-    def units(self, units: Sequence[bytes], kind: str) -> tuple[int, ...] | None:
-        """An order for whole blocks (position ``j`` sends ``units[order[j]]``), or None to keep theirs."""
+    def read(self, text: str) -> None:
+        """A text never rewritten (the walk feeds its bytes itself), read for its references to blocks."""
+
+    def units(self, units: Sequence[bytes], kind: str, form: str, first: int) -> tuple[int, ...] | None:
+        """An order for whole blocks (position ``j`` sends ``units[order[j]]``), or None to keep theirs. ``form``:
+        the blocks' type (``document``...); ``first``: how many blocks of that type the request holds before them."""
 
 
 class AnswerStream(Protocol):
@@ -58,29 +71,59 @@ class AnswerRewriter(Protocol):
     def stream(self) -> AnswerStream: ...
 
 
-class ScopedWalker:
-    """A ``Walker`` over the planner's steps: texts and runs whose kind is out of ``scope`` are fed as they are."""
+class Reader:
+    """The first walk: changes nothing, collects every text met (``texts[i]``: the text, and whether it is in
+    ``scope`` for finding groups); ``text`` and ``read`` calls alike count as text ``i``."""
 
-    __slots__ = ("_scope", "_text", "_units", "feed")
+    __slots__ = ("_scope", "texts")
+
+    def __init__(self, scope: Container[str]) -> None:
+        self._scope = scope
+        self.texts: list[tuple[str, bool]] = []
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def text(self, text: str, kind: str) -> None:
+        self.texts.append((text, kind in self._scope))
+
+    def read(self, text: str) -> None:
+        self.texts.append((text, False))
+
+    def units(self, units: Sequence[bytes], kind: str, form: str, first: int) -> None:
+        return None
+
+
+class ScopedWalker:
+    """A ``Walker`` over the planner's steps: texts and runs whose kind is out of ``scope`` are fed as they are.
+    ``text`` is called with the text's ordinal (the same as in the ``Reader`` walk of the same body)."""
+
+    __slots__ = ("_scope", "_seen", "_text", "_units", "feed")
 
     def __init__(
         self,
         feed: Callable[[bytes], None],
-        text: Callable[[str], str | None],
-        units: Callable[[Sequence[bytes]], tuple[int, ...] | None],
+        text: Callable[[str, int], str | None],
+        units: Callable[[Sequence[bytes], str, int], tuple[int, ...] | None],
         scope: Container[str],
     ) -> None:
         self.feed, self._text, self._units, self._scope = feed, text, units, scope
+        self._seen = 0
 
     def text(self, text: str, kind: str) -> str | None:
+        key = self._seen
+        self._seen += 1
         if kind in self._scope:
-            return self._text(text)
+            return self._text(text, key)
         self.feed(text.encode("utf-8", "surrogatepass"))
         return None
 
-    def units(self, units: Sequence[bytes], kind: str) -> tuple[int, ...] | None:
+    def read(self, text: str) -> None:
+        self._seen += 1
+
+    def units(self, units: Sequence[bytes], kind: str, form: str, first: int) -> tuple[int, ...] | None:
         if kind in self._scope:
-            return self._units(units)
+            return self._units(units, form, first)
         for unit in units:
             self.feed(unit)
         return None
@@ -96,6 +139,7 @@ class Planned:
 
 
 _encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
 _object = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _list = msgspec.json.Decoder(list[msgspec.Raw])
 _text_or_list = msgspec.json.Decoder(str | list[msgspec.Raw])
@@ -130,6 +174,19 @@ def feed_other(walker: Walker, obj: dict[str, msgspec.Raw], skip: str) -> None:
     for name, value in obj.items():
         if name != skip:
             walker.feed(name.encode() + b"=" + bytes(value))
+
+
+def read_texts(walker: Walker, raw: msgspec.Raw) -> None:
+    """``read`` the texts of a content that is never rewritten: a string, or the ``text`` of each block in a list."""
+    value = as_text_or_list(raw)
+    if isinstance(value, str):
+        walker.read(value)
+        return
+    for item in value or ():
+        block = as_object(item) or {}
+        text = _decoder.decode(block["text"]) if "text" in block else None
+        if isinstance(text, str):
+            walker.read(text)
 
 
 def with_fields(obj: dict[str, msgspec.Raw], fields: dict[str, Any]) -> msgspec.Raw:

@@ -39,7 +39,8 @@ from typing import Literal
 
 from gateway.intercept.groups import BlockGroup
 
-__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "decide", "decide_request", "scan"]
+__all__ = ["Cue", "Decision", "Others", "RequestCues", "TextCues", "dated_in_order", "decide", "decide_request",
+           "read_as_steps", "scan"]  # fmt: skip
 
 Action = Literal["renumber", "keep_labels", "map", "leave_alone"]
 Cue = tuple[str, int]
@@ -260,11 +261,13 @@ def _sentence_end(text: str, at: int) -> int:
     return match.start() if match is not None else min(len(text), at + 200)
 
 
-def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = ()) -> TextCues:
+def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = (), holds: bool = True) -> TextCues:
     """Return the cues of one text (see the module docstring); ``labels`` also records line-start labels.
 
     ``skip`` lists sorted, disjoint spans not to read (the text's own block groups: what a document says is not
-    an instruction about the documents, and skipping them keeps the scan to the prompt's own words).
+    an instruction about the documents, and skipping them keeps the scan to the prompt's own words). ``holds``:
+    whether the text may hold blocks of its own; when not (an assistant answer, a text out of scope), a line-start
+    ``[2]`` or ``Document 2:`` labels nothing there, so it names a block of another text (``num``).
     """
     lower = text.translate(_ASCII_LOWER)  # the patterns are lowercase: a third of the cost of IGNORECASE
 
@@ -285,7 +288,7 @@ def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = (
         for match in finditer(pattern):
             if any(start <= match.start() < end for start, end in instructions):
                 continue  # "cite them as [1], [2]": examples of the format, not references
-            is_label = _line_start_label(text, match.start(), match.end())
+            is_label = holds and _line_start_label(text, match.start(), match.end())
             if is_label and not labels:
                 continue
             kind = "label" if is_label else "num"
@@ -317,9 +320,14 @@ def _date_key(text: str) -> tuple[str, tuple[int, ...]] | None:
 
 def chronological(text: str, group: BlockGroup) -> bool:
     """Whether every block starts with a date of one kind and the dates run in one direction (not all equal)."""
+    return dated_in_order(text[block.start : min(block.end, block.start + _DATE_WINDOW)] for block in group.blocks)
+
+
+def dated_in_order(heads: Iterable[str]) -> bool:
+    """Whether every head (a block's first characters) holds a date of one kind and they run in one direction."""
     keys = []
-    for block in group.blocks:
-        key = _date_key(text[block.start : min(block.end, block.start + _DATE_WINDOW)])
+    for head in heads:
+        key = _date_key(head)
         if key is None:
             return False  # most groups stop at their first block
         keys.append(key)
@@ -334,12 +342,17 @@ def chronological(text: str, group: BlockGroup) -> bool:
 
 def steps(text: str, group: BlockGroup, floor: int = 0) -> bool:
     """Whether the group reads as ordered steps: its blocks open like steps, or the text just before says so."""
-    openings = sum(_STEP_START.match(text, block.content_start) is not None for block in group.blocks)
-    if openings >= max(2, len(group) - 1):
+    if read_as_steps([(text, block.content_start) for block in group.blocks]):
         return True
     # the two lines just before the group introduce it; an instruction further up is about the answer
     start = text.rfind("\n", floor, max(floor, text.rfind("\n", floor, max(floor, group.start - 1))))
     return _STEPS_LEAD.search(text, max(floor, start, group.start - _LEAD_WINDOW), group.start) is not None
+
+
+def read_as_steps(starts: Sequence[tuple[str, int]]) -> bool:
+    """Whether blocks (each a text and where its content starts) open like steps: all, or all but one."""
+    openings = sum(_STEP_START.match(text, at) is not None for text, at in starts)
+    return openings >= max(2, len(starts) - 1)
 
 
 def decide(

@@ -252,3 +252,58 @@ def test_rewritten_stream_is_relayed_event_by_event(claude: anthropic.Anthropic,
     assert held[0] == order[2]
     assert b'"document_index":2' in first + rest  # the citation was rewritten on the way
     assert rest.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+def test_messages_documents_the_user_names_keep_the_clients_order(
+    claude: anthropic.Anthropic, stack: tuple[str, str]
+) -> None:
+    """Meaning kept: once a text names a document by position or number, the documents go out as the client sent
+    them (streamed or not); with nothing naming them, the same documents move."""
+    claude.messages.create(**ask(["alpha", "beta", "gamma"], "Warm up."))
+    held = sent_titles(stack[1])
+    order = ["delta", *reversed(held)]
+    moved = claude.messages.with_raw_response.create(**ask(order, "Which report is longest?"))
+    assert sent_titles(stack[1]) != order and json.loads(moved.headers["x-prefixgate-result"])["reordered"] is True
+    named = claude.messages.with_raw_response.create(**ask(order, "Summarize the second document only."))
+    assert sent_titles(stack[1]) == order
+    assert json.loads(named.headers["x-prefixgate-result"])["left_alone"] == {"referenced": 1}
+    with claude.messages.stream(**ask(order, "What does document 3 say?")) as stream:
+        assert "".join(stream.text_stream)
+    assert sent_titles(stack[1]) == order
+    meaning = 'prefixgate_groups_meaning_total{decision="leave_alone",format="document",reason="referenced"}'
+    assert any(line.startswith(meaning) for line in httpx.get(f"{stack[0]}/metrics").text.splitlines())
+
+
+def file_search(names: list[str], question: str) -> list[Any]:
+    results = [{"file_id": f"file-{name}", "filename": f"{name}.txt", "score": 0.5, "text": TEXTS[name]}
+               for name in names]  # fmt: skip
+    return [
+        {"type": "file_search_call", "id": "fs_1", "status": "completed", "queries": ["reports"], "results": results},
+        {"role": "user", "content": [{"type": "input_text", "text": question}]},
+    ]
+
+
+def sent_files(engine: str) -> list[str]:
+    return [r["filename"] for r in last_seen(engine)["body"]["input"][0]["results"]]
+
+
+def test_responses_results_the_user_names_keep_the_clients_order(oai: openai.OpenAI, stack: tuple[str, str]) -> None:
+    oai.responses.create(model="sim", input=file_search(["alpha", "beta", "gamma"], "Warm up."), max_output_tokens=2)
+    held = [name.removesuffix(".txt") for name in sent_files(stack[1])]
+    names = ["delta", *reversed(held)]
+    order = [f"{name}.txt" for name in names]
+    moved = oai.responses.with_raw_response.create(
+        model="sim", input=file_search(names, "Which report is longest?"), max_output_tokens=2
+    )
+    assert sent_files(stack[1]) != order and json.loads(moved.headers["x-prefixgate-result"])["reordered"] is True
+    named = oai.responses.with_raw_response.create(
+        model="sim", input=file_search(names, "See result [2]: is it right?"), max_output_tokens=2
+    )
+    assert sent_files(stack[1]) == order
+    assert json.loads(named.headers["x-prefixgate-result"])["left_alone"] == {"referenced": 1}
+    ranked = "The results are ranked by relevance."
+    with oai.responses.stream(
+        model="sim", instructions=ranked, input=file_search(names, "Which is best?"), max_output_tokens=2
+    ) as stream:
+        assert stream.get_final_response().output_text
+    assert sent_files(stack[1]) == order

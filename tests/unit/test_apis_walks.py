@@ -11,6 +11,8 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.apis import SHAPES
+from gateway.apis.walk import Reader, ScopedWalker
 from gateway.errors import InvalidRequest
 from gateway.metrics import Metrics
 from gateway.planner import Planner
@@ -152,3 +154,31 @@ def test_responses_walk_never_fails_and_only_permutes(body: dict[str, Any]) -> N
     out = _plan("/v1/responses", body)
     if out is not None:
         assert _leaves(msgspec.json.decode(out)) == _leaves(body)
+
+
+def _walk_twice(route: str, body: dict[str, Any]) -> None:
+    """The planner reads a body with a ``Reader`` walk, then plans it with a ``ScopedWalker`` walk that names each
+    text by its ordinal in the first: both walks must meet the same texts in the same order."""
+    try:
+        request = decode_request(json.dumps(body).encode(), route)
+    except InvalidRequest:
+        return
+    scope = ("system", "user", "tool")
+    reader = Reader(scope)
+    SHAPES[route].plan(request.top, request.raw, reader)
+    met: list[int] = []
+
+    def text(value: str, key: int) -> None:
+        assert reader.texts[key] == (value, True)
+        met.append(key)
+
+    walker = ScopedWalker(lambda data: None, text, lambda units, form, first: None, scope)
+    SHAPES[route].plan(request.top, request.raw, walker)
+    assert met == [i for i, (_, in_scope) in enumerate(reader.texts) if in_scope]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages_bodies, responses_bodies)
+def test_the_reading_walk_and_the_planning_walk_meet_the_same_texts(messages: Any, responses: Any) -> None:
+    _walk_twice("/v1/messages", messages)
+    _walk_twice("/v1/responses", responses)
