@@ -105,10 +105,13 @@ def arrange(
     sort_key: Callable[[int], Any],
     budget: int = MATCH_BUDGET,
     weight: Mapping[int, int] | None = None,
+    extend: Callable[[Sequence[int], list[int]], list[int]] | None = None,
 ) -> tuple[list[int], int]:
     """Order one context: the longest path under ``root`` its blocks can form first (the trie walk, see
     :func:`scheduler.trie.match`; the heaviest with ``weight``, e.g. tokens per block), then the other blocks in
-    canonical order (``sort_key``; duplicates adjacent).
+    canonical order (``sort_key``; duplicates adjacent). ``extend(path, tail)``, when given, may reorder the
+    distinct other blocks (``tail``, in canonical order) after the matched ``path`` (the batch plan's
+    continuation by the contexts that share the path).
 
     Returns the new sequence and the length of its matched path. The one context planner: the online plan
     (``LiveIndex.plan``) and the batch plan (``plan_batch``) both call it.
@@ -124,7 +127,8 @@ def arrange(
         sequence = match_weighted(root, remaining, weight, budget)
     cached = len(sequence)
     if cached < len(blocks):
-        for block in sorted((block for block, count in remaining.items() if count), key=sort_key):
+        tail = sorted((block for block, count in remaining.items() if count), key=sort_key)
+        for block in extend(sequence, tail) if extend is not None else tail:
             count = remaining[block]
             if count == 1:
                 sequence.append(block)

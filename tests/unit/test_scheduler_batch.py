@@ -187,3 +187,12 @@ def test_the_trie_walk_takes_the_heaviest_path_when_blocks_have_tokens() -> None
     context = [5, 4, 3, 2, 1]
     assert plan_batch([context], view=view).apply([context])[0][:3] == [3, 4, 5]
     assert plan_batch([context], view=view, tokens=tokens).apply([context])[0][:2] == [1, 2]
+
+
+def test_the_tail_after_a_shared_path_follows_what_most_contexts_holding_that_path_share() -> None:
+    # after [2], {2, 4} is held by three contexts and {2, 3} by two: 4 comes next, so [2, 4], [2, 4, 3] and
+    # [2, 4, 3, 1] nest (the canonical order alone gives [2, 3, 4] and one shared block less)
+    contexts = [[2, 4, 3, 1], [1, 3], [2, 3, 4], [4, 2]]
+    plan = plan_batch(contexts)
+    assert plan.apply(contexts)[:3] == [[2, 4], [2, 4, 3], [2, 4, 3, 1]]
+    assert sum(plan.shared) == 5
