@@ -105,6 +105,7 @@ def arrange(
     sort_key: Callable[[int], Any],
     budget: int = MATCH_BUDGET,
     weight: Mapping[int, int] | None = None,
+    *,
     extend: Callable[[Sequence[int], list[int]], list[int]] | None = None,
 ) -> tuple[list[int], int]:
     """Order one context: the longest path under ``root`` its blocks can form first (the trie walk, see
