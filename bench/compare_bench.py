@@ -1,7 +1,7 @@
 """prefixgate against ContextPilot 0.5.0 itself, on the same seeded workloads and the same prefix-cache simulator.
 
 ``python -m bench compare [--quick] [--seed=N] [--capacity=TOKENS] [--presets=a,b] [--no-reference]
-[--reference-batch-max=N]``
+[--reference-batch-max=N] [--bounds]``
 
 For each preset (``bench.workload``: heavy overlap, heavy head, low overlap, 10,000 contexts, multi-turn) and
 each mode, the hit ratio (cached / prompt tokens) on the paged LRU radix cache of ``bench.cachesim`` at a
@@ -19,7 +19,8 @@ each mode, the hit ratio (cached / prompt tokens) on the paged LRU radix cache o
   ``/reorder``).
 
 Every row also shows the unchanged order (documents in retrieval order, arrival order). The reference runs in
-its own venv (``bench.reference``); ``--no-reference`` skips it.
+its own venv (``bench.reference``); ``--no-reference`` skips it. ``--bounds`` adds a second table: what any order
+could reach on each preset (``bench.bounds``: upper bounds online and batch, and an online popularity oracle).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from bench.bounds import batch_bound, online_bound, popularity_oracle
 from bench.cachesim import PrefixCacheSim
 from bench.reference import Reference, ReferenceUnavailable
 from bench.scheduler_bench import segments, table
@@ -150,6 +152,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated labels")
     parser.add_argument("--modes", default="batch,online")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--bounds", action="store_true", help="also print upper bounds and the popularity oracle")
     parser.add_argument(
         "--reference-batch-max",
         type=int,
@@ -165,7 +168,8 @@ def main(argv: list[str]) -> None:
         except ReferenceUnavailable as exc:
             print(f"ContextPilot {exc}: reference columns skipped", file=sys.stderr)
     modes = args.modes.split(",")
-    rows = []
+    rows: list[list[str]] = []
+    bounds: list[list[str]] = []
     try:
         for label in args.presets.split(","):
             name, size = PRESETS[label]
@@ -188,6 +192,9 @@ def main(argv: list[str]) -> None:
                 rows[-1].append(ratio(proxy, base))
                 rows.append([label, "online /reorder", size_text, pct(base), pct(api), pct(other), ratio(api, other)])
                 rows[-1].append(ratio(api, base))
+            if args.bounds:
+                oracle = popularity_oracle(workload, args.capacity)
+                bounds.append([label, f"{online_bound(workload):.1%}", f"{oracle:.1%}", f"{batch_bound(workload):.1%}"])
             print(f"  {label}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         if reference is not None:
@@ -196,6 +203,9 @@ def main(argv: list[str]) -> None:
     headers.append("vs unchanged")
     capacity = f"{args.capacity / 1000:.0f}k" if args.capacity < float("inf") else "infinite"
     table(f"Hit ratio (cached / prompt tokens), {capacity}-token paged LRU cache, seed {args.seed}", headers, rows)
+    if bounds:
+        headers = ["preset", "online bound (any order, infinite cache)", "online, true popularity", "batch bound"]
+        table("What any order could reach (bench.bounds)", headers, bounds)
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 

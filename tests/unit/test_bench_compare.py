@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from bench.bounds import batch_bound, online_bound, popularity_oracle
 from bench.compare_bench import check_turns, conversations, online, original, ours_batch, proxy_plan, reorder_plan
 from bench.workload import generate
 from scheduler import plan_batch
@@ -26,3 +27,12 @@ def test_online_proxy_and_reorder_plans_agree_and_beat_the_unchanged_order() -> 
     api = online(workload, 256_000, reorder_plan)
     assert abs(proxy.hit_ratio - api.hit_ratio) < 0.01
     assert proxy.hit_ratio > 2 * original(workload, 256_000).hit_ratio
+
+
+def test_the_bounds_are_above_what_the_planners_reach_and_the_oracle_below_the_online_bound() -> None:
+    workload = generate("multiturn", 0, n_queries=200)
+    online_limit, batch_limit = online_bound(workload), batch_bound(workload)
+    proxy = online(workload, math.inf, proxy_plan)
+    assert proxy.hit_ratio <= online_limit < batch_limit < 1
+    assert ours_batch(workload, math.inf).hit_ratio <= batch_limit
+    assert original(workload, math.inf).hit_ratio < popularity_oracle(workload, math.inf) <= online_limit
