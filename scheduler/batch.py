@@ -15,9 +15,10 @@
 2. **Local search** (``refine`` passes at most): each context is taken out of the trie and put back along the
    heaviest path (in tokens, with ``tokens``; +1% to +2% hit ratio over the longest in blocks) its blocks can
    form among all the *other* contexts, so that an early context no longer
-   anchors a path that later ones could not follow; stops when a pass moves nothing (3 to 6 passes on the
-   bench workloads).
-   A stateless batch small enough for pairwise work gets a second start, top-down over the whole batch
+   anchors a path that later ones could not follow; stops when a pass moves nothing or after ``refine``
+   passes (2 by default: with the continuation and the second start below, passes 3 to 6 changed nothing
+   measurable on the bench presets and cost about as much as the first two).
+   A stateless batch of up to ``SECOND_START_BLOCKS`` blocks gets a second start, top-down over the whole batch
    (:func:`scheduler.partition.partition`), refined the same way; the start whose trie shares more tokens is
    kept (heavy overlap and heavy head +1.5 points; the insertion start wins on nested conversations).
 3. **Execution order**: a depth-first walk of the final trie (sequences sorted by canonical rank), so consecutive
@@ -47,11 +48,14 @@ from .trie import MATCH_BUDGET, Trie, TrieView
 __all__ = ["BatchPlan", "plan_batch"]
 
 T = TypeVar("T")
-REFINE_PASSES = 6
+REFINE_PASSES = 2
 # block visits the local search may spend (passes x blocks in the batch): all passes for a few thousand
 # contexts, none from ~10,000 on (the 10,000-context target is 1 s)
 REFINE_BLOCKS = 120_000
 COOCCURRENCE_BUDGET = 600_000
+# blocks in the batch up to which the top-down second start is refined too (it doubles the local search's work:
+# ~0.2 s more CPU at 20,000 blocks, i.e. 1,500 contexts of 13 blocks)
+SECOND_START_BLOCKS = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,18 +102,20 @@ def plan_batch(
     if conversations is not None and len(conversations) != len(contexts):
         raise ValueError("conversations must have one entry per context")
     rank = _rank(contexts, popularity)
-    keys = _context_keys(contexts, rank, tokens, cooccurrence)
-    extend = _Continuation(contexts, tokens) if len(contexts) > 1 and _affordable(contexts) else None
+    affordable = _affordable(contexts)
+    keys = _context_keys(contexts, rank, tokens, cooccurrence) if affordable else [rank.__getitem__] * len(contexts)
+    extend = _Continuation(contexts, tokens) if len(contexts) > 1 and affordable else None
     trie = view.overlay() if view is not None else Trie()
     sequences: list[list[int]] = []
     for clock, context in enumerate(contexts, start=1):
         sequence, _ = arrange(trie.root, context, keys[clock - 1], search_budget, tokens, extend=extend)
         trie.insert(sequence, clock)
         sequences.append(sequence)
-    passes = min(refine, REFINE_BLOCKS // max(sum(map(len, contexts)), 1))
+    total = sum(map(len, contexts))
+    passes = min(refine, REFINE_BLOCKS // max(total, 1))
     search = _Search(contexts, keys, max(search_budget, 2 * MATCH_BUDGET), tokens, extend=extend)
     search.refine(trie, sequences, passes)
-    if view is None and extend is not None and passes:
+    if view is None and extend is not None and passes and total <= SECOND_START_BLOCKS:
         # a second start, top-down over the whole batch; the better of the two is kept
         other = partition(contexts, keys, tokens)
         search.refine(None, other, passes)
@@ -223,11 +229,10 @@ def _context_keys(
     first), then by rank. On one context without a batch this is the online plan's order.
 
     Counting co-occurrences costs the sum of squared context sizes: past ``COOCCURRENCE_BUDGET`` (a few
-    thousand contexts) the batch falls back to the rank alone, to stay within the time budget.
+    thousand contexts, see :func:`_affordable`) the caller falls back to the rank alone, to stay within the
+    time budget.
     """
     by_rank = rank.__getitem__
-    if not _affordable(contexts):
-        return [by_rank] * len(contexts)
     sets = [set(context) for context in contexts]
     together: dict[int, Counter[int]] = {}
     if len(contexts) > 1:
@@ -277,8 +282,9 @@ class _Continuation:
         postings, weight = self.postings, self.tokens.get if self.tokens is not None else None
         holders: set[int] | None = None  # the contexts holding every block of the path (this one included)
         for block in dict.fromkeys(path):
-            holders = set(postings[block]) if holders is None else holders & postings[block]
-        left, chosen = list(tail), []
+            holders = postings[block] if holders is None else holders & postings[block]  # never mutated
+        left = [block for block in tail if len(postings[block]) > 1]  # the others gain nothing anywhere
+        chosen: list[int] = []
         while left and (holders is None or len(holders) > 1):
             best, best_gain = -1, 0
             for position, block in enumerate(left):
@@ -290,8 +296,11 @@ class _Continuation:
                 break
             block = left.pop(best)
             chosen.append(block)
-            holders = set(postings[block]) if holders is None else holders & postings[block]
-        return chosen + left
+            holders = postings[block] if holders is None else holders & postings[block]
+        if not chosen:
+            return tail
+        placed = set(chosen)
+        return chosen + [block for block in tail if block not in placed]
 
 
 class _ScoreKey:
