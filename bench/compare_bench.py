@@ -15,8 +15,10 @@ each mode, the hit ratio (cached / prompt tokens) on the paged LRU radix cache o
 - **online**: one request at a time, in arrival order, each planned against what is live, and every eviction
   the simulator makes is fed back to the index's evict (``/evict``). prefixgate: ``LiveIndex.plan`` (the proxy)
   and ``plan_batch`` with the live snapshot and popularity on one context (a stateful ``/reorder`` call, as the
-  index API makes it); reference: ``ContextPilot.build_incremental`` on one context (its stateful
-  ``/reorder``).
+  index API makes it for text contexts: with each document's token count, like the batch rows); reference:
+  ``ContextPilot.build_incremental`` on one context (its stateful ``/reorder``; ContextPilot's server runs
+  ``build_and_schedule`` on the first call instead, which ``build_incremental`` does itself on an empty index,
+  and its ``/evict`` calls ``remove_requests``, as here).
 
 Every row also shows the unchanged order (documents in retrieval order, arrival order). The reference runs in
 its own venv (``bench.reference``); ``--no-reference`` skips it. ``--bounds`` adds a second table: what any order
@@ -28,7 +30,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 from bench.bounds import batch_bound, online_bound, popularity_oracle
 from bench.cachesim import PrefixCacheSim
@@ -110,9 +113,15 @@ def proxy_plan(index: LiveIndex, blocks: Sequence[int]) -> Sequence[int]:
     return index.plan(KEY, blocks).blocks
 
 
-def reorder_plan(index: LiveIndex, blocks: Sequence[int]) -> Sequence[int]:
+def reorder_plan(index: LiveIndex, blocks: Sequence[int], tokens: Mapping[int, int] | None = None) -> Sequence[int]:
+    """A one-context stateful ``/reorder``; with ``tokens``, as the API plans text contexts (it estimates each
+    document's tokens from its text), without them as it plans integer ids."""
     plan = plan_batch(
-        [blocks], view=index.snapshot(KEY), popularity=index.popularity(KEY), cooccurrence=index.cooccurrence(KEY)
+        [blocks],
+        view=index.snapshot(KEY),
+        popularity=index.popularity(KEY),
+        cooccurrence=index.cooccurrence(KEY),
+        tokens=tokens,
     )
     return [blocks[j] for j in plan.permutations[0]]
 
@@ -186,7 +195,7 @@ def main(argv: list[str]) -> None:
                 rows[-1].append(ratio(ours, base))
             if "online" in modes:
                 proxy = online(workload, args.capacity, proxy_plan)
-                api = online(workload, args.capacity, reorder_plan)
+                api = online(workload, args.capacity, partial(reorder_plan, tokens=workload.docs.lengths))
                 other = reference_online(reference, workload, args.capacity) if reference else None
                 rows.append([label, "online proxy", size_text, pct(base), pct(proxy), pct(other), ratio(proxy, other)])
                 rows[-1].append(ratio(proxy, base))
