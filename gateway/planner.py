@@ -104,6 +104,16 @@ class Planner:
         """llama.cpp: from now on pin every request to one of the server's ``count`` slots (``id_slot``)."""
         self._slots = SlotTable.of(count)
 
+    def sharing(self, residency: Any) -> Planner:
+        """A planner over ``residency`` with its own memo that shares this one's text scans and learned boundaries
+        (``gateway.router``: one planner for every replica, its residency chosen per request)."""
+        return Planner(self.settings, residency, self.metrics, scans=self._scans, boundaries=self.boundaries)
+
+    def pin(self, planned: PlannedRequest, body: RequestBody) -> None:
+        """llama.cpp: pin a request another planner planned for this planner's server (on the event loop)."""
+        if self._slots is not None and body.route != "/v1/messages":
+            self._pin_slot(planned, body)
+
     @property
     def slot_count(self) -> int | None:
         """The llama-server's slot count once known (None: requests are not pinned)."""

@@ -1,21 +1,23 @@
-"""Joint routing and reordering: plan a request against every healthy replica, send the plan made for the best.
+"""Joint routing and reordering: rank the healthy replicas by their live indexes, plan the request once, for the best.
 
 The router is the proxy's planner (``Router.plan`` has ``Planner.plan``'s contract and returns a
 :class:`RoutedRequest`, a ``PlannedRequest`` that also names its replica). With one replica it is that replica's
-planner plus load accounting. With several, for one request it
+planner plus load accounting. With several, one planner shared by the replicas (its rewrite memo, the text scans
+and learned boundaries) plans the request, and the replica is chosen at the plan's *first index lookup*: the
+first block group's prefix key does not depend on any replica's order, so
 
-1. plans the request once with a *probe* replica's planner (the conversation's replica, else the least loaded),
-   which finds the block groups and their prefix keys;
-2. asks every healthy replica's live index how many of those blocks it holds (``LiveIndex.plan(key, blocks)``,
-   microseconds each), turns that into predicted cached tokens, and ranks the replicas with
-   :func:`gateway.routing.rank` (cache against load, balance guard, affinity);
-3. keeps the probe's plan when the probe won, else plans the request again with the winner's planner, so the
-   prompt is ordered for the cache of the replica it goes to, and committed only to that replica's index;
-4. gives the plan a ``reroute``: if the request cannot be *sent* (connection refused), the proxy asks for the
+1. every healthy replica's live index is asked how many of that group's blocks it holds
+   (``LiveIndex.cached``: a trie walk, no ordering), which is turned into predicted cached tokens, and the
+   replicas are ranked with :func:`gateway.routing.rank` (cache against load, balance guard, affinity);
+2. that lookup and every later one are answered by the winner's index, so the prompt is ordered for the cache
+   of the replica it goes to, and committed only to that replica's index. A request without block groups is
+   ranked on load alone once planned;
+3. the plan gets a ``reroute``: if the request cannot be *sent* (connection refused), the proxy asks for the
    same request planned for the next replica in the ranking. A request that was sent is never retried.
 
-Big bodies are planned in a worker thread (``in_thread``); the router's reads and writes of replica state then
-run on the event loop, like the planner's index reads.
+One plan per request, whatever the number of replicas: routing adds the ranking (a trie walk per replica) and the
+conversation's digest. Big bodies are planned in a worker thread (``in_thread``); the ranking, and the router's
+reads and writes of replica state, then run on the event loop, like the planner's index reads.
 
 Load is tracked per replica while a request is in flight: one request, and its predicted uncached prompt tokens
 (the prefill it queues) until the engine answers.
@@ -23,10 +25,11 @@ Load is tracked per replica while a request is in flight: one request, and its p
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from hashlib import blake2b
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.from_thread
 import msgspec
@@ -41,6 +44,10 @@ from gateway.planned import PlannedRequest
 from gateway.replicas import Replica, ReplicaSet
 from gateway.routing import BalanceGuard, Candidate, rank
 from gateway.wire import RequestBody
+from scheduler.index import Plan
+
+if TYPE_CHECKING:
+    from gateway.planner import Planner
 
 __all__ = ["RoutedRequest", "Router"]
 
@@ -76,6 +83,7 @@ class RoutedRequest(PlannedRequest):
         routed = cls.__new__(cls)
         for name in PlannedRequest.__slots__:
             setattr(routed, name, getattr(planned, name))
+        routed.residency = replica.residency  # a plan made by the shared planner is committed to its replica only
         routed.replica, routed.router, routed._queued, routed._done = replica, router, queued, False
         routed.conversation, routed.ranking, routed.tried, routed.tenant = None, (), (replica,), None
         replica.in_flight += 1
@@ -113,6 +121,8 @@ class Router:
     def __init__(self, replicas: ReplicaSet, guard: BalanceGuard, metrics: Metrics, *, affinity_size: int = 100_000):
         self.replicas = replicas
         self.guard = guard
+        # plans for every replica: the lookups of each request go to the index of the replica chosen for it
+        self._shared: Planner = _planner(replicas.replicas[0]).sharing(_Replicas(replicas))
         self._affinity: LRUCache[bytes, Replica] = LRUCache(maxsize=affinity_size)
         self._next_passthrough = 0
         self.decisions = Counter(
@@ -157,20 +167,17 @@ class Router:
         conversation = _conversation(body, headers)
         if conversation is not None and tenant:  # one key's conversations never steer another key's routing
             conversation = tenant.encode() + b"\0" + conversation
-        affine, probe = on_loop(self._probe, healthy, conversation)
-        trial = _planner(probe).plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, record=False)
-        ranking, best = on_loop(self._rank, healthy, trial, prompt_tokens, affine)
-        winner = ranking[0]
-        if winner is probe:
-            _planner(probe).record(trial)
-            planned = trial
-        else:
-            if trial.slots is not None:
-                on_loop(trial.finish)  # the probe's llama.cpp slot reservation
-            planned = _planner(winner).plan(body, request_id, headers, in_thread=in_thread, tenant=tenant)
-        reason = self._reason(best, affine, [r.in_flight for r in healthy])
-        routed = on_loop(self._assign, planned, winner, prompt_tokens, best.cached_tokens, reason)
-        routed.conversation, routed.ranking, routed.tenant = conversation, tuple(ranking), tenant
+        affine = on_loop(self._affine, healthy, conversation)
+        choice = _Choice(self, healthy, prompt_tokens, affine)
+        planned = self._plan_with(choice, body, request_id, headers, in_thread=in_thread, tenant=tenant)
+        if choice.ranking is None:  # no block group: ranked on load alone
+            on_loop(choice.choose, ())
+        assert choice.ranking is not None and choice.best is not None
+        winner = choice.ranking[0]
+        reason = self._reason(choice.best, affine, [r.in_flight for r in healthy])
+        on_loop(_planner(winner).pin, planned, body)
+        routed = on_loop(self._assign, planned, winner, prompt_tokens, choice.best.cached_tokens, reason)
+        routed.conversation, routed.ranking, routed.tenant = conversation, tuple(choice.ranking), tenant
         return routed
 
     def passthrough(self) -> Replica:
@@ -199,37 +206,58 @@ class Router:
             return None
         self.reroutes.inc()
         logger.warning("replica %s unreachable; request sent to %s", failed.replica.name, remaining[0].name)
-        planned = _planner(remaining[0]).plan(body, failed.request_id, headers, tenant=failed.tenant)
+        choice = _Choice(self, remaining, 0, None)
+        choice.ranking = remaining
+        planned = self._plan_with(choice, body, failed.request_id, headers, in_thread=False, tenant=failed.tenant)
+        _planner(remaining[0]).pin(planned, body)
         routed = self._assign(planned, remaining[0], len(body.raw) // _CHARS_PER_TOKEN, 0, "reroute")
         routed.conversation, routed.ranking, routed.tenant = failed.conversation, failed.ranking, failed.tenant
         routed.tried = (*failed.tried, remaining[0])
         return routed
 
-    # -- internals (on the event loop) ---------------------------------------------------------------------
-    def _probe(self, healthy: list[Replica], conversation: bytes | None) -> tuple[Replica | None, Replica]:
-        """The conversation's replica (if healthy), and the replica to plan the request with first."""
-        affine = self._affinity.get(conversation) if conversation is not None else None
-        if affine is not None and affine not in healthy:
-            affine = None
-        probe = affine or min(healthy, key=lambda r: (r.in_flight, r.queued_tokens, r.sent, r.position))
-        return affine, probe
+    def _plan_with(
+        self,
+        choice: _Choice,
+        body: RequestBody,
+        request_id: str,
+        headers: Mapping[str, str],
+        *,
+        in_thread: bool,
+        tenant: str | None,
+    ) -> PlannedRequest:
+        """Plan with the shared planner, its index lookups answered by ``choice`` (a shallow copy per request:
+        the memo, scans and boundaries stay shared, only the residency is this request's)."""
+        planner = copy.copy(self._shared)
+        planner.residency = choice  # type: ignore[assignment]  # the planner reads only ``residency.index.plan``
+        return planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant)
 
-    def _rank(
-        self, healthy: list[Replica], trial: PlannedRequest, prompt_tokens: int, affine: Replica | None
+    # -- internals (on the event loop) ---------------------------------------------------------------------
+    def _affine(self, healthy: list[Replica], conversation: bytes | None) -> Replica | None:
+        """The conversation's replica, if it is healthy."""
+        affine = self._affinity.get(conversation) if conversation is not None else None
+        return affine if affine is not None and affine in healthy else None
+
+    def rank(
+        self,
+        healthy: list[Replica],
+        groups: Sequence[tuple[Hashable, Sequence[int]]],
+        prompt_tokens: int,
+        affine: Replica | None,
     ) -> tuple[list[Replica], Candidate]:
-        groups = trial.commits
+        """The replicas best first for a request whose block groups (prefix key, block ids) are ``groups``."""
         total_blocks = sum(len(blocks) for _, blocks in groups)
         per_block = prompt_tokens / total_blocks if total_blocks else 0.0
         candidates = []
         for replica in healthy:
             index = replica.residency.index
-            cached = sum(index.plan(key, blocks).cached for key, blocks in groups) if groups else 0
+            cached = sum(index.cached(key, blocks) for key, blocks in groups) if total_blocks else 0
             candidates.append(
                 Candidate(replica.position, int(cached * per_block), replica.in_flight, replica.queued_tokens,
                           replica.sent)
             )  # fmt: skip
         ranked = rank(candidates, prompt_tokens, self.guard, affine.position if affine is not None else None)
-        return [self.replicas.replicas[c.replica] for c in ranked], ranked[0]
+        by_position = self.replicas.replicas
+        return [by_position[c.replica] for c in ranked], ranked[0]
 
     def _reason(self, best: Candidate, affine: Replica | None, loads: list[int]) -> str:
         if self.guard.imbalanced(loads):
@@ -245,6 +273,44 @@ class Router:
         if len(self.replicas) > 1:
             planned.result["replica"] = replica.name
         return RoutedRequest.of(planned, replica, self, max(0, prompt_tokens - cached))
+
+
+class _Choice:
+    """One request's replica, chosen at its first index lookup: the residency of the shared planner's copy for
+    that request (the planner reads ``residency.index.plan``; a plan then goes to the winner's index)."""
+
+    __slots__ = ("affine", "best", "healthy", "prompt_tokens", "ranking", "router")
+
+    def __init__(self, router: Router, healthy: list[Replica], prompt_tokens: int, affine: Replica | None) -> None:
+        self.router, self.healthy, self.prompt_tokens, self.affine = router, healthy, prompt_tokens, affine
+        self.ranking: list[Replica] | None = None
+        self.best: Candidate | None = None
+
+    @property
+    def index(self) -> _Choice:
+        return self
+
+    def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
+        """The winner's plan for one group; the first call ranks the replicas by this group (on the loop)."""
+        if self.ranking is None:
+            self.choose(((key, blocks),))
+        assert self.ranking is not None
+        return self.ranking[0].residency.index.plan(key, blocks)
+
+    def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
+        self.ranking, self.best = self.router.rank(self.healthy, groups, self.prompt_tokens, self.affine)
+
+
+class _Replicas:
+    """The shared planner's residency outside a request: only what its constructor registers (``on_reset``)."""
+
+    def __init__(self, replicas: ReplicaSet) -> None:
+        self._replicas = replicas
+
+    def on_reset(self, hook: Callable[[], None]) -> None:
+        # the shared memo is cleared when any replica's index is dropped, as each replica's own planner's is
+        for replica in self._replicas.replicas:
+            replica.residency.on_reset(hook)
 
 
 def _planner(replica: Replica) -> Any:

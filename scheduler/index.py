@@ -30,7 +30,7 @@ from typing import Any
 from .cooccur import Cooccurrence
 from .ids import request_id_candidates
 from .order import Popularity, PopularityMode, arrange, permutation
-from .trie import MATCH_BUDGET, Trie, TrieView
+from .trie import MATCH_BUDGET, Trie, TrieView, match
 
 __all__ = ["EvictResult", "IndexStats", "LiveIndex", "Plan", "continuation_key"]
 
@@ -153,6 +153,17 @@ class LiveIndex:
             self._hits += 1
             self._hit_blocks += cached
         return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
+
+    def cached(self, key: Hashable, blocks: Sequence[int]) -> int:
+        """How many leading blocks :meth:`plan` would predict cached, without ordering the rest or counting a
+        plan in the stats (a router asks every replica's index this for each request)."""
+        state = self._keys.get(key)
+        if state is None or not state.trie.root.children:
+            return 0
+        remaining: dict[int, int] = {}
+        for block in blocks:
+            remaining[block] = remaining.get(block, 0) + 1
+        return len(match(state.trie.root, remaining, self._search_budget))
 
     def popularity(self, key: Hashable) -> Popularity | None:
         """The popularity behind ``key``'s canonical order (for ``plan_batch``), or ``None`` for a new key.
