@@ -1,0 +1,111 @@
+"""The router without a network: replicas are ranked by their indexes alone (``LiveIndex.cached`` agrees with the
+plan), each request is planned once, against the winner's index only, committed there only, and a request that
+could not be sent is planned again for the next replica."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.app import create_app
+from gateway.router import RoutedRequest, Router
+from gateway.settings import load_settings
+from gateway.wire import CHAT_ROUTE, decode_request
+from scheduler.index import LiveIndex
+from tests.integration.test_intercept_proxy import chat, order_in, xml_docs
+
+UPSTREAMS = [f"http://10.0.0.{r + 1}:8000" for r in range(4)]
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=8), min_size=1, max_size=6),
+    st.lists(st.integers(0, 12), max_size=10),
+)
+def test_cached_is_the_plans_count_without_counting_a_plan(paths: list[list[int]], blocks: list[int]) -> None:
+    index = LiveIndex()
+    for i, path in enumerate(paths):
+        index.commit(b"k", f"r{i}", path)
+    plans = index.stats().plans
+    assert index.cached(b"k", blocks) == index.plan(b"k", blocks).cached
+    assert index.cached(b"other", blocks) == 0
+    assert index.stats().plans == plans + 1, "only plan() is counted"
+
+
+def _router() -> Router:
+    router: Router = create_app(load_settings(environ={}, upstream=UPSTREAMS)).state.proxy.planner
+    return router
+
+
+def _plan(router: Router, content: bytes, request_id: str) -> RoutedRequest:
+    planned = router.plan(decode_request(content, CHAT_ROUTE), request_id, {})
+    assert isinstance(planned, RoutedRequest)
+    return planned
+
+
+def _sent_order(planned: RoutedRequest, content: bytes) -> list[str]:
+    messages = planned.fields.get("messages")
+    system = json.loads(bytes(messages[0])) if messages else json.loads(content)["messages"][0]
+    return order_in(system["content"])
+
+
+def _plans(router: Router) -> list[int]:
+    return [replica.residency.index.stats().plans for replica in router.replicas]
+
+
+def test_each_request_is_planned_once_against_the_winners_index_only() -> None:
+    router = _router()
+    first_body = chat(xml_docs(["alpha", "beta"]), "q1")
+    first = _plan(router, first_body, "req-1")
+    first.accept()
+    first.finish()
+    home = first.replica
+    assert "req-1" in home.residency.index
+    assert all("req-1" not in r.residency.index for r in router.replicas if r is not home)
+    other = _plan(router, chat(xml_docs(["gamma", "delta"]), "q2"), "req-2")
+    other.accept()
+    other.finish()
+    assert other.replica is not home, "a miss goes to a replica that was sent fewer requests"
+    before = _plans(router)
+    body = chat(xml_docs(["beta", "gamma", "alpha"]), "q3")
+    again = _plan(router, body, "req-3")
+    after = _plans(router)
+    assert again.replica is home and again.result["predicted_cached_blocks"] == 2
+    assert [b - a for a, b in zip(before, after, strict=True)] == [int(r is home) for r in router.replicas], (
+        "one plan, on the winner's index; the others were only asked what they hold"
+    )
+    assert _sent_order(again, body)[:2] == _sent_order(first, first_body), "ordered for the winner's cache"
+    again.accept()
+    assert "req-3" in home.residency.index
+    assert all("req-3" not in r.residency.index for r in router.replicas if r is not home)
+    again.finish()
+    assert all(r.in_flight == 0 and r.queued_tokens == 0 for r in router.replicas)
+
+
+def test_a_request_without_blocks_is_ranked_on_load() -> None:
+    router = _router()
+    busy = _plan(router, chat("no documents here", "hello"), "req-1")  # held in flight
+    idle = _plan(router, chat("nothing either", "hi"), "req-2")
+    assert idle.replica is not busy.replica
+    assert idle.result["replica"] == idle.replica.name and "reordered" in idle.result
+    for planned in (busy, idle):
+        planned.accept()
+        planned.finish()
+
+
+def test_an_unsent_request_is_planned_again_for_the_next_replica() -> None:
+    router = _router()
+    content = chat(xml_docs(["alpha", "beta"]), "q1")
+    body = decode_request(content, CHAT_ROUTE)
+    failed = router.plan(body, "req-1", {})
+    assert isinstance(failed, RoutedRequest)
+    moved: Any = failed.reroute(body, {})
+    assert isinstance(moved, RoutedRequest)
+    failed.finish()
+    assert moved.replica is failed.ranking[1] and moved.result["replica"] == moved.replica.name
+    moved.accept()
+    moved.finish()
+    assert "req-1" in moved.replica.residency.index
+    assert "req-1" not in failed.replica.residency.index
