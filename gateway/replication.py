@@ -8,23 +8,31 @@ in B, and a request planned in B sees what A sent. A gateway that starts (or res
 its beginning and so catches up with what is still retained. Redis orders the changes; there is no consensus of
 our own. Replicas are named in the stream by URL, so gateways must front the same replicas (any order).
 
-Nothing here is on the request path: a change is put on a bounded in-memory queue (oldest dropped and counted
-when Redis is away) and a background task sends queued changes in one pipeline. Lag (from the producing
-gateway's clock to applying here) and the stream length are exported as metrics.
+Nothing here is on the request path, and the Redis round trips are off the event loop: a change is put on a
+bounded in-memory queue (oldest dropped and counted when Redis is away) and a publisher *thread* sends what is
+queued in one pipeline; a follower thread blocks in ``XREAD``, decodes what it reads, and hands the changes to the
+event loop, which applies them (the live index has a single writer). Under load the loop is busy planning
+requests: a change then waits for one loop turn (to be applied) instead of several (to be sent, read and parsed by
+tasks on the loop). Lag (from the producing gateway's clock to applying here) and the stream length are exported
+as metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Hashable
+from functools import partial
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
 import msgspec
-import redis.asyncio as redis
+import redis
 from redis.exceptions import RedisError
 
 from gateway.metrics import Metrics
@@ -38,6 +46,8 @@ logger = logging.getLogger("prefixgate.replication")
 STREAM = "prefixgate:index"
 _MAX_QUEUE = 100_000
 _BATCH = 512
+_WAIT = 0.25  # XREAD BLOCK and the publisher's idle wait, in seconds: how soon a stopped thread notices
+_SOCKET_TIMEOUT = 5.0  # longer than the XREAD block
 
 
 class _Event(msgspec.Struct, array_like=True):
@@ -65,7 +75,8 @@ class Replication:
     """Publishes this gateway's index changes and applies the other gateways' (see the module docstring)."""
 
     def __init__(self, url: str, replicas: ReplicaSet, metrics: Metrics, *, max_len: int, stream: str = STREAM):
-        self.redis = redis.Redis.from_url(url)
+        # blocking client, used by the two threads only (a pool: one connection each)
+        self.redis = redis.Redis.from_url(url, socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=2.0)
         self.replicas = replicas
         self.metrics = metrics
         self.max_len = max_len
@@ -73,7 +84,10 @@ class Replication:
         self.origin = uuid.uuid4().hex
         self.last_id = b"0-0"  # from the start: a late gateway catches up with what the stream retains
         self._queue: deque[bytes] = deque()
-        self._wake: anyio.Event | None = None  # made on the event loop, in run()
+        self._queued = threading.Event()  # set after an append: wakes the publisher thread
+        self._stop = threading.Event()
+        self._send_lock = threading.Lock()  # one sender at a time keeps the stream in the order of the changes
+        self._threads = anyio.CapacityLimiter(2)  # not the default limiter the proxy plans big bodies with
         self._by_url = {replica.url: replica for replica in replicas.replicas}
         for replica in replicas.replicas:
             replica.residency.on_change = self._publisher(replica)
@@ -91,84 +105,120 @@ class Replication:
                 self._queue.popleft()
                 self.metrics.state_dropped.inc()
             self._queue.append(_encoder.encode(event))
-            if self._wake is not None:
-                self._wake.set()
+            self._queued.set()
 
         return publish
 
     async def run(self) -> None:
-        """Publish and follow until cancelled."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._publish_loop)
-            tg.start_soon(self._follow_loop)
+        """Publish and follow (in two threads) until cancelled."""
+        self._stop.clear()
+        try:
+            async with anyio.create_task_group() as tg:
+                for work in (self._publish_loop, self._follow_loop):
+                    tg.start_soon(
+                        partial(anyio.to_thread.run_sync, work, abandon_on_cancel=True, limiter=self._threads)
+                    )
+        finally:
+            self._stop.set()  # an abandoned thread ends within one XREAD block or queue wait
+            self._queued.set()
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
+        self._stop.set()
+        self._queued.set()
+        self.redis.close()
 
     async def flush(self) -> None:
         """Send what is queued now (tests and shutdown)."""
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(_BATCH, len(self._queue)))]
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
+        await anyio.to_thread.run_sync(self._send_queued, limiter=self._threads)
+
+    # -- in the threads ------------------------------------------------------------------------------------
+    def _send_queued(self) -> None:
+        with self._send_lock:
+            while self._queue:
+                batch: list[bytes] = []
+                while self._queue and len(batch) < _BATCH:
+                    try:
+                        batch.append(self._queue.popleft())
+                    except IndexError:  # the loop dropped the oldest (queue full) meanwhile
+                        break
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
                     for payload in batch:
                         pipe.xadd(self.stream, {"e": payload}, maxlen=self.max_len, approximate=True)
-                    await pipe.execute()
-            except (RedisError, OSError):
-                self._queue.extendleft(reversed(batch))  # keep order; retried after a pause
-                raise
-            self.metrics.state_published.inc(len(batch))
+                    pipe.execute()
+                except (RedisError, OSError):
+                    self._queue.extendleft(reversed(batch))  # keep order; retried after a pause
+                    raise
+                self.metrics.state_published.inc(len(batch))
 
-    async def _publish_loop(self) -> None:
-        while True:
-            self._wake = anyio.Event()
-            if not self._queue:
-                await self._wake.wait()
+    def _publish_loop(self) -> None:
+        while not self._stop.is_set():
+            self._queued.wait(_WAIT)
+            self._queued.clear()  # before sending: a change appended from now on sets it again
             try:
-                await self.flush()
+                self._send_queued()
             except (RedisError, OSError) as exc:
+                if self._stop.is_set():
+                    return  # closed at shutdown
                 self.metrics.state_errors.labels("publish").inc()
                 logger.warning("cannot publish index changes to Redis: %s", exc)
-                await anyio.sleep(1.0)
+                self._stop.wait(1.0)
 
-    async def _follow_loop(self) -> None:
+    def _follow_loop(self) -> None:
         last_length = 0.0
-        while True:
+        while not self._stop.is_set():
             try:
-                answer: Any = await self.redis.xread({self.stream: self.last_id}, count=_BATCH, block=1000)
+                answer: Any = self.redis.xread({self.stream: self.last_id}, count=_BATCH, block=int(_WAIT * 1000))
+                events = []
                 for _, entries in answer or ():
                     for entry_id, fields in entries:
                         self.last_id = entry_id
-                        self._apply(fields.get(b"e", b""))
+                        event = self._decode(fields.get(b"e", b""))
+                        if event is not None:
+                            events.append(event)
+                if events and not self._stop.is_set():
+                    anyio.from_thread.run_sync(self._apply_events, events)
                 if time.monotonic() - last_length > 1.0:
                     last_length = time.monotonic()
-                    self.metrics.state_stream_length.set(await self.redis.xlen(self.stream))
+                    self.metrics.state_stream_length.set(self.redis.xlen(self.stream))
             except (RedisError, OSError) as exc:
+                if self._stop.is_set():
+                    return  # closed at shutdown
                 self.metrics.state_errors.labels("follow").inc()
                 logger.warning("cannot read index changes from Redis: %s", exc)
-                await anyio.sleep(1.0)
+                self._stop.wait(1.0)
+            except anyio.RunFinishedError:
+                return  # the event loop is gone (shutdown)
 
-    def _apply(self, payload: bytes) -> None:
+    def _decode(self, payload: bytes) -> _Event | None:
+        """Another gateway's change for one of our replicas, or None (ours, unknown replica, undecodable)."""
         try:
             event = _decoder.decode(payload)
         except msgspec.DecodeError:
             self.metrics.state_errors.labels("decode").inc()
-            return
-        if event.origin == self.origin:
-            return
-        replica = self._by_url.get(event.replica)
-        if replica is None:
-            return
-        residency = replica.residency
-        hook, residency.on_change = residency.on_change, None  # applied here, not published again
-        try:
-            if event.op == "commit":
-                residency.commit(event.request_id, [(_hashable(key), blocks) for key, blocks in event.groups])
-            elif event.op == "evict":
-                residency.evict(event.request_ids)
-            elif event.op == "reset":
-                residency.reset()
-        finally:
-            residency.on_change = hook
-        self.metrics.state_applied.inc()
-        self.metrics.state_lag.observe(max(0.0, time.time() - event.at))
+            return None
+        if event.origin == self.origin or event.replica not in self._by_url:
+            return None
+        return event
+
+    # -- on the event loop ---------------------------------------------------------------------------------
+    def _apply(self, payload: bytes) -> None:
+        event = self._decode(payload)
+        if event is not None:
+            self._apply_events([event])
+
+    def _apply_events(self, events: list[_Event]) -> None:
+        for event in events:
+            residency = self._by_url[event.replica].residency
+            hook, residency.on_change = residency.on_change, None  # applied here, not published again
+            try:
+                if event.op == "commit":
+                    residency.commit(event.request_id, [(_hashable(key), blocks) for key, blocks in event.groups])
+                elif event.op == "evict":
+                    residency.evict(event.request_ids)
+                elif event.op == "reset":
+                    residency.reset()
+            finally:
+                residency.on_change = hook
+            self.metrics.state_applied.inc()
+            self.metrics.state_lag.observe(max(0.0, time.time() - event.at))
