@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -98,3 +100,44 @@ def test_a_gateway_that_starts_late_or_restarts_catches_up_from_the_stream(gatew
         assert gone not in _live(restarted)
         _, result = _send(restarted, [9, 8, 7], "again")
         assert result["predicted_cached_blocks"] == 3
+
+
+def test_changes_are_applied_in_order_on_the_loop_and_the_threads_stop_with_the_task(redis_url: str) -> None:  # noqa: F811
+    from gateway.replication import Replication
+
+    async def scenario() -> None:
+        apps = [create_app(load_settings(environ={}, upstream="http://10.0.0.1:8000")) for _ in range(2)]
+        a, b = (Replication(redis_url, app.state.replicas, app.state.metrics, max_len=10_000) for app in apps)
+        source, target = (app.state.replicas.replicas[0].residency for app in apps)
+        applied_on: set[int] = set()
+        commit = target.commit
+
+        def commit_here(*args: Any) -> None:
+            applied_on.add(threading.get_ident())
+            commit(*args)
+
+        target.commit = commit_here  # type: ignore[method-assign]
+        ended: list[str] = []
+        for name in ("_publish_loop", "_follow_loop"):
+            work = getattr(b, name)
+            setattr(b, name, lambda work=work, name=name: (work(), ended.append(name)))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run)
+            tg.start_soon(b.run)
+            for i in range(300):  # each id committed, then evicted unless it is a multiple of 3: order matters
+                source.commit(f"req-{i}", [(b"k", (i, i + 1))])
+                if i % 3:
+                    source.evict([f"req-{i}"])
+            with anyio.fail_after(10):
+                while apps[1].state.metrics.state_applied._value.get() < 500:
+                    await anyio.sleep(0.01)
+            assert set(target.index.request_ids()) == {f"req-{i}" for i in range(0, 300, 3)}
+            assert applied_on == {threading.get_ident()}, "applied on the event loop (the index's one writer)"
+            tg.cancel_scope.cancel()
+        with anyio.fail_after(2):  # each thread notices within one XREAD block or queue wait
+            while len(ended) < 2:
+                await anyio.sleep(0.01)
+        for replication in (a, b):
+            await replication.aclose()
+
+    anyio.run(scenario)
