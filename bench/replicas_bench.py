@@ -15,7 +15,10 @@ then ``joint``: one prefixgate with the four ``--upstream``s (evictions reported
 alternating between them, every engine reporting its evictions to the first one only.
 
 Reports the engine-reported cached-token ratio, the simulated prefill time, requests per replica (max/min), p99
-latency, the replication lag, and the routing cost per request in process (4 replicas vs 1).
+latency, each gateway's CPU use over the run (with the machine's load average: a gateway that gets a small share
+of a core is waiting for the CPU, not working), the replication lag under that load and one request at a time,
+and the routing cost in process: what planning a request with 4 replicas takes over planning it with 1, per
+request (p50 and p99).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from hashlib import blake2b
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -219,7 +224,12 @@ def _mode(name: str, bodies: list[dict[str, Any]], capacity: int, prefill_us: fl
         targets = [f"http://127.0.0.1:{port}" for port in ports]
         for target, process in zip(targets, processes[-gateways:], strict=True):
             _wait(target + "/health", process)
+        cpu = [_cpu_seconds(process.pid) for process in processes[-gateways:]]
+        load = os.getloadavg()[0]
         result = asyncio.run(_run(targets, bodies, None, capacity))
+        used = [_cpu_seconds(p.pid) - c for p, c in zip(processes[-gateways:], cpu, strict=True)]
+        result["busy"] = [u / result["wall"] for u in used]  # a gateway's CPU time over the run's wall time
+        result["load"] = (load, os.getloadavg()[0])
         if gateways > 1:
             time.sleep(0.5)
             result["lag"] = [_lag(httpx.get(f"{t}/metrics").text) for t in targets]
@@ -229,6 +239,15 @@ def _mode(name: str, bodies: list[dict[str, Any]], capacity: int, prefill_us: fl
         for process in reversed(processes):
             process.terminate()
             process.wait(timeout=10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _buckets(metrics: str) -> list[tuple[float, float]]:
@@ -346,7 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"joint / {base}: {ratios['joint'] / ratios[base]:.2f}x cached-token ratio")
         if "joint-2gw" in ratios:
             print(f"2 gateways / 1 gateway: {ratios['joint-2gw'] / ratios['joint']:.1%} of the ratio")
-    for _, r in rows:
+    for name, r in rows:
+        if "busy" in r:
+            busy = ", ".join(f"{b:.0%}" for b in r["busy"])
+            print(f"{name}: gateway CPU {busy} of one core over the run; load average {r['load'][0]:.1f} before, "
+                  f"{r['load'][1]:.1f} after ({os.cpu_count()} cores)")  # fmt: skip
         for i, (applied, p50, p99) in enumerate(r.get("lag", [])):
             print(f"replication lag, gateway {i + 1}: {applied} changes applied, p50 <= {p50:g} ms, p99 <= {p99:g} ms")
         if "idle_lag" in r:

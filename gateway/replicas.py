@@ -1,8 +1,10 @@
 """The engine replicas behind one gateway: per replica its URL, engine kind, client, health, load and index.
 
 Each replica owns a :class:`~gateway.residency.Residency` (its own live index: what *that* engine holds) and a
-:class:`~gateway.planner.Planner` bound to it (its own rewrite memo and, for llama.cpp, its slot table), so a
-request planned for a replica is ordered against that replica's cache and committed there only.
+:class:`~gateway.planner.Planner` bound to it (for llama.cpp, its slot table; with a single replica, the planner).
+With several, the router plans each request once with one planner shared by the replicas, whose index lookups
+go to the replica chosen for that request (``gateway.router``), so a request is ordered against that replica's
+cache and committed there only.
 
 Health: with several replicas, every ``health_interval`` seconds each one's ``/health`` (else ``/v1/models``)
 is asked. ``eject_after`` consecutive failures (checks, or requests that could not be sent) take a replica out of
