@@ -55,6 +55,7 @@ logger = logging.getLogger("prefixgate.router")
 
 T = TypeVar("T")
 _CHARS_PER_TOKEN = 4
+_RANK_BUDGET = 8  # trie nodes a ranking walk may visit per replica (the winner's plan searches the index's budget)
 _SESSION_HEADERS = ("x-prefixgate-session", "x-session-id", "x-contextpilot-session")
 _encoder = msgspec.json.Encoder()
 
@@ -250,7 +251,7 @@ class Router:
         candidates = []
         for replica in healthy:
             index = replica.residency.index
-            cached = sum(index.cached(key, blocks) for key, blocks in groups) if total_blocks else 0
+            cached = sum(index.cached(key, blocks, _RANK_BUDGET) for key, blocks in groups) if total_blocks else 0
             candidates.append(
                 Candidate(replica.position, int(cached * per_block), replica.in_flight, replica.queued_tokens,
                           replica.sent)
@@ -330,15 +331,13 @@ def _conversation(body: RequestBody, headers: Mapping[str, str]) -> bytes | None
     user = body.top.get("user")
     if user is not None:
         return b"u" + blake2b(bytes(user), digest_size=16).digest()
-    digest = blake2b(digest_size=16)
+    # the affinity table lives in this process: Python's keyed string hash (SipHash, a per-process key) is enough
+    # and several times cheaper than a digest of RAG-sized messages
+    parts: list[object] = []
     for message in messages[:2]:
-        digest.update(message.role.encode())
         content = message.content
-        if isinstance(content, str):
-            digest.update(content.encode("utf-8", "surrogatepass"))
-        elif content is not None:
-            digest.update(_encoder.encode(content))
-    return b"m" + digest.digest()
+        parts += (message.role, content if isinstance(content, str) or content is None else _encoder.encode(content))
+    return b"m" + hash(tuple(parts)).to_bytes(8, "big", signed=True)
 
 
 class _ReplicaCollector(Collector):

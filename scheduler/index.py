@@ -154,16 +154,17 @@ class LiveIndex:
             self._hit_blocks += cached
         return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
 
-    def cached(self, key: Hashable, blocks: Sequence[int]) -> int:
+    def cached(self, key: Hashable, blocks: Sequence[int], budget: int | None = None) -> int:
         """How many leading blocks :meth:`plan` would predict cached, without ordering the rest or counting a
-        plan in the stats (a router asks every replica's index this for each request)."""
+        plan in the stats (a router asks every replica's index this for each request). A smaller search
+        ``budget`` than the index's gives a lower bound, found sooner."""
         state = self._keys.get(key)
         if state is None or not state.trie.root.children:
             return 0
         remaining: dict[int, int] = {}
         for block in blocks:
             remaining[block] = remaining.get(block, 0) + 1
-        return len(match(state.trie.root, remaining, self._search_budget))
+        return len(match(state.trie.root, remaining, self._search_budget if budget is None else budget))
 
     def popularity(self, key: Hashable) -> Popularity | None:
         """The popularity behind ``key``'s canonical order (for ``plan_batch``), or ``None`` for a new key.

@@ -30,8 +30,23 @@ def test_cached_is_the_plans_count_without_counting_a_plan(paths: list[list[int]
         index.commit(b"k", f"r{i}", path)
     plans = index.stats().plans
     assert index.cached(b"k", blocks) == index.plan(b"k", blocks).cached
+    assert index.cached(b"k", blocks, budget=1) <= index.cached(b"k", blocks), "a smaller search: a lower bound"
     assert index.cached(b"other", blocks) == 0
     assert index.stats().plans == plans + 1, "only plan() is counted"
+
+
+def test_a_conversation_is_known_by_its_first_two_messages_or_its_session() -> None:
+    from gateway.router import _conversation
+
+    def key(content: bytes, **headers: str) -> bytes | None:
+        return _conversation(decode_request(content, CHAT_ROUTE), headers)
+
+    first = key(chat(xml_docs(["alpha", "beta"]), "q1"))
+    assert first == key(chat(xml_docs(["alpha", "beta"]), "q1"))
+    assert first != key(chat(xml_docs(["alpha", "beta"]), "q2"))
+    assert first != key(chat(xml_docs(["beta", "alpha"]), "q1"))
+    assert key(chat("a", "b"), **{"x-session-id": "s1"}) == key(chat("c", "d"), **{"x-session-id": "s1"})
+    assert key(chat("a", "b", user="u1")) == key(chat("c", "d", user="u1")) != first
 
 
 def _router() -> Router:
