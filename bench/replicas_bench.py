@@ -377,9 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied, p50, p99 = r["idle_lag"]
             print(f"replication lag, one request at a time: {applied} changes, p50 <= {p50:g} ms, p99 <= {p99:g} ms")
     cost = _routing_cost(bodies[: 300 if args.quick else 1000])
-    print(f"routing + planning in process (CPU time), p50: {cost['four']:.3f} ms with {REPLICAS} replicas, {cost['one']:.3f} ms "
-          f"with 1; routing adds p50 {cost['p50']:.3f} ms, p99 {cost['p99']:.3f} ms per request "
-          f"({cost['n']:.0f} requests)")  # fmt: skip
+    print(f"routing + planning in process (CPU time), p50: {cost['four']:.3f} ms with {REPLICAS} replicas, "
+          f"{cost['one']:.3f} ms with 1; routing adds p50 {cost['p50']:.3f} ms, p99 {cost['p99']:.3f} ms per "
+          f"request ({cost['n']:.0f} requests)")  # fmt: skip
     return 0
 
 
