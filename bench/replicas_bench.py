@@ -15,8 +15,8 @@ then ``joint``: one prefixgate with the four ``--upstream``s (evictions reported
 alternating between them, every engine reporting its evictions to the first one only.
 
 Reports the engine-reported cached-token ratio, the simulated prefill time, requests per replica (max/min), p99
-latency, each gateway's CPU use over the run (with the machine's load average: a gateway that gets a small share
-of a core is waiting for the CPU, not working), the replication lag under that load and one request at a time,
+latency, each gateway's CPU use over the run and how long its event loop was ready to run but waited for a free
+CPU (with the machine's load average), the replication lag under that load and one request at a time,
 and the routing cost in process: what planning a request with 4 replicas takes over planning it with 1, per
 request (p50 and p99).
 """
@@ -225,10 +225,13 @@ def _mode(name: str, bodies: list[dict[str, Any]], capacity: int, prefill_us: fl
         for target, process in zip(targets, processes[-gateways:], strict=True):
             _wait(target + "/health", process)
         cpu = [_cpu_seconds(process.pid) for process in processes[-gateways:]]
+        waited = [_runqueue_seconds(process.pid) for process in processes[-gateways:]]
         load = os.getloadavg()[0]
         result = asyncio.run(_run(targets, bodies, None, capacity))
         used = [_cpu_seconds(p.pid) - c for p, c in zip(processes[-gateways:], cpu, strict=True)]
         result["busy"] = [u / result["wall"] for u in used]  # a gateway's CPU time over the run's wall time
+        waits = [_runqueue_seconds(p.pid) - w for p, w in zip(processes[-gateways:], waited, strict=True)]
+        result["waiting"] = [w / result["wall"] for w in waits]  # its event loop ready to run, but no CPU free
         result["load"] = (load, os.getloadavg()[0])
         if gateways > 1:
             time.sleep(0.5)
@@ -248,6 +251,15 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runqueue_seconds(pid: int) -> float:
+    """Seconds a process's main thread (the gateway's event loop) was ready to run but waited for a CPU (Linux
+    ``/proc/<pid>/schedstat``; 0 elsewhere)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _buckets(metrics: str) -> list[tuple[float, float]]:
@@ -369,8 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, r in rows:
         if "busy" in r:
             busy = ", ".join(f"{b:.0%}" for b in r["busy"])
-            print(f"{name}: gateway CPU {busy} of one core over the run; load average {r['load'][0]:.1f} before, "
-                  f"{r['load'][1]:.1f} after ({os.cpu_count()} cores)")  # fmt: skip
+            waiting = ", ".join(f"{w:.0%}" for w in r["waiting"])
+            print(f"{name}: gateway CPU {busy} of one core over the run, event loop waiting for a free CPU {waiting} "
+                  f"of it; load average {r['load'][0]:.1f} before, {r['load'][1]:.1f} after "
+                  f"({os.cpu_count()} cores)")  # fmt: skip
         for i, (applied, p50, p99) in enumerate(r.get("lag", [])):
             print(f"replication lag, gateway {i + 1}: {applied} changes applied, p50 <= {p50:g} ms, p99 <= {p99:g} ms")
         if "idle_lag" in r:
