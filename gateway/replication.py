@@ -111,15 +111,14 @@ class Replication:
 
     async def run(self) -> None:
         """Publish and follow (in two threads) until cancelled."""
-        self._stop.clear()
+        stop = self._stop = threading.Event()  # this run's: a thread abandoned by an earlier run keeps its own, set
         try:
             async with anyio.create_task_group() as tg:
                 for work in (self._publish_loop, self._follow_loop):
-                    tg.start_soon(
-                        partial(anyio.to_thread.run_sync, work, abandon_on_cancel=True, limiter=self._threads)
-                    )
+                    run = partial(anyio.to_thread.run_sync, work, stop, abandon_on_cancel=True, limiter=self._threads)
+                    tg.start_soon(run)
         finally:
-            self._stop.set()  # an abandoned thread ends within one XREAD block or queue wait
+            stop.set()  # an abandoned thread ends within one XREAD block or queue wait
             self._queued.set()
 
     async def aclose(self) -> None:
@@ -151,22 +150,22 @@ class Replication:
                     raise
                 self.metrics.state_published.inc(len(batch))
 
-    def _publish_loop(self) -> None:
-        while not self._stop.is_set():
+    def _publish_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             self._queued.wait(_WAIT)
             self._queued.clear()  # before sending: a change appended from now on sets it again
             try:
                 self._send_queued()
             except (RedisError, OSError) as exc:
-                if self._stop.is_set():
+                if stop.is_set():
                     return  # closed at shutdown
                 self.metrics.state_errors.labels("publish").inc()
                 logger.warning("cannot publish index changes to Redis: %s", exc)
-                self._stop.wait(1.0)
+                stop.wait(1.0)
 
-    def _follow_loop(self) -> None:
+    def _follow_loop(self, stop: threading.Event) -> None:
         last_length = 0.0
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 answer: Any = self.redis.xread({self.stream: self.last_id}, count=_BATCH, block=int(_WAIT * 1000))
                 events = []
@@ -176,17 +175,17 @@ class Replication:
                         event = self._decode(fields.get(b"e", b""))
                         if event is not None:
                             events.append(event)
-                if events and not self._stop.is_set():
+                if events and not stop.is_set():
                     anyio.from_thread.run_sync(self._apply_events, events)
                 if time.monotonic() - last_length > 1.0:
                     last_length = time.monotonic()
                     self.metrics.state_stream_length.set(self.redis.xlen(self.stream))
             except (RedisError, OSError) as exc:
-                if self._stop.is_set():
+                if stop.is_set():
                     return  # closed at shutdown
                 self.metrics.state_errors.labels("follow").inc()
                 logger.warning("cannot read index changes from Redis: %s", exc)
-                self._stop.wait(1.0)
+                stop.wait(1.0)
             except anyio.RunFinishedError:
                 return  # the event loop is gone (shutdown)
 

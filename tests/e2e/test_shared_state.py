@@ -120,7 +120,7 @@ def test_changes_are_applied_in_order_on_the_loop_and_the_threads_stop_with_the_
         ended: list[str] = []
         for name in ("_publish_loop", "_follow_loop"):
             work = getattr(b, name)
-            setattr(b, name, lambda work=work, name=name: (work(), ended.append(name)))
+            setattr(b, name, lambda stop, work=work, name=name: (work(stop), ended.append(name)))
         async with anyio.create_task_group() as tg:
             tg.start_soon(a.run)
             tg.start_soon(b.run)
