@@ -25,7 +25,8 @@ request headers one byte at a time for the whole run (the gateway must cut them 
 requests carry 100 KB of headers (431 expected). Reported: requests, lost (no answer at all, not counting the
 deliberate disconnects), non-2xx by status, the gateway's longest event-loop stall (its own
 ``prefixgate_event_loop_busy_max_seconds``: CPU time between two 10 ms ticks, so that a machine shared with other
-work does not count; the wall-clock lateness is printed too) and RSS after warm-up and at the end.
+work does not count; the wall-clock lateness and the longest full garbage collection,
+``prefixgate_gc_pause_max_seconds``, are printed too) and RSS after warm-up and at the end.
 
 Also watched: the gateway's live index never exceeds its cap (``GET /stats``, sampled), the gateway's resident
 memory (``/proc/<pid>/status``: start, sampled peak and ``VmHWM``, end) and ``prefixgate_in_flight_requests``
@@ -467,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stall = (
             _metric(exported, "prefixgate_event_loop_stall_max_seconds"),
             _metric(exported, "prefixgate_event_loop_busy_max_seconds"),
+            _metric(exported, r'prefixgate_gc_pause_max_seconds\{generation="2"\}'),
         )
         sim_stats = httpx.get(f"{sim_url}/sim/stats", timeout=10).json()
     finally:
@@ -495,7 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_hostile(
-    args: argparse.Namespace, count: int, hostile: Hostile, stall: tuple[float, float], rss_start: int, rss_end: int
+    args: argparse.Namespace,
+    count: int,
+    hostile: Hostile,
+    stall: tuple[float, float, float],
+    rss_start: int,
+    rss_end: int,
 ) -> int:
     """The hostile side: what was sent, what came back, and the targets of issue 11."""
     fives = sum(n for status, n in hostile.statuses.items() if status >= 500)
@@ -510,6 +517,7 @@ def _report_hostile(
     print(f"slowloris                 {slow}")
     print(f"max event-loop stall      {stall[1] * 1000:.1f} ms of the gateway's own work between two 10 ms ticks")
     print(f"  (timer lateness         {stall[0] * 1000:.1f} ms wall clock, including time the OS gave to others)")
+    print(f"  (longest full GC        {stall[2] * 1000:.1f} ms CPU, one of the causes of a long tick)")
     print(f"RSS after warm-up / end   {rss_start / 1024:.1f} MiB / {rss_end / 1024:.1f} MiB (growth {growth:+.1f} MiB)")
     failed = hostile.lost or fives or stall[1] > 0.05 or growth >= 50 or set(hostile.floods) - {431}
     print(f"hostile result: {'FAIL' if failed else 'PASS'}")
