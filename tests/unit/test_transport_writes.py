@@ -26,7 +26,7 @@ class _Transport:
 def _stream() -> tuple[_Stream, _Connection, _Transport]:
     connection = _Connection()
     transport = _Transport()
-    connection.transport = transport  # type: ignore[assignment]
+    connection.transport = transport
     return _Stream(connection), connection, transport
 
 
