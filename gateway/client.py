@@ -9,8 +9,8 @@ failures raise instead of returning ``None``::
     ├── IndexAPIError             the server answered 4xx/5xx (or an unreadable body): status, type, param, code
     └── IndexUnavailable          no answer: connection refused or reset, DNS, timeout
 
-``transport_error`` is the one place that turns ``httpx`` exceptions into ours; ``decode_response`` is the
-one place that reads a response (success body or OpenAI-style ``{"error": {...}}`` envelope).
+The errors, the payloads and the reading of answers live in :mod:`gateway.index_wire` (one place for each); the
+errors and ``ReorderOptions`` are re-exported here.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ whenever either is configured, and a client key sees only its own part: its own 
 ids issued to it are honoured only for it. A gateway with neither configured is one open tenant.
 
 Big batches are planned in a worker thread on an immutable snapshot of the live index, so the proxy keeps
-serving; only the final commit runs on the event loop.
+serving; only the final commit runs on the event loop. The request bodies, their decoding and their limits are
+``gateway.index_bodies``.
 """
 
 from __future__ import annotations
