@@ -25,7 +25,8 @@ request headers one byte at a time for the whole run (the gateway must cut them 
 requests carry 100 KB of headers (431 expected). Reported: requests, lost (no answer at all, not counting the
 deliberate disconnects), non-2xx by status, the gateway's longest event-loop stall (its own
 ``prefixgate_event_loop_busy_max_seconds``: CPU time between two 10 ms ticks, so that a machine shared with other
-work does not count; the wall-clock lateness is printed too) and RSS after warm-up and at the end.
+work does not count; the wall-clock lateness and the longest full garbage collection,
+``prefixgate_gc_pause_max_seconds``, are printed too) and RSS after warm-up and at the end.
 
 Also watched: the gateway's live index never exceeds its cap (``GET /stats``, sampled), the gateway's resident
 memory (``/proc/<pid>/status``: start, sampled peak and ``VmHWM``, end) and ``prefixgate_in_flight_requests``
@@ -51,13 +52,12 @@ from typing import Any
 import httpx
 
 from bench.proxy_bench import _free_port, _wait
+from bench.soak_hostile import Hostile, Mix, flood, hold_slowloris, report_hostile
+from bench.soak_workload import build_request, parse_answer
 
 __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[1]
-_WORDS = [a + b for a in ("ka", "lo", "mi", "nu", "pe", "ra", "si", "tu") for b in ("ba", "do", "fi", "gu", "ho", "je")]
-TOPICS = 24
-DOCS_PER_TOPIC = 10
 
 
 @dataclass
@@ -70,18 +70,6 @@ class Totals:
     reordered: int = 0
     detection_mismatches: int = 0
     latencies: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Hostile:
-    """What the hostile side of the load saw."""
-
-    disconnects: int = 0
-    slowloris_cut: int = 0
-    slowloris_opened: int = 0
-    floods: Counter[int] = field(default_factory=Counter)
-    statuses: Counter[int] = field(default_factory=Counter)  # non-2xx answers to ordinary and hostile requests
-    lost: int = 0
 
 
 @dataclass
@@ -100,112 +88,6 @@ def _proc_kib(pid: int, key: str) -> int:
     return 0
 
 
-def _doc(topic: int, k: int) -> str:
-    rng = random.Random(topic * 1000 + k)
-    return f"Fact {topic}.{k}: " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(25, 45))) + "."
-
-
-def _question(i: int) -> str:
-    rng = random.Random(-i - 1)
-    filler = " ".join(rng.choice(_WORDS) for _ in range(70))
-    return f"Using the facts, explain {filler} and cite them (reference {i})."
-
-
-def _hostile_text(i: int) -> str:
-    """A prompt built to be expensive or misleading for the detectors; blocks keep the oracle invariants."""
-    rng = random.Random(i)
-    variant = i % 5
-    if variant == 0:  # many distinct numbering styles, then prose (issue 11, item 1)
-        styles = rng.randint(100, 200)
-        head = "".join(f"Doc{' ' * k}1: some text here\nDoc{' ' * k}2: more text here\n" for k in range(1, styles))
-        return head + "ordinary words in a line of prose\n" * 800
-    if variant == 1:  # many distinct separator lines
-        parts = [f"document text number {k} with enough characters\n{'-' * (3 + k)}\n" for k in range(150)]
-        return "Here are the retrieved documents:\n" + "".join(parts) * 2
-    if variant == 2:  # identifiers that look like positions
-        docs = [_doc(rng.randrange(TOPICS), k) for k in range(3)]
-        return (
-            "Context:\n"
-            + "".join(f"Article {12 + n}: {doc}\n" for n, doc in enumerate(docs))
-            + "\n"
-            + "".join(f"## Document {2021 + n} annual report\n{doc}\n\n" for n, doc in enumerate(docs))
-        )
-    if variant == 3:  # tags that do not pair, an index quoted inside another attribute
-        doc = _doc(rng.randrange(TOPICS), 1)
-        return (
-            "<documents><document>In DocBook, the <document> element wraps a whole book.</document>\n"
-            f'<document>{doc}</document></documents>\n<docs><doc title="see index=\'1\'" index="2">{doc}</doc>\n'
-            f'<doc index="3">{doc}</doc></docs>'
-        )
-    return "word " * 40_000  # one giant line
-
-
-def build_request(i: int, hostile: bool = False) -> tuple[str, str, dict[str, Any], int]:
-    """Request ``i``: (kind label, route, body, number of retrieved blocks; -1: not checked)."""
-    if hostile:
-        content = f"{_hostile_text(i)}\n\n{_question(i)}"
-        body = {"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
-        return "hostile", "/v1/chat/completions", body, -1
-    rng = random.Random(i)
-    chat = i % 4 < 2
-    stream = i % 2 == 1
-    rag = (i // 4) % 4 != 3
-    docs: list[str] = []
-    if rag:
-        topic = rng.randrange(TOPICS)
-        picks = rng.sample(range(DOCS_PER_TOPIC), rng.randint(3, 8))
-        docs = [_doc(topic, k) for k in picks]
-    question = _question(i)
-    max_tokens = rng.randint(4, 16)
-    body: dict[str, Any] = {"model": "sim", "max_tokens": max_tokens, "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    if chat:
-        messages = []
-        if docs:
-            inner = "\n".join(f'<document id="t{i % TOPICS}-{n}">{doc}</document>' for n, doc in enumerate(docs))
-            messages.append(
-                {"role": "system", "content": f"Answer only from the documents.\n<documents>\n{inner}\n</documents>"}
-            )
-        messages.append({"role": "user", "content": question})
-        body["messages"] = messages
-        route = "/v1/chat/completions"
-    else:
-        context = "\n".join(f"[{n + 1}] {doc}" for n, doc in enumerate(docs))
-        body["prompt"] = (f"Sources:\n{context}\n\n" if docs else "") + f"Question: {question}\nAnswer:"
-        route = "/v1/completions"
-    kind = f"{'chat' if chat else 'completions'} {'stream' if stream else 'json'} {'rag' if rag else 'plain'}"
-    return kind, route, body, len(docs)
-
-
-def _parse(chat: bool, stream: bool, status: int, raw: bytes) -> tuple[str, dict[str, Any]] | str:
-    """(text, usage) of a well-formed answer, or a string saying what is wrong with it."""
-    if status != 200:
-        return f"status {status}: {raw[:200]!r}"
-    if not stream:
-        payload = json.loads(raw)
-        choice = payload["choices"][0]
-        text = choice["message"]["content"] if chat else choice["text"]
-        return text, payload["usage"]
-    if not raw.endswith(b"data: [DONE]\n\n"):
-        return f"stream does not end with [DONE]: {raw[-200:]!r}"
-    pieces: list[str] = []
-    usage: dict[str, Any] | None = None
-    for event in raw.split(b"\n\n")[:-2]:
-        if not event.startswith(b"data: "):
-            return f"not an SSE data event: {event[:100]!r}"
-        payload = json.loads(event[6:])
-        if "error" in payload:
-            return f"error event: {payload['error']}"
-        for choice in payload.get("choices") or []:
-            pieces.append((choice.get("delta") or {}).get("content") or "" if chat else choice.get("text") or "")
-        if payload.get("usage"):
-            usage = payload["usage"]
-    if usage is None:
-        return "stream without usage"
-    return "".join(pieces), usage
-
-
 async def _send(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) -> tuple[int, bytes, dict[str, str]]:
     headers = {"content-type": "application/json"}
     if stream:
@@ -213,20 +95,6 @@ async def _send(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) 
             return response.status_code, await response.aread(), dict(response.headers)
     response = await client.post(url, content=body, headers=headers)
     return response.status_code, response.content, dict(response.headers)
-
-
-@dataclass(frozen=True)
-class Mix:
-    """Which requests are abandoned or hostile (decided per request index, reproducibly)."""
-
-    disconnect_rate: float
-    hostile_rate: float
-
-    def of(self, i: int) -> str:
-        draw = random.Random(i * 7919 + 1).random()
-        if draw < self.disconnect_rate:
-            return "disconnect"
-        return "hostile" if draw < self.disconnect_rate + self.hostile_rate else "plain"
 
 
 async def _abandon(client: httpx.AsyncClient, gateway: str, i: int, hostile: Hostile) -> None:
@@ -273,7 +141,7 @@ async def _run_one(
     if not 200 <= status < 300:
         hostile.statuses[status] += 1
     row.latencies.append(time.perf_counter() - started)
-    got = _parse(chat, stream, status, raw)
+    got = parse_answer(chat, stream, status, raw)
     if isinstance(got, str):
         row.errors += 1
         problems.append(f"#{i} {kind}: {got}")
@@ -286,7 +154,7 @@ async def _run_one(
         o_status, o_raw, _ = await _send(client, oracle + route, encoded, stream)
     except httpx.TransportError:  # the oracle is not under test: one retry on a fresh connection
         o_status, o_raw, _ = await _send(client, oracle + route, encoded, stream)
-    expected = _parse(chat, stream, o_status, o_raw)
+    expected = parse_answer(chat, stream, o_status, o_raw)
     if isinstance(expected, str):
         raise RuntimeError(f"the oracle failed on #{i}: {expected}")
     text, usage = got
@@ -310,47 +178,6 @@ async def _sample(gateway: str, pid: int, watch: Watch, stop: asyncio.Event) -> 
                 await asyncio.wait_for(stop.wait(), 0.25)
             except TimeoutError:
                 pass
-
-
-async def _slowloris(port: int, hostile: Hostile, stop: asyncio.Event) -> None:
-    """Hold a connection that sends its headers one byte at a time; reconnect whenever the gateway cuts it."""
-    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: " + b"s" * 10_000
-    while not stop.is_set():
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.5)
-            continue
-        hostile.slowloris_opened += 1
-        try:
-            for byte in request:
-                if stop.is_set():
-                    break
-                writer.write(bytes([byte]))
-                await writer.drain()
-                try:
-                    await asyncio.wait_for(reader.read(1), 0.5)
-                    hostile.slowloris_cut += 1  # the server answered (408) or closed: it cut us off
-                    break
-                except TimeoutError:
-                    continue
-        except OSError:
-            hostile.slowloris_cut += 1
-        finally:
-            writer.close()
-
-
-async def _flood(port: int, hostile: Hostile) -> None:
-    """One request with 100 KB of headers (the gateway limit is 64 KB by default)."""
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\n" + b"X-Flood: " + b"f" * 100_000 + b"\r\n\r\n")
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 10)
-        writer.close()
-        hostile.floods[int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0] += 1
-    except (OSError, TimeoutError):
-        hostile.floods[0] += 1
 
 
 async def _load(
@@ -378,11 +205,11 @@ async def _load(
         async def worker() -> None:
             for i in next_index:
                 if flood_every and i % flood_every == 0:
-                    await _flood(port, hostile)
+                    await flood(port, hostile)
                 await _run_one(client, gateway, oracle, i, totals, problems, mix, hostile)
 
         sampler = asyncio.create_task(_sample(gateway, pid, watch, stop))
-        slow = [asyncio.create_task(_slowloris(port, hostile, stop)) for _ in range(slowloris)]
+        slow = [asyncio.create_task(hold_slowloris(port, hostile, stop)) for _ in range(slowloris)]
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
@@ -467,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stall = (
             _metric(exported, "prefixgate_event_loop_stall_max_seconds"),
             _metric(exported, "prefixgate_event_loop_busy_max_seconds"),
+            _metric(exported, r'prefixgate_gc_pause_max_seconds\{generation="2"\}'),
         )
         sim_stats = httpx.get(f"{sim_url}/sim/stats", timeout=10).json()
     finally:
@@ -491,29 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         in_flight,
         sim_stats,
     )
-    return _report_hostile(args, count, hostile, stall, rss_start, rss_end) or failed
-
-
-def _report_hostile(
-    args: argparse.Namespace, count: int, hostile: Hostile, stall: tuple[float, float], rss_start: int, rss_end: int
-) -> int:
-    """The hostile side: what was sent, what came back, and the targets of issue 11."""
-    fives = sum(n for status, n in hostile.statuses.items() if status >= 500)
-    growth = (rss_end - rss_start) / 1024
-    print(f"\nHostile mix (all {count} requests, warm-up {args.warmup} included)")
-    print(f"requests                  {count} ({args.disconnect_rate:.0%} abandoned, {args.hostile_rate:.0%} hostile)")
-    print(f"lost                      {hostile.lost}")
-    print(f"non-2xx by status         {dict(sorted(hostile.statuses.items())) or '{}'}")
-    print(f"abandoned by the client   {hostile.disconnects}")
-    print(f"header floods by status   {dict(sorted(hostile.floods.items()))}")
-    slow = f"{args.slowloris} held, {hostile.slowloris_opened} opened, {hostile.slowloris_cut} cut by the gateway"
-    print(f"slowloris                 {slow}")
-    print(f"max event-loop stall      {stall[1] * 1000:.1f} ms of the gateway's own work between two 10 ms ticks")
-    print(f"  (timer lateness         {stall[0] * 1000:.1f} ms wall clock, including time the OS gave to others)")
-    print(f"RSS after warm-up / end   {rss_start / 1024:.1f} MiB / {rss_end / 1024:.1f} MiB (growth {growth:+.1f} MiB)")
-    failed = hostile.lost or fives or stall[1] > 0.05 or growth >= 50 or set(hostile.floods) - {431}
-    print(f"hostile result: {'FAIL' if failed else 'PASS'}")
-    return 1 if failed else 0
+    return report_hostile(args, count, hostile, stall, rss_start, rss_end) or failed
 
 
 def _report(

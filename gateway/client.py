@@ -9,17 +9,30 @@ failures raise instead of returning ``None``::
     ├── IndexAPIError             the server answered 4xx/5xx (or an unreadable body): status, type, param, code
     └── IndexUnavailable          no answer: connection refused or reset, DNS, timeout
 
-``_transport_error`` is the one place that turns ``httpx`` exceptions into ours; ``_decode_response`` is the
-one place that reads a response (success body or OpenAI-style ``{"error": {...}}`` envelope).
+The errors, the payloads and the reading of answers live in :mod:`gateway.index_wire` (one place for each); the
+errors and ``ReorderOptions`` are re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Final, Self, TypedDict, TypeVar, Unpack, cast
+from typing import Any, Final, Self, TypeVar, Unpack, cast
 
 import httpx
+
+from gateway.index_wire import (
+    IndexAPIError,
+    IndexClientError,
+    IndexUnavailable,
+    ReorderOptions,
+    decode_response,
+    dedup_payload,
+    is_ready_health,
+    reorder_pair,
+    reorder_payload,
+    transport_error,
+)
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -38,155 +51,6 @@ DEFAULT_BASE_URL: Final = "http://127.0.0.1:8765"
 DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
 
 Doc = TypeVar("Doc", int, str)
-
-
-class IndexClientError(Exception):
-    """Base of every error the index clients raise."""
-
-
-class IndexAPIError(IndexClientError):
-    """The index server answered with an error status (or a body that is not a JSON object).
-
-    Fields come from the OpenAI-style envelope ``{"error": {"message", "type", "param", "code"}}``; a FastAPI
-    ``{"detail": ...}`` body (ContextPilot's own server) or plain text becomes the message.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int,
-        type: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(f"{status}: {message}" if status else message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-        self.request_id = request_id
-
-
-class IndexUnavailable(IndexClientError):
-    """The index server could not be reached or did not answer in time."""
-
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
-
-
-def _transport_error(exc: httpx.HTTPError, method: str, url: str) -> IndexClientError:
-    if isinstance(exc, httpx.TimeoutException):
-        return IndexUnavailable(f"{method} {url} timed out ({type(exc).__name__})", timed_out=True)
-    if isinstance(exc, httpx.TransportError):
-        return IndexUnavailable(f"{method} {url} failed: {type(exc).__name__}: {exc}")
-    return IndexClientError(f"{method} {url} failed: {type(exc).__name__}: {exc}")
-
-
-def _optional_str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _api_error(response: httpx.Response, body: Any) -> IndexAPIError:
-    request_id = response.headers.get("x-request-id")
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        error = body["error"]
-        return IndexAPIError(
-            str(error.get("message") or response.reason_phrase),
-            status=response.status_code,
-            type=_optional_str(error.get("type")),
-            param=_optional_str(error.get("param")),
-            code=_optional_str(error.get("code")),
-            request_id=request_id,
-        )
-    if isinstance(body, dict) and "detail" in body:
-        message = str(body["detail"])
-    elif isinstance(body, dict) and "message" in body:
-        message = str(body["message"])
-    else:
-        message = response.text[:500] or response.reason_phrase
-    return IndexAPIError(message, status=response.status_code, request_id=request_id)
-
-
-def _decode_response(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = None
-    if not response.is_success:
-        raise _api_error(response, body)
-    if not isinstance(body, dict):
-        raise IndexAPIError(
-            f"expected a JSON object, got {response.headers.get('content-type', 'no content type')}",
-            status=response.status_code,
-            type="invalid_response",
-            request_id=response.headers.get("x-request-id"),
-        )
-    return body
-
-
-class ReorderOptions(TypedDict, total=False):
-    """``/reorder``'s options (ContextPilot's names); the last three only matter on a live (stateful) server."""
-
-    alpha: float
-    use_gpu: bool
-    linkage_method: str
-    initial_tokens_per_context: int
-    deduplicate: bool
-    parent_request_ids: Sequence[str | None] | None
-    hint_template: str | None
-    conversation_ids: Sequence[str | None] | None  # prefixgate extension: one conversation's turns keep their order
-
-
-# sent explicitly, as ContextPilot's client does, so both clients put the same bytes on the wire
-_REORDER_DEFAULTS: Final[dict[str, Any]] = {
-    "alpha": 0.001,
-    "use_gpu": False,
-    "linkage_method": "average",
-    "initial_tokens_per_context": 0,
-    "deduplicate": False,
-}
-_REORDER_OPTIONS: Final = frozenset(ReorderOptions.__annotations__)
-
-
-def _reorder_payload(contexts: Sequence[Sequence[Any]], options: ReorderOptions) -> dict[str, Any]:
-    unknown = sorted(options.keys() - _REORDER_OPTIONS)
-    if unknown:
-        raise TypeError(f"unexpected reorder option(s): {', '.join(unknown)}")
-    payload: dict[str, Any] = {"contexts": [list(context) for context in contexts], **_REORDER_DEFAULTS}
-    # like ContextPilot's client, a None option is left out rather than sent as null
-    payload.update((name, value) for name, value in options.items() if value is not None)
-    for name in ("parent_request_ids", "conversation_ids"):
-        values = options.get(name)
-        if values is not None:
-            payload[name] = list(values)  # type: ignore[call-overload]
-    return payload
-
-
-def _dedup_payload(
-    contexts: Sequence[Sequence[Any]], parent_request_ids: Sequence[str | None], hint_template: str | None
-) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "contexts": [list(context) for context in contexts],
-        "parent_request_ids": list(parent_request_ids),
-    }
-    if hint_template is not None:
-        payload["hint_template"] = hint_template
-    return payload
-
-
-def _reorder_pair(result: dict[str, Any]) -> tuple[list[list[Any]], list[int]]:
-    try:
-        return result["reordered_contexts"], result["original_indices"]
-    except KeyError as exc:
-        raise IndexAPIError(f"/reorder answer lacks {exc.args[0]!r}", status=200, type="invalid_response") from None
-
-
-def _is_ready(health: dict[str, Any]) -> bool:
-    return health.get("status") == "ready"
 
 
 class _ClientBase:
@@ -228,8 +92,8 @@ class IndexClient(_ClientBase):
         try:
             response = self._http.request(method, path, json=payload)
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, method, self.base_url + path) from exc
-        return _decode_response(response)
+            raise transport_error(exc, method, self.base_url + path) from exc
+        return decode_response(response)
 
     def reorder(
         self, contexts: Sequence[Sequence[Doc]], **options: Unpack[ReorderOptions]
@@ -238,13 +102,13 @@ class IndexClient(_ClientBase):
 
         ``reordered_contexts[i]`` is ``contexts[original_indices[i]]`` with its documents reordered.
         """
-        return cast("tuple[list[list[Doc]], list[int]]", _reorder_pair(self.reorder_raw(contexts, **options)))
+        return cast("tuple[list[list[Doc]], list[int]]", reorder_pair(self.reorder_raw(contexts, **options)))
 
     def reorder_raw(
         self, contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]], **options: Unpack[ReorderOptions]
     ) -> dict[str, Any]:
         """``POST /reorder``; the whole answer (``request_ids`` in input order, ``scheduled_request_ids``, ...)."""
-        return self._request("POST", "/reorder", _reorder_payload(contexts, options))
+        return self._request("POST", "/reorder", reorder_payload(contexts, options))
 
     build = reorder_raw  # deprecated in ContextPilot too
 
@@ -259,7 +123,7 @@ class IndexClient(_ClientBase):
     ) -> dict[str, Any]:
         """Deprecated: ``POST /schedule``, a reorder that never touches the live index."""
         options: ReorderOptions = {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method}
-        payload = _reorder_payload(contexts, {**options, "conversation_ids": conversation_ids})
+        payload = reorder_payload(contexts, {**options, "conversation_ids": conversation_ids})
         return self._request("POST", "/schedule", payload)
 
     def evict(self, request_ids: Sequence[str]) -> dict[str, Any]:
@@ -273,7 +137,7 @@ class IndexClient(_ClientBase):
         hint_template: str | None = None,
     ) -> dict[str, Any]:
         """``POST /deduplicate``: per context, the docs its parent chain already sent and the new ones."""
-        return self._request("POST", "/deduplicate", _dedup_payload(contexts, parent_request_ids, hint_template))
+        return self._request("POST", "/deduplicate", dedup_payload(contexts, parent_request_ids, hint_template))
 
     def search(self, context: Sequence[int] | Sequence[str], update_access: bool = True) -> dict[str, Any]:
         """``POST /search``: how many leading blocks of ``context`` the live index holds."""
@@ -311,7 +175,7 @@ class IndexClient(_ClientBase):
     def is_ready(self) -> bool:
         """Whether ``/health`` answers ``ready``; ``False`` (never an exception) when it cannot tell."""
         try:
-            return _is_ready(self.health())
+            return is_ready_health(self.health())
         except IndexClientError:
             return False
 
@@ -351,21 +215,21 @@ class AsyncIndexClient(_ClientBase):
         try:
             response = await self._http.request(method, path, json=payload)
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, method, self.base_url + path) from exc
-        return _decode_response(response)
+            raise transport_error(exc, method, self.base_url + path) from exc
+        return decode_response(response)
 
     async def reorder(
         self, contexts: Sequence[Sequence[Doc]], **options: Unpack[ReorderOptions]
     ) -> tuple[list[list[Doc]], list[int]]:
         """Reorder contexts for prefix sharing: ``(reordered_contexts, original_indices)``, in execution order."""
-        pair = _reorder_pair(await self.reorder_raw(contexts, **options))
+        pair = reorder_pair(await self.reorder_raw(contexts, **options))
         return cast("tuple[list[list[Doc]], list[int]]", pair)
 
     async def reorder_raw(
         self, contexts: Sequence[Sequence[int]] | Sequence[Sequence[str]], **options: Unpack[ReorderOptions]
     ) -> dict[str, Any]:
         """``POST /reorder``; the whole answer."""
-        return await self._request("POST", "/reorder", _reorder_payload(contexts, options))
+        return await self._request("POST", "/reorder", reorder_payload(contexts, options))
 
     build = reorder_raw  # deprecated in ContextPilot too
 
@@ -380,7 +244,7 @@ class AsyncIndexClient(_ClientBase):
     ) -> dict[str, Any]:
         """Deprecated: ``POST /schedule``, a reorder that never touches the live index."""
         options: ReorderOptions = {"alpha": alpha, "use_gpu": use_gpu, "linkage_method": linkage_method}
-        payload = _reorder_payload(contexts, {**options, "conversation_ids": conversation_ids})
+        payload = reorder_payload(contexts, {**options, "conversation_ids": conversation_ids})
         return await self._request("POST", "/schedule", payload)
 
     async def evict(self, request_ids: Sequence[str]) -> dict[str, Any]:
@@ -394,7 +258,7 @@ class AsyncIndexClient(_ClientBase):
         hint_template: str | None = None,
     ) -> dict[str, Any]:
         """``POST /deduplicate``."""
-        return await self._request("POST", "/deduplicate", _dedup_payload(contexts, parent_request_ids, hint_template))
+        return await self._request("POST", "/deduplicate", dedup_payload(contexts, parent_request_ids, hint_template))
 
     async def search(self, context: Sequence[int] | Sequence[str], update_access: bool = True) -> dict[str, Any]:
         """``POST /search``."""
@@ -433,7 +297,7 @@ class AsyncIndexClient(_ClientBase):
     async def is_ready(self) -> bool:
         """Whether ``/health`` answers ``ready``; ``False`` (never an exception) when it cannot tell."""
         try:
-            return _is_ready(await self.health())
+            return is_ready_health(await self.health())
         except IndexClientError:
             return False
 

@@ -14,6 +14,10 @@ subclass, configured from :class:`~gateway.settings.Settings`, that:
 - closes a keep-alive connection after ``http_max_requests_per_connection`` requests (``Connection: close`` on
   the last answer); idle keep-alive connections close after ``http_keepalive_timeout`` (uvicorn's own timer).
 
+It also sends the head of an answer whose length is known together with its body, in one write (uvicorn writes
+them apart: one more system call per request, ~4% of the gateway's CPU on the proxy path). Streamed answers
+(chunked, server-sent events) keep their head going out at once.
+
 The refusals are written by the protocol itself (the application never sees the request) as OpenAI-shaped
 JSON errors with ``Connection: close``.
 """
@@ -21,9 +25,9 @@ JSON errors with ``Connection: close``.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import error_body
 from gateway.settings import Settings
@@ -112,8 +116,10 @@ class _EdgeProtocol(HttpToolsProtocol):
         self._served += 1
         self._arm(self.body_timeout)
         super().on_headers_complete()
-        if self._served >= self.max_requests and self.cycle is not None:
-            self.cycle.keep_alive = False
+        if self.cycle is not None:
+            self.cycle.transport = cast(asyncio.Transport, _HeldHead(self.transport, self.cycle))
+            if self._served >= self.max_requests:
+                self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -136,6 +142,46 @@ class _EdgeProtocol(HttpToolsProtocol):
         if self.cycle is None or self.cycle.response_complete:
             self.transport.write(head + body)
         self.transport.close()
+
+
+class _HeldHead:
+    """The connection as one request's response cycle sees it: the head of an answer with a known, non-empty
+    length is held and written with the first body bytes (the cycle writes the head first; by then its
+    ``chunked_encoding`` is ``False`` for such an answer, and a HEAD request or an empty body never holds)."""
+
+    __slots__ = ("_cycle", "_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._held = b""
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        else:
+            cycle = self._cycle
+            if (
+                cycle.response_started
+                and not cycle.response_complete
+                and cycle.chunked_encoding is False
+                and cycle.expected_content_length > 0
+                and cycle.scope["method"] != "HEAD"
+                and data.startswith(b"HTTP/")
+            ):
+                self._held = data  # the body follows at once (``gateway.relay`` sends whole answers in one message)
+                return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        self._held = b""
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _Refused(Exception):

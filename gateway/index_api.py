@@ -17,29 +17,43 @@ whenever either is configured, and a client key sees only its own part: its own 
 ids issued to it are honoured only for it. A gateway with neither configured is one open tenant.
 
 Big batches are planned in a worker thread on an immutable snapshot of the live index, so the proxy keeps
-serving; only the final commit runs on the event loop.
+serving; only the final commit runs on the event loop. The request bodies, their decoding and their limits are
+``gateway.index_bodies``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-import msgspec
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from gateway.access import API_KEY, Access, index_key
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.ids import KeyNamespaces
+from gateway.index_bodies import (
+    DedupBody,
+    EvictBody,
+    InsertBody,
+    IntContexts,
+    Options,
+    SearchBody,
+    StrContexts,
+    check_hashable,
+    check_limits,
+    conversations,
+    decode_body,
+    decode_contexts,
+    token_estimates,
+)
 from gateway.replicas import ReplicaSet
 from gateway.residency import Residency
 from gateway.settings import Settings
-from gateway.wire import malformed_json_is_400, split_error_path
 from scheduler.batch import BatchPlan, plan_batch
 from scheduler.blocks import block_id
 from scheduler.dedup import DEFAULT_HINT_TEMPLATE
@@ -48,131 +62,6 @@ from scheduler.ids import mint_request_id
 __all__ = ["index_routes"]
 
 _COMMIT_CHUNK = 256
-_LINKAGE_METHODS = frozenset({"single", "complete", "average", "weighted", "centroid", "median", "ward"})
-
-
-class _Options(msgspec.Struct, kw_only=True):
-    alpha: float = 0.001
-    use_gpu: bool = False
-    linkage_method: str = "average"
-    initial_tokens_per_context: int = 0
-    parent_request_ids: list[str | None] | None = None
-    conversation_ids: list[str | None] | None = None
-    deduplicate: bool = False
-    hint_template: str | None = None
-
-
-class _IntContexts(_Options, kw_only=True):
-    contexts: list[list[int]]
-
-
-class _StrContexts(_Options, kw_only=True):
-    contexts: list[list[str]]
-
-
-class _EvictBody(msgspec.Struct):
-    request_ids: list[str]
-
-
-class _DedupBody(msgspec.Struct, kw_only=True):
-    contexts: list[list[Any]]
-    parent_request_ids: list[str | None]
-    hint_template: str | None = None
-
-
-class _SearchBody(msgspec.Struct, kw_only=True):
-    context: list[Any]
-    update_access: bool = True
-
-
-class _InsertBody(msgspec.Struct, kw_only=True):
-    context: list[Any]
-    search_path: list[int] = msgspec.field(default_factory=list)
-    total_tokens: int = 0
-
-
-_int_decoder = msgspec.json.Decoder(_IntContexts)
-_str_decoder = msgspec.json.Decoder(_StrContexts)
-
-
-T = TypeVar("T")
-
-
-def _decode(body: bytes, type_: type[T]) -> T:
-    try:
-        with malformed_json_is_400():
-            return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise InvalidRequest(f"invalid request: {text}", param=split_error_path(text)[1], code="invalid_type") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-
-
-def _decode_contexts(body: bytes) -> tuple[_IntContexts | _StrContexts, str]:
-    """Contexts are all lists of ints or all lists of strings; anything else is a 400 naming the spot."""
-    with malformed_json_is_400():
-        try:
-            return _int_decoder.decode(body), "integer"
-        except msgspec.ValidationError as int_error:
-            try:
-                return _str_decoder.decode(body), "string"
-            except msgspec.ValidationError:
-                pass
-            except msgspec.DecodeError as exc:  # truncated after the integer decoder stopped at a string
-                raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-            text = str(int_error)
-        except msgspec.DecodeError as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    raise InvalidRequest(
-        "contexts must be a list of lists of integers, or a list of lists of strings (not mixed, not nested, "
-        f"no floats or booleans): {text}",
-        param=split_error_path(text)[1] or "contexts",
-        code="invalid_contexts",
-    )
-
-
-def _check_limits(
-    request: _Options, contexts: Sequence[Sequence[Any]], settings: Settings, *, stateless: bool = False
-) -> None:
-    most = min(settings.reorder_max_contexts, settings.schedule_max_contexts) if stateless else None
-    most = most or settings.reorder_max_contexts
-    if len(contexts) > most:
-        raise PayloadTooLarge(f"at most {most} contexts per request", param="contexts", code="too_many_contexts")
-    for i, context in enumerate(contexts):
-        if len(context) > settings.reorder_max_blocks:
-            raise PayloadTooLarge(
-                f"at most {settings.reorder_max_blocks} blocks per context",
-                param=f"contexts[{i}]",
-                code="too_many_blocks",
-            )
-    if request.linkage_method not in _LINKAGE_METHODS:
-        raise InvalidRequest(f"unknown linkage_method {request.linkage_method!r}", param="linkage_method")
-    if not 0 <= request.alpha <= 1:
-        raise InvalidRequest("alpha must be between 0 and 1", param="alpha")
-    for name, values in (
-        ("parent_request_ids", request.parent_request_ids),
-        ("conversation_ids", request.conversation_ids),
-    ):
-        if values is not None and len(values) != len(contexts):
-            raise InvalidRequest(f"{name} has {len(values)} entries for {len(contexts)} contexts", param=name)
-
-
-def _token_estimates(contexts: Sequence[Sequence[Any]], ids: Sequence[Sequence[int]]) -> dict[int, int]:
-    """About 4 bytes per token: a block's weight in the plan (hits are tokens, not blocks)."""
-    return {
-        block: max(1, len(text.encode("utf-8", "surrogatepass")) // 4)
-        for context, blocks in zip(contexts, ids, strict=True)
-        for text, block in zip(context, blocks, strict=True)
-    }
-
-
-def _conversations(request: _Options) -> list[str | None] | None:
-    """Which contexts belong to one conversation and must run in input order: those with the same
-    ``conversation_id``, else those continuing the same ``parent_request_ids`` entry."""
-    if request.conversation_ids is not None:
-        return request.conversation_ids
-    return request.parent_request_ids
 
 
 class IndexApi:
@@ -210,20 +99,20 @@ class IndexApi:
         cooccurrence = self.residency.index.cooccurrence(key) if stateful else None
 
         def plan_off_loop() -> tuple[
-            _IntContexts | _StrContexts, str, list[list[int]], BatchPlan, list[list[Any]], float
+            IntContexts | StrContexts, str, list[list[int]], BatchPlan, list[list[Any]], float
         ]:
             # decoding, hashing and planning a big batch take long: a worker thread, on an immutable snapshot
-            parsed, input_type = _decode_contexts(raw)
-            _check_limits(parsed, parsed.contexts, self.settings, stateless=not stateful)
+            parsed, input_type = decode_contexts(raw)
+            check_limits(parsed, parsed.contexts, self.settings, stateless=not stateful)
             ids = [[block_id(block) for block in context] for context in parsed.contexts]
-            tokens = _token_estimates(parsed.contexts, ids) if input_type == "string" else None
+            tokens = token_estimates(parsed.contexts, ids) if input_type == "string" else None
             started = time.perf_counter()
             plan = plan_batch(
                 ids,
                 view=view,
                 popularity=popularity,
                 cooccurrence=cooccurrence,
-                conversations=_conversations(parsed),
+                conversations=conversations(parsed),
                 tokens=tokens,
             )
             elapsed = (time.perf_counter() - started) * 1000
@@ -279,7 +168,7 @@ class IndexApi:
         contexts: Sequence[Sequence[Any]],
         request_ids: Sequence[str],
         parents: Sequence[str | None] | None,
-        options: _Options,
+        options: Options,
     ) -> dict[str, Any]:
         results = []
         total = 0
@@ -306,17 +195,17 @@ class IndexApi:
 
     async def deduplicate(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         self.require_admin(request)
-        parsed = _decode(await request.body(), _DedupBody)
+        parsed = decode_body(await request.body(), DedupBody)
         if len(parsed.parent_request_ids) != len(parsed.contexts):
             raise InvalidRequest(
                 f"parent_request_ids has {len(parsed.parent_request_ids)} entries for {len(parsed.contexts)} contexts",
                 param="parent_request_ids",
             )
-        _check_hashable(parsed.contexts)
+        check_hashable(parsed.contexts)
         request_ids = [mint_request_id() for _ in parsed.contexts]
         self.residency.issue(request_ids)
         dedup = self._deduplicate(
-            parsed.contexts, request_ids, parsed.parent_request_ids, _Options(hint_template=parsed.hint_template)
+            parsed.contexts, request_ids, parsed.parent_request_ids, Options(hint_template=parsed.hint_template)
         )
         return {
             "status": "success",
@@ -328,7 +217,7 @@ class IndexApi:
 
     async def evict(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         self.require_admin(request)
-        parsed = _decode(await request.body(), _EvictBody)
+        parsed = decode_body(await request.body(), EvictBody)
         replica = request.query_params.get("replica")  # an engine hook configured per replica names it
         if self.replicas is not None:
             if replica is not None and self.replicas.get(replica) is None:
@@ -371,13 +260,6 @@ class IndexApi:
             },
             "timestamp": time.time(),
         }
-
-
-def _check_hashable(contexts: Sequence[Sequence[Any]]) -> None:
-    for i, context in enumerate(contexts):
-        for j, doc in enumerate(context):
-            if not isinstance(doc, int | str) or isinstance(doc, bool):
-                raise InvalidRequest("documents must be integers or strings", param=f"contexts[{i}][{j}]")
 
 
 def index_routes(
@@ -445,8 +327,8 @@ def index_routes(
     async def search(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """How many leading blocks of ``context`` the caller's view of the live index holds (in the given order)."""
         owner = api.identify(request)
-        parsed = _decode(await request.body(), _SearchBody)
-        _check_hashable([parsed.context])
+        parsed = decode_body(await request.body(), SearchBody)
+        check_hashable([parsed.context])
         if len(parsed.context) > settings.reorder_max_blocks:
             raise PayloadTooLarge(f"at most {settings.reorder_max_blocks} blocks", param="context")
         view = residency.index.snapshot(index_key(owner))
@@ -457,8 +339,8 @@ def index_routes(
     async def insert(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Record ``context`` as sent (in the given order) under a new request id."""
         api.require_admin(request)
-        parsed = _decode(await request.body(), _InsertBody)
-        _check_hashable([parsed.context])
+        parsed = decode_body(await request.body(), InsertBody)
+        check_hashable([parsed.context])
         request_id = mint_request_id()
         residency.issue([request_id])
         residency.commit(request_id, [(API_KEY, [block_id(b) for b in parsed.context])])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 
@@ -111,6 +112,12 @@ class Metrics:
             "Longest CPU time the event loop spent between two 10 ms timer ticks since start (its own work only)",
             registry=r,
         )
+        self.gc_pause = Gauge(
+            "prefixgate_gc_pause_max_seconds",
+            "Longest cyclic garbage collection since start, by generation (CPU time; it holds up every request)",
+            ["generation"],
+            registry=r,
+        )
 
         self.state_published = Counter(
             "prefixgate_state_published", "Index changes sent to the shared Redis stream", registry=r
@@ -184,17 +191,43 @@ async def watch_event_loop(metrics: Metrics, interval: float = 0.01) -> None:
     """Sleep ``interval`` again and again; whatever the wake-up is late by, the loop was busy with something else.
 
     Two measures: how late the timer fired (wall clock: includes time the OS gave to other processes), and how
-    much CPU time the event loop's thread spent between two ticks (only the gateway's own work).
+    much CPU time the event loop's thread spent between two ticks (only the gateway's own work). While it runs,
+    the longest garbage collection of each generation is recorded too: a full collection scans every tracked
+    object (the planner's memo holds many) with the GIL held, one cause of a long tick.
     """
+    pauses = _GcPauses(metrics)
+    gc.callbacks.append(pauses)
     worst = worst_cpu = 0.0
-    while True:
-        started, cpu = time.perf_counter(), time.thread_time()
-        await anyio.sleep(interval)
-        late = time.perf_counter() - started - interval
-        busy = time.thread_time() - cpu
-        if late > worst:
-            worst = late
-            metrics.loop_stall.set(worst)
-        if busy > worst_cpu:
-            worst_cpu = busy
-            metrics.loop_busy.set(worst_cpu)
+    try:
+        while True:
+            started, cpu = time.perf_counter(), time.thread_time()
+            await anyio.sleep(interval)
+            late = time.perf_counter() - started - interval
+            busy = time.thread_time() - cpu
+            if late > worst:
+                worst = late
+                metrics.loop_stall.set(worst)
+            if busy > worst_cpu:
+                worst_cpu = busy
+                metrics.loop_busy.set(worst_cpu)
+    finally:
+        gc.callbacks.remove(pauses)
+
+
+class _GcPauses:
+    """A ``gc.callbacks`` entry: the longest collection per generation, in the collecting thread's CPU time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._gauges = [metrics.gc_pause.labels(str(generation)) for generation in range(3)]
+        self._worst = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+            return
+        generation = info["generation"]
+        took = time.thread_time() - self._started
+        if took > self._worst[generation]:
+            self._worst[generation] = took
+            self._gauges[generation].set(took)

@@ -5,12 +5,9 @@ Per request: check the client key, resolve the request id (namespaced by that ke
 header values a server must not forward, read the body within the size limit. On the completion routes: decode the
 body once (``gateway.wire.RequestBody``), take a stream slot (429 beyond ``max_concurrent_streams``), let the
 planner plan it (one ``PlannedRequest``; 413 beyond ``max_blocks_per_request``), apply its fields and the engine's
-request-id stamp, encode the body once. Then stream the upstream answer back, calling the plan's ``accept``
-(the engine took the request), ``usage`` (the cached tokens it reported) and ``finish`` (it is done) on the way.
-
-Server-sent events are relayed chunk by chunk as they arrive; a client disconnect cancels the upstream request;
-a failure after the first streamed byte becomes one SSE ``error`` event. With citation mapping, the plan's
-``answer`` maps the answer's citation numbers back to the client's (``gateway.citations``).
+request-id stamp, encode the body once. Then send it upstream (to the next replica
+when one could not be reached) and hand the response to ``gateway.relay``, which answers the client and calls the
+plan's ``accept``, ``usage`` and ``finish`` on the way. A client disconnect cancels the upstream request.
 
 Nothing here blocks the event loop: a completion body of ``PLAN_IN_THREAD_BYTES`` or more is decoded, planned and
 encoded in a worker thread (the planner then reads the live index on the loop). Below it the work is cheaper than
@@ -24,40 +21,24 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 import httpx
 import msgspec
 
-from engines.base import EngineAdapter, cached_tokens_from_usage, prompt_tokens_from_usage
-from gateway.apis import SHAPES, error_body, normalize_error, stream_error
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    TooManyRequests,
-    Unauthorized,
-    UpstreamError,
-    upstream_error_from,
-)
+from engines.base import EngineAdapter
+from gateway.apis import SHAPES
+from gateway.errors import GatewayError, InvalidRequest, TooManyRequests, Unauthorized, upstream_error_from
 from gateway.ids import NO_BODY_IDS, BodyIds, KeyNamespaces, body_ids, mint_request_id, resolve_request_id
-from gateway.inbound import (
-    ClientGone,
-    Receive,
-    check_headers,
-    check_passthrough_path,
-    raw_path,
-    read_body,
-    read_limited,
-)
+from gateway.inbound import ClientGone, Receive, check_headers, check_passthrough_path, raw_path, read_body
 from gateway.logs import log_access, request_id_var
 from gateway.metrics import Metrics
 from gateway.planned import PlannedRequest, RequestPlanner, Upstream
+from gateway.relay import Call, Relay, Send, send_error
 from gateway.settings import Settings
-from gateway.upstream import UpstreamSender, request_headers, response_headers
-from gateway.usage import UsageSniffer, decode_answer
+from gateway.upstream import UpstreamSender, request_headers
 from gateway.wire import CHAT_ROUTE, COMPLETIONS_ROUTE, RequestBody, decode_request, malformed_json_is_400
 
 __all__ = ["PLAN_IN_THREAD_BYTES", "Proxy"]
@@ -65,55 +46,14 @@ __all__ = ["PLAN_IN_THREAD_BYTES", "Proxy"]
 logger = logging.getLogger("prefixgate.proxy")
 
 Scope = dict[str, Any]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 COMPLETION_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, *SHAPES})  # SHAPES: Anthropic Messages, Responses
 PLAN_IN_THREAD_BYTES = 64 << 10  # measured: see the module doc
-_MAX_ERROR_BODY = 1 << 20
-_MAX_JSON_BODY = 64 << 20
-_SSE = "text/event-stream"
 _encoder = msgspec.json.Encoder()
 T = TypeVar("T")
 # httpx errors raised before any byte of the request reached the engine: safe to send elsewhere
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _REROUTED = -1
-
-
-@dataclass(slots=True)
-class _Call:
-    """What the relay needs to know about the request it is answering."""
-
-    send: Send
-    request_id: str
-    route: str
-    started: float
-    own_headers: list[tuple[bytes, bytes]]
-    namespace: str | None = None
-    tenant: str | None = None  # the key's namespace when planning state is per key (see docs/reliability.md)
-    header_id: bool = False  # the client chose its id in X-Request-Id (it wins over body ids)
-    stream_slot: bool = False
-    planned: PlannedRequest | None = None
-    cached_tokens: int | None = None  # engine-reported, for the access log
-    upstream: Upstream | None = None  # None: the proxy's own upstream
-    body: RequestBody | None = None  # kept to plan the request again for another replica
-    headers: dict[str, str] | None = None
-    ids: BodyIds = NO_BODY_IDS  # the id fields the client sent in the body
-    payload: bytes = b""
-
-    def finish(self) -> None:
-        """The upstream is done with this request (e.g. its llama.cpp slot is free); idempotent."""
-        if self.planned is not None:
-            self.planned.finish()
-
-    async def end(self, body: bytes = b"", cached_tokens: int | None = None) -> None:
-        """Send the last body message, after the engine's feedback (``cached_tokens``) and ``finish``: a client
-        that sends its next request the moment this one ends must find the gateway's view of the upstream
-        already up to date."""
-        self.cached_tokens = cached_tokens
-        if self.planned is not None:
-            self.planned.usage(cached_tokens)
-        self.finish()
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class Proxy:
@@ -140,6 +80,7 @@ class Proxy:
         self.passthrough_upstream = passthrough_upstream  # several replicas: where non-planned requests go
         self._keys = [k.encode() for k in settings.api_key]
         self._namespaces = namespaces if namespaces is not None else KeyNamespaces(self._keys)
+        self.relay = Relay(metrics)
         self.streams = 0  # streaming completion requests in flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -158,7 +99,7 @@ class Proxy:
         path = raw_path(scope)
         route = path.decode("latin-1")
         route = route if route in COMPLETION_ROUTES else "passthrough"
-        call = _Call(send, request_id, route, started, [(b"x-request-id", request_id.encode())], namespace)
+        call = Call(send, request_id, route, started, [(b"x-request-id", request_id.encode())], namespace)
         call.tenant = None if self.settings.shared_cache else namespace
         call.header_id = bool(client_id)
         status = 500
@@ -171,7 +112,7 @@ class Proxy:
             status = 499
         except GatewayError as exc:
             status = exc.status
-            await _send_error(send, exc, request_id, route)
+            await send_error(send, exc, request_id, route)
         finally:
             if call.stream_slot:
                 self.streams -= 1
@@ -191,7 +132,7 @@ class Proxy:
             return client_id
         return resolve_request_id(client_id, namespace)
 
-    async def _handle(self, scope: Scope, receive: Receive, headers: dict[str, str], call: _Call) -> int:
+    async def _handle(self, scope: Scope, receive: Receive, headers: dict[str, str], call: Call) -> int:
         path = raw_path(scope)
         body = await read_body(receive, headers, self.settings.max_body_bytes)
         try:
@@ -207,7 +148,7 @@ class Proxy:
         finally:
             call.finish()
 
-    async def _prepare(self, raw: bytes, headers: dict[str, str], call: _Call) -> bytes:
+    async def _prepare(self, raw: bytes, headers: dict[str, str], call: Call) -> bytes:
         """Decode the body once, plan it, stamp the engine's request id, encode it once.
 
         A big body does this CPU work in a worker thread, so the event loop never waits on it.
@@ -227,7 +168,7 @@ class Proxy:
         self._apply(body, planned, call)
         return await _run(in_thread, body.encode)
 
-    def _apply(self, body: RequestBody, planned: PlannedRequest, call: _Call) -> None:
+    def _apply(self, body: RequestBody, planned: PlannedRequest, call: Call) -> None:
         """Take the plan's result header, fields and upstream; stamp the request id the way its engine reads it."""
         call.upstream = getattr(planned, "upstream", None)
         engine = call.upstream.engine if call.upstream is not None else self.engine
@@ -237,7 +178,7 @@ class Proxy:
         if self.settings.kv_events_endpoint:
             body.update(engine.kv_event_fields(call.request_id, body))
 
-    def _reroute(self, call: _Call) -> bool:
+    def _reroute(self, call: Call) -> bool:
         """The request never reached its replica: plan it for the next one (False when there is none)."""
         reroute = getattr(call.planned, "reroute", None)
         if reroute is None or call.body is None or call.headers is None:
@@ -253,10 +194,10 @@ class Proxy:
         call.payload = call.body.encode()
         return True
 
-    def _plan(self, body: RequestBody, headers: dict[str, str], call: _Call, in_thread: bool) -> PlannedRequest:
+    def _plan(self, body: RequestBody, headers: dict[str, str], call: Call, in_thread: bool) -> PlannedRequest:
         return self.planner.plan(body, call.request_id, headers, in_thread=in_thread, tenant=call.tenant)
 
-    async def _forward(self, scope: Scope, receive: Receive, path: bytes, body: bytes, call: _Call) -> int:
+    async def _forward(self, scope: Scope, receive: Receive, path: bytes, body: bytes, call: Call) -> int:
         target = path.decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
@@ -286,7 +227,7 @@ class Proxy:
                 watcher.cancel()
         return status
 
-    def _take_stream_slot(self, call: _Call) -> None:
+    def _take_stream_slot(self, call: Call) -> None:
         limit = self.settings.max_concurrent_streams
         if self.streams >= limit:
             raise TooManyRequests(
@@ -315,7 +256,7 @@ class Proxy:
             raise Unauthorized("missing or invalid API key", code="invalid_api_key")
         return self._namespaces[matched]
 
-    async def _exchange(self, request: httpx.Request, call: _Call, sender: UpstreamSender) -> int:
+    async def _exchange(self, request: httpx.Request, call: Call, sender: UpstreamSender) -> int:
         """Send upstream and relay the answer; errors before the response starts become error responses."""
         try:
             response = await sender.send(request)
@@ -323,128 +264,22 @@ class Proxy:
             try:
                 rerouted = self._reroute(call)
             except GatewayError as error:
-                return await self._fail(call, error)
+                return await self.relay.fail(call, error)
             if rerouted:
                 self.metrics.upstream_errors.labels(upstream_error_from(exc).code or "failed").inc()
                 return _REROUTED
-            return await self._fail(call, upstream_error_from(exc))
+            return await self.relay.fail(call, upstream_error_from(exc))
         except httpx.HTTPError as exc:
-            return await self._fail(call, upstream_error_from(exc))
-        planned = call.planned
+            return await self.relay.fail(call, upstream_error_from(exc))
         try:
-            status = response.status_code
-            if status < 400 and planned is not None:
-                planned.accept()  # the engine accepted the request: what it was sent is now in its cache
-            if status >= 400:
-                await self._relay_error(response, call)
-            elif call.route != "passthrough" and not response.headers.get("content-type", "").startswith(_SSE):
-                await self._relay_json(response, call)
-            else:
-                await self._relay(response, call)
-            return status
+            return await self.relay.answer(response, call)
         except httpx.HTTPError as exc:
-            return await self._fail(call, upstream_error_from(exc))
+            return await self.relay.fail(call, upstream_error_from(exc))
         except GatewayError as exc:
-            return await self._fail(call, exc)
+            return await self.relay.fail(call, exc)
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
-
-    async def _fail(self, call: _Call, error: GatewayError) -> int:
-        self.metrics.upstream_errors.labels(error.code or "failed").inc()
-        logger.warning("upstream request failed: %s", error.code)
-        await _send_error(call.send, error, call.request_id, call.route)
-        return error.status
-
-    async def _relay_error(self, response: httpx.Response, call: _Call) -> None:
-        self.metrics.upstream_errors.labels(f"http_{response.status_code}").inc()
-        body = await read_limited(response.aiter_raw(), _MAX_ERROR_BODY, _upstream_too_large)
-        normalized = None
-        if "content-encoding" not in response.headers:
-            normalized = normalize_error(call.route, response.status_code, body)
-        if normalized is None:
-            headers = response_headers(response.headers, keep_length=False)
-        else:
-            body = normalized
-            headers = [(b"content-type", b"application/json")]
-        await _send_whole(call, response.status_code, headers, body)
-
-    async def _relay_json(self, response: httpx.Response, call: _Call) -> None:
-        """Relay a whole answer, reading the cached tokens it reports.
-
-        Non-streaming answers are small and arrive at once: reading them whole lets a mid-body failure still become
-        a clean 502, and lets the gateway read the engine's cached-token count.
-        """
-        body = await read_limited(response.aiter_raw(), _MAX_JSON_BODY, _upstream_too_large)
-        self.metrics.first_byte(call.route, time.perf_counter() - call.started)
-        cached = None
-        if "content-encoding" not in response.headers:
-            # a success that is not a JSON object is an engine fault the client should see as one, not as a 200
-            payload = decode_answer(body)
-            if not isinstance(payload, dict):
-                raise UpstreamError(
-                    "the upstream engine answered with an invalid body", code="upstream_invalid_response"
-                )
-            cached = self._count_usage(payload, call.route)
-        answer = call.planned.answer if call.planned is not None else None
-        if answer is not None and "content-encoding" not in response.headers:
-            body = answer.json(body)
-        headers = response_headers(response.headers, keep_length=False)
-        await _send_whole(call, response.status_code, headers, body, cached)
-
-    async def _relay(self, response: httpx.Response, call: _Call) -> None:
-        """Relay the answer chunk by chunk as it arrives, reading the cached tokens an event stream reports.
-
-        An event stream that fails after the first byte ends with one SSE ``error`` event; any other body is
-        left truncated (the missing bytes against its length tell the client).
-        """
-        sse = response.headers.get("content-type", "").startswith(_SSE)
-        headers = response_headers(response.headers, keep_length=not sse) + call.own_headers
-        await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        sniffer = UsageSniffer() if sse and "content-encoding" not in response.headers else None
-        answer = call.planned.answer if call.planned is not None else None
-        rewriter = answer.stream() if answer is not None and sniffer is not None else None
-        tail = b"\n\n"
-        first = True
-        try:
-            async for received in response.aiter_raw():
-                if first:
-                    self.metrics.first_byte(call.route, time.perf_counter() - call.started)
-                    first = False
-                if sniffer is not None:
-                    sniffer.feed(received)
-                chunk = rewriter.feed(received) if rewriter is not None else received
-                if not chunk:
-                    continue  # held until the event (or the citation it may end in) is complete
-                await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
-                tail = (tail + chunk)[-4:]
-        except httpx.HTTPError as exc:
-            error = upstream_error_from(exc)
-            self.metrics.upstream_errors.labels(error.code or "failed").inc()
-            sniffer = answer = None
-            if not sse:
-                logger.warning("upstream failed mid-body; the client receives a truncated response")
-            else:
-                logger.warning("upstream stream failed after the first byte: %s", error.code)
-                rest = rewriter.flush() if rewriter is not None else b""
-                tail = (tail + rest)[-4:]
-                separator = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) else b"\n\n"
-                event = rest + separator + stream_error(call.route, error)
-                await call.send({"type": "http.response.body", "body": event, "more_body": True})
-            rewriter = None
-        if rewriter is not None and (rest := rewriter.flush()):
-            await call.send({"type": "http.response.body", "body": rest, "more_body": True})
-        usage = sniffer.usage if sniffer is not None else None
-        await call.end(cached_tokens=self._count_usage(usage, call.route) if usage is not None else None)
-
-    def _count_usage(self, payload: dict[str, Any], route: str) -> int | None:
-        """Count the engine-reported prompt and cached tokens of an answer; return the cached ones."""
-        cached = cached_tokens_from_usage(payload)
-        prompt = prompt_tokens_from_usage(payload)
-        if cached is not None and prompt is not None:
-            self.metrics.engine_cached_tokens.labels(route).inc(cached)
-            self.metrics.engine_prompt_tokens.labels(route).inc(prompt)
-        return cached
 
 
 def _decode(raw: bytes, route: str) -> tuple[RequestBody, BodyIds]:
@@ -458,10 +293,6 @@ def _identity_encoding(planned: PlannedRequest | None) -> dict[str, str]:
     return {"accept-encoding": "identity"} if planned is not None and planned.answer is not None else {}
 
 
-def _upstream_too_large() -> GatewayError:
-    return UpstreamError("upstream response too large to relay", code="upstream_body_too_large")
-
-
 async def _run(in_thread: bool, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when ``in_thread``."""
     return await anyio.to_thread.run_sync(fn, *args) if in_thread else fn(*args)
@@ -473,28 +304,3 @@ async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
-
-
-async def _send_whole(
-    call: _Call, status: int, headers: list[tuple[bytes, bytes]], body: bytes, cached_tokens: int | None = None
-) -> None:
-    headers = [*headers, *call.own_headers, (b"content-length", str(len(body)).encode())]
-    await call.send({"type": "http.response.start", "status": status, "headers": headers})
-    await call.end(body, cached_tokens)
-
-
-async def _send_error(send: Send, exc: GatewayError, request_id: str, route: str) -> None:
-    body = error_body(route, exc)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": exc.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id.encode()),
-                *((name.encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

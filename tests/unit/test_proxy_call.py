@@ -11,7 +11,7 @@ import pytest
 from engines.llamacpp.slots import SlotTable
 from gateway.metrics import Metrics
 from gateway.planner import PlannedRequest
-from gateway.proxy import _Call
+from gateway.relay import Call as _Call
 from gateway.residency import Residency
 from gateway.usage import UsageSniffer
 
