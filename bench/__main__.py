@@ -21,10 +21,14 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
+    failed = []
     for name in names or list(BENCHMARKS):
         print(f"== bench {name} ==", flush=True)
-        importlib.import_module(BENCHMARKS[name]).main(options)
-    return 0
+        if importlib.import_module(BENCHMARKS[name]).main(options):  # a nonzero code: a target failed or an error
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
