@@ -33,7 +33,8 @@ from typing import Any
 import msgspec
 from cachetools import LRUCache
 
-from gateway.intercept.meaning import Decision, Others, dated_in_order, read_as_steps
+from gateway.intercept.meaning import Decision, Others
+from gateway.intercept.ordered import dated_in_order, read_as_steps
 from gateway.outcome import Choice, Outcome, Prefix
 from gateway.residency import Residency
 from scheduler.blocks import block_id
