@@ -81,7 +81,7 @@ class Planner:
         metrics: Metrics,
         *,
         memo_chars: int = 64 << 20,
-        scan_units: int = 1 << 18,
+        scan_units: int = 1 << 16,
         scans: TextScans | None = None,
         boundaries: Boundaries | None = None,
     ) -> None:

@@ -41,7 +41,7 @@ class TextScans:
     """Memoised :class:`TextScan` per text, bounded by the blocks and cues held (big prompts are planned in a
     worker thread: the memo is guarded by a lock, the scan itself runs outside it)."""
 
-    def __init__(self, units: int = 1 << 18) -> None:
+    def __init__(self, units: int = 1 << 16) -> None:
         self._memo: LRUCache[bytes, TextScan] = LRUCache(maxsize=units, getsizeof=TextScan.size)
         self._lock = threading.Lock()
 
