@@ -11,16 +11,21 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from engines.llamacpp.slots import SlotTable
 from gateway.citations import CitationMap
 from gateway.control import Control
 from gateway.errors import PayloadTooLarge
 from gateway.intercept import BlockGroup
 from gateway.intercept.meaning import Decision
-from gateway.planned import Prediction
+from gateway.metrics import Metrics
+from gateway.planned import PlannedRequest, Prediction
+
+if TYPE_CHECKING:
+    from gateway.wire import RequestBody
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -32,6 +37,7 @@ __all__ = [
     "block_ends",
     "call_here",
     "client_slot",
+    "pin_slot",
 ]
 
 T = TypeVar("T")
@@ -129,6 +135,20 @@ class Outcome:
             self.predictions.append((key, blocks[:cached]))
             self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
 
+    def count(self, metrics: Metrics, notes: Sequence[str]) -> None:
+        """Groups found, reordered and decided, and blocks found, by format; parts left alone (``/metrics``)."""
+        for note in notes:
+            metrics.left_alone.labels(note).inc()
+        for choice in self.choices:
+            metrics.groups_found.labels(choice.format).inc()
+            metrics.blocks_found.labels(choice.format).inc(choice.blocks)
+            if choice.moved:
+                metrics.groups_reordered.labels(choice.format).inc()
+            if choice.decision.action != "renumber":
+                metrics.groups_decided.labels(choice.format, choice.decision.action, choice.decision.reason).inc()
+        if self.skipped is not None:
+            metrics.intercept_skipped.labels(self.skipped).inc()
+
     def header(self, shared: bool) -> dict[str, Any]:
         """The ``X-Prefixgate-Result`` fields; with a cache shared across keys, nothing another key can move."""
         result: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
@@ -166,3 +186,16 @@ def client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:
         return None
     value = msgspec.json.decode(raw)
     return value if type(value) is int and 0 <= value < count else None
+
+
+def pin_slot(slots: SlotTable | None, planned: PlannedRequest, body: RequestBody) -> None:
+    """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
+    assert slots is not None
+    chosen = client_slot(body.top, len(slots.slots))
+    if chosen is None:
+        chosen = slots.choose(planned.commits)
+        planned.fields["id_slot"] = chosen
+    else:
+        slots.reserve(chosen)
+    planned.result["slot"] = chosen
+    planned.slots, planned.slot = slots, chosen

@@ -7,18 +7,12 @@ per group, and splices the blocks back in that order; every other byte of the bo
 ``Planner.plan`` takes the decoded request (``gateway.wire.RequestBody``) and returns one ``PlannedRequest``:
 the body fields to change, the ``X-Prefixgate-Result`` header, and what to run as the upstream answers.
 
-A group is planned under a *prefix key*: a digest of everything the engine sees before the group (model,
-tools, earlier messages as sent, the text before the group as sent), because blocks only share a KV prefix
-when all preceding bytes are identical.
-
-Multi-turn stability: the rewrite of a text is memoised by a digest of the original text (and the options
-that shape it), so when a later turn resends the same message, it is rewritten byte-identically and the
-prefix that turn 1 cached still matches. The memo also remembers texts it left alone.
-
-Meaning: whether a group may be renumbered, must keep its labels or is left alone depends on every text of the
-request (a question that names ``source [3]``, a prompt that asks to cite by number); see
-:mod:`gateway.intercept.meaning`, and for runs of whole blocks :mod:`gateway.apis.units`. The cues of the *other*
-texts are part of the memo key. Messages and Responses bodies are walked twice: once to read every text, once to plan.
+A group is planned under a *prefix key*: a digest of everything the engine sees before the group (model, tools,
+earlier messages and the text before the group, as sent): blocks only share a KV prefix after identical bytes.
+Multi-turn: rewrites are memoised by the original text, the options and the other texts' meaning cues, so a
+resent message is rewritten byte-identically (texts left alone are remembered too). Meaning (renumber, keep
+labels, leave alone) is decided from every text of the request: :mod:`gateway.intercept.meaning`, and for runs
+of whole blocks :mod:`gateway.apis.units`; Messages and Responses bodies are walked once to read, once to plan.
 
 Threads: the live index and the slot table have a single writer, the event loop. A big prompt is planned in a
 worker thread (``plan(..., in_thread=True)``); its index reads and its slot choice then run on the event loop
@@ -56,7 +50,7 @@ from gateway.outcome import (
     Rewrite,
     block_ends,
     call_here,
-    client_slot,
+    pin_slot,
 )
 from gateway.planned import PlannedRequest, Prediction
 from gateway.residency import Residency
@@ -112,7 +106,7 @@ class Planner:
     def pin(self, planned: PlannedRequest, body: RequestBody) -> None:
         """llama.cpp: pin a request another planner planned for this planner's server (on the event loop)."""
         if self._slots is not None and body.route != "/v1/messages":
-            self._pin_slot(planned, body)
+            pin_slot(self._slots, planned, body)
 
     @property
     def slot_count(self) -> int | None:
@@ -175,11 +169,11 @@ class Planner:
             answer = CitationRewriter(outcome.maps)
         planned.answer = answer
         if control.enabled:
-            planned.tally = lambda: self._count(outcome, notes)
+            planned.tally = lambda: outcome.count(self.metrics, notes)
         if record:
             self.record(planned)
         if self._slots is not None and body.route != "/v1/messages":  # llama-server's Messages route drops id_slot
-            on_loop(self._pin_slot, planned, body)
+            on_loop(pin_slot, self._slots, planned, body)
         return planned
 
     def record(self, planned: PlannedRequest) -> None:
@@ -190,34 +184,6 @@ class Planner:
         if planned.result.get("reordered"):
             self.metrics.blocks_reordered.inc()
         self.metrics.predicted_cached_blocks.inc(planned.result.get("predicted_cached_blocks", 0))
-
-    def _count(self, outcome: Outcome, notes: Sequence[str]) -> None:
-        """Groups found, reordered and decided, and blocks found, by format; parts left alone (``/metrics``)."""
-        metrics = self.metrics
-        for note in notes:
-            metrics.left_alone.labels(note).inc()
-        for choice in outcome.choices:
-            metrics.groups_found.labels(choice.format).inc()
-            metrics.blocks_found.labels(choice.format).inc(choice.blocks)
-            if choice.moved:
-                metrics.groups_reordered.labels(choice.format).inc()
-            if choice.decision.action != "renumber":
-                metrics.groups_decided.labels(choice.format, choice.decision.action, choice.decision.reason).inc()
-        if outcome.skipped is not None:
-            metrics.intercept_skipped.labels(outcome.skipped).inc()
-
-    def _pin_slot(self, planned: PlannedRequest, body: RequestBody) -> None:
-        """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
-        slots = self._slots
-        assert slots is not None
-        chosen = client_slot(body.top, len(slots.slots))
-        if chosen is None:
-            chosen = slots.choose(planned.commits)
-            planned.fields["id_slot"] = chosen
-        else:
-            slots.reserve(chosen)
-        planned.result["slot"] = chosen
-        planned.slots, planned.slot = slots, chosen
 
     def _clear_memo(self) -> None:
         with self._memo_lock:
