@@ -53,6 +53,9 @@ _encoder = msgspec.json.Encoder()
 T = TypeVar("T")
 # httpx errors raised before any byte of the request reached the engine: safe to send elsewhere
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# the engine closed the connection before a byte of its answer: on a kept-alive connection this is the engine closing
+# it as the request went out (llama-server closes one after every streamed answer, without ``Connection: close``)
+_UNANSWERED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _REROUTED = -1
 
 
@@ -259,7 +262,12 @@ class Proxy:
     async def _exchange(self, request: httpx.Request, call: Call, sender: UpstreamSender) -> int:
         """Send upstream and relay the answer; errors before the response starts become error responses."""
         try:
-            response = await sender.send(request)
+            try:
+                response = await sender.send(request)
+            except _UNANSWERED:
+                # sent once more, on another connection; a second failure is the answer
+                self.metrics.upstream_errors.labels("closed_unanswered_resent").inc()
+                response = await sender.send(request)
         except _NOT_SENT as exc:
             try:
                 rerouted = self._reroute(call)

@@ -15,6 +15,7 @@ upstream closed (or wrote to out of turn) must not be reused; TLS upstreams are 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import typing
 from collections.abc import Iterable
@@ -192,12 +193,24 @@ class _Stream(httpcore.AsyncNetworkStream):
     def get_extra_info(self, info: str) -> typing.Any:
         connection = self._connection
         if info == "is_readable":
-            # the upstream closed the connection or sent bytes out of turn: httpcore must not reuse it
-            return connection.eof or bool(connection.buffer)
+            # the upstream closed the connection or sent bytes out of turn: httpcore must not reuse it. The socket is
+            # polled too: an end of stream that arrived while the loop was busy is not yet in ``connection.eof``
+            return connection.eof or bool(connection.buffer) or _socket_readable(connection.transport)
         name = _EXTRA.get(info)
         if name is None or connection.transport is None:
             return None
         return connection.transport.get_extra_info(name)
+
+
+def _socket_readable(transport: asyncio.Transport | None) -> bool:
+    """Whether the socket has bytes (or an end of stream) the loop has not read yet; a closed one counts as
+    readable, so it is not reused."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.fileno() < 0:
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
