@@ -102,6 +102,13 @@ class Metrics:
             registry=r,
         )
 
+        self.planned_in_thread = Counter(
+            "prefixgate_planned_in_thread",
+            "Requests planned in a worker thread, by reason: size (a big body) or slow_texts (reading its texts took "
+            "the event loop's slice)",
+            ["reason"],
+            registry=r,
+        )
         self.loop_stall = Gauge(
             "prefixgate_event_loop_stall_max_seconds",
             "Longest event-loop stall since start: how late a 10 ms timer fired, at worst",

@@ -7,6 +7,7 @@ and the ``X-Prefixgate-Result`` header made from it.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from engines.llamacpp.slots import SlotTable
 from gateway.citations import CitationMap
 from gateway.control import Control
 from gateway.errors import PayloadTooLarge
-from gateway.intercept import BlockGroup
+from gateway.intercept import BlockGroup, deadline_in
 from gateway.intercept.meaning import Decision
 from gateway.metrics import Metrics
 from gateway.planned import PlannedRequest, Prediction
@@ -29,9 +30,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "INLINE_SCAN_SECONDS",
     "Choice",
     "OnLoop",
     "Outcome",
+    "PlanInThread",
     "Prefix",
     "Rewrite",
     "block_ends",
@@ -83,6 +86,14 @@ class Rewrite:
     choices: tuple[Choice, ...] = ()  # per group, what meaning allowed and what was done
     maps: tuple[CitationMap, ...] = ()  # citation mapping: the answer's numbers back to the client's
 
+    def size(self) -> int:
+        """Bytes held, as the memo counts them: the new text's own size, plus the UTF-8 copy Python keeps with a
+        non-ASCII text once it has been encoded into a request; the rest of the entry counted as 256."""
+        text = self.text
+        if text is None:
+            return 256
+        return 256 + sys.getsizeof(text) + (0 if text.isascii() else len(text.encode(errors="surrogatepass")))
+
 
 @dataclass(frozen=True, slots=True)
 class Choice:
@@ -92,6 +103,17 @@ class Choice:
     blocks: int
     decision: Decision
     moved: bool
+
+
+# CPU for reading a request's texts on the event loop: a RAG body under 64 KB takes ~1 ms to plan in all (module
+# doc of gateway.proxy), a crafted one up to the whole budget; past this slice it is planned in a worker thread
+INLINE_SCAN_SECONDS = 0.005
+
+
+class PlanInThread(Exception):
+    """Reading a request's texts on the event loop took its inline slice (``Planner.plan``'s ``handoff``): plan it
+    again in a worker thread, with the whole budget. Raised while texts are read, before a text is planned; a
+    text planned before it (a completion prompt list) is in the memo, so it goes out the same, learned once."""
 
 
 @dataclass(slots=True)
@@ -104,6 +126,8 @@ class Outcome:
     max_blocks: int
     tenant: bytes = b""
     deadline: float | None = None
+    scan_deadline: float | None = None  # for reading texts: the deadline, or the inline slice when ``handoff``
+    handoff: bool = False
     skipped: str | None = None  # why some text was forwarded without (complete) interception
     commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
     groups: int = 0
@@ -115,6 +139,20 @@ class Outcome:
     predictions: list[Prediction] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
     maps: list[CitationMap] = field(default_factory=list)
+
+    def start(self, budget: float, handoff: bool) -> None:
+        """Start the request's CPU clock, in the thread that plans: ``budget`` seconds in all. With ``handoff`` (on
+        the event loop), reading the texts may take ``INLINE_SCAN_SECONDS`` of it (see ``scan_passed``)."""
+        self.deadline = deadline_in(budget)
+        self.handoff = handoff and budget > INLINE_SCAN_SECONDS
+        self.scan_deadline = deadline_in(INLINE_SCAN_SECONDS) if self.handoff else self.deadline
+
+    def scan_passed(self) -> None:
+        """Reading a text passed ``scan_deadline``: on the event loop that is the inline slice (``PlanInThread``),
+        else the request's budget, and the text goes out as it came."""
+        if self.handoff:
+            raise PlanInThread
+        self.skipped = "budget"
 
     def check_blocks(self, more: int) -> None:
         """413 before planning ``more`` blocks would take the request past ``max_blocks_per_request``."""

@@ -121,6 +121,7 @@ class RequestPlanner(Protocol):
         *,
         in_thread: bool = False,
         tenant: str | None = None,
+        handoff: bool = False,
     ) -> PlannedRequest: ...
 
 

@@ -14,10 +14,9 @@ resent message is rewritten byte-identically (texts left alone are remembered to
 labels, leave alone) is decided from every text of the request: :mod:`gateway.intercept.meaning`, and for runs
 of whole blocks :mod:`gateway.apis.units`; Messages and Responses bodies are walked once to read, once to plan.
 
-Threads: the live index and the slot table have a single writer, the event loop. A big prompt is planned in a
-worker thread (``plan(..., in_thread=True)``); its index reads and its slot choice then run on the event loop
-(``anyio.from_thread``), and its commit runs there later, in ``PlannedRequest.accept``. The memo is guarded
-by a lock.
+Threads: the live index and the slot table have a single writer, the event loop. A big or slow prompt is planned
+in a worker thread (``in_thread=True``); its index reads and slot choice then run on the event loop
+(``anyio.from_thread``), its commit there later (``PlannedRequest.accept``). The memo is guarded by a lock.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from gateway.apis.units import UnitOrders
 from gateway.apis.walk import Reader
 from gateway.citations import CitationMap, CitationRewriter, citation_map
 from gateway.control import parse_control
-from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, deadline_in, splice_all
+from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, splice_all
 from gateway.intercept.boundaries import Boundaries
 from gateway.intercept.budget import check
 from gateway.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
@@ -74,7 +73,6 @@ class Planner:
         residency: Residency,
         metrics: Metrics,
         *,
-        memo_chars: int = 64 << 20,
         scan_units: int = 1 << 16,
         scans: TextScans | None = None,
         boundaries: Boundaries | None = None,
@@ -82,9 +80,7 @@ class Planner:
         self.settings = settings
         self.residency = residency
         self.metrics = metrics
-        self._memo: LRUCache[bytes, Rewrite] = LRUCache(
-            maxsize=memo_chars, getsizeof=lambda entry: 256 + (len(entry.text) if entry.text else 0)
-        )
+        self._memo: LRUCache[bytes, Rewrite] = LRUCache(maxsize=settings.memo_mib << 20, getsizeof=Rewrite.size)
         self._units = UnitOrders(residency)  # whole-block runs (documents, search results)
         residency.on_reset(self._units.clear)
         self._memo_lock = threading.Lock()
@@ -122,18 +118,20 @@ class Planner:
         in_thread: bool = False,
         tenant: str | None = None,
         record: bool = True,
+        handoff: bool = False,
     ) -> PlannedRequest:
         """Plan one request; 413 when it carries more than ``max_blocks_per_request`` blocks.
 
         ``in_thread``: called from a worker thread; every index read and the slot choice run on the event loop.
         ``tenant``: the client key's namespace when planning state is per key (None: shared).
         ``record=False`` (a routing probe, see ``gateway.router``) counts nothing in the metrics.
+        ``handoff``: on the event loop, reading the texts that long raises ``PlanInThread`` (``Outcome.start``).
         """
         control = parse_control(headers, self.settings)
         on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else call_here
         outcome = Outcome(control, bytes(body.top.get("model", b"")), on_loop, self.settings.max_blocks_per_request)
         outcome.tenant = (tenant or "").encode()
-        outcome.deadline = deadline_in(self.settings.intercept_budget_ms / 1000)  # in the thread that plans
+        outcome.start(self.settings.intercept_budget_ms / 1000, handoff)  # in the thread that plans
         fields: dict[str, Any] = {}
         answer: AnswerRewriter | None = None
         notes: list[str] = []
@@ -195,9 +193,10 @@ class Planner:
         """Scan every text of a request (key, text, whether its groups are looked for) and gather their cues."""
         try:
             scans = {key: self._scans.get(text, outcome.control, in_scope and len(text) <= MAX_TEXT_CHARS,
-                                          outcome.deadline) for key, text, in_scope in texts}  # fmt: skip
+                                          outcome.scan_deadline) for key, text, in_scope in texts}  # fmt: skip
         except BudgetExceeded:
-            outcome.skipped, scans = "budget", {}  # every text goes out as it came (see ``_text``)
+            outcome.scan_passed()
+            scans = {}  # every text goes out as it came (see ``_text``)
         return scans, RequestCues((key, found.cues) for key, found in scans.items())
 
     def _shaped(
@@ -297,9 +296,9 @@ class Planner:
             return None
         if found is None:
             try:
-                found = self._scans.get(text, outcome.control, True, outcome.deadline)
+                found = self._scans.get(text, outcome.control, True, outcome.scan_deadline)
             except BudgetExceeded:
-                outcome.skipped = "budget"
+                outcome.scan_passed()
                 prefix.update(text.encode("utf-8", "surrogatepass"))
                 return None
         memo_key = blake2b(found.key, digest_size=16, key=outcome.model[:64])  # the text and the options

@@ -35,6 +35,7 @@ from gateway.ids import NO_BODY_IDS, BodyIds, KeyNamespaces, body_ids, mint_requ
 from gateway.inbound import ClientGone, Receive, check_headers, check_passthrough_path, raw_path, read_body
 from gateway.logs import log_access, request_id_var
 from gateway.metrics import Metrics
+from gateway.outcome import PlanInThread
 from gateway.planned import PlannedRequest, RequestPlanner, Upstream
 from gateway.relay import Call, Relay, Send, send_error
 from gateway.settings import Settings
@@ -166,7 +167,14 @@ class Proxy:
                 request_id_var.set(call.request_id)
             if body.stream:
                 self._take_stream_slot(call)
-            call.planned = planned = await _run(in_thread, self._plan, body, headers, call, in_thread)
+            try:
+                planned = await _run(in_thread, self._plan, body, headers, call, in_thread)
+                moved = "size" if in_thread else None
+            except PlanInThread:  # reading its texts took the inline slice of CPU: the rest is not the loop's
+                planned, moved = await _run(True, self._plan, body, headers, call, True), "slow_texts"
+            if moved is not None:
+                self.metrics.planned_in_thread.labels(moved).inc()
+            call.planned = planned
         call.body, call.headers, call.ids = body, headers, ids
         self._apply(body, planned, call)
         return await _run(in_thread, body.encode)
@@ -198,7 +206,10 @@ class Proxy:
         return True
 
     def _plan(self, body: RequestBody, headers: dict[str, str], call: Call, in_thread: bool) -> PlannedRequest:
-        return self.planner.plan(body, call.request_id, headers, in_thread=in_thread, tenant=call.tenant)
+        planner = self.planner
+        return planner.plan(
+            body, call.request_id, headers, in_thread=in_thread, tenant=call.tenant, handoff=not in_thread
+        )
 
     async def _forward(self, scope: Scope, receive: Receive, path: bytes, body: bytes, call: Call) -> int:
         target = path.decode("latin-1")

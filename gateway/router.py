@@ -153,15 +153,17 @@ class Router:
         *,
         in_thread: bool = False,
         tenant: str | None = None,
+        handoff: bool = False,
     ) -> PlannedRequest:
-        """Plan ``body`` for the best replica (``Planner.plan``'s contract; ``in_thread`` likewise)."""
+        """Plan ``body`` for the best replica (``Planner.plan``'s contract; ``in_thread`` and ``handoff`` likewise)."""
         on_loop: Callable[..., Any] = anyio.from_thread.run_sync if in_thread else _call
         healthy: list[Replica] = on_loop(self.replicas.healthy)
         if not healthy:
             raise Unavailable("no healthy engine replica", code="no_healthy_replica")
         prompt_tokens = len(body.raw) // _CHARS_PER_TOKEN
         if len(healthy) == 1:
-            planned = _planner(healthy[0]).plan(body, request_id, headers, in_thread=in_thread, tenant=tenant)
+            planner = _planner(healthy[0])
+            planned = planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff)
             routed: RoutedRequest = on_loop(self._assign, planned, healthy[0], prompt_tokens, 0, "only")
             routed.tenant = tenant
             return routed
@@ -170,7 +172,9 @@ class Router:
             conversation = tenant.encode() + b"\0" + conversation
         affine = on_loop(self._affine, healthy, conversation)
         choice = _Choice(self, healthy, prompt_tokens, affine)
-        planned = self._plan_with(choice, body, request_id, headers, in_thread=in_thread, tenant=tenant)
+        planned = self._plan_with(
+            choice, body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff
+        )
         if choice.ranking is None:  # no block group: ranked on load alone
             on_loop(choice.choose, ())
         assert choice.ranking is not None and choice.best is not None
@@ -225,12 +229,13 @@ class Router:
         *,
         in_thread: bool,
         tenant: str | None,
+        handoff: bool = False,
     ) -> PlannedRequest:
         """Plan with the shared planner, its index lookups answered by ``choice`` (a shallow copy per request:
         the memo, scans and boundaries stay shared, only the residency is this request's)."""
         planner = copy.copy(self._shared)
         planner.residency = choice  # type: ignore[assignment]  # the planner reads only ``residency.index.plan``
-        return planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant)
+        return planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff)
 
     # -- internals (on the event loop) ---------------------------------------------------------------------
     def _affine(self, healthy: list[Replica], conversation: bytes | None) -> Replica | None:

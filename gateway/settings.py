@@ -66,6 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_blocks_per_request: int = 4_096
     max_concurrent_streams: int = 1_024
     intercept_budget_ms: float = 50.0
+    memo_mib: int = 16
     shared_cache: bool = False
     schedule_max_contexts: int = 10_000
     http_max_header_bytes: int = 65_536
@@ -110,7 +111,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for name in ("max_body_bytes", "max_connections", "max_keepalive", "index_max_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
-        for name in ("reorder_max_contexts", "reorder_max_blocks", "sim_capacity_tokens"):
+        for name in ("reorder_max_contexts", "reorder_max_blocks", "sim_capacity_tokens", "memo_mib"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         for name in (
@@ -245,6 +246,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "max_concurrent_streams": ("most streaming requests in flight at once (429 with Retry-After above)", "value"),
     "intercept_budget_ms": (
         "CPU time per request for finding and planning blocks; past it, forwarded unchanged",
+        "value",
+    ),
+    "memo_mib": (
+        "memory for remembered rewrites, in MiB: a text seen again is sent exactly as it was sent before",
         "value",
     ),
     "shared_cache": ("with --api-key: share the planner memo and index view across keys (off: one per key)", "flag"),

@@ -77,6 +77,29 @@ async def test_many_numbering_styles_are_planned_within_the_budget(gateway: AppF
     assert "skipped" not in result(answer)
 
 
+@pytest.mark.parametrize("slice_s", [1e9, 1e-9])
+async def test_a_request_slow_to_read_is_planned_again_in_a_worker_thread(
+    gateway: AppFactory, upstream: respx.Router, monkeypatch: pytest.MonkeyPatch, slice_s: float
+) -> None:
+    """Past the event loop's inline slice for reading its texts, a request under the size threshold is planned again
+    in a worker thread, with the whole budget: it goes out exactly as planning it inline sends it. (The slice is
+    set to nothing so that every request takes that path, and to forever for the inline baseline.)"""
+    monkeypatch.setattr("gateway.outcome.INLINE_SCAN_SECONDS", slice_s)
+    route = upstream.post("/v1/chat/completions").mock(side_effect=ok_json)
+    async with gateway() as client:
+        answers = [
+            await client.post("/v1/chat/completions", content=rag_chat(names))
+            for names in (["a", "b", "x"], ["c", "b", "a"], ["c", "b", "a"])
+        ]
+        metrics = (await client.get("/metrics")).text
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    sent = [json.loads(call.request.content)["messages"][0]["content"] for call in route.calls]
+    assert sent[1].index('id="a"') < sent[1].index('id="b"') < sent[1].index('id="c"')  # the cached a, b first
+    assert sent[2] == sent[1] and result(answers[1])["reordered"] is True and "skipped" not in result(answers[1])
+    handed_off = metric(metrics, "prefixgate_planned_in_thread_total", 'reason="slow_texts"')
+    assert handed_off == (2 if slice_s < 1 else 0)  # the third request's texts are all in the memo: nothing to read
+
+
 # ------------------------------------------------------------------------------------------------ tenancy
 
 
