@@ -128,8 +128,10 @@ def test_shared_prefix_is_reused_up_to_the_divergence(llama_server: LlamaServer)
 def test_streamed_chat_ends_with_a_usage_chunk(llama_server: LlamaServer) -> None:
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prose("chat", 60)}]
     usage_chunks = []
-    with openai_client(llama_server) as client:
-        for _ in range(2):
+    for _ in range(2):
+        # a client per stream: llama-server closes the connection after a streamed answer without saying so, and a
+        # second request written into it before the close arrives would fail (the gateway resends such a request)
+        with openai_client(llama_server) as client:
             stream = client.chat.completions.create(
                 model="tiny",
                 messages=messages,
