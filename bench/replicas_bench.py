@@ -16,9 +16,8 @@ alternating between them, every engine reporting its evictions to the first one 
 
 Reports the engine-reported cached-token ratio, the simulated prefill time, requests per replica (max/min), p99
 latency, each gateway's CPU use over the run and how long its event loop was ready to run but waited for a free
-CPU (with the machine's load average), the replication lag under that load and one request at a time,
-and the routing cost in process: what planning a request with 4 replicas takes over planning it with 1, per
-request (p50 and p99).
+CPU (with the machine's load average), the replication lag under that load and one request at a time, and the
+routing cost in process: what planning a request with 4 replicas takes over planning it with 1 (p50, p99).
 """
 
 from __future__ import annotations

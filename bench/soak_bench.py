@@ -2,9 +2,8 @@
 
 Three loopback processes: the gateway (``python -m gateway.cli serve``), the simulated engine behind it with a
 small KV capacity and eviction callbacks to the gateway's ``/evict`` (so evictions keep happening), and a second,
-independent simulated engine used as the *oracle*. Requests mix chat and completions, streaming and not, with
-and without retrieved blocks, at concurrency 64. Each request is sent through the gateway and, with the same
-bytes, straight to the oracle.
+independent simulated engine used as the *oracle*. Requests mix chat and completions, streaming and not, with and
+without retrieved blocks (``--concurrency``). Each goes through the gateway and, the same bytes, to the oracle.
 
 Why comparing with the oracle is a sound corruption check: the simulated engine's output is a deterministic
 function of (the last 64 prompt tokens, the prompt length, max_tokens), independent of its cache state and of
@@ -70,6 +69,7 @@ class Totals:
     reordered: int = 0
     detection_mismatches: int = 0
     latencies: list[float] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # the first few: request number and result header
 
 
 @dataclass
@@ -150,6 +150,8 @@ async def _run_one(
     row.reordered += bool(result.get("reordered"))
     if blocks >= 0 and result.get("blocks", 0) != blocks:
         row.detection_mismatches += 1
+        if len(row.mismatched) < 3:
+            row.mismatched.append(f"#{i} {kind}: {blocks} blocks sent, result {json.dumps(result, sort_keys=True)}")
     try:
         o_status, o_raw, _ = await _send(client, oracle + route, encoded, stream)
     except httpx.TransportError:  # the oracle is not under test: one retry on a fresh connection
@@ -353,6 +355,9 @@ def _report(
         _row(kind, row)
     print("-" * len(header))
     _row("total", everything)
+    for row in totals.values():
+        for note in row.mismatched:
+            print(f"  detect≠sent {note}")
     rss_start, hwm, rss_end = rss
     peak = max([rss_start, rss_end, *watch.rss_kib])
     cap = args.index_max_requests
