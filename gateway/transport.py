@@ -1,242 +1,189 @@
-"""The upstream connection pool: httpx's HTTP/1.1 transport on plain asyncio connections.
+"""The upstream connection pool: an HTTP/1.1 client on asyncio protocols and httptools' response parser.
 
-httpx's transport runs httpcore, whose default network layer on asyncio is anyio: every read and write enters a
-cancel scope (``anyio.fail_after``) and an anyio socket stream. On the proxy path that was ~13% of the gateway's
-CPU per request (``python -m bench proxy``; cProfile inside ``prefixgate serve``). ``AsyncioBackend`` implements
-httpcore's public network-backend interface on an asyncio ``Protocol`` and ``asyncio.timeout``; HTTP itself
-(h11, connection reuse, httpx's exception mapping) is still httpcore's and httpx's.
+httpx's own transport runs httpcore's connection pool, h11 and anyio (a cancel scope per read and write, sniffio
+lookups per request): ~37% of the gateway's CPU per proxied request (cProfile inside ``prefixgate serve`` under
+``python -m bench proxy``). ``UpstreamTransport`` is an ``httpx.AsyncBaseTransport`` that speaks HTTP/1.1 itself:
+the request head is serialised in one join, the response parsed by ``httptools.HttpResponseParser`` (llhttp, in C,
+as the server edge already does) from the protocol's ``data_received``, and waits are plain futures with a loop
+timer instead of a task cancellation. httpx's request and response objects, and its exceptions, are kept, so
+``gateway.upstream``, ``gateway.relay`` and ``gateway.proxy`` are unchanged.
 
-Semantics kept: connect, read and write timeouts raise httpcore's ``ConnectTimeout``/``ReadTimeout``/
-``WriteTimeout``; socket failures raise ``ConnectError``/``ReadError``/``WriteError``; a cancelled task (a client
-that went away) cancels the read or write it is in; ``is_readable`` tells httpcore a kept-alive connection the
-upstream closed (or wrote to out of turn) must not be reused; TLS upstreams are upgraded with ``start_tls``.
+Semantics kept:
+- connect, read and write timeouts (``request.extensions["timeout"]``) raise ``httpx.ConnectTimeout``/
+  ``ReadTimeout``/``WriteTimeout``, a full pool ``PoolTimeout``; socket failures ``ConnectError``/``ReadError``/
+  ``WriteError``; a connection closed before any byte of the answer, closed mid-body, or an unparsable answer
+  ``RemoteProtocolError`` (``gateway.proxy`` sends a request that got no answer once more);
+- a kept-alive connection is reused only if the answer allowed it (HTTP/1.1 without ``Connection: close``), it
+  was read to its end, and the upstream neither closed it nor wrote to it out of turn (the socket is polled too);
+- a cancelled request or body read (a client that went away) closes its connection, never pools it;
+- response bodies stream as they arrive (SSE token by token), with backpressure; TLS upstreams are checked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import select
 import ssl
-import typing
-from collections.abc import Iterable
+from collections import deque
 
-import httpcore
 import httpx
 
+from gateway.connection import Connection, expire
 from gateway.settings import Settings
 
-__all__ = ["AsyncioBackend", "build_transport"]
+__all__ = ["UpstreamTransport", "build_transport"]
 
-SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
-_HOLD_BYTES = 8192  # a request head; longer writes go out at once
-_JOIN_BYTES = 256 << 10  # a held head is joined to a body up to this size, written before a bigger one
-_EXTRA = {"server_addr": "peername", "client_addr": "sockname", "socket": "socket", "ssl_object": "ssl_object"}
-
-
-def build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
-    """The upstream connection pool, on ``AsyncioBackend``. The proxy sends through it directly
-    (``gateway.upstream.UpstreamSender``); the client wrapping it owns its lifetime."""
-    limits = httpx.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_keepalive,
-        # below the 5 s idle timeout of uvicorn (vLLM, SGLang, the simulated engine): an idle connection is
-        # dropped here before the engine closes it, so no request is ever written into a closing connection
-        keepalive_expiry=4.0,
-    )
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-    # httpx takes no network backend, so its pool is replaced by one built with the same settings and ours.
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        http1=True,
-        http2=False,
-        network_backend=AsyncioBackend(),
-    )
-    return transport
+# below the 5 s idle timeout of uvicorn (vLLM, SGLang, the simulated engine): an idle connection is dropped here
+# before the engine closes it, so no request is ever written into a closing connection
+KEEPALIVE_EXPIRY = 4.0
+Origin = tuple[str, str, int]
 
 
-class _Connection(asyncio.Protocol):
-    """Bytes received but not yet read, end of stream, and write flow control, for one connection."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.eof = False
-        self.error: Exception | None = None
-        self.readable: asyncio.Future[None] | None = None
-        self.writable: asyncio.Future[None] | None = None  # set while the transport's write buffer is full
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer = self.buffer + data if self.buffer else data
-        self._wake_reader()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake_reader()
-        return False  # close the transport: HTTP/1.1 never writes after the peer's end of stream
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self.error = exc
-        self._wake_reader()
-        self.resume_writing()
-
-    def pause_writing(self) -> None:
-        if self.writable is None:
-            self.writable = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        waiter, self.writable = self.writable, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _wake_reader(self) -> None:
-        waiter, self.readable = self.readable, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+def build_transport(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> UpstreamTransport:
+    """The upstream connection pool. The proxy sends through it directly (``gateway.upstream.UpstreamSender``);
+    the client wrapping it owns its lifetime. ``ssl_context`` replaces the default certificate checks (tests)."""
+    return UpstreamTransport(settings.max_connections, settings.max_keepalive, ssl_context)
 
 
-class _Stream(httpcore.AsyncNetworkStream):
-    """One connection as httpcore sees it.
+class UpstreamTransport(httpx.AsyncBaseTransport):
+    """Kept-alive HTTP/1.1 connections per origin, at most ``max_connections`` open and ``max_keepalive`` idle."""
 
-    A short write (a request's head) is held and sent with the next write (its body) or before the next read: one
-    send per request instead of two (each a system call, ~4% of the gateway's CPU per request on the proxy path).
-    """
+    def __init__(self, max_connections: int, max_keepalive: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._max_connections = max_connections
+        self._max_keepalive = max_keepalive
+        self._ssl_context = ssl_context
+        self._open: set[Connection] = set()  # idle, busy and connecting
+        self._idle: dict[Origin, list[Connection]] = {}  # oldest first
+        self._idle_count = 0
+        self._waiters: deque[asyncio.Future[bool]] = deque()  # requests waiting for a free slot
 
-    def __init__(self, connection: _Connection) -> None:
-        self._connection = connection
-        self._held = b""
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's API)
-        if self._held:
-            await self._send(b"", timeout)
-        connection = self._connection
-        if not connection.buffer and not connection.eof:
-            connection.readable = waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await waiter
-            except TimeoutError:
-                raise httpcore.ReadTimeout("timed out reading from the upstream") from None
-        if connection.buffer:
-            data, connection.buffer = connection.buffer[:max_bytes], connection.buffer[max_bytes:]
-            return data
-        if connection.error is not None:
-            raise httpcore.ReadError(str(connection.error)) from connection.error
-        return b""  # end of stream: httpcore reports the server as disconnected
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        if not buffer:
-            return
-        if not self._held and len(buffer) <= _HOLD_BYTES:
-            self._held = buffer  # sent with the next write, or before the next read
-            return
-        await self._send(buffer, timeout)
-
-    async def _send(self, buffer: bytes, write_timeout: float | None) -> None:
-        held, self._held = self._held, b""
-        connection = self._connection
-        transport = connection.transport
-        if transport is None or transport.is_closing():
-            raise httpcore.WriteError("the upstream connection is closed")
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout") or {}
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
+        origin = (url.scheme, url.raw_host.decode("ascii"), url.port or (443 if url.scheme == "https" else 80))
+        connection = self._idle_connection(origin) or await self._acquire(origin, request, timeouts)
         try:
-            if held and len(buffer) > _JOIN_BYTES:
-                transport.write(held)  # a big body is not copied to save one system call
-            elif held:
-                buffer = held + buffer
-            transport.write(buffer)
-        except (OSError, RuntimeError) as exc:
-            raise httpcore.WriteError(str(exc)) from exc
-        waiter = connection.writable
-        if waiter is not None:
-            try:
-                async with asyncio.timeout(write_timeout):
-                    await asyncio.shield(waiter)
-            except TimeoutError:
-                raise httpcore.WriteTimeout("timed out writing to the upstream") from None
-        if connection.error is not None:
-            raise httpcore.WriteError(str(connection.error)) from connection.error
+            return await connection.exchange(request, timeouts)
+        except BaseException:
+            connection.abort()
+            self.release(connection)
+            raise
 
     async def aclose(self) -> None:
-        transport = self._connection.transport
-        if transport is not None:
-            transport.close()
+        for connection in self._open:
+            connection.abort()
+        self._open.clear()
+        self._idle.clear()
+        self._idle_count = 0
 
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> httpcore.AsyncNetworkStream:
-        connection = self._connection
-        assert connection.transport is not None
+    def release(self, connection: Connection) -> None:
+        """Pool ``connection`` if its last exchange allows another one, else close it; wake a waiting request."""
+        if connection.reusable() and self._idle_count < self._max_keepalive and connection in self._open:
+            connection.idle = True
+            connection.idle_since = connection.loop.time()
+            self._idle.setdefault(connection.origin, []).append(connection)
+            self._idle_count += 1
+        else:
+            connection.abort()
+            self._open.discard(connection)
+        self._wake()
+
+    def forget(self, connection: Connection) -> None:
+        """An idle connection the upstream closed."""
+        idle = self._idle.get(connection.origin)
+        if idle is not None and connection in idle:
+            idle.remove(connection)
+            self._idle_count -= 1
+        connection.idle = False
+        self._open.discard(connection)
+        self._wake()
+
+    def _idle_connection(self, origin: Origin) -> Connection | None:
+        """The most recently pooled connection still fit for reuse; expired and unfit ones are closed."""
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            self._idle_count -= 1
+            connection.idle = False
+            if connection.loop.time() - connection.idle_since < KEEPALIVE_EXPIRY and connection.still_open():
+                return connection
+            connection.abort()
+            self._open.discard(connection)
+        return None
+
+    def _evict_idle(self) -> bool:
+        """Close the oldest idle connection (of another origin: this one has none) to make room; False if none."""
+        for idle in self._idle.values():
+            if idle:
+                connection = idle.pop(0)
+                self._idle_count -= 1
+                connection.idle = False
+                connection.abort()
+                self._open.discard(connection)
+                return True
+        return False
+
+    async def _acquire(self, origin: Origin, request: httpx.Request, timeouts: dict[str, float | None]) -> Connection:
         loop = asyncio.get_running_loop()
+        pool_timeout = timeouts.get("pool")
+        deadline = None if pool_timeout is None else loop.time() + pool_timeout
+        while True:
+            if len(self._open) < self._max_connections or self._evict_idle():
+                return await self._connect(origin, request, timeouts.get("connect"))
+            await self._wait_for_slot(loop, deadline, request)
+            connection = self._idle_connection(origin)
+            if connection is not None:
+                return connection
+
+    async def _wait_for_slot(
+        self, loop: asyncio.AbstractEventLoop, deadline: float | None, request: httpx.Request
+    ) -> None:
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = None if deadline is None else loop.call_at(deadline, expire, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                upgraded = await loop.start_tls(
-                    connection.transport, connection, ssl_context, server_hostname=server_hostname
+            woken = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._wake()  # the wake this request was given goes to the next one
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if not woken:
+            raise httpx.PoolTimeout("timed out waiting for a free upstream connection", request=request)
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+
+    async def _connect(self, origin: Origin, request: httpx.Request, seconds: float | None) -> Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        connection = Connection(self, origin, loop)
+        self._open.add(connection)
+        context = None
+        if scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = httpx.create_ssl_context(trust_env=False)
+            context = self._ssl_context
+        try:
+            async with asyncio.timeout(seconds):
+                await loop.create_connection(
+                    lambda: connection, host, port, ssl=context, server_hostname=host if context else None
                 )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("timed out in the TLS handshake with the upstream") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        if upgraded is None:
-            raise httpcore.ConnectError("the upstream connection closed during the TLS handshake")
-        connection.transport = upgraded
-        return self
-
-    def get_extra_info(self, info: str) -> typing.Any:
-        connection = self._connection
-        if info == "is_readable":
-            # the upstream closed the connection or sent bytes out of turn: httpcore must not reuse it. The socket is
-            # polled too: an end of stream that arrived while the loop was busy is not yet in ``connection.eof``
-            return connection.eof or bool(connection.buffer) or _socket_readable(connection.transport)
-        name = _EXTRA.get(info)
-        if name is None or connection.transport is None:
-            return None
-        return connection.transport.get_extra_info(name)
-
-
-def _socket_readable(transport: asyncio.Transport | None) -> bool:
-    """Whether the socket has bytes (or an end of stream) the loop has not read yet; a closed one counts as
-    readable, so it is not reused."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.fileno() < 0:
-        return True
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
-
-
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network layer on plain asyncio connections (TCP, optionally upgraded to TLS)."""
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109
-        local_address: str | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        local = (local_address, 0) if local_address is not None else None
-        try:
-            async with asyncio.timeout(timeout):
-                transport, connection = await loop.create_connection(_Connection, host, port, local_addr=local)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("timed out connecting to the upstream") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        sock = transport.get_extra_info("socket")
-        for option in socket_options or ():
-            sock.setsockopt(*option)
-        return _Stream(connection)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        except BaseException as exc:
+            self._open.discard(connection)
+            self._wake()
+            if isinstance(exc, TimeoutError):
+                raise httpx.ConnectTimeout("timed out connecting to the upstream", request=request) from None
+            if isinstance(exc, OSError):  # ssl.SSLError (a certificate not trusted) is one
+                raise httpx.ConnectError(str(exc), request=request) from exc
+            raise
+        return connection

@@ -1,7 +1,8 @@
-"""``gateway.transport``: httpx's transport on the asyncio network backend, against a real local HTTP/1.1 server.
+"""``gateway.transport``: the HTTP/1.1 upstream client, against real local HTTP/1.1 servers.
 
-Connection reuse, a kept-alive connection the upstream closed (not reused), timeouts and failures mapped to httpx's
-exceptions, streamed bodies, a cancelled request that closes its connection, and a TLS upstream.
+Connection reuse, and the answers after which a connection is not reused (closed by the upstream, ``Connection:
+close``, HTTP/1.0, a body left half-read); timeouts, a full pool and failures mapped to httpx's exceptions; bodies
+streamed as they arrive; HEAD, 204 and 100 Continue; a cancelled request that closes its connection; TLS.
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ import asyncio
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpcore
 import httpx
 import pytest
 
 from gateway.settings import load_settings
-from gateway.transport import AsyncioBackend, build_transport
+from gateway.transport import UpstreamTransport, build_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +67,7 @@ class _Server:
 
 
 @asynccontextmanager
-async def _serving(server: _Server) -> AsyncIterator[str]:
+async def _serving(server: _Server | _Scripted) -> AsyncIterator[str]:
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
@@ -76,10 +76,12 @@ async def _serving(server: _Server) -> AsyncIterator[str]:
         listener.close()
 
 
-def _client(url: str, **timeouts: float) -> httpx.AsyncClient:
+def _client(url: str, transport: httpx.AsyncBaseTransport | None = None, **timeouts: float) -> httpx.AsyncClient:
     settings = load_settings(environ={}, upstream=url)
-    timeout = httpx.Timeout(timeouts.get("read", 5.0), connect=timeouts.get("connect", 5.0))
-    return httpx.AsyncClient(base_url=url, transport=build_transport(settings), timeout=timeout)
+    timeout = httpx.Timeout(
+        timeouts.get("read", 5.0), connect=timeouts.get("connect", 5.0), pool=timeouts.get("pool", 5.0)
+    )
+    return httpx.AsyncClient(base_url=url, transport=transport or build_transport(settings), timeout=timeout)
 
 
 async def test_requests_share_one_kept_alive_connection() -> None:
@@ -149,28 +151,20 @@ async def test_a_cancelled_request_closes_its_connection() -> None:
     assert server.closed == 1
 
 
-async def test_the_transport_uses_the_asyncio_backend() -> None:
-    """httpx has no backend option: ``build_transport`` replaces its pool; this fails if httpx stops using it."""
+async def test_the_proxy_path_uses_our_transport_not_httpcore() -> None:
+    """``build_transport`` is the gateway's own HTTP/1.1 client (no httpcore, h11 or anyio under it)."""
     server = _Server()
-    connects = 0
-    original = AsyncioBackend.connect_tcp
-
-    async def counting(self: AsyncioBackend, *args: object, **kwargs: object) -> object:
-        nonlocal connects
-        connects += 1
-        return await original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    async with _serving(server) as url, _client(url) as client:
-        AsyncioBackend.connect_tcp = counting  # type: ignore[method-assign,assignment]
-        try:
-            assert (await client.get("/health")).status_code == 200
-        finally:
-            AsyncioBackend.connect_tcp = original  # type: ignore[method-assign]
-    assert connects == 1
+    settings = load_settings(environ={}, upstream="http://127.0.0.1:1")
+    transport = build_transport(settings)
+    assert type(transport) is UpstreamTransport
+    async with _serving(server) as url, _client(url, transport) as client:
+        assert (await client.get("/health")).status_code == 200
+    assert server.requests[0].startswith(b"GET /health HTTP/1.1\r\n")
+    assert server.requests[0].lower().count(b"\r\nhost: 127.0.0.1:") == 1
 
 
 async def test_tls_upstream(tmp_path: Path) -> None:
-    """An https upstream: the connection is upgraded with ``start_tls`` and the certificate checked."""
+    """An https upstream: the connection is made over TLS and the certificate checked."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -183,15 +177,191 @@ async def test_tls_upstream(tmp_path: Path) -> None:
     server_context.load_cert_chain(cert, key)
     server = _Server()
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=server_context)
-    port = listener.sockets[0].getsockname()[1]
+    url = f"https://localhost:{listener.sockets[0].getsockname()[1]}"
+    settings = load_settings(environ={}, upstream=url)
     trusting = ssl.create_default_context(cafile=str(cert))
     try:
-        async with httpcore.AsyncConnectionPool(ssl_context=trusting, network_backend=AsyncioBackend()) as pool:
-            response = await pool.request("GET", f"https://localhost:{port}/health")
-            assert response.status == 200
-            assert response.content == server.body
-            with pytest.raises(httpcore.ConnectError):  # a certificate the client does not trust
-                async with httpcore.AsyncConnectionPool(network_backend=AsyncioBackend()) as strict:
-                    await strict.request("GET", f"https://localhost:{port}/health")
+        async with _client(url, build_transport(settings, ssl_context=trusting)) as client:
+            for _ in range(2):
+                response = await client.get("/health")
+                assert response.status_code == 200
+                assert response.content == server.body
+        assert server.connections == 1
+        async with _client(url) as strict:
+            with pytest.raises(httpx.ConnectError):  # a certificate the client does not trust
+                await strict.get("/health")
     finally:
         listener.close()
+
+
+# ------------------------------------------------------------------------------------------------ scripted answers
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class _Scripted:
+    """Each connection reads one request and runs ``script``; counts connections."""
+
+    script: Script
+    connections: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await self.script(reader, writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed.set()
+            writer.close()
+
+
+def _answering(*answers: bytes) -> Script:
+    """A script that writes ``answers`` in turn (the last one again after that)."""
+    queue = list(answers)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(queue.pop(0) if len(queue) > 1 else queue[0])
+
+    return script
+
+
+async def test_a_chunked_answer_streams_chunk_by_chunk() -> None:
+    second = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await second.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+
+    server = _Scripted(script)
+    async with _serving(server) as url, _client(url) as client, client.stream("GET", "/s") as response:
+        chunks = response.aiter_raw()
+        assert await anext(chunks) == b"first"  # before the server wrote the second chunk
+        second.set()
+        assert [chunk async for chunk in chunks] == [b"second"]
+        assert (await client.get("/again")).status_code == 200
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
+    ],
+    ids=["connection-close", "http-1.0", "http-1.0-keep-alive"],
+)
+async def test_an_answer_that_ends_the_connection_is_not_reused(answer: bytes) -> None:
+    server = _Scripted(_answering(answer))
+    async with _serving(server) as url, _client(url) as client:
+        for _ in range(2):
+            response = await client.get("/x")
+            assert (response.status_code, response.content) == (200, b"ok")
+    assert server.connections == 2
+
+
+async def test_a_body_that_ends_with_the_connection() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        writer.close()
+
+    async with _serving(_Scripted(script)) as url, _client(url) as client:
+        assert (await client.get("/x")).content == b"until the end"
+
+
+async def test_eof_before_any_byte_is_a_remote_protocol_error() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async with _serving(_Scripted(script)) as url, _client(url) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await client.get("/x")
+
+
+async def test_eof_mid_body_is_a_remote_protocol_error() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
+        writer.close()
+
+    async with _serving(_Scripted(script)) as url, _client(url) as client:
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await client.get("/x")
+        assert caught.value.request.url.path == "/x"
+
+
+async def test_a_garbage_answer_is_a_remote_protocol_error() -> None:
+    async with _serving(_Scripted(_answering(b"SMTP ready\r\n\r\n"))) as url, _client(url) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/x")
+
+
+async def test_head_answer_with_a_length_has_no_body() -> None:
+    server = _Scripted(_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n"))
+    async with _serving(server) as url, _client(url) as client:
+        for _ in range(2):
+            response = await client.head("/x")
+            assert (response.status_code, response.headers["content-length"], response.content) == (200, "42", b"")
+    assert server.connections == 1
+
+
+async def test_204_and_100_continue() -> None:
+    server = _Scripted(
+        _answering(
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )
+    )
+    async with _serving(server) as url, _client(url) as client:
+        response = await client.get("/x")
+        assert (response.status_code, response.content) == (204, b"")
+        response = await client.post("/x", content=b"{}")
+        assert (response.status_code, response.content) == (200, b"ok")
+    assert server.connections == 1
+
+
+async def test_a_full_pool_is_a_pool_timeout() -> None:
+    server = _Server(stall=True)
+    transport = UpstreamTransport(max_connections=1, max_keepalive=1)
+    async with _serving(server) as url, _client(url, transport, pool=0.2) as client:
+        held = asyncio.create_task(client.post("/v1/x", content=b"{}"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(httpx.PoolTimeout):
+            await client.get("/health")
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        server.stall = False
+        assert (await client.get("/health")).status_code == 200  # the cancelled request gave its slot back
+
+
+async def test_a_half_read_body_closes_its_connection() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\nhalf")  # and the rest never
+
+    server = _Scripted(script)
+    async with _serving(server) as url, _client(url) as client:
+        async with client.stream("GET", "/x") as response:
+            assert await anext(response.aiter_raw()) == b"half"
+        await asyncio.wait_for(server.closed.wait(), 2)
+        async with client.stream("GET", "/x") as response:
+            assert await anext(response.aiter_raw()) == b"half"
+    assert server.connections == 2
+
+
+async def test_a_stalled_body_is_a_read_timeout_and_closes_the_connection() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\nhalf")
+
+    server = _Scripted(script)
+    async with _serving(server) as url, _client(url, read=0.2) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get("/x")
+        await asyncio.wait_for(server.closed.wait(), 2)

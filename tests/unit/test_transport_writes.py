@@ -1,12 +1,15 @@
-"""``gateway.transport``: a request's head goes out with its body in one write (one system call, not two), a big
-body is not copied for it, and a head without a body goes out before the response is read."""
+"""``gateway.connection``: a request's head goes out with its body in one write (one system call, not two), a big
+body is not copied for it, and a request without a body is one write too."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from gateway.transport import _Connection, _Stream
+import httpx
+
+from gateway.connection import Connection
+from gateway.transport import UpstreamTransport
 
 
 class _Transport:
@@ -23,45 +26,34 @@ class _Transport:
         return None
 
 
-def _stream() -> tuple[_Stream, _Connection, _Transport]:
-    connection = _Connection()
-    transport = _Transport()
-    connection.transport = transport
-    return _Stream(connection), connection, transport
+def _writes(method: str, body: bytes) -> list[bytes]:
+    """What one exchange writes for ``method`` with ``body`` (answered with a 204)."""
+
+    async def run() -> list[bytes]:
+        connection = Connection(UpstreamTransport(1, 1), ("http", "upstream", 80), asyncio.get_running_loop())
+        transport = _Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        request = httpx.Request(method, "http://upstream/v1/x?a=1", content=body)
+        exchange = asyncio.create_task(connection.exchange(request, {}))
+        await asyncio.sleep(0)
+        connection.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert (await exchange).status_code == 204
+        return transport.writes
+
+    return asyncio.run(run())
 
 
 def test_head_and_small_body_go_out_in_one_write() -> None:
-    async def run() -> list[bytes]:
-        stream, connection, transport = _stream()
-        await stream.write(b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n")
-        assert transport.writes == []  # held until the body (or a read)
-        await stream.write(b"hello")
-        await stream.write(b"")  # h11's end of a content-length body
-        connection.data_received(b"HTTP/1.1 200 OK\r\n\r\n")
-        assert await stream.read(65536) == b"HTTP/1.1 200 OK\r\n\r\n"
-        return transport.writes
-
-    assert asyncio.run(run()) == [b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello"]
+    assert _writes("POST", b"hello") == [b"POST /v1/x?a=1 HTTP/1.1\r\nHost: upstream\r\nContent-Length: 5\r\n\r\nhello"]
 
 
-def test_a_head_alone_is_sent_before_the_read() -> None:
-    async def run() -> list[bytes]:
-        stream, connection, transport = _stream()
-        await stream.write(b"GET / HTTP/1.1\r\n\r\n")
-        connection.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await stream.read(65536)
-        return transport.writes
-
-    assert asyncio.run(run()) == [b"GET / HTTP/1.1\r\n\r\n"]
+def test_a_request_without_a_body_is_one_write() -> None:
+    assert _writes("GET", b"") == [b"GET /v1/x?a=1 HTTP/1.1\r\nHost: upstream\r\n\r\n"]
 
 
 def test_a_big_body_is_written_after_the_head_not_joined_to_it() -> None:
     body = b"x" * (1 << 20)
-
-    async def run() -> list[bytes]:
-        stream, _, transport = _stream()
-        await stream.write(b"POST / HTTP/1.1\r\n\r\n")
-        await stream.write(body)
-        return transport.writes
-
-    assert asyncio.run(run()) == [b"POST / HTTP/1.1\r\n\r\n", body]
+    assert _writes("POST", body) == [
+        b"POST /v1/x?a=1 HTTP/1.1\r\nHost: upstream\r\nContent-Length: 1048576\r\n\r\n",
+        body,
+    ]
