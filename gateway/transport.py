@@ -6,7 +6,9 @@ lookups per request): ~37% of the gateway's CPU per proxied request (cProfile in
 the request head is serialised in one join, the response parsed by ``httptools.HttpResponseParser`` (llhttp, in C,
 as the server edge already does) from the protocol's ``data_received``, and waits are plain futures with a loop
 timer instead of a task cancellation. httpx's request and response objects, and its exceptions, are kept, so
-``gateway.upstream``, ``gateway.relay`` and ``gateway.proxy`` are unchanged.
+``gateway.upstream``, ``gateway.relay`` and ``gateway.proxy`` are unchanged. Measured (``bench proxy --quick``,
+three alternating runs each on a noisy 2-core machine), the gateway's CPU per request went from 1.8-2.4 to
+1.1-1.5 ms (json, concurrency 1), 1.9-2.7 to 0.75-0.85 ms (json, 16) and 2.3-3.3 to 1.0-1.5 ms (stream, 1).
 
 Semantics kept:
 - connect, read and write timeouts (``request.extensions["timeout"]``) raise ``httpx.ConnectTimeout``/

@@ -79,7 +79,11 @@ async def _serving(server: _Server | _Scripted) -> AsyncIterator[str]:
 def _client(url: str, transport: httpx.AsyncBaseTransport | None = None, **timeouts: float) -> httpx.AsyncClient:
     settings = load_settings(environ={}, upstream=url)
     timeout = httpx.Timeout(
-        timeouts.get("read", 5.0), connect=timeouts.get("connect", 5.0), pool=timeouts.get("pool", 5.0)
+        5.0,
+        connect=timeouts.get("connect", 5.0),
+        read=timeouts.get("read", 5.0),
+        write=timeouts.get("write", 5.0),
+        pool=timeouts.get("pool", 5.0),
     )
     return httpx.AsyncClient(base_url=url, transport=transport or build_transport(settings), timeout=timeout)
 
@@ -365,3 +369,13 @@ async def test_a_stalled_body_is_a_read_timeout_and_closes_the_connection() -> N
         with pytest.raises(httpx.ReadTimeout):
             await client.get("/x")
         await asyncio.wait_for(server.closed.wait(), 2)
+
+
+async def test_an_upstream_that_stops_reading_is_a_write_timeout() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)  # reads nothing of the body
+
+    server = _Scripted(script)
+    async with _serving(server) as url, _client(url, write=0.3) as client:
+        with pytest.raises(httpx.WriteTimeout):
+            await client.post("/x", content=b"x" * (64 << 20))
