@@ -280,8 +280,13 @@ class Connection(asyncio.Protocol):
         return httpx.RemoteProtocolError("the upstream closed the connection mid-answer", request=request)
 
     def _delimited(self) -> bool:
-        """Whether the answer's length is in its headers (else its body ends with the connection)."""
-        return any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
+        """Whether the answer's length is in its headers, a length or chunks (else its body ends with the
+        connection)."""
+        for name, value in self.headers:
+            field = name.lower()
+            if field == b"content-length" or (field == b"transfer-encoding" and b"chunked" in value.lower()):
+                return True
+        return False
 
     # ---------------------------------------------------------------------------------------- reuse
 

@@ -272,9 +272,10 @@ async def test_an_answer_that_ends_the_connection_is_not_reused(answer: bytes) -
     assert server.connections == 2
 
 
-async def test_a_body_that_ends_with_the_connection() -> None:
+@pytest.mark.parametrize("fields", [b"", b"transfer-encoding: identity\r\n"], ids=["no-length", "te-identity"])
+async def test_a_body_that_ends_with_the_connection(fields: bytes) -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        writer.write(b"HTTP/1.1 200 OK\r\n%b\r\nuntil the end" % fields)
         writer.close()
 
     async with _serving(_Scripted(script)) as url, _client(url) as client:
