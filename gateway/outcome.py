@@ -226,9 +226,8 @@ def client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:
     return value if type(value) is int and 0 <= value < count else None
 
 
-def pin_slot(slots: SlotTable | None, planned: PlannedRequest, body: RequestBody) -> None:
+def pin_slot(slots: SlotTable, planned: PlannedRequest, body: RequestBody) -> None:
     """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
-    assert slots is not None
     chosen = client_slot(body.top, len(slots.slots))
     if chosen is None:
         chosen = slots.choose(planned.commits)
