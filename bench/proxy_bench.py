@@ -256,6 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_upstream = f"from bench.proxy_bench import _serve_upstream; _serve_upstream({port})"
         targets.append(_start("direct", [sys.executable, "-c", serve_upstream], port))
         upstream = targets[0].base
+        for name, call in (
+            ("relay floor", f"serve_relay({{}}, {targets[0].port})"),
+            ("ASGI floor", f"serve_asgi({{}}, {upstream!r})"),
+        ):
+            port = _free_port()
+            code = "from bench.proxy_floor import serve_asgi, serve_relay; " + call.format(port)
+            targets.append(_start(name, [sys.executable, "-c", code], port))
         gateway = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--engine", "openai"]
         gateway += ["--log-level", "warning"]
         port = _free_port()
@@ -320,7 +327,8 @@ def _print(targets: list[_Target], count: int, rounds: int) -> None:
     reference = next((t for t in targets if t.name == "reference"), None)
     if reference is not None:
         cell = (False, 16)
-        ours = len(targets[1].latencies[cell]) / targets[1].elapsed[cell]
+        gateway = next(t for t in targets if t.name == "prefixgate")
+        ours = len(gateway.latencies[cell]) / gateway.elapsed[cell]
         theirs = len(reference.latencies[cell]) / reference.elapsed[cell]
         print(
             f"json, concurrency 16: prefixgate {ours:.0f} rps = {ours / theirs:.1f}x the reference's {theirs:.0f} rps"

@@ -345,7 +345,7 @@ class Planner:
 
     def _cached_counts(self, keys: Sequence[Prediction]) -> list[int]:
         """How many leading blocks of each group the index predicts cached (on the event loop)."""
-        return [self.residency.index.plan(key, blocks).cached for key, blocks in keys]
+        return [self.residency.index.cached(key, blocks, count=True) for key, blocks in keys]
 
     def _plan_text(
         self, text: str, prefix: Prefix, outcome: Outcome, others: Others, found: TextScan

@@ -234,7 +234,7 @@ class Router:
         """Plan with the shared planner, its index lookups answered by ``choice`` (a shallow copy per request:
         the memo, scans and boundaries stay shared, only the residency is this request's)."""
         planner = copy.copy(self._shared)
-        planner.residency = choice  # type: ignore[assignment]  # the planner reads only ``residency.index.plan``
+        planner.residency = choice  # type: ignore[assignment]  # the planner reads only ``residency.index``
         return planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff)
 
     # -- internals (on the event loop) ---------------------------------------------------------------------
@@ -283,7 +283,8 @@ class Router:
 
 class _Choice:
     """One request's replica, chosen at its first index lookup: the residency of the shared planner's copy for
-    that request (the planner reads ``residency.index.plan``; a plan then goes to the winner's index)."""
+    that request (the planner reads ``residency.index``: ``plan`` and ``cached``; a plan then goes to the winner's
+    index)."""
 
     __slots__ = ("affine", "best", "healthy", "prompt_tokens", "ranking", "router")
 
@@ -302,6 +303,13 @@ class _Choice:
             self.choose(((key, blocks),))
         assert self.ranking is not None
         return self.ranking[0].residency.index.plan(key, blocks)
+
+    def cached(self, key: Hashable, blocks: Sequence[int], *, count: bool = False) -> int:
+        """The winner's cached leading blocks for one group (a text whose order is known); ranks as ``plan``."""
+        if self.ranking is None:
+            self.choose(((key, blocks),))
+        assert self.ranking is not None
+        return self.ranking[0].residency.index.cached(key, blocks, count=count)
 
     def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
         self.ranking, self.best = self.router.rank(self.healthy, groups, self.prompt_tokens, self.affine)

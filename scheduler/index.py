@@ -147,24 +147,31 @@ class LiveIndex:
         else:
             sort_key = continuation_key(state.cooccurrence.scores(blocks), state.popularity.sort_key())
             ordered, cached = arrange(state.trie.root, blocks, sort_key, self._search_budget)
+        self._count_plan(len(blocks), cached)
+        return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
+
+    def cached(self, key: Hashable, blocks: Sequence[int], budget: int | None = None, *, count: bool = False) -> int:
+        """How many leading blocks :meth:`plan` would predict cached, without ordering the rest (a router asks
+        every replica's index this for each request; the planner, for a text whose order it already knows). A
+        smaller search ``budget`` than the index's gives a lower bound, found sooner. ``count``: counted in the
+        stats as a plan, as :meth:`plan` is."""
+        state = self._keys.get(key)
+        cached = 0
+        if state is not None and state.trie.root.children:
+            remaining: dict[int, int] = {}
+            for block in blocks:
+                remaining[block] = remaining.get(block, 0) + 1
+            cached = len(match(state.trie.root, remaining, self._search_budget if budget is None else budget))
+        if count:
+            self._count_plan(len(blocks), cached)
+        return cached
+
+    def _count_plan(self, blocks: int, cached: int) -> None:
         self._plans += 1
-        self._planned_blocks += len(blocks)
+        self._planned_blocks += blocks
         if cached:
             self._hits += 1
             self._hit_blocks += cached
-        return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
-
-    def cached(self, key: Hashable, blocks: Sequence[int], budget: int | None = None) -> int:
-        """How many leading blocks :meth:`plan` would predict cached, without ordering the rest or counting a
-        plan in the stats (a router asks every replica's index this for each request). A smaller search
-        ``budget`` than the index's gives a lower bound, found sooner."""
-        state = self._keys.get(key)
-        if state is None or not state.trie.root.children:
-            return 0
-        remaining: dict[int, int] = {}
-        for block in blocks:
-            remaining[block] = remaining.get(block, 0) + 1
-        return len(match(state.trie.root, remaining, self._search_budget if budget is None else budget))
 
     def popularity(self, key: Hashable) -> Popularity | None:
         """The popularity behind ``key``'s canonical order (for ``plan_batch``), or ``None`` for a new key.

@@ -1,0 +1,129 @@
+"""Floors for ``bench proxy``: what a proxy costs on this machine before it does anything of its own.
+
+- ``relay floor``: an asyncio byte pump, one upstream connection per client connection, no HTTP parsing at all.
+  No Python proxy that has to read a request can cost less: the two extra socket hops and the wake-ups of one
+  more process are the whole of it.
+- ``ASGI floor``: the gateway's own stack with nothing of the gateway in it: uvicorn with the gateway's edge
+  protocol, a minimal ASGI app that reads the body and sends it on through the gateway's upstream client
+  (``gateway.transport``), and relays the answer as it arrives. No header checks, no ids, no JSON, no plan, no
+  metrics: what serving the design card's stack (an ASGI server in front of an HTTP client) costs per request.
+
+Each runs as its own process, as the gateway does, so its CPU per request is read from ``/proc`` the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+__all__ = ["serve_asgi", "serve_relay"]
+
+
+class _Pump(asyncio.Protocol):
+    """One side of a relayed connection: what arrives is written to the peer."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pump | None = None
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        transport.get_extra_info("socket").setsockopt(6, 1, 1)  # TCP_NODELAY, as uvicorn and the gateway set it
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+        else:
+            self.pending.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
+def serve_relay(port: int, upstream_port: int) -> None:
+    """Listen on ``port``; pump every connection's bytes to and from a connection of its own to the upstream."""
+
+    class Client(_Pump):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.connecting = asyncio.ensure_future(self._connect())
+
+        async def _connect(self) -> None:
+            _, upstream = await asyncio.get_running_loop().create_connection(_Pump, "127.0.0.1", upstream_port)
+            upstream.peer, self.peer = self, upstream
+            assert upstream.transport is not None
+            for data in self.pending:
+                upstream.transport.write(data)
+            self.pending.clear()
+
+    async def run() -> None:
+        server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    _run(run())
+
+
+def serve_asgi(port: int, upstream: str) -> None:
+    """Serve a bare ASGI proxy to ``upstream`` on ``port`` with the gateway's edge protocol and upstream client."""
+    import httpx
+    import uvicorn
+
+    from gateway.edge import edge_protocol
+    from gateway.settings import load_settings
+    from gateway.transport import build_transport
+
+    settings = load_settings()
+    transport = build_transport(settings)
+    keep = {b"content-type", b"content-length", b"transfer-encoding"}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "GET":  # readiness
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        parts = []
+        while True:
+            message = await receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        request = httpx.Request(
+            "POST",
+            upstream + scope["path"],
+            headers=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            content=body,
+        )
+        response = await transport.handle_async_request(request)
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() in keep]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        await response.aclose()
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        http=edge_protocol(settings),
+        timeout_keep_alive=settings.http_keepalive_timeout,
+        lifespan="off",
+    )
+
+
+def _run(coroutine: Any) -> None:
+    try:
+        import uvloop  # the loop uvicorn picks, and so the gateway's, when it is installed
+
+        uvloop.run(coroutine)
+    except ImportError:
+        asyncio.run(coroutine)
