@@ -1,7 +1,7 @@
 """prefixgate against ContextPilot 0.5.0 itself, on the same seeded workloads and the same prefix-cache simulator.
 
 ``python -m bench compare [--quick] [--seed=N] [--capacity=TOKENS] [--presets=a,b] [--no-reference]
-[--reference-batch-max=N] [--bounds]``
+[--reference-batch-max=N] [--bounds] [--batch-search=N]``
 
 For each preset (``bench.workload``: heavy overlap, heavy head, low overlap, 10,000 contexts, multi-turn) and
 each mode, the hit ratio (cached / prompt tokens) on the paged LRU radix cache of ``bench.cachesim`` at a
@@ -12,6 +12,8 @@ each mode, the hit ratio (cached / prompt tokens) on the paged LRU radix cache o
   with the conversation constraint, so turn 2 never runs before turn 1; the reference has none).
   Reference: ``ContextPilot.schedule_only`` (its stateless ``/reorder``), skipped above
   ``--reference-batch-max`` contexts (5,000; its O(N^2) clustering takes many minutes on 10,000).
+- **batch, search N**: the same with the extra search the gateway's ``--batch-search N`` turns on
+  (``Search.shake``; N=20 unless ``--batch-search`` says otherwise, 0 skips the row).
 - **online**: one request at a time, in arrival order, each planned against what is live, and every eviction
   the simulator makes is fed back to the index's evict (``/evict``). prefixgate: ``LiveIndex.plan`` (the proxy)
   and ``plan_batch`` with the live snapshot and popularity on one context (a stateful ``/reorder`` call, as the
@@ -69,10 +71,13 @@ def original(workload: Workload, capacity: float) -> PrefixCacheSim:
     return serve_in_order(workload, capacity, [(query, query.doc_ids) for query in workload.queries])
 
 
-def ours_batch(workload: Workload, capacity: float) -> PrefixCacheSim:
+def ours_batch(workload: Workload, capacity: float, shake: int = 0) -> PrefixCacheSim:
     queries = workload.queries
     plan = plan_batch(
-        [query.doc_ids for query in queries], conversations=conversations(workload), tokens=workload.docs.lengths
+        [query.doc_ids for query in queries],
+        conversations=conversations(workload),
+        tokens=workload.docs.lengths,
+        shake=shake,
     )
     check_turns(workload, plan.order)
     return serve_in_order(
@@ -163,6 +168,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--bounds", action="store_true", help="also print upper bounds and the popularity oracle")
     parser.add_argument(
+        "--batch-search",
+        type=int,
+        default=20,
+        help="also plan each batch with this much extra search (the gateway's --batch-search); 0: that row skipped",
+    )
+    parser.add_argument(
         "--reference-batch-max",
         type=int,
         default=5000,
@@ -193,6 +204,11 @@ def main(argv: list[str]) -> None:
                 shown = pct(other) if other or not reference else f"skipped (> {limit:,})"
                 rows.append([label, "batch", size_text, pct(base), pct(ours), shown, ratio(ours, other)])
                 rows[-1].append(ratio(ours, base))
+                if args.batch_search:
+                    searched = ours_batch(workload, args.capacity, args.batch_search)
+                    mode = f"batch, search {args.batch_search}"
+                    rows.append([label, mode, size_text, pct(base), pct(searched), shown, ratio(searched, other)])
+                    rows[-1].append(ratio(searched, base))
             if "online" in modes:
                 proxy = online(workload, args.capacity, proxy_plan)
                 api = online(workload, args.capacity, partial(reorder_plan, tokens=workload.docs.lengths))

@@ -114,6 +114,7 @@ class IndexApi:
                 cooccurrence=cooccurrence,
                 conversations=conversations(parsed),
                 tokens=tokens,
+                shake=self.settings.batch_search,
             )
             elapsed = (time.perf_counter() - started) * 1000
             return parsed, input_type, ids, plan, plan.apply(parsed.contexts), elapsed

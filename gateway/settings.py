@@ -69,6 +69,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     memo_mib: int = 16
     shared_cache: bool = False
     schedule_max_contexts: int = 10_000
+    batch_search: int = 0
     http_max_header_bytes: int = 65_536
     http_max_headers: int = 100
     http_header_timeout: float = 10.0
@@ -108,6 +109,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("state: expected redis://host:port[/db] (or rediss://, unix://)")
         if self.state_max_len < 100:
             raise ValueError("state_max_len: must be at least 100")
+        if self.batch_search < 0:
+            raise ValueError("batch_search: must be at least 0")
         for name in ("max_body_bytes", "max_connections", "max_keepalive", "index_max_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
@@ -253,6 +256,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "value",
     ),
     "shared_cache": ("with --api-key: share the planner memo and index view across keys (off: one per key)", "flag"),
+    "batch_search": (
+        "extra search on a /reorder batch: blocks re-placed per block of the batch (0: off; more: more shared "
+        "prefix, ~10 us each)",
+        "value",
+    ),
     "schedule_max_contexts": (
         "most contexts accepted by one stateless /schedule (or /reorder with --stateless)",
         "value",

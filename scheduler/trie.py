@@ -256,8 +256,9 @@ class Trie:
         node.ends += 1
         return size
 
-    def release(self, path: Sequence[int]) -> None:
-        """Remove one live request that was inserted along ``path``; prune and merge what it leaves behind."""
+    def release(self, path: Sequence[int]) -> int:
+        """Remove one live request that was inserted along ``path``; prune and merge what it leaves behind. Return
+        how many leading blocks of ``path`` the trie still holds (other requests share them)."""
         node = self._own_root()
         node.live -= 1
         parent: Node | None = None
@@ -270,11 +271,12 @@ class Trie:
             if child.live == 0:
                 self._prune(node, block, child, size - index)
                 self._merge(parent, node)
-                return
+                return index
             parent, node = node, child
             index += len(child.label)
         node.ends -= 1
         self._merge(parent, node)
+        return size
 
     def _own_root(self) -> Node:
         if self.root.epoch != self._epoch:

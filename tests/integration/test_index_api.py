@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -42,6 +43,23 @@ async def test_stateless_schedule_is_a_permutation(gateway: AppFactory) -> None:
     firsts = [ctx[0] for ctx in body["reordered_contexts"] if {1, 2} <= set(ctx)]
     assert len(set(firsts)) == 1
     assert stats.json()["index_stats"]["num_requests"] == 0
+
+
+async def test_batch_search_setting_reaches_the_batch_plan(gateway: AppFactory) -> None:
+    """``--batch-search``: two pairs that share a block each, found only by moving contexts together."""
+    from tests.unit.test_scheduler_search import TWO_PAIRS
+
+    shared: dict[int, int] = {}
+    for search in (0, 50):
+        async with gateway(batch_search=search) as client:
+            body = (await client.post("/schedule", json={"contexts": TWO_PAIRS})).json()
+        _check_contract(TWO_PAIRS, body)
+        runs = body["reordered_contexts"]
+        shared[search] = sum(
+            next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            for a, b in pairwise(runs)
+        )
+    assert shared == {0: 1, 50: 2}
 
 
 async def test_stateful_initial_then_incremental(gateway: AppFactory) -> None:
