@@ -344,8 +344,8 @@ class Planner:
         return entry.text
 
     def _cached_counts(self, keys: Sequence[Prediction]) -> list[int]:
-        """How many leading blocks of each group the index predicts cached (on the event loop)."""
-        return [self.residency.index.cached(key, blocks, count=True) for key, blocks in keys]
+        """How many leading blocks of each group, in the order the memo sends them, the index holds (on the loop)."""
+        return [self.residency.index.held(key, blocks) for key, blocks in keys]
 
     def _plan_text(
         self, text: str, prefix: Prefix, outcome: Outcome, others: Others, found: TextScan

@@ -283,7 +283,7 @@ class Router:
 
 class _Choice:
     """One request's replica, chosen at its first index lookup: the residency of the shared planner's copy for
-    that request (the planner reads ``residency.index``: ``plan`` and ``cached``; a plan then goes to the winner's
+    that request (the planner reads ``residency.index``: ``plan`` and ``held``; a plan then goes to the winner's
     index)."""
 
     __slots__ = ("affine", "best", "healthy", "prompt_tokens", "ranking", "router")
@@ -304,12 +304,12 @@ class _Choice:
         assert self.ranking is not None
         return self.ranking[0].residency.index.plan(key, blocks)
 
-    def cached(self, key: Hashable, blocks: Sequence[int], *, count: bool = False) -> int:
-        """The winner's cached leading blocks for one group (a text whose order is known); ranks as ``plan``."""
+    def held(self, key: Hashable, sequence: Sequence[int]) -> int:
+        """The winner's held leading blocks of one group sent in a known order; ranks as ``plan`` does."""
         if self.ranking is None:
-            self.choose(((key, blocks),))
+            self.choose(((key, sequence),))
         assert self.ranking is not None
-        return self.ranking[0].residency.index.cached(key, blocks, count=count)
+        return self.ranking[0].residency.index.held(key, sequence)
 
     def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
         self.ranking, self.best = self.router.rank(self.healthy, groups, self.prompt_tokens, self.affine)

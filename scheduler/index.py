@@ -30,7 +30,7 @@ from typing import Any
 from .cooccur import Cooccurrence
 from .ids import request_id_candidates
 from .order import Popularity, PopularityMode, arrange, permutation
-from .trie import MATCH_BUDGET, Trie, TrieView, match
+from .trie import MATCH_BUDGET, Trie, TrieView, match, prefix_length
 
 __all__ = ["EvictResult", "IndexStats", "LiveIndex", "Plan", "continuation_key"]
 
@@ -150,20 +150,24 @@ class LiveIndex:
         self._count_plan(len(blocks), cached)
         return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
 
-    def cached(self, key: Hashable, blocks: Sequence[int], budget: int | None = None, *, count: bool = False) -> int:
-        """How many leading blocks :meth:`plan` would predict cached, without ordering the rest (a router asks
-        every replica's index this for each request; the planner, for a text whose order it already knows). A
-        smaller search ``budget`` than the index's gives a lower bound, found sooner. ``count``: counted in the
-        stats as a plan, as :meth:`plan` is."""
+    def cached(self, key: Hashable, blocks: Sequence[int], budget: int | None = None) -> int:
+        """How many leading blocks :meth:`plan` would predict cached, without ordering the rest or counting a
+        plan in the stats (a router asks every replica's index this for each request). A smaller search
+        ``budget`` than the index's gives a lower bound, found sooner."""
         state = self._keys.get(key)
-        cached = 0
-        if state is not None and state.trie.root.children:
-            remaining: dict[int, int] = {}
-            for block in blocks:
-                remaining[block] = remaining.get(block, 0) + 1
-            cached = len(match(state.trie.root, remaining, self._search_budget if budget is None else budget))
-        if count:
-            self._count_plan(len(blocks), cached)
+        if state is None or not state.trie.root.children:
+            return 0
+        remaining: dict[int, int] = {}
+        for block in blocks:
+            remaining[block] = remaining.get(block, 0) + 1
+        return len(match(state.trie.root, remaining, self._search_budget if budget is None else budget))
+
+    def held(self, key: Hashable, sequence: Sequence[int]) -> int:
+        """How many leading blocks of ``sequence``, in this order, the index holds: the prediction for blocks
+        sent in an order chosen before (a text the planner's memo knows). Counted in the stats as a plan."""
+        state = self._keys.get(key)
+        cached = prefix_length(state.trie.root, sequence) if state is not None else 0
+        self._count_plan(len(sequence), cached)
         return cached
 
     def _count_plan(self, blocks: int, cached: int) -> None:

@@ -165,4 +165,4 @@ class UnitOrders:
         return order if moved else None
 
     def _cached(self, key: bytes, blocks: tuple[int, ...]) -> int:
-        return self.residency.index.cached(key, blocks, count=True)
+        return self.residency.index.held(key, blocks)

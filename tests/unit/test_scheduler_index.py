@@ -375,3 +375,23 @@ def test_bounds_are_never_exceeded(ops: list[tuple[int, int, list[int], bool]]) 
         assert set(index.request_ids()) <= {f"r{n}" for n in range(31)}
     live = [index.path(rid) for rid in index.request_ids()]
     assert all(path is not None for path in live)
+
+
+def test_held_is_the_prefix_of_the_order_given_counted_as_a_plan() -> None:
+    """The prediction for a text sent in an order the planner's memo chose before: only what the index holds in
+    *that* order counts, not a better order of the same blocks."""
+    index = LiveIndex()
+    index.commit("k", "r1", [1, 2, 3, 4])
+    before = index.stats()
+    assert index.held("k", [1, 2, 3, 4, 9]) == 4
+    assert index.held("k", [1, 2, 4, 3]) == 2  # 3 and 4 are held after 2 in the other order
+    assert index.cached("k", [1, 2, 4, 3]) == 4  # what a new plan of the same blocks would predict
+    assert index.held("k", [2, 1]) == 0
+    assert index.held("other", [1, 2]) == 0
+    after = index.stats()
+    assert (after.plans, after.hits, after.planned_blocks, after.hit_blocks) == (
+        before.plans + 4,
+        before.hits + 2,
+        before.planned_blocks + 5 + 4 + 2 + 2,
+        before.hit_blocks + 4 + 2,
+    )
