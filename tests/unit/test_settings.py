@@ -57,6 +57,7 @@ def test_no_reorder_flag() -> None:
         ({"PREFIXGATE_READ_TIMEOUT": "0"}, "--read-timeout (PREFIXGATE_READ_TIMEOUT)"),
         ({"PREFIXGATE_STATELESS": "perhaps"}, "--stateless (PREFIXGATE_STATELESS)"),
         ({"PREFIXGATE_MAX_BODY_BYTES": "-5"}, "--max-body-bytes (PREFIXGATE_MAX_BODY_BYTES)"),
+        ({"PREFIXGATE_BATCH_SEARCH": "-1"}, "--batch-search (PREFIXGATE_BATCH_SEARCH)"),
     ],
 )
 def test_invalid_values_name_the_option(env: dict[str, str], fragment: str) -> None:
