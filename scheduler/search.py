@@ -49,7 +49,7 @@ class Search:
         the trie."""
         trie = trie if trie is not None else _trie_of(sequences)
         for _ in range(passes):
-            if not self._reinsert(trie, sequences, range(len(self.contexts))):
+            if not self._reinsert(trie, sequences, range(len(self.contexts)))[0]:
                 break
         return trie
 
@@ -85,22 +85,15 @@ class Search:
                 sequence, _ = arrange(
                     trie.root, self.contexts[index], key, self.budget, self.tokens, extend=self.extend
                 )
-            else:
-                head = first  # the block this round is about, first after the matched path
+            else:  # the block this round is about, first after the matched path
 
-                def leading(block: int, key: Callable[[int], Any] = key, head: int = head) -> tuple[bool, Any]:
-                    return block != head, key(block)
+                def leading(block: int, key: Callable[[int], Any] = key) -> tuple[bool, Any]:
+                    return block != first, key(block)
 
                 sequence, _ = arrange(trie.root, self.contexts[index], leading, self.budget, self.tokens)
             delta += self._insert(trie, sequence, index)
             sequences[index] = sequence
-        for index in group:  # one refining sweep over the group, with all of it back in the trie
-            old = sequences[index]
-            delta -= self._release(trie, old)
-            sequences[index], _ = arrange(
-                trie.root, self.contexts[index], self.keys[index], self.budget, self.tokens, extend=self.extend
-            )
-            delta += self._insert(trie, sequences[index], index)
+        delta += self._reinsert(trie, sequences, group)[1]  # one refining sweep, with all of the group back
         placed = 2 * sum(len(sequences[index]) for index in group)
         if delta >= 0:
             return delta, placed
@@ -111,21 +104,21 @@ class Search:
             sequences[index] = sequence
         return 0, placed
 
-    def _reinsert(self, trie: Trie, sequences: list[list[int]], indexes: Sequence[int] | range) -> int:
+    def _reinsert(self, trie: Trie, sequences: list[list[int]], indexes: Sequence[int]) -> tuple[int, int]:
         """Take each context of ``indexes`` out and put it back along the heaviest path the others leave; return
-        how many moved."""
-        moved = 0
+        how many moved and the tokens the trie shares more than before."""
+        moved = delta = 0
         for index in indexes:
             old = sequences[index]
-            trie.release(old)
+            delta -= self._release(trie, old)
             sequence, _ = arrange(
                 trie.root, self.contexts[index], self.keys[index], self.budget, self.tokens, extend=self.extend
             )
-            trie.insert(sequence, index + 1)
+            delta += self._insert(trie, sequence, index)
             if sequence != old:
                 sequences[index] = sequence
                 moved += 1
-        return moved
+        return moved, delta
 
     def _insert(self, trie: Trie, sequence: list[int], index: int) -> int:
         """Insert; return the tokens of ``sequence`` the trie already held (shared by this insertion)."""
