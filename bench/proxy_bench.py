@@ -259,9 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, call in (
             ("relay floor", f"serve_relay({{}}, {targets[0].port})"),
             ("ASGI floor", f"serve_asgi({{}}, {upstream!r})"),
+            ("HTTP floor", f"serve_http({{}}, {upstream!r})"),
         ):
             port = _free_port()
-            code = "from bench.proxy_floor import serve_asgi, serve_relay; " + call.format(port)
+            code = "from bench.proxy_floor import serve_asgi, serve_http, serve_relay; " + call.format(port)
             targets.append(_start(name, [sys.executable, "-c", code], port))
         gateway = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--engine", "openai"]
         gateway += ["--log-level", "warning"]

@@ -8,6 +8,10 @@
   (``gateway.transport``), and relays the answer as it arrives. No header checks, no ids, no JSON, no plan, no
   metrics: what serving the design card's stack (an ASGI server in front of an HTTP client) costs per request.
 
+- ``HTTP floor``: the same without ASGI or uvicorn: an asyncio protocol parsing requests with httptools (as
+  uvicorn does) and answering from the gateway's upstream client directly. What a server of the gateway's own for
+  ``/v1`` could get down to, before any gateway logic.
+
 Each runs as its own process, as the gateway does, so its CPU per request is read from ``/proc`` the same way.
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-__all__ = ["serve_asgi", "serve_relay"]
+__all__ = ["serve_asgi", "serve_http", "serve_relay"]
 
 
 class _Pump(asyncio.Protocol):
@@ -118,6 +122,75 @@ def serve_asgi(port: int, upstream: str) -> None:
         timeout_keep_alive=settings.http_keepalive_timeout,
         lifespan="off",
     )
+
+
+def serve_http(port: int, upstream: str) -> None:
+    """Serve a bare HTTP/1.1 proxy to ``upstream`` on ``port``: httptools and the gateway's upstream client."""
+    import httptools
+    import httpx
+
+    from gateway.settings import load_settings
+    from gateway.transport import build_transport
+
+    transport = build_transport(load_settings())
+    keep = {b"content-type", b"content-length"}
+
+    class Server(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.transport: asyncio.Transport | None = None
+            self.url = b""
+            self.body: list[bytes] = []
+            self.tasks: set[asyncio.Task[None]] = set()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_url(self, url: bytes) -> None:
+            self.url = url
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+        def on_message_complete(self) -> None:
+            body, self.body = b"".join(self.body), []
+            task = asyncio.ensure_future(self.answer(self.parser.get_method(), self.url, body))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        async def answer(self, method: bytes, url: bytes, body: bytes) -> None:
+            assert self.transport is not None
+            if method == b"GET":  # readiness
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                return
+            request = httpx.Request(
+                "POST",
+                upstream + url.decode("latin-1"),
+                headers=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                content=body,
+            )
+            response = await transport.handle_async_request(request)
+            head = [b"HTTP/1.1 %d OK\r\n" % response.status_code]
+            head += [b"%s: %s\r\n" % (k, v) for k, v in response.headers.raw if k.lower() in keep]
+            chunked = "content-length" not in response.headers
+            if chunked:
+                head.append(b"transfer-encoding: chunked\r\n")
+            self.transport.write(b"".join(head) + b"\r\n")
+            async for chunk in response.aiter_raw():
+                self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                self.transport.write(b"0\r\n\r\n")
+            await response.aclose()
+
+    async def run() -> None:
+        server = await asyncio.get_running_loop().create_server(Server, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    _run(run())
 
 
 def _run(coroutine: Any) -> None:
