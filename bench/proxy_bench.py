@@ -1,5 +1,6 @@
 """Proxy overhead side by side: the same ~20 KB RAG requests sent directly to a fast upstream, through prefixgate
-(reordering off, and on), and through the reference (ContextPilot 0.5.0's own server), in one run.
+(reordering off, and on), through the reference (ContextPilot 0.5.0's own server), and through three floors (what the
+stack costs before any gateway logic, ``bench.proxy_floor``), in one run.
 
 The load comes from a lean keep-alive HTTP/1.1 client (``bench.loadgen``): an httpx load generator cost more CPU
 per request than the servers it measured, and at concurrency 16 it, not they, set the throughput. Reports added
