@@ -18,7 +18,13 @@ Each runs as its own process, as the gateway does, so its CPU per request is rea
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import httpx
+
+if TYPE_CHECKING:
+    from gateway.transport import UpstreamTransport
 
 __all__ = ["serve_asgi", "serve_http", "serve_relay"]
 
@@ -62,17 +68,11 @@ def serve_relay(port: int, upstream_port: int) -> None:
                 upstream.transport.write(data)
             self.pending.clear()
 
-    async def run() -> None:
-        server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
-        async with server:
-            await server.serve_forever()
-
-    _run(run())
+    _listen(Client, port)
 
 
 def serve_asgi(port: int, upstream: str) -> None:
     """Serve a bare ASGI proxy to ``upstream`` on ``port`` with the gateway's edge protocol and upstream client."""
-    import httpx
     import uvicorn
 
     from gateway.edge import edge_protocol
@@ -97,13 +97,7 @@ def serve_asgi(port: int, upstream: str) -> None:
             if not message.get("more_body"):
                 break
         body = b"".join(parts)
-        request = httpx.Request(
-            "POST",
-            upstream + scope["path"],
-            headers=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            content=body,
-        )
-        response = await transport.handle_async_request(request)
+        response = await _post(transport, upstream + scope["path"], body)
         headers = [(k, v) for k, v in response.headers.raw if k.lower() in keep]
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         async for chunk in response.aiter_raw():
@@ -127,7 +121,6 @@ def serve_asgi(port: int, upstream: str) -> None:
 def serve_http(port: int, upstream: str) -> None:
     """Serve a bare HTTP/1.1 proxy to ``upstream`` on ``port``: httptools and the gateway's upstream client."""
     import httptools
-    import httpx
 
     from gateway.settings import load_settings
     from gateway.transport import build_transport
@@ -166,13 +159,7 @@ def serve_http(port: int, upstream: str) -> None:
             if method == b"GET":  # readiness
                 self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                 return
-            request = httpx.Request(
-                "POST",
-                upstream + url.decode("latin-1"),
-                headers=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                content=body,
-            )
-            response = await transport.handle_async_request(request)
+            response = await _post(transport, upstream + url.decode("latin-1"), body)
             head = [b"HTTP/1.1 %d OK\r\n" % response.status_code]
             head += [b"%s: %s\r\n" % (k, v) for k, v in response.headers.raw if k.lower() in keep]
             chunked = "content-length" not in response.headers
@@ -185,18 +172,27 @@ def serve_http(port: int, upstream: str) -> None:
                 self.transport.write(b"0\r\n\r\n")
             await response.aclose()
 
-    async def run() -> None:
-        server = await asyncio.get_running_loop().create_server(Server, "127.0.0.1", port)
+    _listen(Server, port)
+
+
+async def _post(transport: UpstreamTransport, url: str, body: bytes) -> httpx.Response:
+    """Send ``body`` as a JSON POST to ``url`` through the gateway's upstream client; the answer streams."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return await transport.handle_async_request(httpx.Request("POST", url, headers=headers, content=body))
+
+
+def _listen(protocol: Callable[[], asyncio.Protocol], port: int) -> None:
+    """Serve ``protocol`` on ``port`` until killed, on uvloop when installed (the loop uvicorn, and so the
+    gateway, picks)."""
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", port)
         async with server:
             await server.serve_forever()
 
-    _run(run())
-
-
-def _run(coroutine: Any) -> None:
     try:
-        import uvloop  # the loop uvicorn picks, and so the gateway's, when it is installed
-
-        uvloop.run(coroutine)
+        import uvloop
     except ImportError:
-        asyncio.run(coroutine)
+        asyncio.run(serve())
+    else:
+        uvloop.run(serve())
