@@ -50,7 +50,7 @@ bench: $(STAMP) ## run the benchmarks (each prints a table)
 	$(BIN)/python -m bench
 
 llama-server: $(STAMP) ## build (once, cached under ~/.cache/prefixgate) the real llama-server; prints its path last
-	@$(BIN)/python -m engines.llamacpp.build --cache-dir $(CACHE_DIR)
+	@$(BIN)/python -m tests.builds.llamacpp --cache-dir $(CACHE_DIR)
 
 contextpilot-client: $(STAMP) ## fetch (once) the contextpilot 0.5.0 wheel whose index client the tests drive; prints its path
 	@test -f $(CACHE_DIR)/wheels/contextpilot-0.5.0-py3-none-any.whl || \
@@ -73,7 +73,7 @@ redis-server: ## install (once, Debian's package; needs root or an existing inst
 	@command -v redis-server
 
 tiny-model: $(STAMP) ## write the tiny random-weight GGUF test model; prints its path last
-	@$(BIN)/python -m engines.llamacpp.tinymodel --cache-dir $(CACHE_DIR)
+	@$(BIN)/python -m tests.builds.tinymodel --cache-dir $(CACHE_DIR)
 
 clean: ## remove the virtual environment and caches in the checkout
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -228,10 +228,10 @@ def _convergence(found: list[int], sizes: list[int], window: int = 50) -> tuple[
 
 def _planner_latency(samples: int) -> dict[str, tuple[float, float]]:
     from gateway.metrics import Metrics
-    from gateway.planner import Planner
-    from gateway.residency import Residency
+    from gateway.planning.planner import Planner
+    from gateway.planning.residency import Residency
     from gateway.settings import load_settings
-    from gateway.wire import CHAT_ROUTE, decode_request
+    from gateway.wire.chat import CHAT_ROUTE, decode_request
 
     settings = load_settings(environ={})
     planner = Planner(settings, Residency(max_requests=200_000, stateless=False), Metrics())

@@ -268,8 +268,8 @@ def _wait_gateway(base: str, process: subprocess.Popen[bytes], log: Any) -> None
 
 
 def _locate() -> tuple[Path, Path] | None:
-    from engines.llamacpp.build import ENV_VAR, default_cache_dir, find_llama_server
-    from engines.llamacpp.tinymodel import cached_tiny_model
+    from tests.builds.llamacpp import ENV_VAR, default_cache_dir, find_llama_server
+    from tests.builds.tinymodel import cached_tiny_model
 
     from_env = os.environ.get(ENV_VAR, "").strip()
     binary = Path(from_env).expanduser() if from_env else find_llama_server()

@@ -5,7 +5,7 @@
   more process are the whole of it.
 - ``ASGI floor``: the gateway's own stack with nothing of the gateway in it: uvicorn with the gateway's edge
   protocol, a minimal ASGI app that reads the body and sends it on through the gateway's upstream client
-  (``gateway.transport``), and relays the answer as it arrives. No header checks, no ids, no JSON, no plan, no
+  (``gateway.upstream.transport``), and relays the answer as it arrives. No header checks, no ids, no JSON, no plan, no
   metrics: what serving the design card's stack (an ASGI server in front of an HTTP client) costs per request.
 
 - ``HTTP floor``: the same without ASGI or uvicorn: an asyncio protocol parsing requests with httptools (as
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 
 if TYPE_CHECKING:
-    from gateway.transport import UpstreamTransport
+    from gateway.upstream.transport import UpstreamTransport
 
 __all__ = ["serve_asgi", "serve_http", "serve_relay"]
 
@@ -75,9 +75,9 @@ def serve_asgi(port: int, upstream: str) -> None:
     """Serve a bare ASGI proxy to ``upstream`` on ``port`` with the gateway's edge protocol and upstream client."""
     import uvicorn
 
-    from gateway.edge import edge_protocol
+    from gateway.edge.server import edge_protocol
     from gateway.settings import load_settings
-    from gateway.transport import build_transport
+    from gateway.upstream.transport import build_transport
 
     settings = load_settings()
     transport = build_transport(settings)
@@ -123,7 +123,7 @@ def serve_http(port: int, upstream: str) -> None:
     import httptools
 
     from gateway.settings import load_settings
-    from gateway.transport import build_transport
+    from gateway.upstream.transport import build_transport
 
     transport = build_transport(load_settings())
     keep = {b"content-type", b"content-length"}

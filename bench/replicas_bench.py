@@ -302,7 +302,7 @@ def _routing_cost(bodies: list[dict[str, Any]]) -> dict[str, float]:
     CPU time of the planning thread: on a shared machine, wall time also counts the other processes' turns."""
     from gateway.app import create_app
     from gateway.settings import load_settings
-    from gateway.wire import CHAT_ROUTE, decode_request
+    from gateway.wire.chat import CHAT_ROUTE, decode_request
 
     routers = [
         create_app(

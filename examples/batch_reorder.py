@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import openai
 
-from gateway.client import IndexClient, IndexClientError
+from gateway.client.api import IndexClient, IndexClientError
 
 # document id -> text; ids are what the retriever and the index API deal in
 CORPUS: dict[int, str] = {

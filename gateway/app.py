@@ -23,19 +23,19 @@ from gateway import __version__
 from gateway.background import BackgroundCollector, Supervisor
 from gateway.errors import GatewayError, error_body, error_type
 from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces
-from gateway.index_api import index_routes
-from gateway.intercept.boundaries import Boundaries
+from gateway.indexapi.routes import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics, watch_event_loop
-from gateway.planner import Planner
-from gateway.proxy import Proxy
-from gateway.replicas import Replica, ReplicaSet
-from gateway.residency import Residency
-from gateway.router import Router
-from gateway.routing import BalanceGuard
+from gateway.planning.intercept.boundaries import Boundaries
+from gateway.planning.planner import Planner
+from gateway.planning.residency import Residency
+from gateway.planning.texts import TextScans
+from gateway.proxy.pipeline import Proxy
 from gateway.settings import Settings
-from gateway.texts import TextScans
-from gateway.transport import build_transport
-from gateway.upstream import UpstreamSender, build_client
+from gateway.upstream.ranking import BalanceGuard
+from gateway.upstream.replicas import Replica, ReplicaSet
+from gateway.upstream.router import Router
+from gateway.upstream.sender import UpstreamSender, build_client
+from gateway.upstream.transport import build_transport
 from scheduler.index import IndexStats
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     kv_trackers = [kv_tracker_for(replica) for replica in replicas.replicas]
     replication = None
     if settings.state:
-        from gateway.replication import Replication
+        from gateway.state.replication import Replication
 
         replication = Replication(settings.state, replicas, metrics, max_len=settings.state_max_len)
     kv_tracker = kv_trackers[0]

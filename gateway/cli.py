@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return hook_main(args_list[1:])
     if args_list[:1] == ["reorder"]:
-        from gateway.batch import main as reorder_main
+        from gateway.client.batch import main as reorder_main
 
         return reorder_main(args_list[1:])
     args = _parser().parse_args(args_list)
@@ -77,7 +77,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.edge import edge_protocol
+    from gateway.edge.server import edge_protocol
     from gateway.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)

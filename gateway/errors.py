@@ -21,12 +21,17 @@ map from an HTTP status to an OpenAI error ``type`` (for errors that are not our
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import httpx
 import msgspec
 
 __all__ = [
+    "malformed_json_is_400",
+    "split_error_path",
     "Forbidden",
     "GatewayError",
     "InvalidRequest",
@@ -187,3 +192,25 @@ def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
     if text and not text.startswith("<"):
         summary = f"{summary}: {text}"
     return error_body(summary, error_type(status, "upstream_error"), code=status)
+
+
+_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+@contextmanager
+def malformed_json_is_400() -> Iterator[None]:
+    """msgspec's two failures that are not ``DecodeError``s, as the 400 they are."""
+    try:
+        yield
+    except RecursionError:
+        # msgspec refuses nesting deeper than the interpreter's recursion limit; no OpenAI body nests that deep
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
+    except UnicodeDecodeError:
+        # invalid UTF-8 inside a JSON string surfaces as a UnicodeDecodeError, not a DecodeError
+        raise InvalidRequest("request body is not valid UTF-8 JSON", code="invalid_json") from None
+
+
+def split_error_path(text: str) -> tuple[str, str | None]:
+    """Split a msgspec validation message into its text and the field path (``messages[0].content``)."""
+    match = _PATH.search(text)
+    return _PATH.sub("", text), match.group(1) if match else None

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from gateway.wire import split_error_path
+from gateway.errors import split_error_path
 
 __all__ = ["ENV_PREFIX", "OPTIONS", "Settings", "SettingsError", "add_arguments", "load_settings"]
 

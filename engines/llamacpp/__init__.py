@@ -1,8 +1,6 @@
-"""llama.cpp (`llama-server`): building the binary for tests and writing the tiny test model.
+"""llama.cpp (`llama-server`): request stamping, cached-token parsing and slot residency (`slots`).
 
-The engine adapter (request stamping, cached-token parsing, `/slots` residency) lives next to
-`build.py` and `tinymodel.py`; those two are developer tooling and are not imported from here so that
-importing the adapter never pulls in `gguf`, `numpy` or `subprocess` machinery.
+Building the binary and writing the tiny test model are test tooling (`tests/builds/`), not part of the product.
 """
 
 __all__: list[str] = []

@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.llamacpp.build import ENV_VAR, find_llama_server
-from engines.llamacpp.tinymodel import write_tiny_model
+from tests.builds.llamacpp import ENV_VAR, find_llama_server
+from tests.builds.tinymodel import write_tiny_model
 from tests.e2e.servers import free_port
 
 __all__ = [

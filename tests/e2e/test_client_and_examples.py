@@ -1,4 +1,4 @@
-"""``gateway.client`` and the ``examples/`` scripts against a live gateway and simulated engine, over real sockets."""
+"""``gateway.client.api`` and the ``examples/`` scripts against a live gateway and simulated engine, over real sockets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
-from gateway.client import AsyncIndexClient, IndexAPIError, IndexClient, IndexUnavailable
+from gateway.client.api import AsyncIndexClient, IndexAPIError, IndexClient, IndexUnavailable
 from gateway.settings import load_settings
 from tests.e2e.servers import free_port, serve_in_thread
 

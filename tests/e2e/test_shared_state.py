@@ -103,7 +103,7 @@ def test_a_gateway_that_starts_late_or_restarts_catches_up_from_the_stream(gatew
 
 
 def test_changes_are_applied_in_order_on_the_loop_and_the_threads_stop_with_the_task(redis_url: str) -> None:  # noqa: F811
-    from gateway.replication import Replication
+    from gateway.state.replication import Replication
 
     async def scenario() -> None:
         apps = [create_app(load_settings(environ={}, upstream="http://10.0.0.1:8000")) for _ in range(2)]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import respx
 
-from gateway.intercept import find_groups
+from gateway.planning.intercept import find_groups
 from tests.frameworks import CASES, Case, quiet
 from tests.integration.conftest import AppFactory
 

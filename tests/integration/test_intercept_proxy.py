@@ -11,8 +11,8 @@ import msgspec
 import pytest
 import respx
 
-from gateway import texts as texts_module
-from gateway.proxy import PLAN_IN_THREAD_BYTES
+from gateway.planning import texts as texts_module
+from gateway.proxy.pipeline import PLAN_IN_THREAD_BYTES
 from scheduler.index import LiveIndex
 from tests.integration.conftest import AppFactory
 

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import respx
 
-from gateway.proxy import PLAN_IN_THREAD_BYTES
+from gateway.proxy.pipeline import PLAN_IN_THREAD_BYTES
 from tests.integration.conftest import AppFactory
 
 pytestmark = pytest.mark.anyio

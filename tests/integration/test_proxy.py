@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import respx
 
-from gateway.planner import Planner
+from gateway.planning.planner import Planner
 from tests.integration.conftest import AppFactory
 
 pytestmark = pytest.mark.anyio

@@ -14,7 +14,7 @@ import respx
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from gateway.proxy import PLAN_IN_THREAD_BYTES
+from gateway.proxy.pipeline import PLAN_IN_THREAD_BYTES
 from gateway.settings import load_settings
 from tests.integration.conftest import _as_network
 from tests.integration.test_intercept_proxy import OK, chat, forwarded, order_in, xml_docs

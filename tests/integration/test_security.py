@@ -123,7 +123,7 @@ async def test_proxy_keys_are_compared_in_constant_time_against_every_key(
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr("gateway.proxy.hmac.compare_digest", spy)
+    monkeypatch.setattr("gateway.proxy.pipeline.hmac.compare_digest", spy)
     async with gateway(api_key=("first-key", "second-key", "third-key")) as client:
         good = await client.post("/v1/completions", json={"prompt": "x"}, headers={"authorization": "Bearer first-key"})
         assert len(compared) == 3  # no early exit on the first match
@@ -149,7 +149,7 @@ async def test_admin_token_guards_every_state_change(gateway: AppFactory, monkey
         compared.append(a)
         return original(a, b)
 
-    monkeypatch.setattr("gateway.access.hmac.compare_digest", spy)
+    monkeypatch.setattr("gateway.edge.access.hmac.compare_digest", spy)
     changes: list[tuple[str, dict[str, Any]]] = [
         ("/reorder", {"contexts": [[1, 2]]}),
         ("/build", {"contexts": [[1, 2]]}),

@@ -1,4 +1,4 @@
-"""``gateway.transport``: the HTTP/1.1 upstream client, against real local HTTP/1.1 servers.
+"""``gateway.upstream.transport``: the HTTP/1.1 upstream client, against real local HTTP/1.1 servers.
 
 Connection reuse, and the answers after which a connection is not reused (closed by the upstream, ``Connection:
 close``, HTTP/1.0, a body left half-read); timeouts, a full pool and failures mapped to httpx's exceptions; bodies
@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from gateway.settings import load_settings
-from gateway.transport import UpstreamTransport, build_transport
+from gateway.upstream.transport import UpstreamTransport, build_transport
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engines.base import cached_tokens_from_usage, prompt_tokens_from_usage
-from gateway.apis.citations import CitationMap
+from gateway.wire.citations import CitationMap
 
 MAP = CitationMap({0: 2, 2: 0}, {1: 0, 0: 1})
 

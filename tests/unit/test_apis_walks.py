@@ -11,14 +11,14 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.apis import SHAPES
-from gateway.apis.walk import Reader, ScopedWalker
 from gateway.errors import InvalidRequest
 from gateway.metrics import Metrics
-from gateway.planner import Planner
-from gateway.residency import Residency
+from gateway.planning.planner import Planner
+from gateway.planning.residency import Residency
 from gateway.settings import load_settings
-from gateway.wire import decode_request
+from gateway.wire import SHAPES
+from gateway.wire.chat import decode_request
+from gateway.wire.walk import Reader, ScopedWalker
 
 PLANNER = Planner(load_settings(environ={}), Residency(max_requests=10_000, stateless=False), Metrics())
 DOCS = [f"Passage {i}: " + " ".join(f"w{i}x{j}" for j in range(12)) for i in range(4)]

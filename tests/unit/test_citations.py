@@ -9,8 +9,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.citations import CitationMap, CitationRewriter, citation_map
-from gateway.intercept import find_groups, splice
+from gateway.planning.citemap import CitationMap, CitationRewriter, citation_map
+from gateway.planning.intercept import find_groups, splice
 
 MAP = CitationMap(((1, 3), (2, 1), (3, 2)))  # the model's [1] is the client's [3], ...
 

@@ -1,4 +1,4 @@
-"""``gateway.client``: the exact requests each method sends, error mapping, context managers, the alias."""
+"""``gateway.client.api``: the exact requests each method sends, error mapping, context managers, the alias."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import httpx
 import pytest
 import respx
 
-import gateway.client as client_module
-from gateway.client import (
+import gateway.client.api as client_module
+from gateway.client.api import (
     DEFAULT_TIMEOUT,
     AsyncIndexClient,
     ContextPilotIndexClient,

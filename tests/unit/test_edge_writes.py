@@ -1,4 +1,4 @@
-"""``gateway.edge``: the head of an answer with a known length goes out with its body in one write; streamed
+"""``gateway.edge.server``: the head of an answer with a known length goes out with its body in one write; streamed
 answers, HEAD answers, empty bodies and ``100 Continue`` are written at once."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.edge import _HeldHead
+from gateway.edge.server import _HeldHead
 
 
 class _Transport:

@@ -7,8 +7,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.intercept import BlockGroup, find_groups
-from gateway.intercept.boundaries import Boundaries
+from gateway.planning.intercept import BlockGroup, find_groups
+from gateway.planning.intercept.boundaries import Boundaries
 
 QA = (
     "Use the following pieces of context to answer the question at the end. If you don't know the answer, "

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway.intercept import BlockGroup, find_groups, splice, splice_all
+from gateway.planning.intercept import BlockGroup, find_groups, splice, splice_all
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "prompts"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.intercept import MAX_TEXT_CHARS, BlockGroup, find_groups, splice
+from gateway.planning.intercept import MAX_TEXT_CHARS, BlockGroup, find_groups, splice
 
 PARIS = "Paris is the capital and most populous city of France."
 BERLIN = "Berlin is the capital and largest city of Germany."

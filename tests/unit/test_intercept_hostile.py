@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway.intercept import BudgetExceeded, deadline_in, find_groups, splice
-from gateway.intercept import lines as lines_module
+from gateway.planning.intercept import BudgetExceeded, deadline_in, find_groups, splice
+from gateway.planning.intercept import lines as lines_module
 
 PARIS = "Paris is the capital and most populous city of France, on the Seine."
 BERLIN = "Berlin is the capital and largest city of Germany, on the Spree."

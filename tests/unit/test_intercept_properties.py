@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.intercept import MODES, Block, BlockGroup, NumberSpan, find_groups, splice, splice_all
+from gateway.planning.intercept import MODES, Block, BlockGroup, NumberSpan, find_groups, splice, splice_all
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "prompts"
 TEXTS = [path.read_bytes().decode("utf-8") for path in sorted(CORPUS.glob("*.txt"))]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.intercept import Block, BlockGroup, NumberSpan, find_groups, relevance_line, splice, splice_all
+from gateway.planning.intercept import Block, BlockGroup, NumberSpan, find_groups, relevance_line, splice, splice_all
 
 DOCS = [
     "Paris is the capital and most populous city of France.",

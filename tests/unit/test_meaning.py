@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.intercept import find_groups
-from gateway.intercept.meaning import Decision, RequestCues, decide, decide_request, scan
+from gateway.planning.intercept import find_groups
+from gateway.planning.intercept.meaning import Decision, RequestCues, decide, decide_request, scan
 
 SOURCES = (
     "Sources:\n"

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.apis.units import decide_run
-from gateway.intercept.meaning import Decision, RequestCues, scan
 from gateway.metrics import Metrics
-from gateway.planner import Planner
-from gateway.residency import Residency
+from gateway.planning.intercept.meaning import Decision, RequestCues, scan
+from gateway.planning.planner import Planner
+from gateway.planning.residency import Residency
+from gateway.planning.units import decide_run
 from gateway.settings import load_settings
 from tests.unit.test_meaning_fixtures import label_contents, plan, run
 

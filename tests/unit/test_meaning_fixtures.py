@@ -21,12 +21,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.intercept import find_groups
 from gateway.metrics import Metrics
-from gateway.planner import Planner
-from gateway.residency import Residency
+from gateway.planning.intercept import find_groups
+from gateway.planning.planner import Planner
+from gateway.planning.residency import Residency
 from gateway.settings import load_settings
-from gateway.wire import decode_request
+from gateway.wire.chat import decode_request
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "prompts" / "meaning"
 CASES = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in sorted(FIXTURES.glob("*.json"))}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.edge.inbound import check_passthrough_path
 from gateway.errors import NotFound
-from gateway.inbound import check_passthrough_path
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import sys
 import msgspec
 
 from gateway.metrics import Metrics
-from gateway.planner import Planner
-from gateway.residency import Residency
+from gateway.planning.planner import Planner
+from gateway.planning.residency import Residency
 from gateway.settings import load_settings
 from tests.unit.test_meaning_fixtures import run
 

@@ -10,10 +10,10 @@ import pytest
 
 from engines.llamacpp.slots import SlotTable
 from gateway.metrics import Metrics
-from gateway.planner import PlannedRequest
-from gateway.relay import Call as _Call
-from gateway.residency import Residency
-from gateway.usage import UsageSniffer
+from gateway.planning.planner import PlannedRequest
+from gateway.planning.residency import Residency
+from gateway.proxy.relay import Call as _Call
+from gateway.proxy.usage import UsageSniffer
 
 
 def test_finish_runs_once_and_before_the_last_body_message() -> None:

@@ -7,8 +7,8 @@ import msgspec
 import pytest
 
 from gateway.app import _kv_subscribers, create_app
-from gateway.replication import Replication, _encoder, _Event
 from gateway.settings import load_settings
+from gateway.state.replication import Replication, _encoder, _Event
 
 UPSTREAMS = ["http://a.test:8000", "http://b.test:8000"]
 

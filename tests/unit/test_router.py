@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.app import create_app
-from gateway.router import RoutedRequest, Router
 from gateway.settings import load_settings
-from gateway.wire import CHAT_ROUTE, decode_request
+from gateway.upstream.router import RoutedRequest, Router
+from gateway.wire.chat import CHAT_ROUTE, decode_request
 from scheduler.index import LiveIndex
 from tests.integration.test_intercept_proxy import chat, order_in, xml_docs
 
@@ -36,7 +36,7 @@ def test_cached_is_the_plans_count_without_counting_a_plan(paths: list[list[int]
 
 
 def test_a_conversation_is_known_by_its_first_two_messages_or_its_session() -> None:
-    from gateway.router import _conversation
+    from gateway.upstream.router import _conversation
 
     def key(content: bytes, **headers: str) -> bytes | None:
         return _conversation(decode_request(content, CHAT_ROUTE), headers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.routing import BalanceGuard, Candidate, rank
+from gateway.upstream.ranking import BalanceGuard, Candidate, rank
 
 GUARD = BalanceGuard(abs_threshold=4, rel_threshold=1.5)
 

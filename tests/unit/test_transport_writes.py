@@ -1,4 +1,4 @@
-"""``gateway.connection``: a request's head goes out with its body in one write (one system call, not two), a big
+"""``gateway.upstream.connection``: a request's head goes out with its body in one write (one system call, not two), a big
 body is not copied for it, and a request without a body is one write too."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from gateway.connection import Connection
-from gateway.transport import UpstreamTransport
+from gateway.upstream.connection import Connection
+from gateway.upstream.transport import UpstreamTransport
 
 
 class _Transport:

@@ -1,0 +1,238 @@
+"""What planning one request produces, piece by piece (``gateway.planning.planner`` drives it).
+
+``Prefix`` is the digest of what the engine sees before a point of the prompt; ``Rewrite`` one memoised text
+rewrite; ``Choice`` what meaning allowed for one group; ``Outcome`` everything found while planning one request,
+and the ``X-Prefixgate-Result`` header made from it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+from engines.llamacpp.slots import SlotTable
+from gateway.errors import PayloadTooLarge
+from gateway.metrics import Metrics
+from gateway.planning.citemap import CitationMap
+from gateway.planning.control import Control
+from gateway.planning.intercept import BlockGroup, deadline_in
+from gateway.planning.intercept.meaning import Decision
+from gateway.planning.plan import PlannedRequest, Prediction
+
+if TYPE_CHECKING:
+    from gateway.wire.chat import RequestBody
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "INLINE_SCAN_SECONDS",
+    "Choice",
+    "OnLoop",
+    "Outcome",
+    "PlanInThread",
+    "Prefix",
+    "Rewrite",
+    "block_ends",
+    "call_here",
+    "client_slot",
+    "pin_slot",
+]
+
+T = TypeVar("T")
+OnLoop = Callable[..., Any]
+"""Runs ``fn(*args)`` on the event loop: a plain call there, ``anyio.from_thread.run_sync`` from a worker."""
+
+CHARS_PER_TOKEN = 4  # the prediction is in characters; the header also gives it in (estimated) tokens
+
+
+def call_here(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
+class Prefix:
+    """A digest of what the engine sees, fed in prompt order, that also counts how much it was fed."""
+
+    __slots__ = ("fed", "hasher")
+
+    def __init__(self, hasher: Any = None, fed: int = 0) -> None:
+        self.hasher = hasher if hasher is not None else blake2b(digest_size=16)
+        self.fed = fed
+
+    def update(self, data: bytes | msgspec.Raw) -> None:
+        self.hasher.update(data)
+        self.fed += len(data)
+
+    def copy(self) -> Prefix:
+        return Prefix(self.hasher.copy(), self.fed)
+
+    def digest(self) -> bytes:
+        digest: bytes = self.hasher.digest()
+        return digest
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """A memoised text rewrite: the new text (None: unchanged) and, per group, where it starts in the output,
+    its blocks in sent order, and where each block's rendering ends in the output."""
+
+    text: str | None
+    groups: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
+    reordered: bool
+    choices: tuple[Choice, ...] = ()  # per group, what meaning allowed and what was done
+    maps: tuple[CitationMap, ...] = ()  # citation mapping: the answer's numbers back to the client's
+
+    def size(self) -> int:
+        """Bytes held, as the memo counts them: the new text's own size, plus the UTF-8 copy Python keeps with a
+        non-ASCII text once it has been encoded into a request; the rest of the entry counted as 256."""
+        text = self.text
+        if text is None:
+            return 256
+        return 256 + sys.getsizeof(text) + (0 if text.isascii() else len(text.encode(errors="surrogatepass")))
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One group's format, size, decision and whether its blocks actually moved (for the header and /metrics)."""
+
+    format: str
+    blocks: int
+    decision: Decision
+    moved: bool
+
+
+# CPU for reading a request's texts on the event loop: a RAG body under 64 KB takes ~1 ms to plan in all (module
+# doc of gateway.proxy.pipeline), a crafted one up to the whole budget; past this slice it is planned in a worker thread
+INLINE_SCAN_SECONDS = 0.005
+
+
+class PlanInThread(Exception):
+    """Reading a request's texts on the event loop took its inline slice (``Planner.plan``'s ``handoff``): plan it
+    again in a worker thread, with the whole budget. Raised while texts are read, before a text is planned; a
+    text planned before it (a completion prompt list) is in the memo, so it goes out the same, learned once."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One request's planning: its options, model and block limit, and what it found."""
+
+    control: Control
+    model: bytes
+    on_loop: OnLoop
+    max_blocks: int
+    tenant: bytes = b""
+    deadline: float | None = None
+    scan_deadline: float | None = None  # for reading texts: the deadline, or the inline slice when ``handoff``
+    handoff: bool = False
+    skipped: str | None = None  # why some text was forwarded without (complete) interception
+    commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
+    groups: int = 0
+    blocks: int = 0
+    reordered: bool = False
+    cached: int = 0
+    memo_hits: int = 0
+    predicted_chars: int = 0
+    predictions: list[Prediction] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    maps: list[CitationMap] = field(default_factory=list)
+
+    def start(self, budget: float, handoff: bool) -> None:
+        """Start the request's CPU clock, in the thread that plans: ``budget`` seconds in all. With ``handoff`` (on
+        the event loop), reading the texts may take ``INLINE_SCAN_SECONDS`` of it (see ``scan_passed``)."""
+        self.deadline = deadline_in(budget)
+        self.handoff = handoff and budget > INLINE_SCAN_SECONDS
+        self.scan_deadline = deadline_in(INLINE_SCAN_SECONDS) if self.handoff else self.deadline
+
+    def scan_passed(self) -> None:
+        """Reading a text passed ``scan_deadline``: on the event loop that is the inline slice (``PlanInThread``),
+        else the request's budget, and the text goes out as it came."""
+        if self.handoff:
+            raise PlanInThread
+        self.skipped = "budget"
+
+    def check_blocks(self, more: int) -> None:
+        """413 before planning ``more`` blocks would take the request past ``max_blocks_per_request``."""
+        if self.blocks + more > self.max_blocks:
+            raise PayloadTooLarge(
+                f"the request carries at least {self.blocks + more} retrieved blocks; at most {self.max_blocks} "
+                "are accepted",
+                code="too_many_blocks",
+            )
+
+    def record(self, key: Hashable, blocks: tuple[int, ...], cached: int, ends: Sequence[int], base: int = 0) -> None:
+        """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base)."""
+        self.commits.append((key, blocks))
+        self.groups += 1
+        self.blocks += len(blocks)
+        self.cached += cached
+        if cached:
+            self.predictions.append((key, blocks[:cached]))
+            self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
+
+    def count(self, metrics: Metrics, notes: Sequence[str]) -> None:
+        """Groups found, reordered and decided, and blocks found, by format; parts left alone (``/metrics``)."""
+        for note in notes:
+            metrics.left_alone.labels(note).inc()
+        for choice in self.choices:
+            metrics.groups_found.labels(choice.format).inc()
+            metrics.blocks_found.labels(choice.format).inc(choice.blocks)
+            if choice.moved:
+                metrics.groups_reordered.labels(choice.format).inc()
+            if choice.decision.action != "renumber":
+                metrics.groups_decided.labels(choice.format, choice.decision.action, choice.decision.reason).inc()
+        if self.skipped is not None:
+            metrics.intercept_skipped.labels(self.skipped).inc()
+
+    def header(self, shared: bool) -> dict[str, Any]:
+        """The ``X-Prefixgate-Result`` fields; with a cache shared across keys, nothing another key can move."""
+        result: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
+        if not shared:
+            result["predicted_cached_blocks"] = self.cached
+            result["predicted_cached_tokens"] = self.predicted_chars // CHARS_PER_TOKEN
+            result["memo_hits"] = self.memo_hits
+        if self.skipped is not None:
+            result["skipped"] = self.skipped
+        for action, name in (("keep_labels", "kept_labels"), ("leave_alone", "left_alone"), ("map", "mapped")):
+            reasons = Counter(c.decision.reason for c in self.choices if c.decision.action == action)
+            if reasons:
+                result[name] = dict(sorted(reasons.items()))
+        return result
+
+
+def block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:
+    """Where each block's rendering ends in the output, for blocks in ``order`` from ``start`` (gaps stay put)."""
+    gaps = [len(gap) for gap in group.gaps(text)]
+    ends: list[int] = []
+    position = start
+    for slot, index in enumerate(order):
+        block = group.blocks[index]
+        position += block.end - block.start
+        ends.append(position)
+        if slot < len(gaps):
+            position += gaps[slot]
+    return tuple(ends)
+
+
+def client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:
+    """A valid ``id_slot`` the client chose itself (kept as is), else None."""
+    raw = top.get("id_slot")
+    if raw is None:
+        return None
+    value = msgspec.json.decode(raw)
+    return value if type(value) is int and 0 <= value < count else None
+
+
+def pin_slot(slots: SlotTable, planned: PlannedRequest, body: RequestBody) -> None:
+    """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
+    chosen = client_slot(body.top, len(slots.slots))
+    if chosen is None:
+        chosen = slots.choose(planned.commits)
+        planned.fields["id_slot"] = chosen
+    else:
+        slots.reserve(chosen)
+    planned.result["slot"] = chosen
+    planned.slots, planned.slot = slots, chosen

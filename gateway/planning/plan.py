@@ -1,0 +1,135 @@
+"""What the planner decided for one proxied request, and what runs as the upstream answers it.
+
+A ``PlannedRequest`` carries the body fields to replace and the ``X-Prefixgate-Result`` header, and three steps
+the proxy runs on the event loop: ``accept`` (the engine took the request: commit what it was sent to the live
+index, and record the llama.cpp slot it now holds), ``usage`` (the cached tokens the answer reported: release
+index entries the engine no longer holds) and ``finish`` (the upstream is done: free the slot).
+
+``RequestPlanner`` is what the proxy plans with (``gateway.planning.planner.Planner``, or
+``gateway.upstream.router.Router`` with several replicas); a plan made by the router also carries its ``Upstream``
+(the replica's client and engine).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+
+from engines.base import EngineAdapter
+from engines.llamacpp.slots import Path, SlotTable
+from gateway.metrics import Metrics
+from gateway.planning.residency import Residency
+from gateway.wire.walk import AnswerRewriter
+
+if TYPE_CHECKING:
+    from gateway.upstream.sender import UpstreamSender
+    from gateway.wire.chat import RequestBody
+
+__all__ = ["PlannedRequest", "Prediction", "RequestPlanner", "Upstream"]
+
+logger = logging.getLogger("prefixgate.planner")
+
+Prediction = tuple[Hashable, tuple[int, ...]]  # (prefix key, the blocks predicted cached under it)
+_MIN_PREDICTED_CHARS = 400
+_CHARS_PER_TOKEN = 4
+_STALE_FRACTION = 0.25
+
+
+class PlannedRequest:
+    """What the planner decided for one request, and what to run as the upstream answers it.
+
+    ``fields`` are the body fields to replace, ``result`` the ``X-Prefixgate-Result`` header, ``answer`` (citation
+    mapping) what rewrites the answer's citation numbers. The proxy calls
+    ``accept`` when the engine accepts the request (what it was sent is now in its cache), ``usage`` with the
+    cached-token count the answer reports, and ``finish`` once the upstream is done with it (always, at most
+    once effective). All three run on the event loop.
+    """
+
+    __slots__ = ("answer", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
+                 "residency", "result", "slot", "slots", "tally")  # fmt: skip
+
+    def __init__(
+        self,
+        request_id: str,
+        residency: Residency,
+        metrics: Metrics,
+        result: dict[str, Any],
+        *,
+        commits: Path = (),
+        predictions: Sequence[Prediction] = (),
+        predicted_chars: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.residency = residency
+        self.metrics = metrics
+        self.result = result
+        self.fields: dict[str, Any] = {}
+        self.commits = commits  # (prefix key, blocks in sent order) per block group, in prompt order
+        self.predictions = predictions
+        self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
+        self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
+        self.slot: int | None = None
+        self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
+        self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
+
+    def accept(self) -> None:
+        """The engine accepted the request: record what its cache now holds."""
+        if self.slots is not None and self.slot is not None:
+            previous = self.slots.occupy(self.slot, self.request_id, self.commits)
+            if previous is not None:  # the previous holder's tail is overwritten
+                self.residency.evict([previous])
+        self.residency.commit(self.request_id, self.commits)
+
+    def usage(self, cached_tokens: int | None) -> None:
+        """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.
+
+        The prediction is in characters (~4 per token); below a quarter of it, every other request whose
+        committed path runs through the predicted prefix is released, since the engine no longer holds it.
+        """
+        if cached_tokens is None or self.predicted_chars < _MIN_PREDICTED_CHARS:
+            return
+        if cached_tokens >= self.predicted_chars / _CHARS_PER_TOKEN * _STALE_FRACTION:
+            return
+        self.metrics.stale_predictions.inc()
+        index = self.residency.index
+        own = set(self.residency.group_ids(self.request_id, len(self.commits)))
+        stale = [
+            rid for key, blocks in self.predictions for rid in index.requests_sharing(key, blocks) if rid not in own
+        ]
+        if stale:
+            self.metrics.stale_released.inc(len(index.evict(stale).evicted))
+            logger.info("engine reported %d cached tokens, far below the prediction: released %d", cached_tokens,
+                        len(stale))  # fmt: skip
+
+    def finish(self) -> None:
+        """The upstream is done with the request: free its llama.cpp slot (once, however often called)."""
+        slots, self.slots = self.slots, None
+        if slots is not None and self.slot is not None:
+            slots.finish(self.slot)
+
+
+class RequestPlanner(Protocol):
+    """``gateway.planning.planner.Planner`` (one upstream) or ``gateway.upstream.router.Router`` (several replicas)."""
+
+    def plan(
+        self,
+        body: RequestBody,
+        request_id: str,
+        headers: Mapping[str, str],
+        *,
+        in_thread: bool = False,
+        tenant: str | None = None,
+        handoff: bool = False,
+    ) -> PlannedRequest: ...
+
+
+class Upstream(Protocol):
+    """Where a request goes: an engine replica's pooled client and engine kind (``gateway.upstream.replicas``). A plan
+    made by the router (``gateway.upstream.router``) carries one as ``planned.upstream``, and a ``planned.reroute``."""
+
+    client: httpx.AsyncClient
+    sender: UpstreamSender
+    engine: EngineAdapter

@@ -1,0 +1,134 @@
+"""What the gateway believes each engine holds: the live index, per-request group ids, and eviction.
+
+One proxied request may carry several block groups (a system prompt and a tool result), each planned under
+its own prefix key; the index files each group under its own id (``<rid>``, ``<rid>.g2``, ...). An engine
+reports evictions by the request id the gateway stamped, possibly mangled (``chatcmpl-<rid>``, vLLM's
+suffixes): ``evict`` resolves those and releases every group of the request, and its conversation history.
+
+Ids that the index API hands out (``/reorder``, ``/schedule``, ``/insert``) are remembered per *owner* so that the
+proxy honours them verbatim when a client sends one back: ids issued under the admin token (or on a gateway
+without authentication) are honoured for every caller; ids issued to a client key only for that key. Each
+owner has its own bounded pool, so one caller cannot push another's ids out.
+
+Single writer: every method runs on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachetools import LRUCache
+
+from scheduler.dedup import ConversationTracker
+from scheduler.ids import normalize_request_ids
+from scheduler.index import LiveIndex
+
+__all__ = ["Change", "EvictOutcome", "Residency"]
+
+Change = tuple[Any, ...]
+"""An index change for replication: ``("commit", request_id, groups)``, ``("evict", request_ids)``, ``("reset",)``."""
+
+
+@dataclass(slots=True)
+class EvictOutcome:
+    """The ``/evict`` answer in ContextPilot's field names."""
+
+    normalized_request_ids: list[str]
+    evicted_request_ids: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    conversations_cleared: int = 0
+
+    @property
+    def removed_count(self) -> int:
+        return len(self.evicted_request_ids)
+
+
+class Residency:
+    """The live index plus the request-level bookkeeping around it."""
+
+    def __init__(self, *, max_requests: int, stateless: bool) -> None:
+        self.stateless = stateless
+        self.index = LiveIndex(max_requests=max_requests)
+        self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
+        self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
+        self._max_requests = max_requests
+        self._issued: dict[str | None, LRUCache[str, None]] = {}
+        self._reset_hooks: list[Callable[[], None]] = []
+        self.evict_calls = 0
+        self.on_change: Callable[[Change], None] | None = None  # gateway.state.replication publishes changes
+
+    def on_reset(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` on every reset (state derived from the index, such as the planner's memo)."""
+        self._reset_hooks.append(hook)
+
+    def commit(self, request_id: str, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
+        """Record a request the engine accepted, one ``(key, ordered blocks)`` per block group."""
+        if self.stateless or not groups:
+            return
+        ids = self.group_ids(request_id, len(groups))
+        for group_id, (key, blocks) in zip(ids, groups, strict=True):
+            self.index.commit(key, group_id, blocks)
+        if len(ids) > 1:
+            self._groups[request_id] = tuple(ids[1:])
+        if self.on_change is not None:
+            self.on_change(("commit", request_id, groups))
+
+    def issue(self, request_ids: Iterable[str], owner: str | None = None) -> None:
+        """Remember ids the index API handed out to ``owner`` (a key namespace; None: the admin or nobody)."""
+        pool = self._issued.get(owner)
+        if pool is None:
+            pool = self._issued[owner] = LRUCache(maxsize=self._max_requests)
+        for request_id in request_ids:
+            pool[request_id] = None
+
+    def issued(self, request_id: str, namespace: str | None = None) -> bool:
+        """Whether a caller with key ``namespace`` may use ``request_id`` as it is (see the module docstring)."""
+        shared = self._issued.get(None)
+        if shared is not None and request_id in shared:
+            return True
+        own = self._issued.get(namespace) if namespace is not None else None
+        return own is not None and request_id in own
+
+    def issued_to(self, request_id: str, owner: str) -> bool:
+        """Whether ``request_id`` was issued to ``owner`` itself."""
+        pool = self._issued.get(owner)
+        return pool is not None and request_id in pool
+
+    @staticmethod
+    def group_ids(request_id: str, count: int) -> list[str]:
+        """The index ids of a request's ``count`` block groups: ``<rid>``, ``<rid>.g2``, ..."""
+        return [request_id] + [f"{request_id}.g{i}" for i in range(2, count + 1)]
+
+    def release_groups(self, request_id: str) -> list[str]:
+        """Every index id filed for ``request_id``."""
+        return [request_id, *self._groups.pop(request_id, ())]
+
+    def evict(self, raw_ids: Iterable[str]) -> EvictOutcome:
+        """Release requests reported evicted; idempotent; mangled engine ids are resolved."""
+        self.evict_calls += 1
+        normalized = normalize_request_ids(raw_ids)
+        outcome = EvictOutcome(normalized_request_ids=normalized)
+        for raw in normalized:
+            request_id = self.index.resolve(raw) or raw
+            cleared = self.conversations.clear(request_id)
+            outcome.conversations_cleared += int(cleared)
+            result = self.index.evict(self.release_groups(request_id))
+            if result.evicted or cleared:
+                outcome.evicted_request_ids.append(request_id)
+            else:
+                outcome.not_found.append(raw)
+        if self.on_change is not None and outcome.evicted_request_ids:
+            self.on_change(("evict", outcome.evicted_request_ids))
+        return outcome
+
+    def reset(self) -> None:
+        self.index.reset()
+        self.conversations.reset()
+        self._groups.clear()
+        self._issued.clear()
+        for hook in self._reset_hooks:
+            hook()
+        if self.on_change is not None:
+            self.on_change(("reset",))

@@ -1,0 +1,1 @@
+"""Build tooling for the test engines: the real llama-server and its tiny model (not part of the product)."""
