@@ -8,6 +8,7 @@ ways: the struct field ``read_timeout``, the flag ``--read-timeout`` and the var
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -107,6 +108,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("eject_after: at least 1; balance_abs: at least 0; balance_rel: at least 1")
         if self.state and urlsplit(self.state).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("state: expected redis://host:port[/db] (or rediss://, unix://)")
+        if self.state and importlib.util.find_spec("redis") is None:
+            raise ValueError("state: needs the 'state' extra (pip install 'prefixgate[state]')")
+        if self.kv_events_endpoint and importlib.util.find_spec("zmq") is None:
+            raise ValueError("kv_events_endpoint: needs the 'events' extra (pip install 'prefixgate[events]')")
         if self.state_max_len < 100:
             raise ValueError("state_max_len: must be at least 100")
         if self.batch_search < 0:

@@ -101,3 +101,23 @@ def test_json_log_lines_carry_request_id() -> None:
     assert line["request_id"] == "req-abc"
     assert line["message"] == "relayed 12 bytes"
     assert line["level"] == "info"
+
+
+@pytest.mark.parametrize(
+    ("env", "module", "extra"),
+    [
+        ({"PREFIXGATE_STATE": "redis://127.0.0.1:6379"}, "redis", "state"),
+        ({"PREFIXGATE_KV_EVENTS_ENDPOINT": "tcp://127.0.0.1:5557"}, "zmq", "events"),
+    ],
+)
+def test_optional_features_name_their_extra_when_it_is_missing(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], module: str, extra: str
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(SettingsError, match=rf"prefixgate\[{extra}\]"):
+        load_settings({}, env)
+    monkeypatch.undo()
+    assert load_settings({}, env)  # installed here (the dev extra pulls both in)
