@@ -30,6 +30,7 @@ import httpx
 import msgspec
 
 __all__ = [
+    "read_upstream_error",
     "malformed_json_is_400",
     "split_error_path",
     "Forbidden",
@@ -164,11 +165,12 @@ def error_type(status: int, default: str) -> str:
     return _STATUS_TYPES.get(status, default)
 
 
-def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
-    """Return an OpenAI envelope for a non-OpenAI-shaped upstream error body, or None to relay it as is.
+def read_upstream_error(status: int, body: bytes) -> tuple[Any, str, str | None, str | None]:
+    """An upstream error body as decoded JSON (None when it is not), and the message, type and param it gives.
 
-    SGLang answers non-streaming errors with a flat ``{"object": "error", "message": ...}``; other servers
-    may answer HTML or plain text. Bodies already shaped ``{"error": {...}}`` are relayed untouched.
+    Engines say it in different shapes: OpenAI and Anthropic nest ``{"error": {"message": ...}}``, SGLang answers a
+    flat ``{"object": "error", "message": ...}``, FastAPI a ``{"detail": ...}``; other servers answer HTML or text,
+    summarised by the status and the first 200 characters (never markup).
     """
     try:
         decoded: Any = _decoder.decode(body)
@@ -176,22 +178,26 @@ def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
         decoded = None
     if isinstance(decoded, dict):
         inner = decoded.get("error")
-        if isinstance(inner, dict) and "message" in inner:
-            return None
-        message = decoded.get("message") or decoded.get("detail") or inner
+        message = inner.get("message") if isinstance(inner, dict) else None
+        message = message or decoded.get("message") or decoded.get("detail") or inner
         if isinstance(message, str) and message:
-            type_ = decoded.get("type")
-            return error_body(
-                message,
-                type_ if isinstance(type_, str) else error_type(status, "upstream_error"),
-                param=decoded.get("param") if isinstance(decoded.get("param"), str) else None,
-                code=status,
-            )
+            type_, param = decoded.get("type"), decoded.get("param")
+            return decoded, message, _str(type_), _str(param)
     text = body[:200].decode("utf-8", "replace").strip()
     summary = f"upstream engine answered HTTP {status}"
-    if text and not text.startswith("<"):
-        summary = f"{summary}: {text}"
-    return error_body(summary, error_type(status, "upstream_error"), code=status)
+    return decoded, f"{summary}: {text}" if text and not text.startswith("<") else summary, None, None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
+    """Return an OpenAI envelope for a non-OpenAI-shaped upstream error body, or None to relay it as is."""
+    decoded, message, type_, param = read_upstream_error(status, body)
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict) and "message" in decoded["error"]:
+        return None
+    return error_body(message, type_ or error_type(status, "upstream_error"), param=param, code=status)
 
 
 _PATH = re.compile(r" - at `\$\.?(.*)`$")

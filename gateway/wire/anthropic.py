@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, read_upstream_error
 from gateway.wire.citations import CitationMap
 from gateway.wire.walk import (
     Planned,
@@ -243,17 +243,8 @@ def stream_error(exc: GatewayError) -> bytes:
 
 def normalize_upstream_error(status: int, body: bytes) -> bytes | None:
     """An Anthropic envelope for an upstream error that is not one (None: relay it as it is)."""
-    try:
-        decoded: Any = _decoder.decode(body)
-    except msgspec.DecodeError:
-        decoded = None
-    if isinstance(decoded, dict):
-        inner = decoded.get("error")
-        if decoded.get("type") == "error" and isinstance(inner, dict) and "message" in inner:
-            return None
-        message = inner.get("message") if isinstance(inner, dict) else decoded.get("message") or inner
-        if isinstance(message, str) and message:
-            return _envelope(status, message)
-    text = body[:200].decode("utf-8", "replace").strip()
-    summary = f"upstream engine answered HTTP {status}"
-    return _envelope(status, f"{summary}: {text}" if text and not text.startswith("<") else summary)
+    decoded, message, _, _ = read_upstream_error(status, body)
+    inner = decoded.get("error") if isinstance(decoded, dict) else None
+    if isinstance(inner, dict) and decoded.get("type") == "error" and "message" in inner:
+        return None
+    return _envelope(status, message)
