@@ -80,10 +80,10 @@ class IndexApi:
         self.access = Access(settings, namespaces)
 
     def identify(self, request: Request[Any, Any, Any]) -> str | None:
-        return self.access.identify(request.headers.get("authorization", ""))
+        return self.access.identify(request.headers)
 
     def require_admin(self, request: Request[Any, Any, Any]) -> None:
-        self.access.require_admin(request.headers.get("authorization", ""))
+        self.access.require_admin(request.headers)
 
     async def reorder(self, request: Request[Any, Any, Any], *, stateless: bool) -> dict[str, Any]:
         stateful = not stateless and not self.residency.stateless

@@ -18,7 +18,6 @@ the hand-off: measured on a busy 2-core machine, decoding, planning and encoding
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -29,12 +28,12 @@ import httpx
 import msgspec
 
 from engines.base import EngineAdapter
+from gateway.edge.access import Access
 from gateway.edge.inbound import ClientGone, Receive, check_headers, check_passthrough_path, raw_path, read_body
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
     TooManyRequests,
-    Unauthorized,
     malformed_json_is_400,
     upstream_error_from,
 )
@@ -89,8 +88,7 @@ class Proxy:
         self.metrics = metrics
         self.planner = planner
         self.passthrough_upstream = passthrough_upstream  # several replicas: where non-planned requests go
-        self._keys = [k.encode() for k in settings.api_key]
-        self._namespaces = namespaces if namespaces is not None else KeyNamespaces(self._keys)
+        self._access = Access(settings, namespaces)
         self.relay = Relay(metrics)
         self.streams = 0  # streaming completion requests in flight
 
@@ -99,7 +97,7 @@ class Proxy:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         refusal: GatewayError | None = None
         try:
-            namespace = self._authorize(headers)
+            namespace = self._access.client(headers)
             check_headers(scope["headers"])
         except GatewayError as exc:
             refusal, namespace = exc, None
@@ -237,7 +235,7 @@ class Proxy:
                     engine = upstream.engine if upstream is not None else self.engine
                     outbound = request_headers(
                         scope["headers"],
-                        strip_authorization=bool(self._keys),
+                        strip_authorization=self._access.keyed,
                         upstream_api_key=self.settings.upstream_api_key,
                         extra=engine.stamp_headers(call.request_id) | _identity_encoding(call.planned),
                     )
@@ -258,24 +256,6 @@ class Proxy:
             )
         self.streams += 1
         call.stream_slot = True
-
-    def _authorize(self, headers: dict[str, str]) -> str | None:
-        """Check the client key (``Authorization: Bearer`` or, as Anthropic clients send it, ``x-api-key``); return
-        the request-id namespace of the key presented (None without keys)."""
-        if not self._keys:
-            return None
-        scheme, _, presented = headers.get("authorization", "").partition(" ")
-        if "authorization" not in headers and "x-api-key" in headers:
-            scheme, presented = "bearer", headers["x-api-key"]
-        offered = presented.strip().encode("latin-1")
-        # Compare against every key, without stopping early, so the time taken does not reveal which one matched.
-        matched: bytes | None = None
-        for key in self._keys:
-            if hmac.compare_digest(offered, key):
-                matched = key
-        if scheme.lower() != "bearer" or matched is None:
-            raise Unauthorized("missing or invalid API key", code="invalid_api_key")
-        return self._namespaces[matched]
 
     async def _exchange(self, request: httpx.Request, call: Call, sender: UpstreamSender) -> int:
         """Send upstream and relay the answer; errors before the response starts become error responses."""

@@ -123,7 +123,7 @@ async def test_proxy_keys_are_compared_in_constant_time_against_every_key(
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr("gateway.proxy.pipeline.hmac.compare_digest", spy)
+    monkeypatch.setattr("gateway.edge.access.hmac.compare_digest", spy)
     async with gateway(api_key=("first-key", "second-key", "third-key")) as client:
         good = await client.post("/v1/completions", json={"prompt": "x"}, headers={"authorization": "Bearer first-key"})
         assert len(compared) == 3  # no early exit on the first match
@@ -174,6 +174,22 @@ async def test_admin_token_guards_every_state_change(gateway: AppFactory, monkey
             assert (await client.request(method, path, json=body)).status_code == 401, path
             assert (await client.request(method, path, json=body, headers=auth)).status_code == 200, path
     assert b"adm1n-token" in compared
+
+
+async def test_one_auth_check_takes_the_key_the_same_way_on_every_route(
+    gateway: AppFactory, upstream: respx.Router
+) -> None:
+    """Anthropic clients send ``x-api-key``: the proxy and the index API both take it (and the admin token too)."""
+    upstream.post("/v1/completions").mock(side_effect=ok_json)
+    async with gateway(api_key=("client-key",), admin_token="adm1n-token") as client:
+        proxied = await client.post("/v1/completions", json={"prompt": "x"}, headers={"x-api-key": "client-key"})
+        stats = await client.get("/stats", headers={"x-api-key": "client-key"})
+        admin = await client.post("/evict", json={"request_ids": []}, headers={"x-api-key": "adm1n-token"})
+        wrong = await client.get("/stats", headers={"x-api-key": "other"})
+        # an Authorization header wins over x-api-key, on every route
+        both = await client.get("/stats", headers={"authorization": "Bearer other", "x-api-key": "client-key"})
+    assert (proxied.status_code, stats.status_code, admin.status_code) == (200, 200, 200)
+    assert (wrong.status_code, both.status_code) == (401, 401)
 
 
 async def test_proxy_key_is_not_the_admin_token(gateway: AppFactory) -> None:
