@@ -16,16 +16,20 @@ BEGIN, END = "<!-- settings table: begin -->", "<!-- settings table: end -->"
 
 
 def settings_table() -> str:
+    """One table per option group, in declaration order, from the declarations in ``gateway.settings``."""
     defaults = msgspec.structs.asdict(Settings())
-    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
-    for name, (meaning, kind) in OPTIONS.items():
+    sections: dict[str, list[str]] = {}
+    for name, (meaning, kind, group) in OPTIONS.items():
+        rows = sections.setdefault(group, ["| flag | environment variable | default | meaning |", "|---|---|---|---|"])
         flag = f"--{name.replace('_', '-')}"
         if kind == "bool":
             flag += f" / --no-{name.replace('_', '-')}"
         default = defaults[name]
-        shown = "(empty)" if default in ("", ()) else str(default).lower() if isinstance(default, bool) else default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "(empty)" if default == "" else str(default).lower() if isinstance(default, bool) else default
         rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | `{shown}` | {meaning} |")
-    return "\n".join(rows)
+    return "\n\n".join(f"### {group.capitalize()}\n\n" + "\n".join(rows) for group, rows in sections.items())
 
 
 def test_configuration_reference_matches_the_settings() -> None:

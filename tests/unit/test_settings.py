@@ -121,3 +121,25 @@ def test_optional_features_name_their_extra_when_it_is_missing(
         load_settings({}, env)
     monkeypatch.undo()
     assert load_settings({}, env)  # installed here (the dev extra pulls both in)
+
+
+def test_the_simulated_engine_is_chosen_explicitly() -> None:
+    assert load_settings(environ={}).upstream == ("sim://",)
+    assert load_settings(environ={}).embedded_sim
+    assert load_settings(environ={"PREFIXGATE_UPSTREAM": ""}).embedded_sim  # an empty list is an unset one
+    assert not load_settings(environ={"PREFIXGATE_UPSTREAM": "http://a:1"}).embedded_sim
+    with pytest.raises(SettingsError, match="cannot be one of several"):
+        load_settings(environ={"PREFIXGATE_UPSTREAM": "sim://,http://a:1"})
+    with pytest.raises(SettingsError, match="give an engine's URL"):
+        load_settings(upstream=())
+
+
+def test_help_groups_every_option_by_feature() -> None:
+    parser = _parser()
+    serve = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["serve"]  # type: ignore[union-attr]
+    titles = {group.title: {a.dest for a in group._group_actions} for group in serve._action_groups}
+    grouped = {
+        name for group, names in titles.items() if group not in ("options", "positional arguments") for name in names
+    }
+    assert grouped == set(OPTIONS)
+    assert {OPTIONS[name].group for name in OPTIONS} <= set(titles)
