@@ -7,7 +7,7 @@ other (:mod:`gateway.planning.intercept.meaning` decides ``map``), and the model
 streamed deltas. A stream holds back only a tail that may still become a citation (``[``, ``[1``,
 ``Document``, ``Source 1``) until the next delta, the choice's ``finish_reason`` or ``[DONE]`` decides it.
 
-Where it can be wrong is listed in ``docs/citation-mapping.md``: numbers that are not citations (``a[1]`` in
+Where it can be wrong is listed in docs/meaning.md, "Citation mapping": numbers that are not citations (``a[1]`` in
 code, "Result 2 of 3"), ranges (``[1-3]``), bare numbers ("documents 1 and 3": only the first), logprobs
 (left as the engine sent them), a content-encoded upstream answer (passed through unmapped).
 """
