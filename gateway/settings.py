@@ -78,10 +78,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     http_max_requests_per_connection: int = 1_000
     health_interval: float = 2.0
     eject_after: int = 3
+    eject_time: float = 30.0
+    max_ejected_percent: int = 50
+    stuck_factor: float = 10.0
     balance_abs: int = 4
     balance_rel: float = 1.5
     state: str = ""
     state_max_len: int = 100_000
+    namespace_secret: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -109,6 +113,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("state: expected redis://host:port[/db] (or rediss://, unix://)")
         if self.state_max_len < 100:
             raise ValueError("state_max_len: must be at least 100")
+        if not self.eject_time > 0 or not 0 <= self.max_ejected_percent <= 100 or self.stuck_factor < 0:
+            raise ValueError("eject_time: must be positive; max_ejected_percent: 0 to 100; stuck_factor: at least 0")
+        if self.namespace_secret and len(self.namespace_secret) < 16:
+            raise ValueError("namespace_secret: must be at least 16 characters")
+        if self.api_key and self.state and not self.namespace_secret:
+            raise ValueError(
+                "namespace_secret: required with --api-key and --state: every gateway sharing the state must map a "
+                "key to the same namespace (give them all the same secret)"
+            )
         if self.batch_search < 0:
             raise ValueError("batch_search: must be at least 0")
         for name in ("max_body_bytes", "max_connections", "max_keepalive", "index_max_requests"):
@@ -150,7 +163,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         # Secrets travel in HTTP headers: only visible ASCII survives every client and server unchanged.
-        for name in ("api_key", "admin_token", "upstream_api_key"):
+        for name in ("api_key", "admin_token", "upstream_api_key", "namespace_secret"):
             values = getattr(self, name)
             for value in values if isinstance(values, tuple) else (values,):
                 if not all("!" <= ch <= "~" for ch in value):
@@ -180,7 +193,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def redacted(self) -> dict[str, Any]:
         """The effective configuration for the start-up log line, secrets masked."""
         out = msgspec.structs.asdict(self)
-        for secret in ("admin_token", "upstream_api_key"):
+        for secret in ("admin_token", "upstream_api_key", "namespace_secret"):
             out[secret] = "***" if out[secret] else ""
         out["api_key"] = [f"***({len(k)})" for k in self.api_key]
         return out
@@ -272,11 +285,29 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "http_keepalive_timeout": ("seconds an idle keep-alive connection stays open", "value"),
     "http_max_requests_per_connection": ("requests served on one keep-alive connection before it is closed", "value"),
     "health_interval": ("seconds between active health checks of each replica (with several upstreams)", "value"),
-    "eject_after": ("consecutive failures (checks or connects) that take a replica out of routing", "value"),
+    "eject_after": (
+        "consecutive failures that take a replica out of routing: failed checks, or failed requests (timeouts, "
+        "lost connections, 502/503/504, stuck requests)",
+        "value",
+    ),
+    "eject_time": (
+        "seconds a replica ejected for failed requests stays out, times its ejection count (max 10x)",
+        "value",
+    ),
+    "max_ejected_percent": ("most replicas ejected for failed requests at once, in percent (at least one)", "value"),
+    "stuck_factor": (
+        "route around a replica whose request waits this many times its peers' median answer time (min 1 s; 0: off)",
+        "value",
+    ),
     "balance_abs": ("balance guard: in-flight spread above which the least loaded replica wins...", "value"),
     "balance_rel": ("...when the busiest replica also has this many times the idlest's in-flight requests", "value"),
     "state": ("redis://host:port/db shares index changes with other gateways (empty: in process only)", "value"),
     "state_max_len": ("index changes kept in the shared Redis stream (XADD MAXLEN ~)", "value"),
+    "namespace_secret": (
+        "secret (16+ characters) the key namespaces are derived from, the same on every gateway of a deployment; "
+        "required with --api-key and --state",
+        "value",
+    ),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -90,7 +90,7 @@ class Proxy:
         self.planner = planner
         self.passthrough_upstream = passthrough_upstream  # several replicas: where non-planned requests go
         self._keys = [k.encode() for k in settings.api_key]
-        self._namespaces = namespaces if namespaces is not None else KeyNamespaces(self._keys)
+        self._namespaces = namespaces or KeyNamespaces(self._keys, settings.namespace_secret.encode() or None)
         self.relay = Relay(metrics)
         self.streams = 0  # streaming completion requests in flight
 
