@@ -143,7 +143,14 @@ def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, me
         )
         replica.planner = Planner(settings, residency, metrics, scans=scans, boundaries=boundaries)
         replicas.append(replica)
-    return ReplicaSet(replicas, eject_after=settings.eject_after, max_requests=settings.index_max_requests)
+    return ReplicaSet(
+        replicas,
+        eject_after=settings.eject_after,
+        max_requests=settings.index_max_requests,
+        eject_time=settings.eject_time,
+        max_ejected_percent=settings.max_ejected_percent,
+        stuck_factor=settings.stuck_factor,
+    )
 
 
 def _kv_counters(trackers: list[KVEventTracker]) -> dict[str, int]:
@@ -172,7 +179,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     assert planner is not None
     metrics.registry.register(IndexCollector(lambda: _total_stats(replicas)))
     router = Router(replicas, BalanceGuard(settings.balance_abs, settings.balance_rel), metrics)
-    namespaces = KeyNamespaces([key.encode() for key in settings.api_key])
+    namespaces = KeyNamespaces([key.encode() for key in settings.api_key], settings.namespace_secret.encode() or None)
     proxy = Proxy(
         settings,
         first.sender,
@@ -250,7 +257,10 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     if settings.state:
         from gateway.state.replication import Replication
 
-        replication = Replication(settings.state, replicas, metrics, max_len=settings.state_max_len)
+        max_blocks = max(settings.max_blocks_per_request, settings.reorder_max_blocks)  # what one request may carry
+        replication = Replication(
+            settings.state, replicas, metrics, max_len=settings.state_max_len, max_blocks=max_blocks
+        )
     kv_tracker = kv_trackers[0]
     supervisor = Supervisor()
     metrics.registry.register(BackgroundCollector(supervisor, lambda: _kv_counters(kv_trackers)))

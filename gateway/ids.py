@@ -3,9 +3,11 @@
 The id a request gets is the id the engine caches its prompt under and the id eviction callbacks name later,
 so two clients must never end up with the same id:
 
-- with API keys configured, a client id ``abc`` becomes ``k<8 hex>-abc``, where the 8 hex digits are an HMAC of
-  the client's key under a per-process random salt (``KeyNamespaces``): two keys never share a namespace, and the
-  namespace reveals nothing about the key (it cannot be used to test guesses offline);
+- with API keys configured, a client id ``abc`` becomes ``k<8 hex>-abc``, where the 8 hex digits are an
+  HMAC-SHA256 of the client's key under the deployment's ``--namespace-secret`` (``KeyNamespaces``): every gateway
+  of a deployment maps a key, and so a client's id, to the same namespace and engine id; two keys never share a
+  namespace (refused at start), and the namespace reveals nothing about the key (without the secret it cannot be
+  used to test guesses offline). Without a secret (allowed only without ``--state``) a per-process random one;
 - without keys there are no tenants, but a client id must still never stand for a gateway-minted id: ids that
   start with ``req-`` (in any case), that an engine's id mangling would turn into one (``chatcmpl-req-...``), or
   that eviction handling drops (``HEALTH_CHECK...``) become ``c-<id>``.
@@ -50,16 +52,22 @@ CLIENT_ID_FIELDS = ("rid", "request_id")
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_PREFIX = "c-"
 _MINTED_PREFIX = "req-"
+_NAMESPACE_LABEL = b"prefixgate key namespace\0"  # this HMAC's purpose: the secret may serve no other by accident
 
 
 class KeyNamespaces:
-    """The ``k<8 hex>`` namespace of each configured API key (salted per process, computed once per key)."""
+    """The ``k<8 hex>`` namespace of each configured API key: an HMAC-SHA256 of the key under ``secret`` (the
+    deployment's; a random one per process when None), computed once per key."""
 
     __slots__ = ("_namespaces",)
 
-    def __init__(self, keys: Iterable[bytes], salt: bytes | None = None) -> None:
-        salt = secrets.token_bytes(16) if salt is None else salt
-        self._namespaces = {key: "k" + hmac.new(salt, key, hashlib.sha256).hexdigest()[:8] for key in keys}
+    def __init__(self, keys: Iterable[bytes], secret: bytes | None = None) -> None:
+        secret = secrets.token_bytes(32) if secret is None else secret
+        self._namespaces = {
+            key: "k" + hmac.new(secret, _NAMESPACE_LABEL + key, hashlib.sha256).hexdigest()[:8] for key in keys
+        }
+        if len(set(self._namespaces.values())) < len(self._namespaces):
+            raise ValueError("two API keys share a namespace under this secret: change one key or the secret")
 
     def __getitem__(self, key: bytes) -> str:
         return self._namespaces[key]

@@ -136,7 +136,10 @@ class Metrics:
             "prefixgate_state_dropped", "Index changes dropped while Redis was unreachable (queue full)", registry=r
         )
         self.state_errors = Counter(
-            "prefixgate_state_errors", "Shared-state failures by kind (publish, follow, decode)", ["kind"], registry=r
+            "prefixgate_state_errors",
+            "Shared-state failures by kind (publish, follow, decode, invalid)",
+            ["kind"],
+            registry=r,
         )
         self.state_lag = Histogram(
             "prefixgate_state_lag_seconds",

@@ -86,8 +86,37 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         float, option("replicas", "seconds between active health checks of each replica (with several upstreams)", gt=0)
     ] = 2.0
     eject_after: Annotated[
-        int, option("replicas", "consecutive failures (checks or connects) that take a replica out of routing", ge=1)
+        int,
+        option(
+            "replicas",
+            "consecutive failures that take a replica out of routing: failed checks, or failed requests (timeouts, "
+            "lost connections, 502/503/504, stuck requests)",
+            ge=1,
+        ),
     ] = 3
+    eject_time: Annotated[
+        float,
+        option(
+            "replicas",
+            "seconds a replica ejected for failed requests stays out, times its ejection count (max 10x)",
+            gt=0,
+        ),
+    ] = 30.0
+    max_ejected_percent: Annotated[
+        int,
+        option(
+            "replicas", "most replicas ejected for failed requests at once, in percent (at least one)", ge=0, le=100
+        ),
+    ] = 50
+    stuck_factor: Annotated[
+        float,
+        option(
+            "replicas",
+            "route around a replica whose request waits this many times its peers' median answer time "
+            "(min 1 s; 0: off)",
+            ge=0,
+        ),
+    ] = 10.0
     balance_abs: Annotated[
         int, option("replicas", "balance guard: in-flight spread above which the least loaded replica wins...", ge=0)
     ] = 4
@@ -116,6 +145,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     shared_cache: Annotated[
         bool, option("security", "with --api-key: share the planner memo and index view across keys (off: one per key)")
     ] = False
+    namespace_secret: Annotated[
+        str,
+        option(
+            "security",
+            "secret (16+ characters) the key namespaces are derived from, the same on every gateway of a deployment; "
+            "required with --api-key and --state",
+        ),
+    ] = ""
     # limits
     max_body_bytes: Annotated[int, option("limits", "largest accepted request body in bytes (413 above)", ge=1)] = (
         16 * 1024 * 1024
@@ -241,6 +278,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("state: expected redis://host:port[/db] (or rediss://, unix://)")
         if self.state and importlib.util.find_spec("redis") is None:
             raise ValueError("state: needs the 'state' extra (pip install 'prefixgate[state]')")
+        if self.namespace_secret and len(self.namespace_secret) < 16:
+            raise ValueError("namespace_secret: must be at least 16 characters")
+        if self.api_key and self.state and not self.namespace_secret:
+            raise ValueError(
+                "namespace_secret: required with --api-key and --state: every gateway sharing the state must map a "
+                "key to the same namespace (give them all the same secret)"
+            )
         if self.kv_events_endpoint and importlib.util.find_spec("zmq") is None:
             raise ValueError("kv_events_endpoint: needs the 'events' extra (pip install 'prefixgate[events]')")
         if len(self.kv_events_replay) > len(self.kv_events_endpoint):
@@ -252,7 +296,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if not key or any(ch.isspace() for ch in key):
                 raise ValueError("api_key: keys must be non-empty and contain no whitespace")
         # Secrets travel in HTTP headers: only visible ASCII survives every client and server unchanged.
-        for name in ("api_key", "admin_token", "upstream_api_key"):
+        for name in ("api_key", "admin_token", "upstream_api_key", "namespace_secret"):
             values = getattr(self, name)
             for value in values if isinstance(values, tuple) else (values,):
                 if not all("!" <= ch <= "~" for ch in value):
@@ -287,7 +331,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def redacted(self) -> dict[str, Any]:
         """The effective configuration for the start-up log line, secrets masked."""
         out = msgspec.structs.asdict(self)
-        for secret in ("admin_token", "upstream_api_key"):
+        for secret in ("admin_token", "upstream_api_key", "namespace_secret"):
             out[secret] = "***" if out[secret] else ""
         out["api_key"] = [f"***({len(k)})" for k in self.api_key]
         return out

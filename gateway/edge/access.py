@@ -41,7 +41,7 @@ class Access:
     def __init__(self, settings: Settings, namespaces: KeyNamespaces | None = None) -> None:
         self._admin = settings.admin_token.encode()
         self._keys = [key.encode() for key in settings.api_key]
-        self._namespaces = namespaces if namespaces is not None else KeyNamespaces(self._keys)
+        self._namespaces = namespaces or KeyNamespaces(self._keys, settings.namespace_secret.encode() or None)
 
     @property
     def keyed(self) -> bool:

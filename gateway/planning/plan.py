@@ -104,6 +104,12 @@ class PlannedRequest:
             logger.info("engine reported %d cached tokens, far below the prediction: released %d", cached_tokens,
                         len(stale))  # fmt: skip
 
+    def responded(self, status: int) -> None:
+        """The upstream's answer head came with ``status`` (a router's plan counts it for its replica's health)."""
+
+    def failed(self, reason: str) -> None:
+        """The upstream failed the request: timed out, broke the connection, answered nonsense (likewise)."""
+
     def finish(self) -> None:
         """The upstream is done with the request: free its llama.cpp slot (once, however often called)."""
         slots, self.slots = self.slots, None

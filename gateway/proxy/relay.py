@@ -88,6 +88,8 @@ class Relay:
         """Relay ``response``; return its status. ``httpx.HTTPError`` and ``GatewayError`` raised before the first
         byte went to the client are for the caller to turn into an error answer (:meth:`fail`)."""
         status = response.status_code
+        if call.planned is not None:
+            call.planned.responded(status)
         if status >= 400:
             await self._error(response, call)
             return status
@@ -104,6 +106,8 @@ class Relay:
         """Answer with ``error`` (nothing was sent to the client yet); return its status."""
         self.metrics.upstream_errors.labels(error.code or "failed").inc()
         logger.warning("upstream request failed: %s", error.code)
+        if call.planned is not None and error.status >= 500:
+            call.planned.failed(error.code or "failed")
         await send_error(call.send, error, call.request_id, call.route)
         return error.status
 
@@ -171,6 +175,8 @@ class Relay:
         except httpx.HTTPError as exc:
             error = upstream_error_from(exc)
             self.metrics.upstream_errors.labels(error.code or "failed").inc()
+            if call.planned is not None:
+                call.planned.failed(error.code or "failed")
             sniffer = None
             if not sse:
                 logger.warning("upstream failed mid-body; the client receives a truncated response")

@@ -15,6 +15,14 @@ event loop, which applies them (the live index has a single writer). Under load 
 requests: a change then waits for one loop turn (to be applied) instead of several (to be sent, read and parsed by
 tasks on the loop). Lag (from the producing gateway's clock to applying here) and the stream length are exported
 as metrics.
+
+Entries are not trusted: anything that can write to the Redis server can write to the stream. An entry is decoded
+into a typed, size-bounded ``_Event`` (keys are bytes or short lists of strings, blocks ints, at most
+``max_blocks`` blocks and ``_MAX_IDS`` ids) and checked before it is applied; an entry that fails is skipped and
+counted (``prefixgate_state_errors_total{kind="invalid"}``, or ``"decode"`` for bytes that are not an event)
+without losing its neighbours. The loop applies a batch in slices of at most ``_SLICE`` seconds (a slice ends
+before an event whose estimated cost would take it past that), yielding between them, so a big batch never holds
+the proxy's requests up.
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ import uuid
 from collections import deque
 from collections.abc import Hashable
 from functools import partial
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 import redis
@@ -48,16 +57,33 @@ _MAX_QUEUE = 100_000
 _BATCH = 512
 _WAIT = 0.25  # XREAD BLOCK and the publisher's idle wait, in seconds: how soon a stopped thread notices
 _SOCKET_TIMEOUT = 5.0  # longer than the XREAD block
+_MAX_ENTRY_BYTES = 8 << 20  # an entry above this is not decoded at all
+_MAX_IDS = 4_096  # request ids per evict event (the publisher splits bigger evictions)
+_MAX_GROUPS = 4_096  # block groups per commit (a group holds one block at least)
+_MAX_GROUP_BLOCKS = 65_536  # decode-time bound per group; the total is checked against ``max_blocks``
+_SLICE = 0.005  # seconds the loop may spend applying before it yields
+_COST_PER_ITEM = 1e-6  # seconds to apply one block or id (a 4,096-block commit: ~3.5 ms)
+
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_Key = (
+    Annotated[bytes, msgspec.Meta(max_length=64)]
+    | Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=4)]
+)  # the proxy's prefix digests, and the index API's ("index-api", owner)
+_Group = tuple[_Key, Annotated[list[int], msgspec.Meta(max_length=_MAX_GROUP_BLOCKS)]]
 
 
 class _Event(msgspec.Struct, array_like=True):
-    origin: str
-    replica: str
+    origin: Annotated[str, msgspec.Meta(max_length=64)]
+    replica: Annotated[str, msgspec.Meta(max_length=2048)]
     at: float
-    op: str
-    request_id: str = ""
-    request_ids: list[str] = []
-    groups: list[tuple[Any, list[int]]] = []
+    op: Literal["commit", "evict", "reset"]
+    request_id: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    request_ids: Annotated[list[_Id], msgspec.Meta(max_length=_MAX_IDS)] = []
+    groups: Annotated[list[_Group], msgspec.Meta(max_length=_MAX_GROUPS)] = []
+
+    def size(self) -> int:
+        """Blocks and ids the event carries (what applying it costs)."""
+        return sum(len(blocks) for _, blocks in self.groups) + len(self.request_ids)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -74,13 +100,23 @@ def _hashable(key: Any) -> Hashable:
 class Replication:
     """Publishes this gateway's index changes and applies the other gateways' (see the module docstring)."""
 
-    def __init__(self, url: str, replicas: ReplicaSet, metrics: Metrics, *, max_len: int, stream: str = STREAM):
+    def __init__(
+        self,
+        url: str,
+        replicas: ReplicaSet,
+        metrics: Metrics,
+        *,
+        max_len: int,
+        stream: str = STREAM,
+        max_blocks: int = _MAX_GROUP_BLOCKS,
+    ):
         # blocking client, used by the two threads only (a pool: one connection each)
         self.redis = redis.Redis.from_url(url, socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=2.0)
         self.replicas = replicas
         self.metrics = metrics
         self.max_len = max_len
         self.stream = stream
+        self.max_blocks = max_blocks  # blocks one event may carry: what one request may (``max_blocks_per_request``)
         self.origin = uuid.uuid4().hex
         self.last_id = b"0-0"  # from the start: a late gateway catches up with what the stream retains
         self._queue: deque[bytes] = deque()
@@ -95,19 +131,27 @@ class Replication:
     def _publisher(self, replica: Replica) -> Any:
         def publish(change: Change) -> None:
             op = change[0]
+            if op == "evict":  # in events of at most ``_MAX_IDS`` ids, as followers accept them
+                ids = list(change[1])
+                for start in range(0, len(ids), _MAX_IDS):
+                    self._enqueue(
+                        _Event(self.origin, replica.url, time.time(), op, request_ids=ids[start : start + _MAX_IDS])
+                    )
+                return
             event = _Event(self.origin, replica.url, time.time(), op)
             if op == "commit":
                 event.request_id = change[1]
                 event.groups = [(key, list(blocks)) for key, blocks in change[2]]
-            elif op == "evict":
-                event.request_ids = list(change[1])
-            if len(self._queue) >= _MAX_QUEUE:
-                self._queue.popleft()
-                self.metrics.state_dropped.inc()
-            self._queue.append(_encoder.encode(event))
-            self._queued.set()
+            self._enqueue(event)
 
         return publish
+
+    def _enqueue(self, event: _Event) -> None:
+        if len(self._queue) >= _MAX_QUEUE:
+            self._queue.popleft()
+            self.metrics.state_dropped.inc()
+        self._queue.append(_encoder.encode(event))
+        self._queued.set()
 
     async def run(self) -> None:
         """Publish and follow (in two threads) until cancelled."""
@@ -176,7 +220,7 @@ class Replication:
                         if event is not None:
                             events.append(event)
                 if events and not stop.is_set():
-                    anyio.from_thread.run_sync(self._apply_events, events)
+                    anyio.from_thread.run(self._apply_sliced, events)
                 if time.monotonic() - last_length > 1.0:
                     last_length = time.monotonic()
                     self.metrics.state_stream_length.set(self.redis.xlen(self.stream))
@@ -190,9 +234,19 @@ class Replication:
                 return  # the event loop is gone (shutdown)
 
     def _decode(self, payload: bytes) -> _Event | None:
-        """Another gateway's change for one of our replicas, or None (ours, unknown replica, undecodable)."""
+        """Another gateway's valid change for one of our replicas, or None (ours, unknown replica, invalid)."""
         try:
+            if len(payload) > _MAX_ENTRY_BYTES:
+                raise msgspec.ValidationError(f"entry of {len(payload)} bytes")
             event = _decoder.decode(payload)
+            if event.op == "commit" and not event.request_id:
+                raise msgspec.ValidationError("commit without a request id")
+            if event.op == "commit" and event.size() > self.max_blocks:
+                raise msgspec.ValidationError(f"commit of {event.size()} blocks")
+        except msgspec.ValidationError as exc:  # well-formed msgpack, not a valid change
+            self.metrics.state_errors.labels("invalid").inc()
+            logger.warning("skipped an invalid entry of the shared stream: %s", exc)
+            return None
         except msgspec.DecodeError:
             self.metrics.state_errors.labels("decode").inc()
             return None
@@ -208,16 +262,29 @@ class Replication:
 
     def _apply_events(self, events: list[_Event]) -> None:
         for event in events:
-            residency = self._by_url[event.replica].residency
-            hook, residency.on_change = residency.on_change, None  # applied here, not published again
-            try:
-                if event.op == "commit":
-                    residency.commit(event.request_id, [(_hashable(key), blocks) for key, blocks in event.groups])
-                elif event.op == "evict":
-                    residency.evict(event.request_ids)
-                elif event.op == "reset":
-                    residency.reset()
-            finally:
-                residency.on_change = hook
-            self.metrics.state_applied.inc()
-            self.metrics.state_lag.observe(max(0.0, time.time() - event.at))
+            self._apply_one(event)
+
+    async def _apply_sliced(self, events: list[_Event]) -> None:
+        """Apply ``events`` in order, yielding to the loop before an event that would take the slice past ``_SLICE``."""
+        started, applied = time.perf_counter(), 0
+        for event in events:
+            if applied and time.perf_counter() - started + event.size() * _COST_PER_ITEM > _SLICE:
+                await anyio.lowlevel.checkpoint()
+                started, applied = time.perf_counter(), 0
+            self._apply_one(event)
+            applied += 1
+
+    def _apply_one(self, event: _Event) -> None:
+        residency = self._by_url[event.replica].residency
+        hook, residency.on_change = residency.on_change, None  # applied here, not published again
+        try:
+            if event.op == "commit":
+                residency.commit(event.request_id, [(_hashable(key), blocks) for key, blocks in event.groups])
+            elif event.op == "evict":
+                residency.evict(event.request_ids)
+            else:
+                residency.reset()
+        finally:
+            residency.on_change = hook
+        self.metrics.state_applied.inc()
+        self.metrics.state_lag.observe(max(0.0, time.time() - event.at))

@@ -42,7 +42,7 @@ from gateway.errors import Unavailable
 from gateway.metrics import Metrics
 from gateway.planning.plan import PlannedRequest
 from gateway.upstream.ranking import BalanceGuard, Candidate, rank
-from gateway.upstream.replicas import Replica, ReplicaSet
+from gateway.upstream.replicas import Pending, Replica, ReplicaSet
 from gateway.wire.chat import RequestBody
 from scheduler.index import Plan
 
@@ -68,7 +68,7 @@ class RoutedRequest(PlannedRequest):
     """A plan made for one replica: the replica it goes to (``upstream``), that replica's load while the request
     is in flight, and ``reroute`` (the same request planned for the next replica, when this one is unreachable)."""
 
-    __slots__ = ("_done", "_queued", "conversation", "ranking", "replica", "router", "tenant", "tried")
+    __slots__ = ("_done", "_pending", "_queued", "conversation", "ranking", "replica", "router", "tenant", "tried")
 
     replica: Replica
     router: Router
@@ -78,6 +78,7 @@ class RoutedRequest(PlannedRequest):
     tenant: str | None
     _queued: int
     _done: bool
+    _pending: Pending
 
     @classmethod
     def of(cls, planned: PlannedRequest, replica: Replica, router: Router, queued: int) -> RoutedRequest:
@@ -87,6 +88,7 @@ class RoutedRequest(PlannedRequest):
         routed.residency = replica.residency  # a plan made by the shared planner is committed to its replica only
         routed.replica, routed.router, routed._queued, routed._done = replica, router, queued, False
         routed.conversation, routed.ranking, routed.tried, routed.tenant = None, (), (replica,), None
+        routed._pending = router.replicas.started(replica)
         replica.in_flight += 1
         replica.queued_tokens += queued
         return routed
@@ -105,7 +107,14 @@ class RoutedRequest(PlannedRequest):
             self._done = True
             self._dequeue()
             self.replica.in_flight -= 1
+            self.router.replicas.ended(self._pending)
         super().finish()
+
+    def responded(self, status: int) -> None:
+        self.router.replicas.answered(self._pending, status)
+
+    def failed(self, reason: str) -> None:
+        self.router.replicas.request_failed(self._pending, reason)
 
     def reroute(self, body: RequestBody, headers: Mapping[str, str]) -> PlannedRequest | None:
         """The request could not be sent to this replica: the same request planned for the next one, or None."""
@@ -205,8 +214,8 @@ class Router:
 
     def reroute(self, failed: RoutedRequest, body: RequestBody, headers: Mapping[str, str]) -> PlannedRequest | None:
         """``failed`` could not be sent: plan the request for the next healthy replica in its ranking (on the loop)."""
-        self.replicas.failed(failed.replica, "connection failed")
-        remaining = [r for r in failed.ranking if r.healthy and r not in failed.tried]
+        self.replicas.request_failed(failed._pending, "connection failed")
+        remaining = [r for r in failed.ranking if self.replicas.admits(r) and r not in failed.tried]
         if not remaining:
             return None
         self.reroutes.inc()
@@ -363,6 +372,9 @@ class _ReplicaCollector(Collector):
         healthy = GaugeMetricFamily(
             "prefixgate_replica_healthy", "1 while a replica takes requests", labels=["replica"]
         )
+        ejected = GaugeMetricFamily(
+            "prefixgate_replica_ejected", "1 while a replica is ejected for failed requests", labels=["replica"]
+        )
         in_flight = GaugeMetricFamily(
             "prefixgate_replica_in_flight", "Requests in flight per replica", labels=["replica"]
         )
@@ -376,19 +388,21 @@ class _ReplicaCollector(Collector):
         )
         sent = CounterMetricFamily("prefixgate_replica_requests", "Requests accepted per replica", labels=["replica"])
         ejections = CounterMetricFamily(
-            "prefixgate_replica_ejections", "Times a replica was ejected", labels=["replica"]
+            "prefixgate_replica_ejections", "Times a replica was ejected for failed requests", labels=["replica"]
         )
         drops = CounterMetricFamily(
             "prefixgate_replica_index_drops",
             "Times a replica's index was dropped (restart or event gap)",
             labels=["replica"],
         )
+        now = self._replicas.clock()
         for r in self._replicas.replicas:
-            healthy.add_metric([r.name], 1.0 if r.healthy else 0.0)
+            healthy.add_metric([r.name], 1.0 if r.healthy and not r.ejected(now) else 0.0)
+            ejected.add_metric([r.name], 1.0 if r.ejected(now) else 0.0)
             in_flight.add_metric([r.name], r.in_flight)
             queued.add_metric([r.name], r.queued_tokens)
             index.add_metric([r.name], len(r.residency.index))
             sent.add_metric([r.name], r.sent)
             ejections.add_metric([r.name], r.ejections)
             drops.add_metric([r.name], r.index_drops)
-        yield from (healthy, in_flight, queued, index, sent, ejections, drops)
+        yield from (healthy, ejected, in_flight, queued, index, sent, ejections, drops)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import uvicorn
 
-__all__ = ["free_port", "serve_in_thread", "wait_healthy"]
+__all__ = ["free_port", "gateway_process", "serve_in_thread", "wait_healthy"]
 
 
 def free_port() -> int:
@@ -50,3 +52,27 @@ def serve_in_thread(app: Any, port: int | None = None, health: str = "/health") 
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def gateway_process(*args: str, stderr: IO[bytes] | None = None, timeout: float = 30.0) -> Iterator[str]:
+    """``prefixgate serve`` as users run it (``python -m gateway.cli serve ARGS``) on a free port; yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(command, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert process.poll() is None, f"prefixgate serve exited with {process.returncode}"
+            assert time.monotonic() < deadline, "prefixgate serve did not become healthy"
+            try:
+                if httpx.get(base + "/health", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,25 +1,31 @@
-"""Two gateways sharing one view through a real Redis server: commits and evictions converge, late starts catch up."""
+"""Two gateways sharing one view through a real Redis server: commits and evictions converge, late starts catch up,
+client keys map to the same namespaces on every gateway, and entries nobody should trust are checked before use."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
+import redis
 
 from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
 from gateway.settings import load_settings
 from tests.e2e.redis import redis_url  # noqa: F401
-from tests.e2e.servers import serve_in_thread
+from tests.e2e.servers import free_port, gateway_process, serve_in_thread
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
 Gateway = Callable[[], AbstractContextManager[str]]
 
@@ -141,3 +147,133 @@ def test_changes_are_applied_in_order_on_the_loop_and_the_threads_stop_with_the_
             await replication.aclose()
 
     anyio.run(scenario)
+
+
+# ------------------------------------------------------------------ keys across gateways (real processes)
+
+ALICE = {"authorization": "Bearer alice-key-0001"}
+BOB = {"authorization": "Bearer bob-key-0002"}
+SECRET = "deployment-secret-0123456789"
+
+
+def _keyed(engine: str, redis_url: str, *more: str) -> list[str]:  # noqa: F811
+    return ["--upstream", engine, "--state", redis_url, "--api-key", "alice-key-0001", "--api-key", "bob-key-0002",
+            "--admin-token", "admin-token-0003", *more]  # fmt: skip
+
+
+def test_a_client_id_maps_to_the_same_engine_id_and_view_on_every_gateway(
+    engine: str,
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two ``prefixgate serve`` processes with the same keys, secret and Redis: a key's namespace is the same on
+    both, so its ids and its index view are shared; neither the keys nor the secret reach Redis or the logs."""
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with (
+        logs[0].open("wb") as log_a,
+        logs[1].open("wb") as log_b,
+        gateway_process(*_keyed(engine, redis_url, "--namespace-secret", SECRET, "--log-level", "debug"),
+                        stderr=log_a) as a,
+        gateway_process(*_keyed(engine, redis_url, "--namespace-secret", SECRET, "--log-level", "debug"),
+                        stderr=log_b) as b,
+    ):  # fmt: skip
+        ids = []
+        for gateway, key in ((a, ALICE), (b, ALICE), (a, BOB)):
+            response = httpx.post(f"{gateway}/v1/chat/completions", json=_body([1, 2], "which"),
+                                  headers={**key, "x-request-id": "client-7"}, timeout=30)  # fmt: skip
+            assert response.status_code == 200, response.text
+            ids.append(response.headers["x-request-id"])
+        assert ids[0] == ids[1], "the same key's id maps to the same engine id on either gateway"
+        assert ids[0] != ids[2] and ids[0].endswith("-client-7") and ids[2].endswith("-client-7")
+        # what alice sent through A is alice's view in B too (and not bob's)
+        sent = httpx.post(f"{a}/v1/chat/completions", json=_body([11, 12, 13, 14, 15], "first"),
+                          headers={**ALICE, "x-request-id": "alice-first"})  # fmt: skip
+        rid = sent.headers["x-request-id"]
+        _until(lambda: rid in httpx.get(f"{b}/requests", headers=ALICE).json()["request_ids"])
+        again = httpx.post(f"{b}/v1/chat/completions", json=_body([15, 14, 13, 12, 11], "second"), headers=ALICE)
+        assert json.loads(again.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 5
+        other = httpx.post(f"{b}/v1/chat/completions", json=_body([15, 14, 13, 12, 11], "third"), headers=BOB)
+        assert json.loads(other.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 0
+    client = redis.Redis.from_url(redis_url)
+    stored = b"".join(fields[b"e"] for _, fields in client.xrange("prefixgate:index"))
+    client.close()
+    assert stored, "the gateways shared their changes"
+    for secret in (b"alice-key-0001", b"bob-key-0002", SECRET.encode()):
+        assert secret not in stored
+        for log in logs:
+            assert secret not in log.read_bytes()
+
+
+def test_keys_with_shared_state_and_no_namespace_secret_refuse_to_start(engine: str, redis_url: str) -> None:  # noqa: F811
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(free_port()), *_keyed(engine, redis_url)]
+    done = subprocess.run(command, check=False, capture_output=True, timeout=60)
+    assert done.returncode != 0
+    assert b"--namespace-secret" in done.stderr and b"alice-key" not in done.stderr
+
+
+# ------------------------------------------------------------------ untrusted stream entries (real process)
+
+
+def _entry(engine: str, op: str, request_id: str = "", ids: list[Any] | None = None, groups: Any = ()) -> bytes:
+    """An entry as another gateway (or anything that can write to Redis) would append it."""
+    return msgspec.msgpack.encode(["intruder", engine, time.time(), op, request_id, ids or [], list(groups)])
+
+
+def test_invalid_entries_are_skipped_and_counted_without_losing_their_neighbours(
+    engine: str,
+    redis_url: str,  # noqa: F811
+) -> None:
+    with gateway_process("--upstream", engine, "--state", redis_url, "--log-level", "error") as gateway:
+        client = redis.Redis.from_url(redis_url)
+        entries = [
+            _entry(engine, "commit", "req-good-1", groups=[(b"k" * 16, [1, 2, 3])]),
+            _entry(engine, "commit", "req-dict-key", groups=[({"a": 1}, [1, 2])]),  # crashed the follower
+            _entry(engine, "commit", "req-good-2", groups=[(b"k" * 16, [1, 2, 4])]),
+            _entry(engine, "commit", "req-huge", groups=[(b"k", [7])] * 300_000),  # stalled /health for 4.1 s
+            _entry(engine, "commit", "req-str-blocks", groups=[(b"k", ["x", "y"])]),
+            _entry(engine, "evict", ids=[{"id": 1}]),
+            _entry(engine, "explode"),
+            b"\xc1 not msgpack",
+            _entry(engine, "commit", "req-good-3", groups=[(b"k" * 16, [1, 2, 5])]),
+        ]
+        pipe = client.pipeline(transaction=False)
+        for payload in entries:
+            pipe.xadd("prefixgate:index", {"e": payload})
+        pipe.execute()  # read by the follower as one batch
+        client.close()
+        good = {"req-good-1", "req-good-2", "req-good-3"}
+        _until(lambda: good <= _live(gateway))
+        assert not {"req-dict-key", "req-huge", "req-str-blocks"} & _live(gateway)
+        metrics = httpx.get(f"{gateway}/metrics").text
+        assert 'prefixgate_state_errors_total{kind="invalid"} 5.0' in metrics
+        assert 'prefixgate_state_errors_total{kind="decode"} 1.0' in metrics
+        assert "prefixgate_state_applied_total 3.0" in metrics
+        assert httpx.get(f"{gateway}/health", timeout=2).status_code == 200
+
+
+def test_a_large_batch_is_applied_in_slices_that_keep_health_answering(engine: str, redis_url: str) -> None:  # noqa: F811
+    """400 commits of 4,096 blocks (the most one request may carry) take ~1.5 s to apply: in one go they held
+    the event loop, and every request, that long; in slices /health keeps answering within a few milliseconds."""
+    count = 400
+    with gateway_process("--upstream", engine, "--state", redis_url, "--index-max-requests", "64",
+                         "--log-level", "error") as gateway:  # fmt: skip
+        client = redis.Redis.from_url(redis_url)
+        pipe = client.pipeline(transaction=False)
+        for i in range(count):
+            blocks = list(range(i * 4096, (i + 1) * 4096))
+            pipe.xadd("prefixgate:index", {"e": _entry(engine, "commit", f"req-big-{i}", groups=[(b"k" * 16, blocks)])})
+        with httpx.Client(timeout=10) as http:
+            http.get(f"{gateway}/health")
+            pipe.execute()
+            client.close()
+            slowest, applied = 0.0, 0.0
+            deadline = time.monotonic() + 60
+            while applied < count:
+                assert time.monotonic() < deadline, "the batch was not applied in time"
+                started = time.perf_counter()
+                http.get(f"{gateway}/health")
+                slowest = max(slowest, time.perf_counter() - started)
+                text = http.get(f"{gateway}/metrics").text
+                applied = float(text.split("\nprefixgate_state_applied_total ")[1].split("\n")[0])
+                time.sleep(0.01)
+        assert slowest < 0.25, f"/health took {slowest * 1000:.0f} ms while the batch was applied"

@@ -202,9 +202,9 @@ async def test_proxy_key_is_not_the_admin_token(gateway: AppFactory) -> None:
 
 
 def test_namespaces_are_per_key_and_salted() -> None:
-    one = KeyNamespaces([b"alice", b"bob"], salt=b"s" * 16)
-    again = KeyNamespaces([b"alice"], salt=b"s" * 16)
-    other_salt = KeyNamespaces([b"alice"], salt=b"t" * 16)
+    one = KeyNamespaces([b"alice", b"bob"], secret=b"s" * 16)
+    again = KeyNamespaces([b"alice"], secret=b"s" * 16)
+    other_salt = KeyNamespaces([b"alice"], secret=b"t" * 16)
     assert re.fullmatch(r"k[0-9a-f]{8}", one[b"alice"])
     assert one[b"alice"] != one[b"bob"]
     assert one[b"alice"] == again[b"alice"]
