@@ -52,9 +52,16 @@ def cached_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
 def prompt_tokens_from_usage(payload: Mapping[str, Any]) -> int | None:
     """Engine-reported prompt tokens: ``usage.prompt_tokens`` (chat, completions), ``usage.input_tokens``
     (Responses), or Anthropic's uncached ``input_tokens`` plus ``cache_read_input_tokens`` and
-    ``cache_creation_input_tokens``."""
+    ``cache_creation_input_tokens``; else llama.cpp's ``timings``, ``prompt_n`` (computed) plus ``cache_n`` (reused),
+    which its last streamed chunk carries even when the client did not ask for ``stream_options.include_usage``
+    (measured on llama-server: ``prompt_n + cache_n == usage.prompt_tokens``)."""
     usage = _usage(payload)
     if usage is None:
+        timings = payload.get("timings")
+        if isinstance(timings, Mapping):
+            computed, reused = _count(timings.get("prompt_n")), _count(timings.get("cache_n"))
+            if computed is not None and reused is not None:
+                return computed + reused
         return None
     if (value := _count(usage.get("prompt_tokens"))) is not None:
         return value

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import anyio
 import httpx
@@ -21,6 +22,7 @@ from engines.llamacpp.slots import discover_slots
 from engines.registry import get_engine
 from gateway import __version__
 from gateway.background import BackgroundCollector, Supervisor
+from gateway.edge.inbound import normalise_path, raw_path
 from gateway.errors import GatewayError, error_body, error_type
 from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces
 from gateway.indexapi.routes import index_routes
@@ -96,6 +98,9 @@ def _kv_subscribers(settings: Settings, trackers: list[KVEventTracker]) -> list[
 class _Gateway(Litestar):
     """The Litestar app, with every ``/v1`` request handed straight to the proxy (a raw ASGI app).
 
+    Every path is normalised first (``gateway.edge.inbound.normalise_path``): ``/v1/%63hat/completions``,
+    ``/v1//chat/completions/`` and ``/v1/x/../chat/completions`` are the chat route for routing, the proxy and
+    the upstream alike, and a path that cannot be normalised safely is answered 400 here.
     Litestar's routing and middleware add nothing to proxied requests but cost ~7% of the gateway's CPU per
     request (py-spy, ``python -m bench proxy``). The proxy renders its own errors; a bug escaping it is logged
     and answered with the same OpenAI-shaped 500 as on the Litestar routes.
@@ -106,6 +111,15 @@ class _Gateway(Litestar):
         self._proxy = proxy
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raw = raw_path(scope)
+            try:
+                path = normalise_path(raw)
+            except GatewayError as exc:
+                await _send_error(send, exc.status, exc.body())
+                return
+            if path is not raw:  # every layer below (routing, the proxy, the upstream) sees the one spelling
+                scope = {**scope, "path": unquote(path.decode("latin-1")), "raw_path": path}
         path = scope.get("path", "")
         if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
             await super().__call__(scope, receive, send)
@@ -123,10 +137,13 @@ class _Gateway(Litestar):
             logger.exception("unhandled error on %s", path)
             if started:
                 raise  # the server drops the connection: the client sees a truncated response
-            body = error_body("internal gateway error", "internal_error", code=500)
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, 500, error_body("internal gateway error", "internal_error", code=500))
+
+
+async def _send_error(send: Any, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, metrics: Metrics) -> ReplicaSet:

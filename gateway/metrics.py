@@ -43,6 +43,12 @@ class Metrics:
             registry=r,
         )
         self.upstream_errors = Counter("prefixgate_upstream_errors", "Upstream failures by kind", ["kind"], registry=r)
+        self.sse_oversized_events = Counter(
+            "prefixgate_sse_oversized_events",
+            "Upstream SSE events over 1 MiB, relayed unread as they arrived (no usage read, no citations mapped)",
+            ["route"],
+            registry=r,
+        )
         self.in_flight = Gauge("prefixgate_in_flight_requests", "Proxied requests in progress", registry=r)
         self.disconnects = Counter(
             "prefixgate_client_disconnects", "Clients that went away before the response ended", registry=r

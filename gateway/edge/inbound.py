@@ -1,15 +1,16 @@
 """What the client sent, read and checked before anything reaches the upstream.
 
-The body is read within the size limit (413 above it, ``ClientGone`` when the client leaves first); passthrough
-paths must stay inside the upstream's ``/v1`` tree; header names and values must be well formed (no CR, LF or other
-control characters), so nothing the client sends can split or smuggle a request upstream.
+The body is read within the size limit (413 above it, ``ClientGone`` when the client leaves first); every path is
+normalised once before it is routed (``normalise_path``: one spelling per route, or a 400); passthrough paths must
+stay inside the upstream's ``/v1`` tree; header names and values must be well formed (no CR, LF or other control
+characters), so nothing the client sends can split or smuggle a request upstream.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 
@@ -18,6 +19,7 @@ __all__ = [
     "Receive",
     "check_headers",
     "check_passthrough_path",
+    "normalise_path",
     "raw_path",
     "read_body",
     "read_limited",
@@ -29,6 +31,11 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 _SAFE_PATH = re.compile(rb"/v1/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
 _FORBIDDEN_ESCAPES = (b"%2f", b"%5c", b"%2e", b"%00")
 _DOT_SEGMENT = re.compile(rb"(^|/)\.\.?(/|$)")
+_ESCAPE = re.compile(rb"%(.?.?)")
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# escapes that would change the path's structure or smuggle a control byte once an engine decodes them
+_UNSAFE_ESCAPED = frozenset({ord("/"), ord("\\"), 0x7F, *range(0x20)})
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -75,6 +82,50 @@ def raw_path(scope: Scope) -> bytes:
     """The path exactly as the client sent it (percent-encoding kept), without a query string."""
     raw: bytes | None = scope.get("raw_path")
     return raw.split(b"?", 1)[0] if raw else scope["path"].encode()
+
+
+def normalise_path(raw: bytes) -> bytes:
+    """The one spelling of ``raw`` (a request path without its query) that routes are classified on.
+
+    RFC 3986 §6.2.2 normalisation, as engines built on Starlette route (they decode the path before matching):
+    escapes of unreserved characters decoded (``%63hat`` -> ``chat``), other escapes kept with upper-case hex,
+    empty segments dropped (duplicate and trailing slashes), ``.`` and ``..`` segments resolved. A path that cannot
+    be normalised safely is refused (400 ``invalid_path``): an escaped ``/``, ``\\``, NUL or other control byte, an
+    escaped dot segment (``%2e%2e``), a broken escape, ``..`` above the root, a path not starting with ``/``.
+    Paths with no ``%``, ``//`` or ``/.`` and no trailing slash are already normal: returned as they are, without
+    a copy (the proxy's hot path).
+    """
+    if b"%" not in raw and b"//" not in raw and b"/." not in raw and (raw[-1:] != b"/" or raw == b"/"):
+        return raw if raw[:1] == b"/" else _refuse_path("the request path must start with /")
+    if raw[:1] != b"/":
+        _refuse_path("the request path must start with /")
+    segments: list[bytes] = []
+    for segment in raw.split(b"/")[1:]:
+        decoded = _ESCAPE.sub(_unescape, segment) if b"%" in segment else segment
+        if decoded in (b".", b".."):
+            if decoded != segment:
+                _refuse_path("the request path has an escaped dot segment")
+            if decoded == b"..":
+                if not segments:
+                    _refuse_path("the request path climbs above the root")
+                segments.pop()
+        elif decoded:
+            segments.append(decoded)
+    return b"/" + b"/".join(segments)
+
+
+def _unescape(match: re.Match[bytes]) -> bytes:
+    digits = match.group(1)
+    if len(digits) != 2 or not all(c in _HEX_DIGITS for c in digits):
+        _refuse_path("the request path has a broken percent-escape")
+    byte = int(digits, 16)
+    if byte in _UNSAFE_ESCAPED:
+        _refuse_path("the request path has an escaped separator or control character")
+    return bytes((byte,)) if byte in _UNRESERVED else b"%" + digits.upper()
+
+
+def _refuse_path(message: str) -> NoReturn:
+    raise InvalidRequest(message, code="invalid_path")
 
 
 def check_passthrough_path(path: bytes) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from gateway.planning.intercept.groups import BlockGroup
+from gateway.wire.sse import EventFrames
 
 __all__ = ["CitationRewriter", "CitationMap", "citation_map"]
 
@@ -41,8 +42,6 @@ _NUMBER = re.compile(r"\d+")
 _OPEN = re.compile(rf"\[(?:(?:{_WORD})?[ \t]*#?[ \t]*(?:\d{{1,4}}(?:[ \t]*[,;][ \t]*\d{{0,4}}){{0,20}})?)?\Z", re.I)
 _TAIL_WORD = re.compile(r"[A-Za-z]{1,11}(?:[ \t]+#?[ \t]*\d{0,4})?\Z")
 _MAX_HOLD = 96
-_EVENT_END = re.compile(rb"(\r?\n\r?\n)")
-_MAX_EVENT = 1 << 20  # an "event" longer than this is relayed unmapped rather than held
 _raw_object = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _raw_list = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
 _encoder = msgspec.json.Encoder()
@@ -71,7 +70,7 @@ class CitationRewriter:
             for model, client in citation.numbers:
                 self.numbers.setdefault(model, client)
         self.rewritten = 0  # citations changed, for the result header of a later request and for tests
-        self._events = b""
+        self._frames = EventFrames()
         self._pending: dict[int, str] = {}
         self._last: dict[str, msgspec.Raw] = {}
         self._field = "content"
@@ -126,20 +125,17 @@ class CitationRewriter:
     def feed(self, chunk: bytes) -> bytes:
         """Relay-ready bytes for the complete events so far; an incomplete event waits for its end.
 
-        Events end with a blank line, LF or CRLF; each keeps its own line endings.
+        Framed by ``gateway.wire.sse.EventFrames``: each event keeps its own line endings, and one over 1 MiB is
+        relayed unmapped as it arrives rather than held.
         """
-        data = self._events + chunk
-        end = max(data.rfind(b"\n\n") + 2, data.rfind(b"\n\r\n") + 3)  # after the last blank line (LF or CRLF)
-        if end < 3:
-            if len(data) > _MAX_EVENT:  # not a stream of events after all: pass it on as it came
-                self._events = b""
-                return data
-            self._events = data
-            return b""
-        self._events = data[end:]
-        pieces = _EVENT_END.split(data[:end])  # event, end, event, end, ..., ""
-        self._end = pieces[-2]  # a synthesised event ends like the stream's own
-        return b"".join(self._event(event) + end for event, end in zip(pieces[::2], pieces[1::2], strict=False))
+        out: list[bytes] = []
+        for event, end in self._frames.feed(chunk):
+            if end is None:
+                out.append(event)
+            else:
+                self._end = end  # a synthesised event ends like the stream's own
+                out.append(self._event(event) + end)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def stream(self) -> CitationRewriter:
         """The rewriter of one streamed answer (``gateway.wire.AnswerStream``): this one, it holds one answer."""
@@ -147,7 +143,7 @@ class CitationRewriter:
 
     def flush(self) -> bytes:
         """What is still held when the stream ends without ``[DONE]``."""
-        rest, self._events = self._events, b""
+        rest = self._frames.rest()
         return self._flush() + rest
 
     def _event(self, event: bytes) -> bytes:

@@ -45,10 +45,11 @@ from gateway.planning.plan import PlannedRequest, RequestPlanner, Upstream
 from gateway.proxy.relay import Call, Relay, Send, send_error
 from gateway.settings import Settings
 from gateway.upstream.sender import UpstreamSender, request_headers
+from gateway.upstream.transport import Undelivered
 from gateway.wire import SHAPES
 from gateway.wire.chat import CHAT_ROUTE, COMPLETIONS_ROUTE, RequestBody, decode_request
 
-__all__ = ["PLAN_IN_THREAD_BYTES", "Proxy"]
+__all__ = ["PLAN_IN_THREAD_BYTES", "Proxy", "resendable"]
 
 logger = logging.getLogger("prefixgate.proxy")
 
@@ -60,9 +61,8 @@ _encoder = msgspec.json.Encoder()
 T = TypeVar("T")
 # httpx errors raised before any byte of the request reached the engine: safe to send elsewhere
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# the engine closed the connection before a byte of its answer: on a kept-alive connection this is the engine closing
-# it as the request went out (llama-server closes one after every streamed answer, without ``Connection: close``)
-_UNANSWERED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# RFC 9110 §9.2.2: a repeat has the effect of one request
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _REROUTED = -1
 
 
@@ -240,6 +240,7 @@ class Proxy:
                         extra=engine.stamp_headers(call.request_id) | _identity_encoding(call.planned),
                     )
                     request = sender.build(scope["method"], target, outbound, call.payload)
+                    call.upstream_base = sender.base
                     outcome = await self._exchange(request, call, sender)
                 status = outcome  # stays 499 when the client went away (the watcher cancelled the scope)
             finally:
@@ -262,8 +263,11 @@ class Proxy:
         try:
             try:
                 response = await sender.send(request)
-            except _UNANSWERED:
-                # sent once more, on another connection; a second failure is the answer
+            except Undelivered:
+                # it never reached the upstream whole (``may_resend``): sent once more unless the route has effects
+                # a repeat could double; a second failure is the answer
+                if not resendable(call.route, request.method):
+                    raise
                 self.metrics.upstream_errors.labels("closed_unanswered_resent").inc()
                 response = await sender.send(request)
         except _NOT_SENT as exc:
@@ -286,6 +290,13 @@ class Proxy:
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+
+
+def resendable(route: str, method: str) -> bool:
+    """Whether a request the upstream never got whole (``gateway.upstream.connection.may_resend``) may be sent again:
+    a completion (the engine keeps nothing of one it did not answer) or an idempotent method; never a passthrough
+    ``POST``/``PATCH`` (``/v1/batches``, ``/v1/files``, ``/v1/fine_tuning/jobs``: a job or a file made twice)."""
+    return route != "passthrough" or method in _IDEMPOTENT
 
 
 def _decode(raw: bytes, route: str) -> tuple[RequestBody, BodyIds]:

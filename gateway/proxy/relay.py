@@ -27,7 +27,7 @@ from gateway.ids import NO_BODY_IDS, BodyIds
 from gateway.metrics import Metrics
 from gateway.planning.plan import PlannedRequest, Upstream
 from gateway.proxy.usage import UsageSniffer, decode_answer
-from gateway.upstream.sender import response_headers
+from gateway.upstream.sender import response_headers, rewrite_location
 from gateway.wire import error_body, normalize_error, stream_error
 from gateway.wire.chat import RequestBody
 
@@ -63,6 +63,7 @@ class Call:
     headers: dict[str, str] | None = None
     ids: BodyIds = NO_BODY_IDS  # the id fields the client sent in the body
     payload: bytes = b""
+    upstream_base: str = ""  # the URL of the upstream the request went to (its redirects are rewritten)
 
     def finish(self) -> None:
         """The upstream is done with this request (e.g. its llama.cpp slot is free); idempotent."""
@@ -93,6 +94,9 @@ class Relay:
         if status >= 400:
             await self._error(response, call)
             return status
+        if 300 <= status < 400:
+            await self._redirect(response, call)
+            return status
         if call.planned is not None:
             call.planned.accept()  # the engine accepted the request: what it was sent is now in its cache
         sse = (_field(response.headers.raw, b"content-type") or b"").startswith(_SSE)
@@ -121,6 +125,12 @@ class Relay:
             headers = response_headers(response.headers, keep_length=False)
         else:
             body, headers = normalized, list(_JSON_HEADERS)
+        await _send_whole(call, response.status_code, headers, body)
+
+    async def _redirect(self, response: httpx.Response, call: Call) -> None:
+        """An upstream redirect, relayed whole with its ``Location`` pointing at the gateway, not the upstream."""
+        body = await read_limited(response.aiter_raw(), _MAX_ERROR_BODY, _upstream_too_large)
+        headers = rewrite_location(response_headers(response.headers, keep_length=False), call.upstream_base)
         await _send_whole(call, response.status_code, headers, body)
 
     async def _json(self, response: httpx.Response, call: Call) -> None:
@@ -155,7 +165,7 @@ class Relay:
         headers = response_headers(response.headers, keep_length=not sse) + call.own_headers
         await call.send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         plain = _field(response.headers.raw, b"content-encoding") is None
-        sniffer = UsageSniffer() if sse and plain else None
+        sniffer = sniffed = UsageSniffer() if sse and plain else None
         answer = call.planned.answer if call.planned is not None else None
         rewriter = answer.stream() if answer is not None and sniffer is not None else None
         tail = b"\n\n"
@@ -190,6 +200,8 @@ class Relay:
             rewriter = None
         if rewriter is not None and (rest := rewriter.flush()):
             await call.send({"type": "http.response.body", "body": rest, "more_body": True})
+        if sniffed is not None and sniffed.oversized:
+            self.metrics.sse_oversized_events.labels(call.route).inc(sniffed.oversized)
         usage = sniffer.usage if sniffer is not None else None
         await call.end(cached_tokens=self._count_usage(usage, call.route) if usage is not None else None)
 

@@ -7,32 +7,33 @@ from typing import Any
 import msgspec
 
 from engines.base import cached_tokens_from_usage
+from gateway.wire.sse import EventFrames
 
 __all__ = ["UsageSniffer", "decode_answer"]
 
 
 class UsageSniffer:
-    """Watches relayed SSE bytes for the chunk carrying ``usage`` without holding the stream.
+    """Watches relayed SSE bytes for the chunk carrying ``usage`` (or llama.cpp's ``timings``) without holding the
+    stream. Framed by ``gateway.wire.sse.EventFrames``: each byte is scanned once, an unfinished event is held up to
+    1 MiB (a Responses stream's last event carries the whole response, output text included, before its usage) and
+    an event over that is passed over unread (``oversized``)."""
 
-    Events end with a blank line; lines end with LF or CRLF (normalised to LF before splitting).
-    """
-
-    __slots__ = ("_pending", "usage")
+    __slots__ = ("_frames", "usage")
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._frames = EventFrames()
         self.usage: dict[str, Any] | None = None  # the last chunk that reported cached tokens
 
+    @property
+    def oversized(self) -> int:
+        """Events over the framing limit, passed on unread."""
+        return self._frames.oversized
+
     def feed(self, chunk: bytes) -> None:
-        data = (self._pending + chunk).replace(b"\r\n", b"\n")
-        events = data.split(b"\n\n")
-        # a trailing CR may be the first half of a CRLF split across chunks: it stays pending, as it is
-        # a Responses stream's last event carries the whole response (output text included) before its usage
-        self._pending = events.pop()[-(1 << 20) :]
-        for event in events:
-            if b'"usage"' not in event and b'"timings"' not in event:
+        for event, end in self._frames.feed(chunk):
+            if end is None or (b'"usage"' not in event and b'"timings"' not in event):
                 continue
-            for line in event.split(b"\n"):
+            for line in event.splitlines():
                 if line.startswith(b"data:"):
                     self._read(line[5:].strip())
 

@@ -4,6 +4,11 @@ arrives).
 
 Waits are a future and a loop timer (``call_later``), not ``asyncio.timeout``: no task cancellation and uncancel
 per read. Whatever the failure, the connection is closed (``abort``) and the pool told when the body is closed.
+
+A connection knows whether it was taken from the pool (``reused``), whether the whole request reached the socket
+(``written``: the write buffer's limits are 0, so ``resume_writing`` says when its last byte left) and whether a
+byte of answer came back (``received``): :func:`may_resend` decides from those alone whether a failed exchange may
+be sent again (``docs/reliability.md``, "When a request is sent again").
 """
 
 from __future__ import annotations
@@ -19,12 +24,29 @@ import httpx
 if typing.TYPE_CHECKING:
     from gateway.upstream.transport import Origin, UpstreamTransport
 
-__all__ = ["Connection", "expire"]
+__all__ = ["Connection", "Undelivered", "expire", "may_resend"]
 
 _JOIN_BYTES = 256 << 10  # the head is joined to a body up to this size (one send), written before a bigger one
 _HIGH_WATER = 1 << 20  # unread response bytes above which the socket is no longer read
 _HTTP11 = b"HTTP/1.1"
 _HTTP10 = b"HTTP/1.0"
+
+
+def may_resend(*, reused: bool, written: bool, received: bool) -> bool:
+    """Whether a request whose exchange failed cannot have been processed, so sending it again is safe.
+
+    Only on a kept-alive connection taken from the pool (its upstream may have closed it while it idled, as the
+    request went out), and only when the request did not reach the socket whole (the write failed, or the
+    connection closed with an end of stream or a reset before its last byte left) and no byte of answer came.
+    Never on a fresh connection (an upstream has no reason to close one it just accepted: it failed on this
+    request), never once the whole request was written (the upstream may have read it and acted on it).
+    """
+    return reused and not written and not received
+
+
+class Undelivered(httpx.WriteError):
+    """The request did not reach the upstream whole, on a kept-alive connection taken from the pool
+    (:func:`may_resend`): the upstream cannot have processed it."""
 
 
 class Connection(asyncio.Protocol):
@@ -39,6 +61,7 @@ class Connection(asyncio.Protocol):
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.idle = False
         self.idle_since = 0.0
+        self.reused = False  # taken from the pool (set by the pool): it has carried an exchange before
         self.closed = False  # the connection is lost
         self.error: Exception | None = None  # the socket error it was lost to
         self.invalid: str | None = None  # why the answer could not be parsed
@@ -50,6 +73,8 @@ class Connection(asyncio.Protocol):
         """Reset the state of one exchange."""
         self.head_only = method == b"HEAD"
         self.received = self.head = self.complete = self.interim = self.paused = False
+        self.writing = False  # the request's last byte was handed to the transport; ``written`` when it left
+        self.written = False
         self.reuse = True  # narrowed by the request's and the answer's headers
         self.status = 0
         self.reason = b""
@@ -62,6 +87,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=0)  # paused while any byte waits: resumed when the last left
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.poller.register(sock.fileno(), select.POLLIN)
@@ -83,7 +109,7 @@ class Connection(asyncio.Protocol):
         return False  # close the transport: HTTP/1.1 never writes after the peer's end of stream
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = True  # first: bytes still buffered never left, ``resume_writing`` below must not say so
         self.error = exc
         self.reuse = False
         if self.head and not self.complete and exc is None and not self._delimited():
@@ -98,6 +124,8 @@ class Connection(asyncio.Protocol):
             self.writable = self.loop.create_future()
 
     def resume_writing(self) -> None:
+        if self.writing and not self.closed:
+            self.written = True  # the write buffer is empty: the request's last byte reached the socket
         waiter, self.writable = self.writable, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -193,10 +221,10 @@ class Connection(asyncio.Protocol):
             return
         try:
             if len(body) <= _JOIN_BYTES:
-                transport.write(head + body)
+                self._last_write(transport, head + body)
             else:
                 transport.write(head)  # a big body is not copied to save one system call
-                transport.write(body)
+                self._last_write(transport, body)
         except (OSError, RuntimeError) as exc:
             raise httpx.WriteError(str(exc), request=request) from exc
         await self._drain(seconds, request)
@@ -214,11 +242,18 @@ class Connection(asyncio.Protocol):
                 if chunk:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     await self._drain(seconds, request)
-            if chunked:
-                transport.write(b"0\r\n\r\n")
+            self._last_write(transport, b"0\r\n\r\n" if chunked else b"")
         except (OSError, RuntimeError) as exc:
             raise httpx.WriteError(str(exc), request=request) from exc
         await self._drain(seconds, request)
+
+    def _last_write(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Write the request's last bytes; ``written`` once every byte of it left (now, or in ``resume_writing``)."""
+        if data:
+            transport.write(data)
+        self.writing = True
+        if transport.get_write_buffer_size() == 0 and not transport.is_closing() and not self.closed:
+            self.written = True
 
     async def _drain(self, seconds: float | None, request: httpx.Request) -> None:
         """Wait (up to ``seconds``) while the transport's write buffer is above its high-water mark."""
@@ -279,6 +314,10 @@ class Connection(asyncio.Protocol):
         if not self.received:
             return httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
         return httpx.RemoteProtocolError("the upstream closed the connection mid-answer", request=request)
+
+    def answer_chunked(self) -> bool:
+        """Whether the last answer came in chunks (its headers are kept until the next exchange)."""
+        return any(name.lower() == b"transfer-encoding" and b"chunked" in value.lower() for name, value in self.headers)
 
     def _delimited(self) -> bool:
         """Whether the answer's length is in its headers, a length or chunks (else its body ends with the

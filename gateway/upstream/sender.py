@@ -10,7 +10,14 @@ from cachetools import LRUCache
 
 from gateway.settings import Settings
 
-__all__ = ["HOP_BY_HOP", "UpstreamSender", "build_client", "request_headers", "response_headers"]
+__all__ = [
+    "HOP_BY_HOP",
+    "UpstreamSender",
+    "build_client",
+    "request_headers",
+    "response_headers",
+    "rewrite_location",
+]
 
 # RFC 9110 §7.6.1 connection-specific fields, plus fields the transport recomputes.
 HOP_BY_HOP = frozenset(
@@ -59,7 +66,7 @@ class UpstreamSender:
     target is parsed once (a small LRU map), not per request."""
 
     def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport) -> None:
-        self._base = str(client.base_url).rstrip("/")
+        self.base = str(client.base_url).rstrip("/")  # the upstream's URL, without a trailing slash
         self._timeout = client.timeout.as_dict()
         self._transport = transport
         self._urls: LRUCache[str, httpx.URL] = LRUCache(maxsize=256)
@@ -69,7 +76,7 @@ class UpstreamSender:
         no cookies, so the engine sees what the user sent."""
         url = self._urls.get(target)
         if url is None:
-            url = self._urls[target] = httpx.URL(self._base + target)
+            url = self._urls[target] = httpx.URL(self.base + target)
         return httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": self._timeout})
 
     async def send(self, request: httpx.Request) -> httpx.Response:
@@ -132,3 +139,26 @@ def response_headers(upstream: httpx.Headers, *, keep_length: bool) -> list[tupl
             continue
         out.append((lname, value))
     return out
+
+
+def rewrite_location(headers: list[tuple[bytes, bytes]], upstream_base: str) -> list[tuple[bytes, bytes]]:
+    """A redirect's ``Location`` that names the upstream (its URL, or its URL without the scheme) rewritten to the
+    gateway's own origin, as nginx's ``proxy_redirect default`` does: the path after the upstream's URL, as a
+    path-absolute reference the client resolves against the gateway's URL. The internal address never reaches the
+    client, and the gateway's origin is not taken from the client's ``Host`` (a cache in front could be poisoned
+    with it). Any other ``Location`` is kept as it is."""
+    base = upstream_base.encode("latin-1").lower()
+    prefixes = (base, base[base.find(b"//") :])  # http://engine:8000, //engine:8000
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        out.append((name, _own_location(value, prefixes) if name == b"location" else value))
+    return out
+
+
+def _own_location(location: bytes, upstream_prefixes: tuple[bytes, ...]) -> bytes:
+    lowered = location.lower()
+    for prefix in upstream_prefixes:
+        rest = location[len(prefix) :]
+        if lowered.startswith(prefix) and rest[:1] in (b"", b"/", b"?", b"#"):
+            return rest if rest[:1] == b"/" else b"/" + rest
+    return location

@@ -14,9 +14,12 @@ Semantics kept:
 - connect, read and write timeouts (``request.extensions["timeout"]``) raise ``httpx.ConnectTimeout``/
   ``ReadTimeout``/``WriteTimeout``, a full pool ``PoolTimeout``; socket failures ``ConnectError``/``ReadError``/
   ``WriteError``; a connection closed before any byte of the answer, closed mid-body, or an unparsable answer
-  ``RemoteProtocolError`` (``gateway.proxy.pipeline`` sends a request that got no answer once more);
+  ``RemoteProtocolError``; any of these on a pooled connection before the whole request left, with no byte of
+  answer, ``Undelivered`` (``connection.may_resend``: the only failure ``gateway.proxy.pipeline`` sends again);
 - a kept-alive connection is reused only if the answer allowed it (HTTP/1.1 without ``Connection: close``), it
   was read to its end, and the upstream neither closed it nor wrote to it out of turn (the socket is polled too);
+  an upstream seen closing a connection within ``EARLY_CLOSE`` of a chunked answer gets no pooled connection after
+  a chunked answer any more (llama-server closes one after every streamed answer, announcing keep-alive);
 - a cancelled request or body read (a client that went away) closes its connection, never pools it;
 - response bodies stream as they arrive (SSE token by token), with backpressure; TLS upstreams are checked.
 """
@@ -30,13 +33,16 @@ from collections import deque
 import httpx
 
 from gateway.settings import Settings
-from gateway.upstream.connection import Connection, expire
+from gateway.upstream.connection import Connection, Undelivered, expire, may_resend
 
-__all__ = ["UpstreamTransport", "build_transport"]
+__all__ = ["Undelivered", "UpstreamTransport", "build_transport"]
 
 # below the 5 s idle timeout of uvicorn (vLLM, SGLang, the simulated engine): an idle connection is dropped here
 # before the engine closes it, so no request is ever written into a closing connection
 KEEPALIVE_EXPIRY = 4.0
+# an idle connection the upstream closed sooner than this after its answer was closed because of that answer, not
+# for idling (keep-alive timeouts are seconds)
+EARLY_CLOSE = 1.0
 Origin = tuple[str, str, int]
 
 
@@ -57,6 +63,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._idle: dict[Origin, list[Connection]] = {}  # oldest first
         self._idle_count = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()  # requests waiting for a free slot
+        self._close_after_chunked: set[Origin] = set()  # upstreams seen closing a connection after a chunked answer
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout") or {}
@@ -67,9 +74,13 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         connection = self._idle_connection(origin) or await self._acquire(origin, request, timeouts)
         try:
             return await connection.exchange(request, timeouts)
-        except BaseException:
+        except BaseException as exc:
             connection.abort()
             self.release(connection)
+            failed = isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.TimeoutException)
+            c = connection
+            if failed and may_resend(reused=c.reused, written=c.written, received=c.received):
+                raise Undelivered(str(exc), request=request) from exc
             raise
 
     async def aclose(self) -> None:
@@ -81,7 +92,12 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     def release(self, connection: Connection) -> None:
         """Pool ``connection`` if its last exchange allows another one, else close it; wake a waiting request."""
-        if connection.reusable() and self._idle_count < self._max_keepalive and connection in self._open:
+        if (
+            connection.reusable()
+            and self._idle_count < self._max_keepalive
+            and connection in self._open
+            and not (connection.origin in self._close_after_chunked and connection.answer_chunked())
+        ):
             connection.idle = True
             connection.idle_since = connection.loop.time()
             self._idle.setdefault(connection.origin, []).append(connection)
@@ -93,6 +109,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     def forget(self, connection: Connection) -> None:
         """An idle connection the upstream closed."""
+        self._learn_early_close(connection)
         idle = self._idle.get(connection.origin)
         if idle is not None and connection in idle:
             idle.remove(connection)
@@ -109,10 +126,20 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             self._idle_count -= 1
             connection.idle = False
             if connection.loop.time() - connection.idle_since < KEEPALIVE_EXPIRY and connection.still_open():
+                connection.reused = True
                 return connection
+            self._learn_early_close(connection)
             connection.abort()
             self._open.discard(connection)
         return None
+
+    def _learn_early_close(self, connection: Connection) -> None:
+        """An upstream that closed a kept-alive connection right after a chunked answer (llama-server closes one
+        after every streamed answer, without ``Connection: close``) gets no more pooled connections after chunked
+        answers: a request written into one before its close arrived could not be sent again (``may_resend``)."""
+        quick = connection.loop.time() - connection.idle_since < EARLY_CLOSE
+        if quick and not connection.still_open() and connection.answer_chunked():
+            self._close_after_chunked.add(connection.origin)
 
     def _evict_idle(self) -> bool:
         """Close the oldest idle connection (of another origin: this one has none) to make room; False if none."""

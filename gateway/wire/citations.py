@@ -5,24 +5,25 @@ order they appear across messages and tool results) or ``search_result_index`` (
 blocks). When the gateway sends those blocks in another order, the engine's indices are positions in what it was
 sent; ``CitationMap`` turns them back into positions in what the client sent, in a whole answer (``json``) and in
 a stream (``stream``: ``content_block_start`` and ``content_block_delta``/``citations_delta`` events are rewritten,
-every other event passes through byte for byte as soon as it is complete).
+every other event passes through byte for byte as soon as it is complete, and an event over 1 MiB passes through
+unread as it arrives).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
+from gateway.wire.sse import EventFrames
+
 __all__ = ["CitationMap", "CitationStream"]
 
 _raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _FIELDS = (("document_index", "documents"), ("search_result_index", "search_results"))
 
 
@@ -101,27 +102,21 @@ class CitationMap:
 
 
 class CitationStream:
-    """Rewrites an SSE byte stream event by event; holds at most one incomplete event."""
+    """Rewrites an SSE byte stream event by event (framed by ``gateway.wire.sse.EventFrames``): holds at most one
+    incomplete event of up to 1 MiB; an event over that passes on unchanged as it arrives."""
 
-    __slots__ = ("_map", "_pending")
+    __slots__ = ("_frames", "_map")
 
     def __init__(self, citation_map: CitationMap) -> None:
         self._map = citation_map
-        self._pending = b""
+        self._frames = EventFrames()
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk
-        out: list[bytes] = []
-        position = 0
-        for match in _EVENT_END.finditer(data):
-            out.append(self._event(data[position : match.start()]))
-            out.append(match.group())
-            position = match.end()
-        self._pending = data[position:]
-        return b"".join(out)
+        out = [event if end is None else self._event(event) + end for event, end in self._frames.feed(chunk)]
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def flush(self) -> bytes:
-        rest, self._pending = self._pending, b""
+        rest = self._frames.rest()
         return self._event(rest) if rest else b""
 
     def _event(self, event: bytes) -> bytes:

@@ -239,7 +239,9 @@ async def test_passthrough_keeps_method_query_and_body(gateway: AppFactory, upst
     assert files.called
 
 
-@pytest.mark.parametrize("path", ["/v1/../admin", "/v1/x/%2e%2e/y", "/v1/a%2Fb", "/v1//evil", "/v1/x%5cy", "/v1/a%00b"])
+@pytest.mark.parametrize(
+    "path", ["/v1/../admin", "/v1/x/%2e%2e/y", "/v1/a%2Fb", "/v1/../../evil", "/v1/x%5cy", "/v1/a%00b"]
+)
 async def test_passthrough_paths_cannot_escape(gateway: AppFactory, upstream: respx.Router, path: str) -> None:
     catch_all = upstream.route().mock(return_value=httpx.Response(200))
     async with gateway() as client:

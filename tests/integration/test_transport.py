@@ -2,15 +2,19 @@
 
 Connection reuse, and the answers after which a connection is not reused (closed by the upstream, ``Connection:
 close``, HTTP/1.0, a body left half-read); timeouts, a full pool and failures mapped to httpx's exceptions; bodies
-streamed as they arrive; HEAD, 204 and 100 Continue; a cancelled request that closes its connection; TLS.
+streamed as they arrive; HEAD, 204 and 100 Continue; a cancelled request that closes its connection; TLS; which
+failures are ``Undelivered`` (the only ones the proxy sends again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,7 +24,8 @@ import httpx
 import pytest
 
 from gateway.settings import load_settings
-from gateway.upstream.transport import UpstreamTransport, build_transport
+from gateway.upstream.connection import Connection
+from gateway.upstream.transport import Undelivered, UpstreamTransport, build_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -380,3 +385,81 @@ async def test_an_upstream_that_stops_reading_is_a_write_timeout() -> None:
     async with _serving(server) as url, _client(url, write=0.3) as client:
         with pytest.raises(httpx.WriteTimeout):
             await client.post("/x", content=b"x" * (64 << 20))
+
+
+# ------------------------------------------------------------------------------------------- the resend rule
+
+
+async def test_a_fresh_connection_closed_unanswered_is_not_undelivered() -> None:
+    """The upstream read the request and closed: it may have acted on it, so the failure is not ``Undelivered``."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async with _serving(_Scripted(script)) as url, _client(url) as client:
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await client.post("/v1/batches", content=b"{}")
+    assert not isinstance(caught.value, Undelivered)
+
+
+async def test_a_pooled_connection_closed_after_the_whole_request_is_not_undelivered() -> None:
+    answers = [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if answers:
+            writer.write(answers.pop())
+        else:
+            writer.close()  # the second request, read whole, never answered
+
+    server = _Scripted(script)
+    async with _serving(server) as url, _client(url) as client:
+        assert (await client.post("/x", content=b"1")).content == b"ok"
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await client.post("/x", content=b"2")
+    assert server.connections == 1  # the second request went out on the pooled connection
+    assert not isinstance(caught.value, Undelivered)
+
+
+async def test_a_pooled_connection_reset_before_the_request_left_is_undelivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The upstream reset a kept-alive connection while it idled, and the gateway took it before it could see that
+    (the poll in ``still_open`` raced the reset): the write fails, nothing of the request reached the upstream."""
+    done = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        done.set()
+
+    monkeypatch.setattr(Connection, "still_open", lambda self: not self.closed)
+    async with _serving(_Scripted(script)) as url, _client(url) as client:
+        assert (await client.get("/x")).content == b"ok"
+        await done.wait()
+        time.sleep(0.1)  # the reset reaches the socket; the loop does not run, so the pool has not seen it
+        with pytest.raises(Undelivered):
+            await client.post("/v1/chat/completions", content=b"{}")
+
+
+async def test_an_upstream_that_closes_after_chunked_answers_gets_no_pooled_connection_after_one() -> None:
+    """llama-server closes a kept-alive connection after every streamed answer, announcing keep-alive: a request
+    written into it before the close arrives would get no answer and could not be sent again. Once the pool has
+    seen such a close, it keeps no connection after a chunked answer from that upstream."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the engine's thread closes a little later (a loaded machine)
+        writer.close()
+        raise ConnectionError  # this connection is done
+
+    server = _Scripted(script)
+    async with _serving(server) as url, _client(url) as client:
+        assert (await client.get("/s")).content == b"ok"
+        await asyncio.sleep(0.5)  # the close arrives while the connection idles: learned
+        for _ in range(3):  # back to back: each would otherwise go out on the connection about to close
+            assert (await client.get("/s")).content == b"ok"
+    assert server.connections == 4

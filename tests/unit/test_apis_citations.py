@@ -91,10 +91,8 @@ def test_usage_of_each_api() -> None:
                        "message": {"usage": {"input_tokens": 3, "cache_read_input_tokens": 9}}}  # fmt: skip
     anthropic_whole = {"usage": {"input_tokens": 3, "cache_read_input_tokens": 9, "cache_creation_input_tokens": 2}}
     llama = {"timings": {"cache_n": 5}}
-    assert [cached_tokens_from_usage(p) for p in (chat, responses, anthropic_start, anthropic_whole, llama)] == [
-        4, 8, 9, 9, 5
-    ]  # fmt: skip
-    assert [prompt_tokens_from_usage(p) for p in (chat, responses, anthropic_start, anthropic_whole, llama)] == [
-        10, 12, 12, 14, None
-    ]  # fmt: skip
+    llama_last_chunk = {"choices": [], "timings": {"cache_n": 154, "prompt_n": 1}}  # a streamed answer's last chunk
+    every = (chat, responses, anthropic_start, anthropic_whole, llama, llama_last_chunk)
+    assert [cached_tokens_from_usage(p) for p in every] == [4, 8, 9, 9, 5, 154]
+    assert [prompt_tokens_from_usage(p) for p in every] == [10, 12, 12, 14, None, 155]
     assert cached_tokens_from_usage({"type": "response.created", "response": {"usage": None}}) is None
