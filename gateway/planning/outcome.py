@@ -24,6 +24,8 @@ from gateway.planning.control import Control
 from gateway.planning.intercept import BlockGroup, deadline_in
 from gateway.planning.intercept.meaning import Decision
 from gateway.planning.plan import PlannedRequest, Prediction
+from gateway.wire import AnswerRewriter
+from scheduler.prefixes import Chain
 
 if TYPE_CHECKING:
     from gateway.wire.chat import RequestBody
@@ -55,17 +57,21 @@ def call_here(fn: Callable[..., T], *args: Any) -> T:
 
 
 class Prefix:
-    """A digest of what the engine sees, fed in prompt order, that also counts how much it was fed."""
+    """A digest of what the engine sees, fed in prompt order, that also counts how much it was fed. The request's
+    own prefix (not its copies, the keys of groups) also names the whole prompt's chunks (``chain``)."""
 
-    __slots__ = ("fed", "hasher")
+    __slots__ = ("chain", "fed", "hasher")
 
-    def __init__(self, hasher: Any = None, fed: int = 0) -> None:
+    def __init__(self, hasher: Any = None, fed: int = 0, chain: Chain | None = None) -> None:
         self.hasher = hasher if hasher is not None else blake2b(digest_size=16)
         self.fed = fed
+        self.chain = chain
 
     def update(self, data: bytes | msgspec.Raw) -> None:
         self.hasher.update(data)
         self.fed += len(data)
+        if self.chain is not None:
+            self.chain.update(data)
 
     def copy(self) -> Prefix:
         return Prefix(self.hasher.copy(), self.fed)
@@ -139,6 +145,10 @@ class Outcome:
     predictions: list[Prediction] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
     maps: list[CitationMap] = field(default_factory=list)
+    frozen: bool = False  # only read the texts in prompt order, as sent (``Planner.sent_chain``)
+    as_sent: bool = False  # the rewrite was dropped: the prompt as sent hits at least as much cache
+    notes: list[str] = field(default_factory=list)  # Messages and Responses: parts their walk left alone
+    answer: AnswerRewriter | None = None  # Messages and Responses: what puts the answer back in the client's terms
 
     def start(self, budget: float, handoff: bool) -> None:
         """Start the request's CPU clock, in the thread that plans: ``budget`` seconds in all. With ``handoff`` (on
@@ -173,10 +183,25 @@ class Outcome:
             self.predictions.append((key, blocks[:cached]))
             self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
 
+    def leave_as_sent(self, chars: int) -> None:
+        """Drop the rewrite: the prompt goes out as sent, which the engine holds ``chars`` of (every group that
+        would have moved is left alone, reason ``cached_as_sent``; the block index learns nothing of it)."""
+        self.as_sent, self.reordered, self.answer = True, False, None
+        self.choices = [
+            Choice(c.format, c.blocks, Decision("leave_alone", "cached_as_sent"), False) if c.moved else c
+            for c in self.choices
+        ]
+        self.maps.clear()
+        self.commits.clear()
+        self.predictions.clear()
+        self.cached, self.predicted_chars = 0, chars
+
     def count(self, metrics: Metrics, notes: Sequence[str]) -> None:
         """Groups found, reordered and decided, and blocks found, by format; parts left alone (``/metrics``)."""
         for note in notes:
             metrics.left_alone.labels(note).inc()
+        if self.as_sent:
+            metrics.left_alone.labels("cached_as_sent").inc()
         for choice in self.choices:
             metrics.groups_found.labels(choice.format).inc()
             metrics.blocks_found.labels(choice.format).inc(choice.blocks)
@@ -227,12 +252,19 @@ def client_slot(top: dict[str, msgspec.Raw], count: int) -> int | None:
 
 
 def pin_slot(slots: SlotTable, planned: PlannedRequest, body: RequestBody) -> None:
-    """llama.cpp: send the request to the slot that holds most of its prefix (unless the client chose one)."""
+    """llama.cpp: pin the request to the slot holding the longest prefix of its whole forwarded prompt, when the
+    gateway knows better than llama.cpp's own choice (``SlotTable.choose``; a client's own ``id_slot`` is kept);
+    else leave ``id_slot`` out and record where llama.cpp will put it (``SlotTable.guess``)."""
+    known = True
     chosen = client_slot(body.top, len(slots.slots))
     if chosen is None:
-        chosen = slots.choose(planned.commits)
-        planned.fields["id_slot"] = chosen
-    else:
-        slots.reserve(chosen)
+        chosen = slots.choose(planned.chain)
+        if chosen is None:
+            chosen, known = slots.guess(planned.chain), False
+        else:
+            planned.fields["id_slot"] = chosen
+    slots.reserve(chosen)
     planned.result["slot"] = chosen
-    planned.slots, planned.slot = slots, chosen
+    if not known:
+        planned.result["slot_guessed"] = True
+    planned.slots, planned.slot, planned.slot_known = slots, chosen, known

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from engines.base import EngineAdapter
-from engines.llamacpp.slots import Path, SlotTable
+from engines.llamacpp.slots import SlotTable
 from gateway.metrics import Metrics
 from gateway.planning.residency import Residency
 from gateway.wire.walk import AnswerRewriter
+from scheduler.prefixes import Hashes
 
 if TYPE_CHECKING:
     from gateway.upstream.sender import UpstreamSender
@@ -32,6 +33,8 @@ __all__ = ["PlannedRequest", "Prediction", "RequestPlanner", "Upstream"]
 
 logger = logging.getLogger("prefixgate.planner")
 
+Path = tuple[tuple[Hashable, tuple[int, ...]], ...]
+"""What a request holds: its block groups as ``(prefix key, blocks in sent order)``, in prompt order."""
 Prediction = tuple[Hashable, tuple[int, ...]]  # (prefix key, the blocks predicted cached under it)
 _MIN_PREDICTED_CHARS = 400
 _CHARS_PER_TOKEN = 4
@@ -48,8 +51,8 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("answer", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
-                 "residency", "result", "slot", "slots", "tally")  # fmt: skip
+    __slots__ = ("answer", "chain", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
+                 "residency", "result", "slot", "slot_known", "slots", "tally")  # fmt: skip
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class PlannedRequest:
         commits: Path = (),
         predictions: Sequence[Prediction] = (),
         predicted_chars: int = 0,
+        chain: Hashes = (),
     ) -> None:
         self.request_id = request_id
         self.residency = residency
@@ -72,16 +76,19 @@ class PlannedRequest:
         self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
+        self.slot_known = True  # False: sent without ``id_slot``, ``slot`` is where llama.cpp is believed to put it
+        self.chain = chain  # the chunk names of the whole prompt as forwarded (``scheduler.prefixes``)
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
         self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
         if self.slots is not None and self.slot is not None:
-            previous = self.slots.occupy(self.slot, self.request_id, self.commits)
+            previous = self.slots.occupy(self.slot, self.request_id, self.chain, known=self.slot_known)
             if previous is not None:  # the previous holder's tail is overwritten
                 self.residency.evict([previous])
         self.residency.commit(self.request_id, self.commits)
+        self.residency.sent(self.chain)
 
     def usage(self, cached_tokens: int | None) -> None:
         """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.

@@ -33,7 +33,7 @@ from cachetools import LRUCache
 from engines.llamacpp.slots import SlotTable
 from gateway.metrics import Metrics
 from gateway.planning.citemap import CitationMap, CitationRewriter, citation_map
-from gateway.planning.control import parse_control
+from gateway.planning.control import Control, parse_control
 from gateway.planning.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, splice_all
 from gateway.planning.intercept.boundaries import Boundaries
 from gateway.planning.intercept.budget import check
@@ -57,6 +57,7 @@ from gateway.wire import SHAPES, AnswerRewriter, ScopedWalker, Shape
 from gateway.wire.chat import ChatMessage, RequestBody
 from gateway.wire.walk import Reader
 from scheduler.blocks import block_id
+from scheduler.prefixes import CHUNK_BYTES, Chain, Hashes, common
 
 __all__ = ["PlannedRequest", "Planner"]  # PlannedRequest lives in gateway.planning.plan
 
@@ -91,8 +92,8 @@ class Planner:
         self._slots: SlotTable | None = None
 
     def use_slots(self, count: int) -> None:
-        """llama.cpp: from now on pin every request to one of the server's ``count`` slots (``id_slot``)."""
-        self._slots = SlotTable.of(count)
+        """llama.cpp: from now on choose, for every request, one of the server's ``count`` slots (``id_slot``)."""
+        self._slots = self.residency.slots = SlotTable.of(count)
 
     def sharing(self, residency: Any) -> Planner:
         """A planner over ``residency`` with its own memo that shares this one's text scans and learned boundaries
@@ -119,6 +120,7 @@ class Planner:
         tenant: str | None = None,
         record: bool = True,
         handoff: bool = False,
+        sent: Hashes | None = None,
     ) -> PlannedRequest:
         """Plan one request; 413 when it carries more than ``max_blocks_per_request`` blocks.
 
@@ -126,6 +128,7 @@ class Planner:
         ``tenant``: the client key's namespace when planning state is per key (None: shared).
         ``record=False`` (a routing probe, see ``gateway.upstream.router``) counts nothing in the metrics.
         ``handoff``: on the event loop, reading the texts that long raises ``PlanInThread`` (``Outcome.start``).
+        ``sent``: the chunk names of the prompt as sent, when the caller has them (``sent_chain``).
         """
         control = parse_control(headers, self.settings)
         on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else call_here
@@ -135,22 +138,25 @@ class Planner:
         fields: dict[str, Any] = {}
         answer: AnswerRewriter | None = None
         notes: list[str] = []
+        chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
         if control.enabled:
-            prefix = Prefix()
-            prefix.update(outcome.tenant + b"\0")
-            prefix.update(body.route.encode())
-            prefix.update(outcome.model)
-            prefix.update(body.top.get("tools", b""))
-            if body.messages is not None:
-                self._chat(body, body.messages, fields, prefix, outcome)
-            elif body.prompt is not None:
-                self._completions(body.prompt, fields, prefix, outcome)
-            elif (shape := SHAPES.get(body.route)) is not None:
-                answer, notes = self._shaped(shape, body, fields, prefix, outcome)
+            prefix = self._walk(body, fields, outcome, Chain())
+            notes = outcome.notes
+            if fields and prefix.chain is not None:
+                forwarded = prefix.chain.freeze()
+                as_sent, held = on_loop(self._held_both, chain, forwarded)
+                # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
+                # order matches the cache) and at least as far as the rewrite's
+                if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, outcome.predicted_chars):
+                    fields.clear()  # the prompt as sent hits at least as much of the cache as the rewrite
+                    outcome.leave_as_sent(as_sent)
+                else:
+                    chain = forwarded
             result = outcome.header(shared=self.settings.shared_cache and bool(self.settings.api_key))
             for note in notes:  # a part of the request the walk left alone, and why (with the groups' reasons)
                 left = result.setdefault("left_alone", {})
                 left[note] = left.get(note, 0) + 1
+            answer = outcome.answer
         else:
             result = {"groups": 0, "reordered": False, "enabled": False}
         planned = PlannedRequest(
@@ -161,6 +167,7 @@ class Planner:
             commits=tuple(outcome.commits),
             predictions=outcome.predictions,
             predicted_chars=outcome.predicted_chars,
+            chain=chain,
         )
         planned.fields.update(fields)
         if outcome.maps:
@@ -173,6 +180,37 @@ class Planner:
         if self._slots is not None and body.route != "/v1/messages":  # llama-server's Messages route drops id_slot
             on_loop(pin_slot, self._slots, planned, body)
         return planned
+
+    def sent_chain(
+        self, body: RequestBody, headers: Mapping[str, str], tenant: str | None, control: Control | None = None
+    ) -> Hashes:
+        """The chunk names of the prompt as sent (``scheduler.prefixes``): the bytes the planner's walk feeds when
+        nothing is rewritten, read without looking for groups (one hashing pass over the prompt)."""
+        control = control if control is not None else parse_control(headers, self.settings)
+        outcome = Outcome(control, bytes(body.top.get("model", b"")), call_here, self.settings.max_blocks_per_request)
+        outcome.tenant, outcome.frozen = (tenant or "").encode(), True
+        chain = self._walk(body, {}, outcome, Chain()).chain
+        assert chain is not None
+        return chain.freeze()
+
+    def _walk(self, body: RequestBody, fields: dict[str, Any], outcome: Outcome, chain: Chain | None) -> Prefix:
+        """Plan (or, ``outcome.frozen``, only read) every text of the request in prompt order; the prefix fed."""
+        prefix = Prefix(chain=chain)
+        prefix.update(outcome.tenant + b"\0")
+        prefix.update(body.route.encode())
+        prefix.update(outcome.model)
+        prefix.update(body.top.get("tools", b""))
+        if body.messages is not None:
+            self._chat(body, body.messages, fields, prefix, outcome)
+        elif body.prompt is not None:
+            self._completions(body.prompt, fields, prefix, outcome)
+        elif (shape := SHAPES.get(body.route)) is not None:
+            outcome.answer, outcome.notes = self._shaped(shape, body, fields, prefix, outcome)
+        return prefix
+
+    def _held_both(self, sent: Hashes, forwarded: Hashes) -> tuple[int, int]:
+        """Characters of the prompt as sent and as rewritten that the engine holds (on the loop)."""
+        return self.residency.held_chars(sent), self.residency.held_chars(forwarded)
 
     def record(self, planned: PlannedRequest) -> None:
         """Count a planned request in the metrics (once, for the replica it is sent to)."""
@@ -205,7 +243,8 @@ class Planner:
         """Messages and Responses: read every text first (a ``Reader`` walk), then plan each text and run of whole
         blocks with the cues of the others (see ``gateway.wire.walk``)."""
         reader = Reader(outcome.control.scope)
-        shape.plan(body.top, body.raw, reader)
+        if not outcome.frozen:  # a frozen walk only feeds the texts as sent
+            shape.plan(body.top, body.raw, reader)
         scans, cues = self._read(((i, text, in_scope) for i, (text, in_scope) in enumerate(reader.texts)), outcome)
 
         def text(value: str, key: int) -> str | None:
@@ -227,7 +266,8 @@ class Planner:
         sent: list[msgspec.Raw] | None = None  # the messages as sent, once one of them changes
         scope = outcome.control.scope
         scans, cues = self._read(
-            ((k, t, _ROLES.get(role.lower()) in scope) for k, role, t in chat_texts(messages)), outcome
+            ((k, t, _ROLES.get(role.lower()) in scope) for k, role, t in chat_texts(messages) if not outcome.frozen),
+            outcome,
         )
         for i, message in enumerate(messages):
             kind = _ROLES.get(message.role.lower())
@@ -275,6 +315,8 @@ class Planner:
 
     def _completions(self, prompt: str | list[Any], fields: dict[str, Any], prefix: Prefix, outcome: Outcome) -> None:
         if "completions" not in outcome.control.scope:
+            if isinstance(prompt, str):  # what the engine sees, for the whole prompt's chunk names
+                prefix.update(prompt.encode("utf-8", "surrogatepass"))
             return
         if isinstance(prompt, str):
             new = self._text(prompt, prefix, outcome)
@@ -290,6 +332,9 @@ class Planner:
         self, text: str, prefix: Prefix, outcome: Outcome, found: TextScan | None = None, others: Others = NO_OTHERS
     ) -> str | None:
         """Rewrite one text; feed what the engine will see into ``prefix``. None when the text is unchanged."""
+        if outcome.frozen:
+            prefix.update(text.encode("utf-8", "surrogatepass"))
+            return None
         if outcome.skipped == "budget" or len(text) > MAX_TEXT_CHARS:
             outcome.skipped = outcome.skipped or "too_large"
             prefix.update(text.encode("utf-8", "surrogatepass"))
@@ -397,4 +442,10 @@ class Planner:
             if not decision.moves:
                 return tuple(range(len(ids))), tuple(ids), 0
         plan = outcome.on_loop(self.residency.index.plan, key, ids)
+        if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
+            # each block carries its own label, so its rendering is shared with no request that numbers it
+            # otherwise: moving the group gains only what the index predicts, and costs the prefix as sent
+            as_sent = outcome.on_loop(self.residency.index.held, key, ids)
+            if plan.cached <= as_sent:
+                return tuple(range(len(ids))), tuple(ids), as_sent
         return plan.order, plan.blocks, plan.cached

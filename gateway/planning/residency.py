@@ -21,9 +21,11 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from engines.llamacpp.slots import SlotTable
 from scheduler.dedup import ConversationTracker
 from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
+from scheduler.prefixes import CHUNK_BYTES, PrefixIndex
 
 __all__ = ["Change", "EvictOutcome", "Residency"]
 
@@ -48,9 +50,11 @@ class EvictOutcome:
 class Residency:
     """The live index plus the request-level bookkeeping around it."""
 
-    def __init__(self, *, max_requests: int, stateless: bool) -> None:
+    def __init__(self, *, max_requests: int, stateless: bool, max_chunks: int = 1 << 16) -> None:
         self.stateless = stateless
         self.index = LiveIndex(max_requests=max_requests)
+        self.prefixes = PrefixIndex(max_chunks)  # every prompt sent, recognised blocks or not (chunk names)
+        self.slots: SlotTable | None = None  # llama.cpp: its slots hold the prompts (``Planner.use_slots``)
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
         self._max_requests = max_requests
@@ -74,6 +78,17 @@ class Residency:
             self._groups[request_id] = tuple(ids[1:])
         if self.on_change is not None:
             self.on_change(("commit", request_id, groups))
+
+    def sent(self, chain: Sequence[bytes]) -> None:
+        """The engine was sent a whole prompt with these chunk names (``scheduler.prefixes``)."""
+        if not self.stateless and chain:
+            self.prefixes.add(chain)
+
+    def held_chars(self, chain: Sequence[bytes]) -> int:
+        """How much of a prompt (its chunk names) the engine is believed to hold, in characters: what its slots
+        hold on a llama-server (one prompt each), else what the prefix index remembers of everything sent."""
+        held = self.slots.held(chain) if self.slots is not None else self.prefixes.match(chain)
+        return held * CHUNK_BYTES
 
     def issue(self, request_ids: Iterable[str], owner: str | None = None) -> None:
         """Remember ids the index API handed out to ``owner`` (a key namespace; None: the admin or nobody)."""
@@ -125,6 +140,9 @@ class Residency:
 
     def reset(self) -> None:
         self.index.reset()
+        self.prefixes.clear()
+        if self.slots is not None:
+            self.slots.clear()
         self.conversations.reset()
         self._groups.clear()
         self._issued.clear()

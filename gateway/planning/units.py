@@ -122,7 +122,7 @@ class UnitOrders:
         self, units: Sequence[bytes], prefix: Prefix, outcome: Outcome, others: Others, *, form: str, first: int
     ) -> tuple[int, ...] | None:
         """An order for the run (None: as sent); feeds the blocks into ``prefix`` in the order sent."""
-        if outcome.skipped == "budget":  # the request's texts were not all read: nothing is known to be safe
+        if outcome.skipped == "budget" or outcome.frozen:  # texts not all read: nothing is known to be safe
             for unit in units:
                 prefix.update(unit)
             return None

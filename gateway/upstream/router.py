@@ -45,6 +45,7 @@ from gateway.upstream.ranking import BalanceGuard, Candidate, rank
 from gateway.upstream.replicas import Pending, Replica, ReplicaSet
 from gateway.wire.chat import RequestBody
 from scheduler.index import Plan
+from scheduler.prefixes import Hashes
 
 if TYPE_CHECKING:
     from gateway.planning.planner import Planner
@@ -180,9 +181,10 @@ class Router:
         if conversation is not None and tenant:  # one key's conversations never steer another key's routing
             conversation = tenant.encode() + b"\0" + conversation
         affine = on_loop(self._affine, healthy, conversation)
-        choice = _Choice(self, healthy, prompt_tokens, affine)
+        sent = self._shared.sent_chain(body, headers, tenant)  # routing by the prompt as sent, rewritten or not
+        choice = _Choice(self, healthy, prompt_tokens, affine, sent)
         planned = self._plan_with(
-            choice, body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff
+            choice, body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff, sent=sent
         )
         if choice.ranking is None:  # no block group: ranked on load alone
             on_loop(choice.choose, ())
@@ -220,7 +222,7 @@ class Router:
             return None
         self.reroutes.inc()
         logger.warning("replica %s unreachable; request sent to %s", failed.replica.name, remaining[0].name)
-        choice = _Choice(self, remaining, 0, None)
+        choice = _Choice(self, remaining, 0, None, ())
         choice.ranking = remaining
         planned = self._plan_with(choice, body, failed.request_id, headers, in_thread=False, tenant=failed.tenant)
         _planner(remaining[0]).pin(planned, body)
@@ -239,12 +241,13 @@ class Router:
         in_thread: bool,
         tenant: str | None,
         handoff: bool = False,
+        sent: Hashes | None = None,
     ) -> PlannedRequest:
         """Plan with the shared planner, its index lookups answered by ``choice`` (a shallow copy per request:
         the memo, scans and boundaries stay shared, only the residency is this request's)."""
         planner = copy.copy(self._shared)
-        planner.residency = choice  # type: ignore[assignment]  # the planner reads only ``residency.index``
-        return planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff)
+        planner.residency = choice  # type: ignore[assignment]  # read: ``residency.index``, ``held_chars``
+        return planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff, sent=sent)
 
     # -- internals (on the event loop) ---------------------------------------------------------------------
     def _affine(self, healthy: list[Replica], conversation: bytes | None) -> Replica | None:
@@ -258,17 +261,23 @@ class Router:
         groups: Sequence[tuple[Hashable, Sequence[int]]],
         prompt_tokens: int,
         affine: Replica | None,
+        sent: Hashes = (),
     ) -> tuple[list[Replica], Candidate]:
-        """The replicas best first for a request whose block groups (prefix key, block ids) are ``groups``."""
+        """The replicas best first for a request whose block groups (prefix key, block ids) are ``groups`` and
+        whose prompt as sent has the chunk names ``sent``: a replica's predicted cached tokens are the more of
+        its blocks held and its prefix of the prompt as sent (a request left as sent is routed by its cache)."""
         total_blocks = sum(len(blocks) for _, blocks in groups)
         per_block = prompt_tokens / total_blocks if total_blocks else 0.0
         candidates = []
         for replica in healthy:
-            index = replica.residency.index
-            cached = sum(index.cached(key, blocks, _RANK_BUDGET) for key, blocks in groups) if total_blocks else 0
+            residency = replica.residency
+            cached = (
+                sum(residency.index.cached(key, blocks, _RANK_BUDGET) for key, blocks in groups) if total_blocks else 0
+            )
+            as_sent = residency.held_chars(sent) // _CHARS_PER_TOKEN if sent else 0
             candidates.append(
-                Candidate(replica.position, int(cached * per_block), replica.in_flight, replica.queued_tokens,
-                          replica.sent)
+                Candidate(replica.position, max(int(cached * per_block), as_sent), replica.in_flight,
+                          replica.queued_tokens, replica.sent)
             )  # fmt: skip
         ranked = rank(candidates, prompt_tokens, self.guard, affine.position if affine is not None else None)
         by_position = self.replicas.replicas
@@ -295,10 +304,13 @@ class _Choice:
     that request (the planner reads ``residency.index``: ``plan`` and ``held``; a plan then goes to the winner's
     index)."""
 
-    __slots__ = ("affine", "best", "healthy", "prompt_tokens", "ranking", "router")
+    __slots__ = ("affine", "best", "healthy", "prompt_tokens", "ranking", "router", "sent")
 
-    def __init__(self, router: Router, healthy: list[Replica], prompt_tokens: int, affine: Replica | None) -> None:
+    def __init__(
+        self, router: Router, healthy: list[Replica], prompt_tokens: int, affine: Replica | None, sent: Hashes
+    ) -> None:
         self.router, self.healthy, self.prompt_tokens, self.affine = router, healthy, prompt_tokens, affine
+        self.sent = sent
         self.ranking: list[Replica] | None = None
         self.best: Candidate | None = None
 
@@ -320,8 +332,15 @@ class _Choice:
         assert self.ranking is not None
         return self.ranking[0].residency.index.held(key, sequence)
 
+    def held_chars(self, chain: Hashes) -> int:
+        """The winner's held characters of a whole prompt (``Residency.held_chars``); ranks as ``plan`` does."""
+        if self.ranking is None:
+            self.choose(())
+        assert self.ranking is not None
+        return self.ranking[0].residency.held_chars(chain)
+
     def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
-        self.ranking, self.best = self.router.rank(self.healthy, groups, self.prompt_tokens, self.affine)
+        self.ranking, self.best = self.router.rank(self.healthy, groups, self.prompt_tokens, self.affine, self.sent)
 
 
 class _Replicas:

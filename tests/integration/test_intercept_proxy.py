@@ -152,12 +152,13 @@ async def test_reorder_off_forwards_original_bytes(gateway: AppFactory, upstream
 async def test_server_option_no_reorder(gateway: AppFactory, upstream: respx.Router) -> None:
     route = upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=OK))
     body = chat(xml_docs(["delta", "alpha", "gamma"]))
+    other = chat(xml_docs(["gamma", "delta", "alpha"]))  # ``body`` as sent is held after the second request
     async with gateway(reorder=False) as client:
         await client.post("/v1/chat/completions", content=chat(xml_docs(["alpha", "gamma", "delta"])))
         await client.post("/v1/chat/completions", content=body)
-        await client.post("/v1/chat/completions", content=body, headers={"x-prefixgate-reorder": "on"})
+        await client.post("/v1/chat/completions", content=other, headers={"x-prefixgate-reorder": "on"})
     assert route.calls[1].request.content == body
-    assert route.calls[2].request.content != body
+    assert route.calls[2].request.content != other
 
 
 @pytest.mark.parametrize(

@@ -124,3 +124,45 @@ def test_an_unsent_request_is_planned_again_for_the_next_replica() -> None:
     moved.finish()
     assert "req-1" in moved.replica.residency.index
     assert "req-1" not in failed.replica.residency.index
+
+
+OFF = {"x-prefixgate-reorder": "off"}
+
+
+def test_a_request_left_as_sent_is_routed_to_the_replica_that_holds_it() -> None:
+    """Issue 19 item 5: with reordering off, the prompt as sent still picks the replica whose cache holds it."""
+    router = _router()
+    body = chat(xml_docs(["delta", "alpha", "gamma"]), "q1")
+    first = router.plan(decode_request(body, CHAT_ROUTE), "req-1", OFF)
+    assert isinstance(first, RoutedRequest) and first.fields == {}
+    first.accept()
+    first.finish()
+    for i in range(2):  # one replica is sent nothing: a load-only choice picks it
+        other = _plan(router, chat(f"unrelated {i} " * 80, "hi"), f"other-{i}")
+        other.accept()
+        other.finish()
+    # another question: another conversation (no affinity), the same documents first
+    again = router.plan(decode_request(chat(xml_docs(["delta", "alpha", "gamma"]), "q2"), CHAT_ROUTE), "req-2", OFF)
+    assert isinstance(again, RoutedRequest)
+    assert again.replica is first.replica and again.result["replica"] == first.replica.name
+    assert again.fields == {}
+    again.finish()
+
+
+def test_a_prompt_whose_order_the_cache_holds_goes_out_as_sent() -> None:
+    """The engine holds the prompt as sent (an earlier request with reordering off): the rewrite would lose it."""
+    router = _router()
+    body = chat(xml_docs(["delta", "alpha", "gamma"]), "q1")
+    probe = _plan(_router(), body, "probe")
+    assert probe.fields, "a fresh gateway reorders this prompt (else the test proves nothing)"
+    held = router.plan(decode_request(body, CHAT_ROUTE), "req-1", OFF)
+    held.accept()
+    held.finish()
+    again = _plan(router, body, "req-2")
+    assert again.fields == {} and again.result["reordered"] is False
+    assert again.result["left_alone"] == {"cached_as_sent": 1}
+    assert again.result["predicted_cached_tokens"] > 100
+    again.accept()
+    again.finish()
+    metrics = router.replicas.replicas[0].planner.metrics.render().decode()  # type: ignore[union-attr]
+    assert 'prefixgate_left_alone_total{reason="cached_as_sent"} 1.0' in metrics

@@ -1,0 +1,156 @@
+"""Never worse than direct: traffic the gateway does not rewrite keeps the engine's own prefix reuse, through the
+real ``prefixgate serve`` process.
+
+- A real llama-server (``-np 2``): a block-free prompt sent twice, and a chat's second turn, get about as many
+  cached tokens through the gateway as sent directly (the gateway used to pin them to the least recently used
+  slot: 0 of ~1,200 cached).
+- Two simulated engines with reordering off: the repeated prompt goes to the replica that holds it (issue 19 item 5:
+  routing by cache used to stop when the text was left as sent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.llama import StartLlamaServer
+from tests.e2e.servers import free_port, wait_healthy
+
+pytestmark = pytest.mark.timeout(240)
+
+_WORDS = [a + b + c for a in "bdfklmnprst" for b in "aeiou" for c in "lmnrst"]
+
+
+def _words(seed: int, count: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(_WORDS) for _ in range(count))
+
+
+@contextmanager
+def prefixgate_serve(*upstreams: str, engine: str = "", args: tuple[str, ...] = ()) -> Iterator[str]:
+    """``python -m gateway.cli serve`` in front of ``upstreams``; yields its base URL once healthy."""
+    port = free_port()
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    for upstream in upstreams:
+        command += ["--upstream", f"{engine}={upstream}" if engine else upstream]
+    process = subprocess.Popen([*command, *args], env=os.environ.copy())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base + "/health", timeout=30)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _chat(base: str, messages: list[dict[str, str]], headers: dict[str, str] | None = None) -> httpx.Response:
+    body = {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0}
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers or {}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _cached(response: httpx.Response) -> int:
+    cached: int = response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return cached
+
+
+def _wait_for_slots(base: str) -> None:
+    for _ in range(200):
+        if httpx.get(f"{base}/health").json()["slots"] is not None:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the gateway did not learn the llama-server's slot count")
+
+
+Scenario = Callable[[str], list[httpx.Response]]
+
+
+def _direct_and_through(start: StartLlamaServer, scenario: Scenario) -> tuple[list[int], list[int]]:
+    """Run ``scenario`` against a fresh llama-server directly, then against another behind ``prefixgate serve``."""
+    direct = [_cached(r) for r in scenario(start(slots=2).url)]
+    with prefixgate_serve(start(slots=2).url, engine="llamacpp") as base:
+        _wait_for_slots(base)
+        through = [_cached(r) for r in scenario(base)]
+    return direct, through
+
+
+@pytest.mark.llama
+def test_a_block_free_prompt_sent_twice_is_cached_as_it_is_direct(start_llama_server: StartLlamaServer) -> None:
+    prompt = [{"role": "user", "content": "Summarise this text. " + _words(1, 700)}]
+    other = [{"role": "user", "content": "Translate this. " + _words(2, 700)}]
+
+    def scenario(base: str) -> list[httpx.Response]:
+        return [_chat(base, prompt), _chat(base, prompt), _chat(base, other), _chat(base, prompt)]
+
+    direct, through = _direct_and_through(start_llama_server, scenario)
+    assert min(direct[1], direct[3]) > 500, "direct, llama.cpp reuses the slot holding the prompt"
+    assert through[1] >= direct[1] - 8 and through[3] >= direct[3] - 8, (direct, through)
+
+
+@pytest.mark.llama
+def test_a_chats_second_turn_is_cached_as_it_is_direct(start_llama_server: StartLlamaServer) -> None:
+    turn1 = [
+        {"role": "system", "content": "You are a careful assistant. " + _words(3, 300)},
+        {"role": "user", "content": "First question: " + _words(4, 200)},
+    ]
+    turn2 = [*turn1, {"role": "assistant", "content": "An answer."}, {"role": "user", "content": _words(5, 60)}]
+    elsewhere = [{"role": "user", "content": "Unrelated: " + _words(6, 500)}]
+    turn3 = [*turn2, {"role": "assistant", "content": "Another."}, {"role": "user", "content": _words(7, 60)}]
+
+    def scenario(base: str) -> list[httpx.Response]:
+        return [_chat(base, turn1), _chat(base, turn2), _chat(base, elsewhere), _chat(base, turn3)]
+
+    direct, through = _direct_and_through(start_llama_server, scenario)
+    assert min(direct[1], direct[3]) > 400, "direct, each turn reuses the slot of the one before"
+    assert through[1] >= direct[1] - 8 and through[3] >= direct[3] - 8, (direct, through)
+
+
+@contextmanager
+def _sim_engines(count: int) -> Iterator[list[str]]:
+    ports = [free_port() for _ in range(count)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "engines.sim", "--port", str(port), "--prefill-us", "1", "--log-level", "warning"]
+        )
+        for port in ports
+    ]
+    try:
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url in urls:
+            wait_healthy(url + "/health", timeout=30)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_with_reordering_off_a_repeated_prompt_goes_to_the_replica_that_holds_it() -> None:
+    documents = "\n".join(f'<document id="d{d}">{_words(10 + d, 120)}</document>' for d in (4, 1, 3))
+    system = {"role": "system", "content": f"Answer from the documents.\n<documents>\n{documents}\n</documents>"}
+    off = {"x-prefixgate-reorder": "off"}
+    with _sim_engines(2) as urls, prefixgate_serve(*urls, args=("--health-interval", "5")) as base:
+        first = _chat(base, [system, {"role": "user", "content": "first question?"}], off)
+        home = json.loads(first.headers["x-prefixgate-result"])["replica"]
+        unrelated = _chat(base, [{"role": "user", "content": _words(99, 300)}], off)
+        assert json.loads(unrelated.headers["x-prefixgate-result"])["replica"] != home, "a miss goes to the idle one"
+        # another question: another conversation (no affinity); the same documents first. By load alone this
+        # would go to either replica (each was sent one request); by its cache as sent it goes home.
+        results: list[dict[str, Any]] = []
+        for i in range(4):
+            again = _chat(base, [system, {"role": "user", "content": f"question {i}?"}], off)
+            results.append({**json.loads(again.headers["x-prefixgate-result"]), "cached": _cached(again)})
+    assert all(r["replica"] == home for r in results), results
+    assert all(r["cached"] > 300 for r in results), results
+    assert all(r["enabled"] is False for r in results)

@@ -1,0 +1,63 @@
+"""The whole-prompt prefix index: chunk names are cumulative, the index is bounded and trims prompts from their ends."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scheduler.prefixes import CHUNK_BYTES, MAX_CHUNKS, Chain, PrefixIndex, common
+
+
+def chain_of(*pieces: bytes) -> tuple[bytes, ...]:
+    chain = Chain()
+    for piece in pieces:
+        chain.update(piece)
+    return chain.freeze()
+
+
+@given(st.binary(max_size=3 * CHUNK_BYTES), st.lists(st.integers(0, 3 * CHUNK_BYTES), max_size=6))
+def test_a_chain_does_not_depend_on_how_the_prompt_is_cut(data: bytes, cuts: list[int]) -> None:
+    points = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    pieces = [data[a:b] for a, b in itertools.pairwise(points)]
+    assert chain_of(*pieces) == chain_of(data)
+    assert len(chain_of(data)) == len(data) // CHUNK_BYTES
+
+
+@given(st.binary(min_size=1, max_size=4 * CHUNK_BYTES), st.binary(max_size=2 * CHUNK_BYTES), st.binary(max_size=600))
+def test_two_prompts_share_exactly_the_whole_chunks_of_their_common_prefix(head: bytes, a: bytes, b: bytes) -> None:
+    one, two = head + a, head + b
+    same = next((i for i, (x, y) in enumerate(zip(one, two, strict=False)) if x != y), min(len(one), len(two)))
+    assert common(chain_of(one), chain_of(two)) == same // CHUNK_BYTES
+
+
+def test_a_chain_stops_growing_at_its_bound() -> None:
+    chain = Chain()
+    for _ in range(MAX_CHUNKS + 10):
+        chain.update(b"x" * CHUNK_BYTES)
+    assert len(chain.freeze()) == MAX_CHUNKS
+
+
+def test_the_index_holds_every_prefix_of_what_was_sent_and_nothing_else() -> None:
+    index = PrefixIndex(1000)
+    sent = chain_of(b"a" * 10 * CHUNK_BYTES)
+    index.add(sent)
+    assert index.match(sent) == 10
+    assert index.match(chain_of(b"a" * 4 * CHUNK_BYTES + b"b" * 6 * CHUNK_BYTES)) == 4
+    assert index.match(chain_of(b"b" * 10 * CHUNK_BYTES)) == 0
+    assert index.match(()) == 0
+    index.clear()
+    assert index.match(sent) == 0 and len(index) == 0
+
+
+def test_the_index_is_bounded_and_trims_the_least_recent_prompts_from_their_ends() -> None:
+    index = PrefixIndex(12)
+    old, new = chain_of(b"o" * 8 * CHUNK_BYTES), chain_of(b"n" * 8 * CHUNK_BYTES)
+    index.add(old)
+    index.add(new)
+    assert len(index) == 12
+    assert index.match(new) == 8
+    assert index.match(old) == 4, "the old prompt's head outlives its tail"
+    index.add(old)  # sent again: fresh
+    assert index.match(old) == 8 and index.match(new) == 4
