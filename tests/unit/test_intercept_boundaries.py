@@ -61,9 +61,10 @@ def test_boundaries_seen_apart_are_cut_and_chunks_stay_whole() -> None:
     text = prompt([B, A, C, D])
     (group,) = learned(boundaries, text)
     assert group.label == "retrieval_qa:learned" and group.format == "langchain"
-    # B|A: B was followed by Gamma, A opened a context; A|C: A was followed by B, C was preceded by B;
-    # C|D: D has only ever followed C, so D may be C's own continuation and moves with it
-    assert renderings(text, group) == [B, A, f"{C}\n\n{D}"]
+    # A|C: A was followed by B and ended a context, C was preceded by B and opened one, never together;
+    # B|A and C|D: each pair was seen together as often as apart (D only ever after C): one chunk as far as
+    # traffic can tell, so each pair moves as one block
+    assert renderings(text, group) == [f"{B}\n\n{A}", f"{C}\n\n{D}"]
     (group,) = learned(boundaries, prompt([D, A, B, C], "more?"))
     assert split_chunks(prompt([D, A, B, C], "more?"), [group], [A, B, C, D]) == []
 
@@ -88,7 +89,8 @@ def test_slots_do_not_share_knowledge_and_memory_is_bounded() -> None:
     assert len(boundaries) == 8
     other = Boundaries()
     learned(other, prompt([A, B]))
-    learned(other, prompt([B, A]))
+    for i in range(2):  # apart more often than together
+        learned(other, prompt([B, A], f"apart {i}?"))
     chat = (
         "Use the following pieces of context to answer the user's question.\nIf you don't know the answer, just say "
         f"that you don't know, don't try to make up an answer.\n----------------\n{A}\n\n{B}"
@@ -105,6 +107,40 @@ def test_one_tenants_traffic_never_splits_another_tenants_documents() -> None:
     text = prompt([B, A, C, D])
     assert boundaries.regroup(text, find_groups(text, "template"), b"k2") == []  # k2 learned nothing yet
     assert len(boundaries.regroup(text, find_groups(text, "template"), b"k1")) == 1
+
+
+def test_a_chunk_seen_whole_is_not_cut_by_two_requests_that_show_its_paragraphs_apart() -> None:
+    """The issue's attack: victim traffic shows ``a\n\nb`` whole; ``[a, x]`` and ``[y, b]`` then do not make
+    the victim's next request cut it (the old rule did: ``a`` seen followed by another, ``b`` preceded by one)."""
+    a, b, x, y = "Victim part one.", "Victim part two.", "Attacker x.", "Attacker y."
+    victim, other = f"{a}\n\n{b}", "Another victim chunk."
+    boundaries = Boundaries()
+    learned(boundaries, prompt([victim, other], "victim?"))
+    learned(boundaries, prompt([a, x], "x?"))
+    learned(boundaries, prompt([y, b], "y?"))
+    text = prompt([other, victim], "victim again?")
+    assert split_chunks(text, learned(boundaries, text), [victim, other]) == []
+    # whole twice now; seen apart more often than whole, on both sides: a boundary (the price without keys)
+    for i in range(2):
+        learned(boundaries, prompt([a, x], f"x{i}?"))
+        learned(boundaries, prompt([y, b], f"y{i}?"))
+    assert split_chunks(text, learned(boundaries, text), [victim, other]) == [victim]
+
+
+def test_chunks_sharing_paragraphs_stay_whole_when_sent_whole_more_often() -> None:
+    """The json docs of dump and dumps share paragraphs: each chunk seen whole more often than apart stays whole."""
+    shared = "If skipkeys is true, dict keys that are not of a basic type are skipped."
+    dump = f"json.dump(obj, fp): serialize obj as a JSON formatted stream to fp.\n\n{shared}"
+    dumps = f"json.dumps(obj): serialize obj to a JSON formatted str.\n\n{shared}"
+    loads = "json.loads(s): deserialize s to a Python object."
+    tail = f"{shared}\n\nIf ensure_ascii is true, non-ASCII characters are escaped."
+    chunks = [dump, dumps, loads, tail]
+    boundaries = Boundaries()
+    rng = random.Random(11)
+    for i in range(40):
+        picked = rng.sample(chunks, 3)
+        text = prompt(picked, f"json {i}?")
+        assert split_chunks(text, learned(boundaries, text), picked) == []
 
 
 def test_other_groups_pass_through() -> None:

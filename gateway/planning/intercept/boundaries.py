@@ -8,6 +8,17 @@ this request, and ``a`` has been seen followed by something else (another paragr
 ``b`` starts one, and the blank line between them is a boundary. Both sides are required: a paragraph shared
 by two chunks (a chunk overlap, a repeated heading) then does not confirm a boundary on its own.
 
+Traffic is weighed, not just seen: a chunk shown whole is evidence too. Each paragraph counts how often it
+was seen, and each adjacent pair how often it was seen in that order; once ``a`` has been seen directly
+followed by ``b`` (the chunk ``a\n\nb`` shown whole, in this order), the blank line between them is cut only
+when ``a`` was seen without ``b`` after it, and ``b`` without ``a`` before it, more often than together. So
+two requests ``[a, x]`` and ``[y, b]`` no longer make another client's ``a\n\nb`` go out as ``b ... a``:
+that takes more requests apart than the chunk was sent whole, and every further request of the chunk raises
+the bar. With client keys (and no ``--shared-cache``) every key learns alone, so
+one key's traffic never changes how another key's text is cut. Without keys (or with ``--shared-cache``) the
+gateway cannot tell clients apart: a client that sends a chunk's paragraphs apart often enough, or before
+the chunk was ever sent whole, can still get it cut (the blocks then move apart; no byte changes).
+
 The candidates are the paragraphs of a ``:paragraphs`` template group (see
 :mod:`gateway.planning.intercept.templates`); a run of them whose inner blank lines are not confirmed moves as one
 block, and a group with no confirmed boundary is left alone. Decisions use only what earlier requests
@@ -15,13 +26,16 @@ showed, so the first request that carries a chunk never splits it. What a reques
 has been decided.
 
 Knowledge is kept per template slot: the template's name and the text before its context (the instructions
-and system prompt around it), so two applications sharing a template do not teach each other. Memory is a
-bounded LRU map from (slot, paragraph) digests to the paragraph's first neighbour on each side and whether
-another was seen; the least recently seen paragraphs are forgotten first.
+and system prompt around it), so two applications sharing a template do not teach each other. Memory is two
+bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests; the
+least recently seen are forgotten first.
 
 Where it can be wrong: chunks ``[a, b]``, ``[a, c]`` and ``[d, b]`` (two paragraphs each reused in other
-chunks) are indistinguishable from four one-paragraph chunks; a boundary between ``a`` and ``b`` is then
-confirmed and ``[a, b]`` can be split. Unique paragraphs, overlapping chunks and shared headings are safe.
+chunks, like the ``json`` docs of ``dump`` and ``dumps``) are indistinguishable from four one-paragraph
+chunks; a boundary between ``a`` and ``b`` is then confirmed once ``[a, c]`` and ``[d, b]`` were each seen
+more often than ``[a, b]``, and a request of ``[a, b]`` can be split. Before ``[a, b]`` was seen at all,
+traffic that shows ``a`` and ``b`` apart can split its first request (there is nothing to weigh it against).
+Unique paragraphs, overlapping chunks and shared headings are safe.
 """
 
 from __future__ import annotations
@@ -36,30 +50,19 @@ from gateway.planning.intercept.templates import TEMPLATES
 
 __all__ = ["Boundaries"]
 
-_START = -1
-_END = -2
+_MAX_COUNT = 1 << 30
 _SUFFIX = ":paragraphs"
+_EDGE = b"\0" * 16  # the start or the end of a context, as a neighbour
 # where the fixed text ends in templates that put the query before the context (rag_prompt: "...\nQuestion: ")
 _QUERY_AFTER = {template.name: template.anchor[-40:].strip() for template in TEMPLATES if template.opener}
-
-
-class _Seen:
-    """One paragraph's first neighbours on each side, and whether a different one was seen since."""
-
-    __slots__ = ("after", "before", "other_after", "other_before")
-
-    def __init__(self, before: int, after: int) -> None:
-        self.before = before
-        self.after = after
-        self.other_before = False
-        self.other_after = False
 
 
 class Boundaries:
     """Learns which blank lines of template contexts separate documents, and regroups paragraphs by them."""
 
-    def __init__(self, max_paragraphs: int = 100_000) -> None:  # about 300 bytes each: ~30 MB
-        self._seen: LRUCache[bytes, _Seen] = LRUCache(maxsize=max_paragraphs)
+    def __init__(self, max_paragraphs: int = 100_000) -> None:  # two counts of ~250 bytes each: ~50 MB
+        self._seen: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # paragraph -> times seen
+        self._pairs: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # (a, b) -> times a then b
         self._lock = threading.Lock()  # big prompts are planned on worker threads
 
     def __len__(self) -> int:
@@ -68,6 +71,7 @@ class Boundaries:
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
+            self._pairs.clear()
 
     def regroup(self, text: str, groups: list[BlockGroup], tenant: bytes = b"") -> list[BlockGroup]:
         """Replace each ``:paragraphs`` group by its learned grouping (or drop it); keep every other group.
@@ -93,9 +97,8 @@ class Boundaries:
             blake2b(block.key(text).encode("utf-8", "surrogatepass"), digest_size=16, key=slot).digest()
             for block in group.blocks
         ]
-        ids = [int.from_bytes(key[:8], "big") >> 1 for key in keys]  # >= 0, apart from the sentinels
         with self._lock:
-            cuts = self._record(keys, ids)
+            cuts = self._record(keys)
         if not any(cuts):
             return None
         blocks: list[Block] = []
@@ -110,28 +113,29 @@ class Boundaries:
         label = group.label[: -len(_SUFFIX)] + ":learned"
         return BlockGroup(group.format, label, tuple(blocks), None, group.after)
 
-    def _record(self, keys: list[bytes], ids: list[int]) -> list[bool]:
+    def _record(self, keys: list[bytes]) -> list[bool]:
         """Decide each inner blank line from what earlier requests showed, then record this request."""
-        seen = self._seen
-        records = [seen.get(key) for key in keys]
-        cuts = [_parted(records[i], records[i + 1], ids[i], ids[i + 1]) for i in range(len(ids) - 1)]
-        for i, key in enumerate(keys):
-            before = ids[i - 1] if i else _START
-            after = ids[i + 1] if i + 1 < len(ids) else _END
-            record = seen.get(key)  # not records[i]: a paragraph may occur twice in one context
-            if record is None:
-                seen[key] = _Seen(before, after)
-                continue
-            record.other_before |= record.before != before
-            record.other_after |= record.after != after
+        seen, pairs = self._seen, self._pairs
+        pair_keys = [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
+        cuts = [
+            _parted(seen.get(keys[i], 0), seen.get(keys[i + 1], 0), pairs.get(pair_keys[i + 1], 0))
+            for i in range(len(keys) - 1)
+        ]
+        for key in keys:
+            seen[key] = min(seen.get(key, 0) + 1, _MAX_COUNT)
+        for key in pair_keys:
+            pairs[key] = min(pairs.get(key, 0) + 1, _MAX_COUNT)
         return cuts
 
 
-def _parted(left: _Seen | None, right: _Seen | None, left_id: int, right_id: int) -> bool:
-    """Whether ``left`` has been seen followed by another than ``right``, and ``right`` preceded by another."""
-    if left is None or right is None:
-        return False
-    return (left.other_after or left.after != right_id) and (right.other_before or right.before != left_id)
+def _pair(left: bytes, right: bytes) -> bytes:
+    return blake2b(left + right, digest_size=16).digest()
+
+
+def _parted(left: int, right: int, together: int) -> bool:
+    """Whether paragraphs seen ``left`` and ``right`` times, ``together`` of them adjacent in this order, were
+    each seen apart from the other more often than together (so at least once)."""
+    return min(left, right) - together > together
 
 
 def _slot(text: str, group: BlockGroup, tenant: bytes = b"") -> bytes:

@@ -16,7 +16,14 @@ delimiter, so its end is inferred from the shape of the other blocks:
   *soft* cue (a line that reads like an instruction or a question) once it has N;
 - a soft cue inside what would be the last block makes the end ambiguous;
 - a last block that would need more than :func:`scan_window` characters (eight times the longest other block,
-  at least 4 KiB) to decide its end is ambiguous too. This bounds the cost per group by the size of the group
+  at least 4 KiB) to decide its end is ambiguous too.
+- a block's extent includes its *continuation*: a paragraph after a blank line that is indented code (four
+  columns deeper than the block's first line) or a table (``|`` rows) belongs to the block before it, so the
+  block takes it (and the instruction after it must then be a cue line, or the end is ambiguous). A line
+  right after the block's end that looks like a continuation (indented, a table row, a list item) or a
+  ``===``/``---`` line under its last line (a heading's underline, or a separator glued to the text: the two
+  cannot be told apart) makes the end ambiguous: cutting there would leave part of the document behind to
+  sit under another block once blocks move. This bounds the cost per group by the size of the group
   itself, so a text with many candidate lists is not rescanned to its end once per list.
 
 Ambiguous means ``None``: the caller leaves that block out of the group. A document left in the tail is
@@ -64,6 +71,12 @@ _SOFT_AT = re.compile(_SOFT)
 # the look-ahead on the first character lets most lines fail before the alternation is tried
 _HARD_LINE = re.compile(r"\n(?=[ \t]*[QqAaHhFfIiTtRr<\-=*_#])" + _HARD)
 _SOFT_LINE = re.compile(r"\n" + _SOFT)
+# a line that continues the paragraph above it: indented, a table row, a list item, or an underline
+_ATTACHED = re.compile(
+    r"(?: {2,}|\t|[ \t]*\||[ \t]*(?:[-*+\u2022]|\d{1,3}[.)])[ \t]|[ \t]{0,3}([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z))"
+)
+# a paragraph that continues the block before it: a table
+_TABLE = re.compile(r"[ \t]*\|")
 _CONTEXT_CUE = re.compile(
     r"(?i)\b(?:context|contexts|documents?|docs|sources?|passages?|search results?|results|snippets?|excerpts?"
     r"|chunks?|articles?|memories|knowledge|evidence|retrieved[^\n:]*|information)\b[^\n]{0,60}:[ \t\r]*$",
@@ -234,8 +247,47 @@ def last_end(text: str, start: int, limit: int, shape: Shape, fences: Spans, *, 
         end = rstrip_end(text, start, hard - 1)
     if want > 1:
         soft = any(_soft_at(text, para_start, end) for para_start, _ in found[1:] if para_start < end)
-        return None if soft else end
-    return _cut_lines(text, start, end, shape)
+        return None if soft else _continued(text, start, end, limit, fences)
+    cut = _cut_lines(text, start, end, shape)
+    return None if cut is None else _continued(text, start, cut, limit, fences)
+
+
+def _lead(text: str, line_start: int) -> int:
+    """The columns of indentation of the line at ``line_start`` (a tab counts as four)."""
+    columns = 0
+    for char in text[line_start : line_start + 64]:
+        if char == " ":
+            columns += 1
+        elif char == "\t":
+            columns += 4
+        else:
+            break
+    return columns
+
+
+def _continued(text: str, start: int, end: int, limit: int, fences: Spans) -> int | None:
+    """Return ``end`` extended over the block's continuation paragraphs, or None where the end is ambiguous.
+
+    ``start`` is the block's start (its first line's indentation is the reference), ``end`` where the rules
+    above ended it.
+    """
+    newline = text.find("\n", end, limit)
+    if newline < 0 or text[end:newline].strip():
+        return end
+    if _ATTACHED.match(text, newline + 1, limit) is not None:
+        return None  # the next line continues this one: the block would be cut in the middle
+    block_lead = _lead(text, text.rfind("\n", 0, start) + 1)
+    stop = min(limit, start + _MIN_WINDOW + 2 * (end - start))
+    extended = end
+    for para_start, para_end in paragraphs(text, end, stop):
+        if fences.contains(para_start) or _lead(text, para_start) >= block_lead + 4 or _TABLE.match(text, para_start):
+            extended = para_end
+            continue
+        # past the continuation: what follows must read as the prompt's own text, or the end is in doubt
+        if extended == end or is_cue_line(text, para_start, stop):
+            return extended
+        return None
+    return extended if stop == limit else None
 
 
 def _cut_lines(text: str, start: int, end: int, shape: Shape) -> int | None:

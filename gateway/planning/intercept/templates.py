@@ -8,15 +8,23 @@ known exactly; the documents within it are cut:
 - at every ``\\n\\n`` that is followed by the first metadata key of the first node (LlamaIndex nodes with
   metadata: exact boundaries);
 - otherwise at blank lines, gluing a heading or a line ending with ``:`` to what follows and never cutting
-  inside fenced code. A document that itself contains blank lines is then several blocks, one per paragraph,
-  so such a group (``label`` ends in ``:paragraphs``) is only a candidate: :mod:`gateway.planning.intercept.boundaries`
-  decides from traffic which of its blank lines are document boundaries.
+  inside fenced code. A paragraph whose first line is not indented exactly as the template indents its items
+  (deeper: indented code; shallower: the second paragraph of a document that the template indented only on
+  its first line), a table and a list continue the paragraph before them. A document that itself contains
+  blank lines is then several blocks, one per paragraph, so such a group (``label`` ends in ``:paragraphs``) is
+  only a candidate: :mod:`gateway.planning.intercept.boundaries` decides from traffic which of its blank lines
+  are document boundaries.
 
 An anchor matches with any whitespace where the template has whitespace (upstream has changed a trailing space
 before). The LangChain v1 agent tool result (``Source: {metadata}\\nContent: {page_content}`` records joined by
 ``"\\n\\n"``, the shape of the v1 RAG agent tutorial) has exact boundaries too. The whole template region is
 returned as well, so that other detectors do not mistake LlamaIndex's ``---------------------`` delimiters for
 document separators. ``tests/integration/test_frameworks.py`` renders each template with the real libraries.
+
+The template's own bytes around each item stay in place: where a template indents every document (Haystack's
+``    {{ document.content }}``), that indentation is in the gaps, never in a block, so a moved document keeps
+exactly one indentation wherever it lands. A document's own leading whitespace beyond the template's is its
+content and moves with it.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ class Template(NamedTuple):
     opener: str
     closer: str
     closer_before: str = ""
+    indent: str = ""
+    """What the template writes before each document on its first line."""
 
 
 # long, distinctive substrings make ``in`` skip through the text quickly
@@ -144,6 +154,7 @@ TEMPLATES = (
         "Given these documents, answer the question.\nDocuments:\n",
         "",
         "Question:",
+        indent=" " * 8,
     ),
     Template(
         "haystack_tutorial",
@@ -152,6 +163,7 @@ TEMPLATES = (
         "Given the following information, answer the question.\n\nContext:\n",
         "",
         "Question:",
+        indent=" " * 4,
     ),
 )
 """The recognised templates, in the order they are tried."""
@@ -163,6 +175,8 @@ _ANCHORS = {
 }
 _METADATA_KEY = re.compile(r"([A-Za-z_][\w .-]{0,40}): [^\n]*\n(?:[A-Za-z_][\w .-]{0,40}: [^\n]*\n)*[ \t]*\n")
 _HEADING = re.compile(r"[ \t]*#{1,6}[ \t]")
+# a paragraph that continues the one before it: a table, a list item, an underline
+_CONTINUES = re.compile(r"[ \t]*(?:\||(?:[-*+\u2022]|\d{1,3}[.)])[ \t]|([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z))")
 _RECORD = re.compile(r"Source: [^\n]*\nContent: ")
 _RECORD_NEXT = re.compile(r"\n\nSource: [^\n]*\nContent: ")
 
@@ -173,6 +187,10 @@ def _region(text: str, template: Template, start: int) -> tuple[int, int, int, i
     if anchor is None:
         return None
     begin = anchor.end()
+    # the anchor's trailing whitespace may have taken the first document's indentation: give it back
+    line_start = text.rfind("\n", anchor.start(), begin) + 1
+    if line_start > anchor.start() and not text[line_start:begin].strip():
+        begin = line_start
     if template.opener:
         opener = text.find(template.opener, begin)
         if opener < 0:
@@ -210,14 +228,27 @@ def _node_blocks(text: str, starts: list[int], end: int) -> list[tuple[int, int]
     return [(s, s + len(text[s:e].rstrip())) for s, e in zip(starts, bounds, strict=True)]
 
 
-def _paragraph_blocks(text: str, start: int, end: int, fences: Spans) -> list[tuple[int, int]]:
+def _lead(text: str, line_start: int, end: int) -> str:
+    stop = line_start
+    while stop < end and text[stop] in " \t":
+        stop += 1
+    return text[line_start:stop]
+
+
+def _paragraph_blocks(text: str, start: int, end: int, fences: Spans, indent: str) -> list[tuple[int, int]]:
+    """One span per candidate document: a paragraph indented as the template indents its items, with the
+    paragraphs that continue it; the template's indentation is left out of the span."""
     blocks: list[tuple[int, int]] = []
     glue = False
     for para_start, para_end in paragraphs(text, start, end):
-        if blocks and (glue or fences.overlaps(blocks[-1][1], para_start)):
+        lead = _lead(text, para_start, para_end)
+        if not blocks and not lead.startswith(indent):
+            return []  # not rendered as this template renders: leave it alone
+        continues = lead != indent or _CONTINUES.match(text, para_start) is not None
+        if blocks and (glue or continues or fences.overlaps(blocks[-1][1], para_start)):
             blocks[-1] = (blocks[-1][0], para_end)
         else:
-            blocks.append((para_start, para_end))
+            blocks.append((para_start + len(indent), para_end))
         # an introduction ("...:") or a lone heading belongs with the paragraph that follows it
         glue = text[para_end - 1] == ":" or (
             _HEADING.match(text, para_start) is not None and text.find("\n", para_start, para_end) < 0
@@ -257,7 +288,7 @@ def find_template_groups(text: str, fences: Spans) -> tuple[list[BlockGroup], li
             if starts:
                 spans = _node_blocks(text, starts, end)
             else:
-                spans = _paragraph_blocks(text, begin, end, fences)
+                spans = _paragraph_blocks(text, begin, end, fences, template.indent)
                 label = f"{template.name}:paragraphs"
             if len(spans) >= 2:
                 blocks = tuple(Block(s, e, s, e) for s, e in spans)
