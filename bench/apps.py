@@ -341,7 +341,7 @@ def responses_function_call_output(run: AppRun) -> None:
             call_id = f"call_{start}_{turn}"
             output = json.dumps({"results": [{"text": text} for text in run.retrieve(question)]})
             items += [
-                {"role": "user", "content": question},
+                {"type": "message", "role": "user", "content": question},
                 {
                     "type": "function_call",
                     "call_id": call_id,
@@ -352,7 +352,7 @@ def responses_function_call_output(run: AppRun) -> None:
             ]
             answer = client.responses.create(model=MODEL, input=items, tools=[tool],
                                              max_output_tokens=max(run.max_tokens, 16))  # fmt: skip
-            items.append({"role": "assistant", "content": answer.output_text or "ok"})
+            items.append({"type": "message", "role": "assistant", "content": answer.output_text or "ok"})
 
 
 APPS: list[App] = [

@@ -399,6 +399,12 @@ def table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+# ``--quick`` on llama-server (prefill is ~1 ms a token on 2 busy cores): one app per library and API, 6 questions
+QUICK_LLAMA = ("LCEL (hub", "create_retrieval_chain", "llamaindex compact", "(tutorial)", "anthropic document",
+               "function_call_output")  # fmt: skip
+QUICK_LLAMA_QUESTIONS = 6
+
+
 def _selected(names: Sequence[str]) -> list[App]:
     if not names:
         return list(APPS)
@@ -407,7 +413,8 @@ def _selected(names: Sequence[str]) -> list[App]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench apps", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 questions per set (default 24)")
+    parser.add_argument("--quick", action="store_true", help="8 questions per set (default 24); on llama-server "
+                        "6 diverse questions to one app per library and API")  # fmt: skip
     parser.add_argument("--questions", type=int, default=None, help="questions per set (overrides --quick)")
     parser.add_argument("--engines", default="sim,llama", help="comma-separated: sim, llama (default both)")
     parser.add_argument("--sets", default="diverse,repeat", help="comma-separated question sets")
@@ -424,12 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     for engine in args.engines.split(","):
         started = time.monotonic()
+        quick_llama = engine == "llama" and args.quick and not args.apps and args.questions is None
         with _stacks(engine, corpus) as stacks:
             if stacks is None:
                 continue
             for qset, asked in sets.items():
-                for app in apps:
-                    results.append(stacks.run(app, asked, qset))
+                if quick_llama and qset != "diverse":
+                    continue
+                for app in _selected(QUICK_LLAMA) if quick_llama else apps:
+                    results.append(stacks.run(app, asked[:QUICK_LLAMA_QUESTIONS] if quick_llama else asked, qset))
                     _log(f"{engine} {qset} {app.name}: done ({time.monotonic() - started:.0f}s)")
     print(f"\nbench apps: {count} questions per set, top-{K} BM25 over {len(corpus)} stdlib doc chunks")
     print(table(results))

@@ -25,6 +25,7 @@ from gateway.planning.residency import Residency
 from gateway.wire.walk import AnswerRewriter
 
 if TYPE_CHECKING:
+    from gateway.planning.outcome import Choice
     from gateway.upstream.sender import UpstreamSender
     from gateway.wire.chat import RequestBody
 
@@ -48,7 +49,7 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("answer", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
+    __slots__ = ("answer", "choices", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
                  "residency", "result", "slot", "slots", "tally")  # fmt: skip
 
     def __init__(
@@ -74,6 +75,7 @@ class PlannedRequest:
         self.slot: int | None = None
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
         self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
+        self.choices: Sequence[Choice] = ()  # per group: format, decision, sent and forwarded order (decision log)
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
