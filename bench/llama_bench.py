@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,15 +230,16 @@ def _llama_server(binary: Path, model: Path) -> Iterator[str]:
 
 
 @contextmanager
-def _gateway(upstream: str) -> Iterator[str]:
+def _gateway(upstream: str, engine: str = "llamacpp", extra: Sequence[str] = ()) -> Iterator[str]:
+    """A ``prefixgate serve`` process in front of ``upstream``; yields its origin once it is ready."""
     port = _free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--engine", "llamacpp"]
-    command += ["--port", str(port), "--log-level", "warning"]
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--engine", engine]
+    command += ["--port", str(port), "--log-level", "warning", *extra]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_gateway(base, process, log)
+            _wait_gateway(base, process, log, slots=engine == "llamacpp")
             yield base
         finally:
             process.terminate()
@@ -249,8 +250,8 @@ def _gateway(upstream: str) -> Iterator[str]:
                 process.wait()
 
 
-def _wait_gateway(base: str, process: subprocess.Popen[bytes], log: Any) -> None:
-    """Wait for ``/health`` to answer 200 with the slot count learnt from llama-server."""
+def _wait_gateway(base: str, process: subprocess.Popen[bytes], log: Any, slots: bool = True) -> None:
+    """Wait for ``/health`` to answer 200 (with ``slots``: and the slot count learnt from llama-server)."""
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None or time.monotonic() > deadline:
@@ -260,7 +261,7 @@ def _wait_gateway(base: str, process: subprocess.Popen[bytes], log: Any) -> None
             raise RuntimeError(f"gateway {state}\n{tail}")
         try:
             response = httpx.get(f"{base}/health", timeout=0.5)
-            if response.status_code == 200 and response.json().get("slots") is not None:
+            if response.status_code == 200 and (not slots or response.json().get("slots") is not None):
                 return
         except httpx.HTTPError:
             pass

@@ -22,6 +22,7 @@ from engines.llamacpp.slots import discover_slots
 from engines.registry import get_engine
 from gateway import __version__
 from gateway.background import BackgroundCollector, Supervisor
+from gateway.edge.access import Access
 from gateway.edge.inbound import normalise_path, raw_path
 from gateway.errors import GatewayError, error_body, error_type
 from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces
@@ -31,6 +32,7 @@ from gateway.planning.intercept.boundaries import Boundaries
 from gateway.planning.planner import Planner
 from gateway.planning.residency import Residency
 from gateway.planning.texts import TextScans
+from gateway.proxy.decisions import DecisionLog, decision_routes
 from gateway.proxy.pipeline import Proxy
 from gateway.settings import Settings
 from gateway.upstream.ranking import BalanceGuard
@@ -197,6 +199,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     metrics.registry.register(IndexCollector(lambda: _total_stats(replicas)))
     router = Router(replicas, BalanceGuard(settings.balance_abs, settings.balance_rel), metrics)
     namespaces = KeyNamespaces([key.encode() for key in settings.api_key], settings.namespace_secret.encode() or None)
+    decisions = DecisionLog(settings.decision_log, settings.decision_log_text) if settings.decision_log else None
     proxy = Proxy(
         settings,
         first.sender,
@@ -206,6 +209,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         issued=residency.issued,
         namespaces=namespaces,
         passthrough_upstream=router.passthrough if len(replicas) > 1 else None,
+        decisions=decisions,
     )
     mode = "stateless" if settings.stateless else "live"
 
@@ -304,7 +308,13 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     app = _Gateway(
         proxy,
-        route_handlers=[health, ready, metrics_route, *index_routes(settings, residency, namespaces, replicas)],
+        route_handlers=[
+            health,
+            ready,
+            metrics_route,
+            *index_routes(settings, residency, namespaces, replicas),
+            *(decision_routes(decisions, Access(settings, namespaces)) if decisions is not None else ()),
+        ],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             GatewayError: _gateway_error,

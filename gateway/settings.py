@@ -60,6 +60,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     access_log: Annotated[
         bool, option("server", "log one line per proxied request: id, route, status, groups, cached tokens, latency")
     ] = False
+    decision_log: Annotated[
+        int,
+        option(
+            "server",
+            "keep what was done to the last N proxied requests for GET /debug/requests (admin token; 0: off)",
+            ge=0,
+            le=100_000,
+        ),
+    ] = 0
+    decision_log_text: Annotated[
+        bool, option("server", "with --decision-log: keep the sent and forwarded bodies too (capped)")
+    ] = False
     # upstream
     upstream: Annotated[
         tuple[str, ...],
@@ -274,6 +286,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             and len(self.kv_events_endpoint) != len(self.upstream)
         ):
             raise ValueError("kv_events_endpoint: with several upstreams, give one endpoint per --upstream")
+        if self.decision_log and not self.admin_token:
+            raise ValueError("decision_log: the view is admin-only: set --admin-token too")
+        if self.decision_log_text and not self.decision_log:
+            raise ValueError("decision_log_text: needs --decision-log N")
         if self.state and urlsplit(self.state).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("state: expected redis://host:port[/db] (or rediss://, unix://)")
         if self.state and importlib.util.find_spec("redis") is None:

@@ -103,12 +103,16 @@ class Rewrite:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """One group's format, size, decision and whether its blocks actually moved (for the header and /metrics)."""
+    """One group's format, size, decision and whether its blocks actually moved (for the header and /metrics); for
+    the decision log (``gateway.proxy.decisions``), its ``order`` (the sent index of each forwarded block) and
+    ``ids`` (its block ids, in forwarded order)."""
 
     format: str
     blocks: int
     decision: Decision
     moved: bool
+    order: tuple[int, ...] = ()
+    ids: tuple[int, ...] = ()
 
 
 # CPU for reading a request's texts on the event loop: a RAG body under 64 KB takes ~1 ms to plan in all (module

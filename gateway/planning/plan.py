@@ -26,6 +26,7 @@ from gateway.wire.walk import AnswerRewriter
 from scheduler.prefixes import Hashes
 
 if TYPE_CHECKING:
+    from gateway.planning.outcome import Choice
     from gateway.upstream.sender import UpstreamSender
     from gateway.wire.chat import RequestBody
 
@@ -51,8 +52,8 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("answer", "chain", "commits", "fields", "metrics", "predicted_chars", "predictions", "request_id",
-                 "residency", "result", "slot", "slot_known", "slots", "tally")  # fmt: skip
+    __slots__ = ("answer", "chain", "choices", "commits", "fields", "metrics", "predicted_chars", "predictions",
+                 "request_id", "residency", "result", "slot", "slot_known", "slots", "tally")  # fmt: skip
 
     def __init__(
         self,
@@ -80,6 +81,7 @@ class PlannedRequest:
         self.chain = chain  # the chunk names of the whole prompt as forwarded (``scheduler.prefixes``)
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
         self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
+        self.choices: Sequence[Choice] = ()  # per group: format, decision, sent and forwarded order (decision log)
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""

@@ -170,6 +170,7 @@ class Planner:
             chain=chain,
         )
         planned.fields.update(fields)
+        planned.choices = tuple(outcome.choices)
         if outcome.maps:
             answer = CitationRewriter(outcome.maps)
         planned.answer = answer
@@ -418,7 +419,7 @@ class Planner:
             edits.append((group, order, decision.renumbers))
             metas.append((len(before), blocks, block_ends(text, group, order, len(before))))
             moved = order != tuple(range(len(order)))
-            choices.append(Choice(group.format, len(group), decision, moved))
+            choices.append(Choice(group.format, len(group), decision, moved, order, blocks))
             if decision.action == "map" and moved:
                 maps.append(citation_map(text, group, order))
             cached.append(hits)

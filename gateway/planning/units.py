@@ -158,9 +158,10 @@ class UnitOrders:
         for index in order:
             prefix.update(units[index])
             ends.append(prefix.fed)
-        outcome.record(key, tuple(ids[i] for i in order), cached, ends)
+        sent = tuple(ids[i] for i in order)
+        outcome.record(key, sent, cached, ends)
         moved = list(order) != list(range(len(order)))
-        outcome.choices.append(Choice(form, len(units), decision, moved))
+        outcome.choices.append(Choice(form, len(units), decision, moved, tuple(order), sent))
         outcome.reordered |= moved
         return order if moved else None
 

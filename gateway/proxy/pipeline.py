@@ -42,6 +42,7 @@ from gateway.logs import log_access, request_id_var
 from gateway.metrics import Metrics
 from gateway.planning.outcome import PlanInThread
 from gateway.planning.plan import PlannedRequest, RequestPlanner, Upstream
+from gateway.proxy.decisions import DecisionLog
 from gateway.proxy.relay import Call, Relay, Send, send_error
 from gateway.settings import Settings
 from gateway.upstream.sender import UpstreamSender, request_headers
@@ -80,6 +81,7 @@ class Proxy:
         issued: Callable[[str, str | None], bool] | None = None,
         namespaces: KeyNamespaces | None = None,
         passthrough_upstream: Callable[[], Upstream] | None = None,
+        decisions: DecisionLog | None = None,
     ) -> None:
         self.settings = settings
         self.issued = issued  # ids the index API handed out: clients send them back as they are (batch flow)
@@ -89,6 +91,7 @@ class Proxy:
         self.planner = planner
         self.passthrough_upstream = passthrough_upstream  # several replicas: where non-planned requests go
         self._access = Access(settings, namespaces)
+        self.decisions = decisions  # the operator view (``--decision-log``), None when off
         self.relay = Relay(metrics)
         self.streams = 0  # streaming completion requests in flight
 
@@ -129,6 +132,8 @@ class Proxy:
                 self.metrics.disconnects.inc()
             self.metrics.in_flight.dec()
             self.metrics.answered(route, status, time.perf_counter() - started)
+            if self.decisions is not None:
+                self.decisions.add(call, status, time.perf_counter() - started)
             if self.settings.access_log:
                 result = call.planned.result if call.planned is not None else {}
                 log_access(call.request_id, route, status, result=result, cached_tokens=call.cached_tokens,

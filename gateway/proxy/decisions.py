@@ -1,0 +1,153 @@
+"""The operator view of recent proxied requests (``--decision-log N``): what was done to each, by request id.
+
+Off by default; on, it needs the admin token (``Settings`` refuses to start without one) and keeps the last N planned
+completion requests (a request refused before planning leaves nothing). A record holds the route, status, replica,
+the engine's cached tokens, the ``X-Prefixgate-Result`` fields and, per block group, its format, the decision and
+its reason, whether it moved, and its blocks in the order the client sent them and in the order they were
+forwarded: block ids (16 hex digits of a hash of the block's content), never the prompt text. With
+``--decision-log-text`` the body as sent and as forwarded are kept too, each cut at ``TEXT_CAP`` bytes, within
+``TEXT_BUDGET`` bytes for all records (the oldest bodies are dropped first; their records stay).
+
+``GET /debug/requests/{id}``: one record (404 when it is not, or no longer, kept). ``GET /debug/requests?limit=N``:
+the most recent N records, newest first (default 20). Both need ``Authorization: Bearer <admin token>``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from cachetools import LRUCache
+from litestar import Request, get
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
+
+from gateway.edge.access import Access
+from gateway.errors import InvalidRequest, NotFound
+from gateway.planning.outcome import Choice
+from gateway.proxy.relay import Call
+
+__all__ = ["DEFAULT_LIMIT", "TEXT_BUDGET", "TEXT_CAP", "DecisionLog", "decision_routes"]
+
+DEFAULT_LIMIT = 20
+TEXT_CAP = 256 << 10  # bytes kept of each body
+TEXT_BUDGET = 64 << 20  # bytes of bodies kept in all
+
+
+def _hex(block: int) -> str:
+    return f"{block & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+def _group(choice: Choice) -> dict[str, Any]:
+    group: dict[str, Any] = {
+        "format": choice.format,
+        "blocks": choice.blocks,
+        "action": choice.decision.action,
+        "reason": choice.decision.reason,
+        "moved": choice.moved,
+    }
+    if choice.ids and len(choice.order) == len(choice.ids):
+        sent = [""] * len(choice.ids)
+        for position, index in enumerate(choice.order):
+            sent[index] = _hex(choice.ids[position])
+        group["sent"] = sent
+        group["forwarded"] = [_hex(block) for block in choice.ids]
+        group["order"] = list(choice.order)  # forwarded position -> the block's position as sent
+    return group
+
+
+def _text(body: bytes) -> dict[str, Any]:
+    return {"text": body[:TEXT_CAP].decode("utf-8", "replace"), "bytes": len(body), "truncated": len(body) > TEXT_CAP}
+
+
+class DecisionLog:
+    """The last ``size`` planned requests' records, by request id (a ring: the oldest leaves first)."""
+
+    def __init__(self, size: int, text: bool = False) -> None:
+        if size < 1:
+            raise ValueError("a decision log keeps at least one request")
+        self.size = size
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._texts: LRUCache[str, tuple[bytes, bytes]] | None = None
+        if text:
+            self._texts = LRUCache(maxsize=TEXT_BUDGET, getsizeof=lambda pair: len(pair[0]) + len(pair[1]) + 1)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, call: Call, status: int, latency: float) -> None:
+        """Record what was done to ``call`` (answered with ``status`` after ``latency`` seconds); on the event loop."""
+        planned = call.planned
+        if planned is None:
+            return
+        record = {
+            "request_id": call.request_id,
+            "route": call.route,
+            "status": status,
+            "time": round(time.time(), 3),
+            "latency_ms": round(latency * 1000, 3),
+            "replica": getattr(call.upstream, "name", None),
+            "cached_tokens": call.cached_tokens,
+            "result": dict(planned.result),
+            "groups": [_group(choice) for choice in planned.choices],
+        }
+        records = self._records
+        records.pop(call.request_id, None)  # an id sent again: its latest request
+        records[call.request_id] = record
+        while len(records) > self.size:
+            gone, _ = records.popitem(last=False)
+            if self._texts is not None:
+                self._texts.pop(gone, None)
+        if self._texts is not None and call.body is not None:
+            self._texts[call.request_id] = (call.body.raw[:TEXT_CAP], call.payload[:TEXT_CAP])
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        record = self._records.get(request_id)
+        if record is None:
+            return None
+        if self._texts is None:
+            return record
+        texts = self._texts.get(request_id)
+        kept = None if texts is None else {"sent": _text(texts[0]), "forwarded": _text(texts[1])}
+        return {**record, "text": kept}
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recent records, newest first (without their texts)."""
+        out: list[dict[str, Any]] = []
+        for request_id in reversed(self._records):
+            if len(out) >= limit:
+                break
+            out.append(self._records[request_id])
+        return out
+
+
+def _limit(raw: str | None, size: int) -> int:
+    if raw is None:
+        return min(DEFAULT_LIMIT, size)
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidRequest("limit must be a positive integer", param="limit", code="invalid_limit")
+    return min(int(raw), size)
+
+
+def decision_routes(log: DecisionLog, access: Access) -> Sequence[HTTPRouteHandler]:
+    """``GET /debug/requests`` and ``GET /debug/requests/{request_id}``, admin token required."""
+
+    @get("/debug/requests", sync_to_thread=False)
+    def recent(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The most recent proxied requests' decisions, newest first (``?limit=``, default 20)."""
+        access.require_admin(request.headers)
+        records = log.recent(_limit(request.query_params.get("limit"), log.size))
+        return {"object": "list", "data": records, "kept": len(log), "size": log.size}
+
+    @get("/debug/requests/{request_id:str}", sync_to_thread=False)
+    def one(request: Request[Any, Any, Any], request_id: FromPath[str]) -> dict[str, Any]:
+        """What was done to one proxied request, by its ``X-Request-Id``."""
+        access.require_admin(request.headers)
+        record = log.get(request_id)
+        if record is None:
+            raise NotFound(f"no decision kept for request {request_id!r}", param="request_id", code="not_kept")
+        return record
+
+    return [recent, one]

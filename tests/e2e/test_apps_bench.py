@@ -1,0 +1,57 @@
+"""``bench apps`` cannot rot: one real app through its machinery, on a real sim-engine and ``prefixgate serve``.
+
+The bench's own pieces run here as the bench runs them: the stdlib corpus and BM25, the metering transports, a
+``prefixgate sim-engine`` process and a ``prefixgate serve`` process in front of it, the direct and gateway runs
+with caches reset between them, and the check of what the engine received against what the client sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from bench.apps import APPS
+from bench.apps_bench import Mangled, SimStacks, sim_engine, verdicts
+from bench.apps_corpus import build_corpus, questions
+from bench.llama_bench import _gateway
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stacks() -> Iterator[SimStacks]:
+    corpus = [chunk.text for chunk in build_corpus()]
+    with sim_engine() as sim, _gateway(sim, "openai") as gateway:
+        yield SimStacks(corpus, sim, gateway)
+
+
+def test_one_app_runs_direct_and_through_the_gateway_and_is_checked(stacks: SimStacks) -> None:
+    app = next(app for app in APPS if app.name == "anthropic document blocks")
+    asked = questions(build_corpus(), "diverse", 6)
+    result = stacks.run(app, asked, "diverse")
+    assert len(result.direct) == len(result.gateway) == len(asked)
+    assert all(e.prompt > 0 for e in result.direct + result.gateway)  # usage read from every answer
+    assert all(e.request_id for e in result.gateway)
+    assert result.compared == len(asked) and result.mangled_bytes == 0
+    assert sum(e.reordered for e in result.gateway) > 0
+    # documents recur across the questions: the gateway's cached share is not below direct's
+    direct = sum(e.cached for e in result.direct) / sum(e.prompt for e in result.direct)
+    through = sum(e.cached for e in result.gateway) / sum(e.prompt for e in result.gateway)
+    assert through >= direct
+    assert "below direct" not in verdicts(result)
+
+
+def test_the_check_passes_a_permutation_and_catches_a_moved_indent_or_a_cut_document() -> None:
+    docs = ["alpha one\n\n    code()\nmore", "beta two", "gamma three"]
+    check = Mangled(docs)
+    sent = "Context:\n    " + "\n    ".join(docs) + "\nQuestion: q"
+    permuted = "Context:\n    " + "\n    ".join([docs[2], docs[0], docs[1]]) + "\nQuestion: q"
+    assert check(sent, permuted) == 0
+    assert check({"messages": [{"content": sent}]}, {"messages": [{"content": permuted}], "id_slot": 1}) == 0
+    reindented = "Context:\n        " + docs[2] + "\n    " + docs[0] + "\n" + docs[1] + "\nQuestion: q"
+    assert check(sent, reindented) > 0
+    cut = "Context:\n    " + "\n    ".join([docs[1], docs[0].split("\n\n")[1], docs[2], docs[0].split("\n\n")[0]])
+    assert check(sent, cut + "\nQuestion: q") > 0
+    assert check(["a", "b"], ["b", "a"]) == 0 and check({"a": 1}, {}) > 0
+    assert check("[1] beta two\n[2] gamma three", "[1] gamma three\n[2] beta two") == 0  # renumbered by position
