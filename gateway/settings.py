@@ -113,8 +113,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("state: expected redis://host:port[/db] (or rediss://, unix://)")
         if self.state_max_len < 100:
             raise ValueError("state_max_len: must be at least 100")
-        if not self.eject_time > 0 or not 0 <= self.max_ejected_percent <= 100 or self.stuck_factor < 0:
-            raise ValueError("eject_time: must be positive; max_ejected_percent: 0 to 100; stuck_factor: at least 0")
+        if not self.eject_time > 0:
+            raise ValueError("eject_time: must be a positive number of seconds")
+        if not 0 <= self.max_ejected_percent <= 100:
+            raise ValueError("max_ejected_percent: must be between 0 and 100")
+        if self.stuck_factor < 0:
+            raise ValueError("stuck_factor: must be at least 0")
         if self.namespace_secret and len(self.namespace_secret) < 16:
             raise ValueError("namespace_secret: must be at least 16 characters")
         if self.api_key and self.state and not self.namespace_secret:
