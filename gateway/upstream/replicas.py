@@ -199,6 +199,8 @@ class ReplicaSet:
             return
         pending.counted = True
         replica = pending.replica
+        if replica.ejected_until > self.clock():
+            return  # sent before the ejection: already paid for
         replica.request_failures += 1
         if len(self.replicas) > 1 and replica.request_failures >= self.eject_after:
             self._eject(replica, reason)
@@ -238,7 +240,7 @@ class ReplicaSet:
             stuck = False
             if peers:
                 limit = max(STUCK_FLOOR, self.stuck_factor * peers[len(peers) // 2])
-                for pending in list(replica.waiting):  # oldest first: stop at the first one within the limit
+                for pending in replica.waiting:  # oldest first: stop at the first one within the limit
                     if now - pending.since <= limit:
                         break
                     stuck = True  # until the request ends

@@ -103,3 +103,15 @@ def test_only_evidence_of_a_restart_drops_the_index() -> None:
     assert not r0.healthy
     replicas.succeeded(r0)
     assert "req-2" not in r0.residency.index and r0.index_drops == 2
+
+
+def test_failures_of_requests_sent_before_an_ejection_do_not_carry_past_it() -> None:
+    replicas, clock = replica_set(2, eject_after=2, eject_time=30.0)
+    r0, r1 = replicas.replicas
+    in_flight = [replicas.started(r0) for _ in range(5)]
+    for pending in in_flight:  # two eject it, the other three time out while it is out
+        replicas.request_failed(pending, "timeout")
+    assert replicas.healthy() == [r1]
+    clock.now += 30.0
+    fail(replicas, r0, 1)
+    assert replicas.healthy() == [r0, r1], "one new failure is not a run"

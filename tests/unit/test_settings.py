@@ -58,6 +58,13 @@ def test_no_reorder_flag() -> None:
         ({"PREFIXGATE_STATELESS": "perhaps"}, "--stateless (PREFIXGATE_STATELESS)"),
         ({"PREFIXGATE_MAX_BODY_BYTES": "-5"}, "--max-body-bytes (PREFIXGATE_MAX_BODY_BYTES)"),
         ({"PREFIXGATE_BATCH_SEARCH": "-1"}, "--batch-search (PREFIXGATE_BATCH_SEARCH)"),
+        (
+            {"PREFIXGATE_API_KEY": "k", "PREFIXGATE_STATE": "redis://r:6379/0"},
+            "--namespace-secret (PREFIXGATE_NAMESPACE_SECRET)",
+        ),
+        ({"PREFIXGATE_NAMESPACE_SECRET": "short"}, "--namespace-secret (PREFIXGATE_NAMESPACE_SECRET)"),
+        ({"PREFIXGATE_MAX_EJECTED_PERCENT": "101"}, "--max-ejected-percent (PREFIXGATE_MAX_EJECTED_PERCENT)"),
+        ({"PREFIXGATE_STUCK_FACTOR": "-1"}, "--stuck-factor (PREFIXGATE_STUCK_FACTOR)"),
     ],
 )
 def test_invalid_values_name_the_option(env: dict[str, str], fragment: str) -> None:
@@ -71,9 +78,11 @@ def test_settings_are_frozen() -> None:
 
 
 def test_redacted_hides_secrets() -> None:
-    settings = load_settings(environ={}, admin_token="s3cret", upstream_api_key="up", api_key=("client-key",))
+    settings = load_settings(
+        environ={}, admin_token="s3cret", upstream_api_key="up", api_key=("client-key",), namespace_secret="n" * 16
+    )
     text = json.dumps(settings.redacted())
-    for secret in ("s3cret", 'up"', "client-key"):
+    for secret in ("s3cret", 'up"', "client-key", "n" * 16):
         assert secret not in text
 
 
