@@ -53,7 +53,7 @@ class PlannedRequest:
     """
 
     __slots__ = ("answer", "chain", "choices", "commits", "fields", "metrics", "predicted_chars", "predictions",
-                 "request_id", "residency", "result", "slot", "slot_known", "slots", "tally")  # fmt: skip
+                 "request_id", "residency", "result", "slot", "slot_known", "slots", "tally", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -82,6 +82,7 @@ class PlannedRequest:
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
         self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
         self.choices: Sequence[Choice] = ()  # per group: format, decision, sent and forwarded order (decision log)
+        self.upstream: Upstream | None = None  # where it goes: set by the router (``gateway.upstream.router``)
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
@@ -119,6 +120,11 @@ class PlannedRequest:
     def failed(self, reason: str) -> None:
         """The upstream failed the request: timed out, broke the connection, answered nonsense (likewise)."""
 
+    def reroute(self, body: RequestBody, headers: Mapping[str, str]) -> PlannedRequest | None:
+        """The request could not be sent to its upstream: the same request planned for the next one, or None (a
+        router's plan has replicas to try; this one has none)."""
+        return None
+
     def finish(self) -> None:
         """The upstream is done with the request: free its llama.cpp slot (once, however often called)."""
         slots, self.slots = self.slots, None
@@ -143,8 +149,10 @@ class RequestPlanner(Protocol):
 
 class Upstream(Protocol):
     """Where a request goes: an engine replica's pooled client and engine kind (``gateway.upstream.replicas``). A plan
-    made by the router (``gateway.upstream.router``) carries one as ``planned.upstream``, and a ``planned.reroute``."""
+    made by the router (``gateway.upstream.router``) carries one as ``planned.upstream``, and ``planned.reroute`` plans
+    it for the next replica."""
 
+    name: str
     client: httpx.AsyncClient
     sender: UpstreamSender
     engine: EngineAdapter

@@ -87,16 +87,13 @@ class RoutedRequest(PlannedRequest):
         for name in PlannedRequest.__slots__:
             setattr(routed, name, getattr(planned, name))
         routed.residency = replica.residency  # a plan made by the shared planner is committed to its replica only
+        routed.upstream = replica
         routed.replica, routed.router, routed._queued, routed._done = replica, router, queued, False
         routed.conversation, routed.ranking, routed.tried, routed.tenant = None, (), (replica,), None
         routed._pending = router.replicas.started(replica)
         replica.in_flight += 1
         replica.queued_tokens += queued
         return routed
-
-    @property
-    def upstream(self) -> Replica:
-        return self.replica
 
     def accept(self) -> None:
         self._dequeue()
