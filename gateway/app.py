@@ -202,13 +202,11 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     decisions = DecisionLog(settings.decision_log, settings.decision_log_text) if settings.decision_log else None
     proxy = Proxy(
         settings,
-        first.sender,
-        first.engine,
         metrics,
         router,
+        router.passthrough if len(replicas) > 1 else lambda: first,
         issued=residency.issued,
         namespaces=namespaces,
-        passthrough_upstream=router.passthrough if len(replicas) > 1 else None,
         decisions=decisions,
     )
     mode = "stateless" if settings.stateless else "live"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 from litestar import Request, get
@@ -27,7 +27,9 @@ from litestar.params import FromPath
 from gateway.edge.access import Access
 from gateway.errors import InvalidRequest, NotFound
 from gateway.planning.outcome import Choice
-from gateway.proxy.relay import Call
+
+if TYPE_CHECKING:
+    from gateway.proxy.pipeline import Exchange
 
 __all__ = ["DEFAULT_LIMIT", "TEXT_BUDGET", "TEXT_CAP", "DecisionLog", "decision_routes"]
 
@@ -77,7 +79,7 @@ class DecisionLog:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, call: Call, status: int, latency: float) -> None:
+    def add(self, call: Exchange, status: int, latency: float) -> None:
         """Record what was done to ``call`` (answered with ``status`` after ``latency`` seconds); on the event loop."""
         planned = call.planned
         if planned is None:

@@ -1,4 +1,4 @@
-"""The relay's bookkeeping: the upstream is marked done before the client sees the end of its response, and the
+"""The exchange's settle phase: the upstream is marked done before the client sees the end of its response; and the
 cached-token count is read from event streams whatever their line endings."""
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ import anyio
 import pytest
 
 from engines.llamacpp.slots import SlotTable
+from gateway.app import create_app
 from gateway.metrics import Metrics
 from gateway.planning.planner import PlannedRequest
 from gateway.planning.residency import Residency
-from gateway.proxy.relay import Call as _Call
+from gateway.proxy.pipeline import Exchange
+from gateway.proxy.relay import Relayed
 from gateway.proxy.usage import UsageSniffer
+from gateway.settings import load_settings
 
 
 def test_finish_runs_once_and_before_the_last_body_message() -> None:
@@ -26,16 +29,22 @@ def test_finish_runs_once_and_before_the_last_body_message() -> None:
     planned = PlannedRequest("req-1", Residency(max_requests=8, stateless=False), Metrics(), {})
     planned.slots, planned.slot = slots, slots.choose(())
     planned.slots.reserve(0)  # a second request on the same slot: one finish must release one reservation only
-    call = _Call(send, "req-1", "/v1/completions", 0.0, [], planned=planned)
+    proxy = create_app(load_settings(environ={}, upstream="http://engine.test")).state.proxy
+    exchange = Exchange(proxy, {"type": "http", "headers": []}, _never, send)
+    exchange.planned = planned
 
     async def run() -> None:
-        await call.send({"type": "http.response.body", "body": b"x", "more_body": True})
-        await call.end()
-        call.finish()  # the handler's safety net must not release the slot a second time
+        await exchange.to_client({"type": "http.response.body", "body": b"x", "more_body": True})
+        await exchange.settle(Relayed(200))
+        exchange.close()  # the proxy's safety net must not release the slot a second time
 
     anyio.run(run)
     assert events == ["body", "last body, 1 in flight"]
     assert slots.slots[0].in_flight == 1
+
+
+async def _never() -> dict[str, Any]:
+    raise AssertionError("settling reads nothing from the client")
 
 
 USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 7}}}'
