@@ -95,9 +95,11 @@ def normalise_path(raw: bytes) -> bytes:
     Paths with no ``%``, ``//`` or ``/.`` and no trailing slash are already normal: returned as they are, without
     a copy (the proxy's hot path).
     """
-    if b"%" not in raw and b"//" not in raw and b"/." not in raw and (raw[-1:] != b"/" or raw == b"/"):
-        return raw if raw[:1] == b"/" else _refuse_path("the request path must start with /")
-    if raw[:1] != b"/":
+    if b"%" not in raw and b"//" not in raw and b"/." not in raw and raw.startswith(b"/") and not raw.endswith(b"/"):
+        return raw
+    if raw == b"/":
+        return raw
+    if not raw.startswith(b"/"):
         _refuse_path("the request path must start with /")
     segments: list[bytes] = []
     for segment in raw.split(b"/")[1:]:
