@@ -43,7 +43,8 @@ class EventFrames:
 
     def feed(self, chunk: bytes) -> list[Frame]:
         """The frames ``chunk`` completes: whole events, or pass-through bytes of one over the limit."""
-        if not self._parts and not self._skipping and b"\r" not in chunk:  # whole LF events: the common read
+        # whole LF events, the common read (``13 not in``: ``b"\r" in`` first tries the needle as an int, ~10x slower)
+        if not self._parts and not self._skipping and 13 not in chunk:
             *events, rest = chunk.split(b"\n\n")
             frames: list[Frame] = [(event, b"\n\n") for event in events]
             if rest:
@@ -66,7 +67,7 @@ class EventFrames:
 
     def _split(self, data: bytes, frames: list[Frame]) -> None:
         """Frame ``data``, which starts an event; hold (or pass on) its unfinished last event."""
-        if b"\r" not in data:  # LF line ends, as vLLM, SGLang and llama.cpp write them: split in C, not by regex
+        if 13 not in data:  # LF line ends, as vLLM, SGLang and llama.cpp write them: split in C, not by regex
             *events, rest = data.split(b"\n\n")
             frames += [(event, b"\n\n") for event in events]
         else:
@@ -120,7 +121,7 @@ class EventFrames:
 
 def _find_end(data: bytes) -> tuple[int, bytes] | None:
     """Where the first event end in ``data`` starts, and its bytes."""
-    if b"\r" not in data:
+    if 13 not in data:
         at = data.find(b"\n\n")
         return None if at < 0 else (at, b"\n\n")
     match = _EVENT_END.search(data)
