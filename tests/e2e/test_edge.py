@@ -134,7 +134,7 @@ def test_a_trailer_never_authenticates(gateway: Gateway) -> None:
 
 
 def test_trailer_fields_are_neither_used_nor_forwarded(gateway: Gateway) -> None:
-    before = len(gateway.upstream.sender.seen)
+    before = len(gateway.upstream.seen)
     raw = exchange(
         gateway.port,
         chunked_with_trailer(b"Authorization: Bearer alice-key\r\n", b"X-Request-Id: smuggled\r\nX-Smuggled: yes\r\n"),
@@ -142,7 +142,7 @@ def test_trailer_fields_are_neither_used_nor_forwarded(gateway: Gateway) -> None
     assert status_of(raw) == 200
     head = raw.split(b"\r\n\r\n", 1)[0].lower()
     assert b"smuggled" not in head
-    headers, _ = gateway.upstream.sender.seen[before]
+    headers, _ = gateway.upstream.seen[before]
     assert "x-smuggled" not in headers
     assert "smuggled" not in headers.get("x-request-id", "")
 
@@ -151,14 +151,14 @@ def test_trailer_fields_are_neither_used_nor_forwarded(gateway: Gateway) -> None
 
 
 def test_oversized_headers_are_431_and_never_forwarded(gateway: Gateway) -> None:
-    before = len(gateway.upstream.sender.seen)
+    before = len(gateway.upstream.seen)
     big = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
     assert status_of(exchange(gateway.port, big)) == 431
     many = b"GET /health HTTP/1.1\r\nHost: gw\r\n" + b"".join(b"X-F%d: 1\r\n" % i for i in range(60)) + b"\r\n"
     answer = exchange(gateway.port, many)
     assert status_of(answer) == 431
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_headers"
-    assert len(gateway.upstream.sender.seen) == before
+    assert len(gateway.upstream.seen) == before
 
 
 def test_a_header_flood_is_cut_off_before_it_is_buffered(gateway: Gateway) -> None:
@@ -193,7 +193,7 @@ def test_a_silent_connection_is_closed(gateway: Gateway) -> None:
 
 
 def test_a_body_that_never_finishes_is_dropped(gateway: Gateway) -> None:
-    before = len(gateway.upstream.sender.seen)
+    before = len(gateway.upstream.seen)
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alice-key\r\n"
         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
@@ -201,7 +201,7 @@ def test_a_body_that_never_finishes_is_dropped(gateway: Gateway) -> None:
     started = time.monotonic()
     exchange(gateway.port, head, wait=10)
     assert time.monotonic() - started < 9
-    assert len(gateway.upstream.sender.seen) == before
+    assert len(gateway.upstream.seen) == before
     assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
 
 
@@ -216,7 +216,7 @@ def test_keep_alive_connections_serve_a_bounded_number_of_requests(gateway: Gate
 
 
 def test_fields_named_in_connection_are_dropped(gateway: Gateway) -> None:
-    before = len(gateway.upstream.sender.seen)
+    before = len(gateway.upstream.seen)
     answer = httpx.post(
         f"{gateway.url}/v1/chat/completions",
         content=CHAT,
@@ -224,7 +224,7 @@ def test_fields_named_in_connection_are_dropped(gateway: Gateway) -> None:
         timeout=10,
     )
     assert answer.status_code == 200
-    headers, _ = gateway.upstream.sender.seen[before]
+    headers, _ = gateway.upstream.seen[before]
     assert "x-hop" not in headers
     assert headers["x-kept"] == "yes"
 
@@ -256,11 +256,11 @@ def test_a_hostile_prompt_is_forwarded_unchanged_and_the_gateway_keeps_answering
     head = "".join(f"Doc{' ' * s}1: some text here\nDoc{' ' * s}2: more text here\n" for s in range(1, 1001))
     text = head + "ordinary words in a line of prose\n" * 60_000
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
-    before = len(gateway.upstream.sender.seen)
+    before = len(gateway.upstream.seen)
     answer = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, headers=ALICE, timeout=60)
     assert answer.status_code == 200
     assert json.loads(answer.headers["x-prefixgate-result"])["skipped"] == "budget"
-    _, forwarded = gateway.upstream.sender.seen[before]
+    _, forwarded = gateway.upstream.seen[before]
     assert json.loads(forwarded)["messages"][0]["content"] == text
     metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text
     assert 'prefixgate_intercept_skipped_total{reason="budget"}' in metrics
@@ -284,10 +284,10 @@ def test_identifiers_and_unpaired_tags_survive_the_real_proxy(gateway: Gateway) 
     # other article numbers to match it
     for text in (articles([2, 0, 1]), articles([0, 1, 2]), docbook):
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
-        before = len(gateway.upstream.sender.seen)
+        before = len(gateway.upstream.seen)
         answer = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, headers=BOB, timeout=30)
         assert answer.status_code == 200
-        sent = json.loads(gateway.upstream.sender.seen[before][1])["messages"][0]["content"]
+        sent = json.loads(gateway.upstream.seen[before][1])["messages"][0]["content"]
         if text is docbook:
             assert sent == text
         else:  # the articles may move, each with its own number (the label stays attached)
