@@ -1,13 +1,15 @@
 """The ``/v1/*`` reverse proxy, as a raw ASGI app mounted into the Litestar application.
 
-Per request: check the client key, resolve the request id (namespaced by that key, see ``gateway.ids``; a body
-``rid``/``request_id`` counts once the body is decoded), refuse
+The path it sees is already normalised (``gateway.app`` calls ``gateway.edge.inbound.normalise_path`` first), so
+the route is classified on the one spelling of it. Per request: check the client key, resolve the request id
+(namespaced by that key, see ``gateway.ids``; a body ``rid``/``request_id`` counts once the body is decoded), refuse
 header values a server must not forward, read the body within the size limit. On the completion routes: decode the
 body once (``gateway.wire.chat.RequestBody``), take a stream slot (429 beyond ``max_concurrent_streams``), let the
 planner plan it (one ``PlannedRequest``; 413 beyond ``max_blocks_per_request``), apply its fields and the engine's
-request-id stamp, encode the body once. Then send it upstream (to the next replica
-when one could not be reached) and hand the response to ``gateway.proxy.relay``, which answers the client and calls the
-plan's ``accept``, ``usage`` and ``finish`` on the way. A client disconnect cancels the upstream request.
+request-id stamp, encode the body once. Then send it upstream (to the next replica when one could not be reached;
+once more only when it never reached the upstream whole, ``resendable``) and hand the response to
+``gateway.proxy.relay``, which answers the client and calls the plan's ``accept``, ``usage`` and ``finish`` on the
+way. A client disconnect cancels the upstream request.
 
 Nothing here blocks the event loop: a completion body of ``PLAN_IN_THREAD_BYTES`` or more is decoded, planned and
 encoded in a worker thread (the planner then reads the live index on the loop). Below it the work is cheaper than
