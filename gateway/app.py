@@ -155,11 +155,15 @@ def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, me
     scans, boundaries = TextScans(), Boundaries()
     for position, (kind, url) in enumerate(settings.upstreams):
         residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
-        pool = transport if transport is not None else build_transport(settings)
-        client = build_client(settings, pool, url)
-        replica = Replica(
-            position, f"r{position}", url, get_engine(kind), client, UpstreamSender(client, pool), residency
+        # llama-server closes a connection after every streamed (chunked) answer, announcing keep-alive
+        engine = get_engine(kind)
+        pool = (
+            transport
+            if transport is not None
+            else build_transport(settings, keep_after_chunked=engine.name != "llamacpp")
         )
+        client = build_client(settings, pool, url)
+        replica = Replica(position, f"r{position}", url, engine, client, UpstreamSender(client, pool), residency)
         replica.planner = Planner(settings, residency, metrics, scans=scans, boundaries=boundaries)
         replicas.append(replica)
     return ReplicaSet(

@@ -95,9 +95,12 @@ def normalise_path(raw: bytes) -> bytes:
     Paths with no ``%``, ``//`` or ``/.`` and no trailing slash are already normal: returned as they are, without
     a copy (the proxy's hot path).
     """
-    if b"%" not in raw and b"//" not in raw and b"/." not in raw and (raw[-1:] != b"/" or raw == b"/"):
-        return raw if raw[:1] == b"/" else _refuse_path("the request path must start with /")
-    if raw[:1] != b"/":
+    # ``37 not in`` and ``find``: ``b"%" in raw`` first tries the needle as an int and costs ~10x more
+    if raw[:1] == b"/" and raw[-1:] != b"/" and 37 not in raw and raw.find(b"//") < 0 and raw.find(b"/.") < 0:
+        return raw
+    if raw == b"/":
+        return raw
+    if not raw.startswith(b"/"):
         _refuse_path("the request path must start with /")
     segments: list[bytes] = []
     for segment in raw.split(b"/")[1:]:

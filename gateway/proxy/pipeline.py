@@ -1,17 +1,18 @@
 """The ``/v1/*`` reverse proxy, as a raw ASGI app mounted into the Litestar application: the request's path, read
 top to bottom.
 
-:class:`Proxy` runs one :class:`Exchange` per request, phase by phase: ``admit`` (check the client key, resolve the
-request id, namespaced by that key, see ``gateway.ids``; refuse header values a server must not forward; classify
-the route), ``decode`` (read the body within the size limit; on a completion route decode it once into a
-``gateway.wire.chat.RequestBody``, a body ``rid``/``request_id`` becoming the request id, and take a stream slot,
-429 beyond ``max_concurrent_streams``), ``plan`` (one ``PlannedRequest`` made for the replica it goes to, 413 beyond
-``max_blocks_per_request``; its fields and the engine's request-id stamp applied; the body encoded once), ``send``
-(to the next replica when one could not be reached; once more only when it never reached the upstream whole,
-``resendable``; a 2xx head is the engine accepting the request), ``relay`` (``gateway.proxy.relay`` streams the
-answer and reports what it saw) and ``settle`` (the plan's ``usage`` and ``finish``, then the answer's last
-message). A client disconnect cancels the upstream request. The exchange owns the request's state; the relay runs
-nothing of the plan's lifecycle.
+:class:`Proxy` runs one :class:`Exchange` per request, phase by phase. The path it sees is already normalised
+(``gateway.app`` calls ``gateway.edge.inbound.normalise_path`` first), so the route is classified on the one spelling of
+it. ``admit`` (check the client key, resolve the request id, namespaced by that key, see ``gateway.ids``; refuse header
+values a server must not forward; classify the route), ``decode`` (read the body within the size limit; on a completion
+route decode it once into a ``gateway.wire.chat.RequestBody``, a body ``rid``/``request_id`` becoming the request id,
+and take a stream slot, 429 beyond ``max_concurrent_streams``), ``plan`` (one ``PlannedRequest`` made for the replica it
+goes to, 413 beyond ``max_blocks_per_request``; its fields and the engine's request-id stamp applied; the body encoded
+once), ``send`` (to the next replica when one could not be reached; once more only when it never reached the upstream
+whole, ``resendable``; a 2xx head is the engine accepting the request), ``relay`` (``gateway.proxy.relay`` streams the
+answer and reports what it saw) and ``settle`` (the plan's ``usage`` and ``finish``, then the answer's last message). A
+client disconnect cancels the upstream request. The exchange owns the request's state; the relay runs nothing of the
+plan's lifecycle.
 
 Nothing here blocks the event loop: a completion body of ``PLAN_IN_THREAD_BYTES`` or more is decoded, planned and
 encoded in a worker thread (the planner then reads the live index on the loop). Below it the work is cheaper than

@@ -31,7 +31,7 @@ class UsageSniffer:
 
     def feed(self, chunk: bytes) -> None:
         for event, end in self._frames.feed(chunk):
-            if end is None or (b'"usage"' not in event and b'"timings"' not in event):
+            if end is None or (event.find(b'"usage"') < 0 and event.find(b'"timings"') < 0):
                 continue
             for line in event.splitlines():
                 if line.startswith(b"data:"):

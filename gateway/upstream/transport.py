@@ -19,7 +19,8 @@ Semantics kept:
 - a kept-alive connection is reused only if the answer allowed it (HTTP/1.1 without ``Connection: close``), it
   was read to its end, and the upstream neither closed it nor wrote to it out of turn (the socket is polled too);
   an upstream seen closing a connection within ``EARLY_CLOSE`` of a chunked answer gets no pooled connection after
-  a chunked answer any more (llama-server closes one after every streamed answer, announcing keep-alive);
+  a chunked answer any more (llama-server closes one after every streamed answer, announcing keep-alive; with
+  ``--engine llamacpp`` that holds from the start);
 - a cancelled request or body read (a client that went away) closes its connection, never pools it;
 - response bodies stream as they arrive (SSE token by token), with backpressure; TLS upstreams are checked.
 """
@@ -46,16 +47,29 @@ EARLY_CLOSE = 1.0
 Origin = tuple[str, str, int]
 
 
-def build_transport(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> UpstreamTransport:
+def build_transport(
+    settings: Settings, ssl_context: ssl.SSLContext | None = None, *, keep_after_chunked: bool = True
+) -> UpstreamTransport:
     """The upstream connection pool. The proxy sends through it directly (``gateway.upstream.sender.UpstreamSender``);
-    the client wrapping it owns its lifetime. ``ssl_context`` replaces the default certificate checks (tests)."""
-    return UpstreamTransport(settings.max_connections, settings.max_keepalive, ssl_context)
+    the client wrapping it owns its lifetime. ``ssl_context`` replaces the default certificate checks (tests);
+    ``keep_after_chunked=False`` pools no connection after a chunked answer from the start (llama-server)."""
+    return UpstreamTransport(
+        settings.max_connections, settings.max_keepalive, ssl_context, keep_after_chunked=keep_after_chunked
+    )
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):
     """Kept-alive HTTP/1.1 connections per origin, at most ``max_connections`` open and ``max_keepalive`` idle."""
 
-    def __init__(self, max_connections: int, max_keepalive: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        max_keepalive: int,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        keep_after_chunked: bool = True,
+    ) -> None:
+        self._keep_after_chunked = keep_after_chunked  # False: an engine known to close after chunked answers
         self._max_connections = max_connections
         self._max_keepalive = max_keepalive
         self._ssl_context = ssl_context
@@ -96,7 +110,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             connection.reusable()
             and self._idle_count < self._max_keepalive
             and connection in self._open
-            and not (connection.origin in self._close_after_chunked and connection.answer_chunked())
+            and not (self._closes_after_chunked(connection.origin) and connection.answer_chunked())
         ):
             connection.idle = True
             connection.idle_since = connection.loop.time()
@@ -132,6 +146,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             connection.abort()
             self._open.discard(connection)
         return None
+
+    def _closes_after_chunked(self, origin: Origin) -> bool:
+        return not self._keep_after_chunked or origin in self._close_after_chunked
 
     def _learn_early_close(self, connection: Connection) -> None:
         """An upstream that closed a kept-alive connection right after a chunked answer (llama-server closes one

@@ -1,8 +1,9 @@
 """Wire views of the three APIs: what the proxy decodes of a body, and how each route's errors look.
 
 Owns ``chat`` (OpenAI chat and completions), ``responses`` (OpenAI Responses), ``anthropic`` (Messages), ``walk``
-(finding texts and whole blocks in a body) and ``citations`` (Anthropic citation indices put back in the client's
-order). May import the base modules (``gateway.errors``) only.
+(finding texts and whole blocks in a body), ``citations`` (Anthropic citation indices put back in the client's
+order) and ``sse`` (the one framer of an upstream's event stream, bounded). May import the base modules
+(``gateway.errors``) only.
 
 The request shapes beyond OpenAI chat and completions: Anthropic Messages and OpenAI Responses.
 

@@ -43,7 +43,14 @@ class EventFrames:
 
     def feed(self, chunk: bytes) -> list[Frame]:
         """The frames ``chunk`` completes: whole events, or pass-through bytes of one over the limit."""
-        frames: list[Frame] = []
+        # whole LF events, the common read (``13 not in``: ``b"\r" in`` first tries the needle as an int, ~10x slower)
+        if not self._parts and not self._skipping and 13 not in chunk:
+            *events, rest = chunk.split(b"\n\n")
+            frames: list[Frame] = [(event, b"\n\n") for event in events]
+            if rest:
+                self._hold(rest, frames)
+            return frames
+        frames = []
         if self._skipping:
             chunk = self._skip(chunk, frames)
         elif self._parts:
@@ -60,24 +67,30 @@ class EventFrames:
 
     def _split(self, data: bytes, frames: list[Frame]) -> None:
         """Frame ``data``, which starts an event; hold (or pass on) its unfinished last event."""
-        position = 0
-        for match in _EVENT_END.finditer(data):
-            frames.append((data[position : match.start()], match.group()))
-            position = match.end()
-        if position < len(data):
-            self._hold(data[position:] if position else data, frames)
+        if 13 not in data:  # LF line ends, as vLLM, SGLang and llama.cpp write them: split in C, not by regex
+            *events, rest = data.split(b"\n\n")
+            frames += [(event, b"\n\n") for event in events]
+        else:
+            position = 0
+            for match in _EVENT_END.finditer(data):
+                frames.append((data[position : match.start()], match.group()))
+                position = match.end()
+            rest = data[position:] if position else data
+        if rest:
+            self._hold(rest, frames)
 
     def _finish(self, chunk: bytes, frames: list[Frame]) -> bytes:
         """Look for the end of the held event in ``chunk``; return what follows it (b"" when it has not ended)."""
         tail = self._tail
-        match = _EVENT_END.search(tail + chunk)
-        if match is None:
+        found = _find_end(tail + chunk)
+        if found is None:
             self._hold(chunk, frames)
             return b""
-        start, end = match.start() - len(tail), match.end() - len(tail)
+        at, ending = found
+        start, end = at - len(tail), at + len(ending) - len(tail)
         held = b"".join(self._parts)
         event = held + chunk[:start] if start >= 0 else held[: len(held) + start]
-        frames.append((event, match.group()))
+        frames.append((event, ending))
         self._parts, self._size, self._tail = [], 0, b""
         return chunk[end:]
 
@@ -93,14 +106,23 @@ class EventFrames:
     def _skip(self, chunk: bytes, frames: list[Frame]) -> bytes:
         """Pass ``chunk`` on up to the end of the event over the limit; return what follows it."""
         tail = self._tail
-        match = _EVENT_END.search(tail + chunk)
-        if match is None:
+        found = _find_end(tail + chunk)
+        if found is None:
             self._tail = (tail + chunk)[-_END_SPAN:]
             if chunk:
                 frames.append((chunk, None))
             return b""
-        end = match.end() - len(tail)
+        end = found[0] + len(found[1]) - len(tail)
         if end > 0:
             frames.append((chunk[:end], None))
         self._skipping, self._tail = False, b""
         return chunk[end:]
+
+
+def _find_end(data: bytes) -> tuple[int, bytes] | None:
+    """Where the first event end in ``data`` starts, and its bytes."""
+    if 13 not in data:
+        at = data.find(b"\n\n")
+        return None if at < 0 else (at, b"\n\n")
+    match = _EVENT_END.search(data)
+    return None if match is None else (match.start(), match.group())

@@ -444,3 +444,21 @@ def test_metrics_match_the_engine_usage_of_whole_answers_too(llama_server: Llama
     with prefixgate(llama_server.url, "--engine", "llamacpp") as base:
         answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
         assert metric_value(base, line) == answer["usage"]["prompt_tokens"]
+
+
+def test_requests_right_after_llama_streams_are_answered(llama_server: LlamaServer) -> None:
+    """llama-server closes its connection after every streamed answer while announcing keep-alive. A request written
+    into such a connection before the close arrived would now get a 502 (it was written whole, so it is not sent
+    again): the gateway pools no connection after a llama.cpp stream, and every request right after one succeeds."""
+    stream = {"model": "m", "messages": [{"role": "user", "content": "one"}], "max_tokens": 2, "stream": True}
+    whole = {"model": "m", "messages": [{"role": "user", "content": "two"}], "max_tokens": 2}
+    with (
+        prefixgate(llama_server.url, "--engine", "llamacpp") as base,
+        httpx.Client(base_url=base, timeout=60) as client,
+    ):
+        for _ in range(8):
+            with client.stream("POST", "/v1/chat/completions", json=stream) as answer:
+                assert answer.status_code == 200
+                answer.read()
+            assert client.post("/v1/chat/completions", json=whole).status_code == 200
+        assert 'kind="upstream_connection_lost"' not in client.get("/metrics").text

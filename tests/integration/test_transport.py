@@ -463,3 +463,23 @@ async def test_an_upstream_that_closes_after_chunked_answers_gets_no_pooled_conn
         for _ in range(3):  # back to back: each would otherwise go out on the connection about to close
             assert (await client.get("/s")).content == b"ok"
     assert server.connections == 4
+
+
+async def test_a_pool_told_its_engine_closes_after_chunked_answers_keeps_none_from_the_start() -> None:
+    """``--engine llamacpp``: no connection is pooled after a chunked answer, even before a close was seen; answers
+    with a length keep their connection."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+
+    chunked = _Scripted(script)
+    settings = load_settings(environ={})
+    async with _serving(chunked) as url, _client(url, build_transport(settings, keep_after_chunked=False)) as client:
+        for _ in range(3):
+            assert (await client.get("/s")).content == b"ok"
+    assert chunked.connections == 3
+    sized = _Server()
+    async with _serving(sized) as url, _client(url, build_transport(settings, keep_after_chunked=False)) as client:
+        for _ in range(3):
+            assert (await client.get("/s")).status_code == 200
+    assert sized.connections == 1
