@@ -134,8 +134,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if len(self.kv_events_replay) > len(self.kv_events_endpoint):
             raise ValueError("kv_events_replay: one replay endpoint per --kv-events-endpoint at most")
         for endpoint in (*self.kv_events_endpoint, *self.kv_events_replay):
-            if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", endpoint):
+            if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", endpoint.removeprefix("bind:")):
                 raise ValueError("kv_events_endpoint: expected tcp://host:port (or ipc://, inproc://)")
+        if any(endpoint.startswith("bind:") for endpoint in self.kv_events_replay):
+            raise ValueError("kv_events_replay: the engine binds its replay socket; connect to it (no bind:)")
         for key in self.api_key:
             if not key or any(ch.isspace() for ch in key):
                 raise ValueError("api_key: keys must be non-empty and contain no whitespace")
@@ -239,7 +241,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "index_max_requests": ("live index cap in requests (least recently used dropped first)", "value"),
     "reorder_max_contexts": ("most contexts accepted by one /reorder", "value"),
     "reorder_max_blocks": ("most blocks accepted per context", "value"),
-    "kv_events_endpoint": ("ZMQ KV-event publisher of the engine, one per DP rank (repeatable)", "multi"),
+    "kv_events_endpoint": (
+        "ZMQ KV-event publisher of the engine, one per DP rank (repeatable); bind:tcp://... binds it instead",
+        "multi",
+    ),
     "kv_events_replay": ("its replay endpoint, in the same order (repeatable)", "multi"),
     "kv_events_topic": ("KV-event topic the engine publishes on", "value"),
     "sim_port": ("port of the embedded simulated engine (when --upstream is empty)", "value"),
