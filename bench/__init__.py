@@ -16,4 +16,5 @@ BENCHMARKS: dict[str, str] = {
     "llama": "bench.llama_bench",
     "soak": "bench.soak_bench",
     "replicas": "bench.replicas_bench",
+    "peers": "bench.peers_bench",
 }
