@@ -172,10 +172,15 @@ def test_the_hook_loaded_as_a_vllm_plugin_reports_real_evictions(fresh: Rig) -> 
 
 def test_native_kv_events_keep_the_index_true(fresh: Rig) -> None:
     gateway = fresh.kv_gateway
+    # both streams arrive: A connects to the address the gateway binds, B binds the ipc:// one the gateway connects to
+    for n, server in enumerate((fresh.a, fresh.b)):
+        stored = kv_counters(gateway)["stored"]
+        fill_directly(server, seed=30 + n, prompts=1)
+        wait_for(lambda seen=stored: kv_counters(gateway)["stored"] > seen, f"BlockStored events from {server.url}")
     docs = documents(2, 10)
     start = kv_counters(gateway)
     first = post(gateway, rag_chat(docs, [0, 1, 2, 3, 4], "stored"))
-    wait_for(lambda: kv_counters(gateway)["stored"] > start.get("stored", 0), "BlockStored events")
+    wait_for(lambda: kv_counters(gateway)["stored"] > start["stored"], "BlockStored events")
     again = post(gateway, rag_chat(docs, [4, 3, 2, 1, 0], "stored again"))
     assert again.replica == first.replica and again.result["predicted_cached_blocks"] == 5
     assert again.cached >= 8 * BLOCK_SIZE
