@@ -400,7 +400,7 @@ def table(results: Sequence[RunResult]) -> str:
 
 
 # ``--quick`` on llama-server (prefill is ~1 ms a token on 2 busy cores): one app per library and API, 6 questions
-QUICK_LLAMA = ("LCEL (hub", "create_retrieval_chain", "llamaindex compact", "(tutorial)", "anthropic document",
+QUICK_LLAMA = ("LCEL (hub", "create_retrieval_chain", "llamaindex compact", "(tutorial)", "anthropic two-turn",
                "function_call_output")  # fmt: skip
 QUICK_LLAMA_QUESTIONS = 6
 
@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                 if quick_llama and qset != "diverse":
                     continue
                 for app in _selected(QUICK_LLAMA) if quick_llama else apps:
+                    if engine == "llama" and app.not_on_llama:
+                        _log(f"llama: {app.name} skipped: {app.not_on_llama}")
+                        continue
                     results.append(stacks.run(app, asked[:QUICK_LLAMA_QUESTIONS] if quick_llama else asked, qset))
                     _log(f"{engine} {qset} {app.name}: done ({time.monotonic() - started:.0f}s)")
     print(f"\nbench apps: {count} questions per set, top-{K} BM25 over {len(corpus)} stdlib doc chunks")
