@@ -217,10 +217,15 @@ def llama_query(mode: str) -> Callable[[AppRun], None]:
 def llama_condense_plus_context(run: AppRun) -> None:
     """``CondensePlusContextChatEngine``: two questions per conversation (the second is condensed first)."""
     from llama_index.core.chat_engine import CondensePlusContextChatEngine
+    from llama_index.core.memory import ChatMemoryBuffer
 
     def work() -> None:
         for start in range(0, len(run.questions), 2):
-            engine = CondensePlusContextChatEngine.from_defaults(_llama_retriever(run), llm=_llama_llm(run))
+            # an in-memory history (the default ``Memory`` keeps it in aiosqlite, on an event loop of its own
+            # that outlives the thread and complains when the thread ends)
+            memory = ChatMemoryBuffer.from_defaults(token_limit=4000)
+            engine = CondensePlusContextChatEngine.from_defaults(_llama_retriever(run), llm=_llama_llm(run),
+                                                                 memory=memory)  # fmt: skip
             for question in run.questions[start : start + 2]:
                 engine.chat(question)
 
