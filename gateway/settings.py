@@ -66,7 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "server",
             "keep what was done to the last N proxied requests for GET /debug/requests (admin token; 0: off)",
             ge=0,
-            le=100_000,
+            le=10_000,
         ),
     ] = 0
     decision_log_text: Annotated[
