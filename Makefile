@@ -8,7 +8,7 @@ CACHE_DIR ?= $(HOME)/.cache/prefixgate
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sim test lint format unit bench llama-server tiny-model contextpilot-client engines-venv engine-tests install-hook redis-server clean
+.PHONY: help install run sim test lint format unit bench llama-server tiny-model contextpilot-client engines-venv vllm engine-tests install-hook redis-server clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -36,11 +36,12 @@ format: $(STAMP) ## apply ruff format and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint llama-server tiny-model contextpilot-client engines-venv redis-server ## lint, then every test (real llama-server, real engine caches, real Redis)
+test: lint llama-server tiny-model contextpilot-client engines-venv vllm redis-server ## lint, then every test (real llama-server, real vLLM, real engine caches, real Redis)
 	PREFIXGATE_LLAMA_SERVER="$$($(MAKE) -s llama-server | tail -n1)" \
 	PREFIXGATE_REDIS_SERVER="$$($(MAKE) -s redis-server | tail -n1)" \
 	PREFIXGATE_CONTEXTPILOT_WHEEL="$$($(MAKE) -s contextpilot-client | tail -n1)" \
 	PREFIXGATE_ENGINES_VENV="$$($(MAKE) -s engines-venv | tail -n1)" \
+	PREFIXGATE_VLLM_VENV="$$($(MAKE) -s vllm | tail -n1)" \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP) ## unit tests only
@@ -59,6 +60,9 @@ contextpilot-client: $(STAMP) ## fetch (once) the contextpilot 0.5.0 wheel whose
 
 engines-venv: $(STAMP) ## build (once, cached by lock hash) a venv with the real vLLM/SGLang cache classes; prints its path
 	@$(BIN)/python -m tests.enginehooks.enginesvenv --cache-dir $(CACHE_DIR)
+
+vllm: $(STAMP) ## build (once, cached by lock hash) a venv with the real vLLM for CPU, the hook, the peer routers and a tiny model; prints its path
+	@$(BIN)/python -m tests.builds.vllm --cache-dir $(CACHE_DIR)
 
 engine-tests: engines-venv ## only the eviction-hook tests against the real vLLM 0.33 / SGLang 0.5.23 classes
 	"$$($(MAKE) -s engines-venv | tail -n1)/bin/python" -m pytest tests/enginehooks $(PYTEST_ARGS)

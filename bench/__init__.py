@@ -17,4 +17,5 @@ BENCHMARKS: dict[str, str] = {
     "soak": "bench.soak_bench",
     "replicas": "bench.replicas_bench",
     "apps": "bench.apps_bench",
+    "peers": "bench.peers_bench",
 }

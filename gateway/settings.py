@@ -66,7 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "server",
             "keep what was done to the last N proxied requests for GET /debug/requests (admin token; 0: off)",
             ge=0,
-            le=100_000,
+            le=10_000,
         ),
     ] = 0
     decision_log_text: Annotated[
@@ -243,7 +243,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = 0
     # kv events
     kv_events_endpoint: Annotated[
-        tuple[str, ...], option("kv events", "ZMQ KV-event publisher of the engine, one per DP rank (repeatable)")
+        tuple[str, ...],
+        option(
+            "kv events",
+            "ZMQ KV-event publisher of the engine, one per DP rank (repeatable); bind:tcp://... binds it instead",
+        ),
     ] = ()
     kv_events_replay: Annotated[
         tuple[str, ...], option("kv events", "its replay endpoint, in the same order (repeatable)")
@@ -306,8 +310,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if len(self.kv_events_replay) > len(self.kv_events_endpoint):
             raise ValueError("kv_events_replay: one replay endpoint per --kv-events-endpoint at most")
         for endpoint in (*self.kv_events_endpoint, *self.kv_events_replay):
-            if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", endpoint):
+            if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", endpoint.removeprefix("bind:")):
                 raise ValueError("kv_events_endpoint: expected tcp://host:port (or ipc://, inproc://)")
+        if any(endpoint.startswith("bind:") for endpoint in self.kv_events_replay):
+            raise ValueError("kv_events_replay: the engine binds its replay socket; connect to it (no bind:)")
         for key in self.api_key:
             if not key or any(ch.isspace() for ch in key):
                 raise ValueError("api_key: keys must be non-empty and contain no whitespace")

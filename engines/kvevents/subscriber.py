@@ -21,6 +21,12 @@ Sequence handling (``seq`` counts from 0 in each publisher process):
 * When the replay is unavailable (no endpoint, a timeout, a buffer that no longer reaches back, a short answer)
   the state is unknown: ``reset()`` and carry on from the live message.
 
+Connect or bind: vLLM's publisher binds only for ``tcp://*:P`` and ``ipc://`` endpoints and *connects* for any
+other address (``tcp://127.0.0.1:P``), so then the subscriber must bind that address itself. ``bind:`` in front
+of the endpoint (``bind:tcp://127.0.0.1:5557``) or ``bind=True`` makes it bind; a restarted publisher that
+connects again shows up on the monitor as a new accepted connection, checked like a reconnection. The replay
+endpoint is always connected to (the engine binds its ROUTER).
+
 ZMQ reconnects by itself when a publisher goes away and comes back. A payload that does not decode is counted
 (``decode_errors``) and skipped rather than treated as a reset: a format change would otherwise reset on every
 batch. Replay protocol: a DEALER sends ``[b"", start_seq]``; replies are ``[b"", topic, seq, payload]`` per
@@ -41,15 +47,26 @@ from zmq.utils.monitor import parse_monitor_message
 from engines.kvevents.tracker import KVEventCounters, KVEventTracker
 from engines.kvevents.wire import KVEventDecodeError, decode_batch, decode_seq, encode_seq
 
-__all__ = ["KVEventSubscriber"]
+__all__ = ["BIND_PREFIX", "KVEventSubscriber", "split_endpoint"]
 
 logger = logging.getLogger(__name__)
 
 _YIELD_EVERY = 256  # replayed batches applied between yields to the loop
+BIND_PREFIX = "bind:"
+
+
+def split_endpoint(endpoint: str) -> tuple[str, bool]:
+    """``(address, bind)`` of an endpoint setting: ``bind:tcp://127.0.0.1:5557`` binds, anything else connects."""
+    if endpoint.startswith(BIND_PREFIX):
+        return endpoint.removeprefix(BIND_PREFIX), True
+    return endpoint, False
 
 
 class KVEventSubscriber:
-    """Follows ``endpoint`` (``tcp://host:port``) and applies its batches to ``tracker``."""
+    """Follows ``endpoint`` (``tcp://host:port``, ``bind:`` in front to bind it) and applies its batches to ``tracker``.
+
+    ``bind`` overrides the prefix: ``True`` binds the address, ``False`` connects to it.
+    """
 
     def __init__(
         self,
@@ -61,8 +78,11 @@ class KVEventSubscriber:
         replay_timeout: float = 2.0,
         hwm: int = 100_000,
         context: Any = None,
+        bind: bool | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        address, prefixed = split_endpoint(endpoint)
+        self.endpoint = address
+        self.bind = prefixed if bind is None else bind
         self.tracker = tracker
         self.topic = topic.encode()
         self.replay_endpoint = replay_endpoint
@@ -122,8 +142,12 @@ class KVEventSubscriber:
             self._sub.setsockopt(zmq.LINGER, 0)
             self._sub.setsockopt(zmq.RCVHWM, self.hwm)
             self._sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-            self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            self._sub.connect(self.endpoint)
+            if self.bind:  # the publisher connects to us: its (re)connections arrive as accepted ones
+                self._monitor = self._sub.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+                self._sub.bind(self.endpoint)
+            else:
+                self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+                self._sub.connect(self.endpoint)
         except BaseException:
             self._close()
             raise
@@ -185,7 +209,7 @@ class KVEventSubscriber:
             event = parse_monitor_message(frames)["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._disconnected = True
-            elif event == zmq.EVENT_CONNECTED and self._disconnected:
+            elif event in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED) and self._disconnected:
                 self._disconnected = False
                 self._reconnected = True
                 self.counters.reconnects += 1

@@ -23,9 +23,13 @@ When a block is gone from every location, ``release`` decides which of its reque
   nothing of the request can hit even if later blocks linger (an out-of-order ``evict_blocks``).
 * ``"any"``: as soon as any block goes, for a gateway that only wants fully cached prefixes.
 
-Released ids go to ``on_evicted(ids)``, once per applied batch. ``reset()`` (``AllBlocksCleared``, an engine
-restart, an unrecoverable sequence gap) first releases every tracked request through ``on_evicted``, then
-calls ``on_reset()`` so the owner can also drop what the tracker never saw (requests whose stores were lost).
+Released ids go to ``on_evicted(ids)``, once per applied batch. ``AllBlocksCleared`` releases every tracked
+request through ``on_evicted``, and nothing else: the stream is whole, so a request the gateway already sent but
+whose stores are not yet published is cached *after* the clear (vLLM publishes the clear of ``/reset_prefix_cache``
+with the next step's batch, together with the stores of the requests that step schedules, which the gateway
+has long committed). ``reset()`` (an engine restart, an unrecoverable sequence gap: the state is unknown) first
+releases every tracked request the same way, then calls ``on_reset()`` so the owner can also drop what the
+tracker never saw (requests whose stores were lost).
 
 Memory is bounded: past ``max_requests`` requests or ``max_blocks`` blocks the least recently stored-to
 requests are released through ``on_evicted`` too (counted in ``dropped_requests``): a request the tracker no
@@ -162,7 +166,7 @@ class KVEventTracker:
                 self.counters.cleared += 1
                 emitted += self._emit(pending)
                 pending = []
-                emitted += self.reset()
+                emitted += self._release_all()
             elif isinstance(event, UnknownEvent):
                 self.counters.unknown += 1
                 if event.malformed:
@@ -171,14 +175,17 @@ class KVEventTracker:
 
     def reset(self) -> list[str]:
         """Forget everything: release every tracked request, then call ``on_reset``."""
-        released = list(self._requests)
-        self._requests.clear()
-        self._blocks.clear()
+        released = self._release_all()
         self.counters.resets += 1
-        self._emit(released)
         if self.on_reset is not None:
             self.on_reset()
         return released
+
+    def _release_all(self) -> list[str]:
+        released = list(self._requests)
+        self._requests.clear()
+        self._blocks.clear()
+        return self._emit(released)
 
     def forget(self, request_id: str) -> bool:
         """Stop tracking a request the gateway released by itself; no callback."""

@@ -4,7 +4,8 @@ Off by default; on, it needs the admin token (``Settings`` refuses to start with
 completion requests (a request refused before planning leaves nothing). A record holds the route, status, replica,
 the engine's cached tokens, the ``X-Prefixgate-Result`` fields and, per block group, its format, the decision and
 its reason, whether it moved, and its blocks in the order the client sent them and in the order they were
-forwarded: block ids (16 hex digits of a hash of the block's content), never the prompt text. With
+forwarded: block ids (16 hex digits of a hash of the block's content; ``LISTED_BLOCKS`` per request at most),
+never the prompt text. With
 ``--decision-log-text`` the body as sent and as forwarded are kept too, each cut at ``TEXT_CAP`` bytes, within
 ``TEXT_BUDGET`` bytes for all records (the oldest bodies are dropped first; their records stay).
 
@@ -15,9 +16,10 @@ the most recent N records, newest first (default 20). Both need ``Authorization:
 from __future__ import annotations
 
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cachetools import LRUCache
 from litestar import Request, get
@@ -31,37 +33,55 @@ from gateway.planning.outcome import Choice
 if TYPE_CHECKING:
     from gateway.proxy.pipeline import Exchange
 
-__all__ = ["DEFAULT_LIMIT", "TEXT_BUDGET", "TEXT_CAP", "DecisionLog", "decision_routes"]
+__all__ = ["DEFAULT_LIMIT", "LISTED_BLOCKS", "TEXT_BUDGET", "TEXT_CAP", "DecisionLog", "decision_routes"]
 
 DEFAULT_LIMIT = 20
 TEXT_CAP = 256 << 10  # bytes kept of each body
 TEXT_BUDGET = 64 << 20  # bytes of bodies kept in all
+LISTED_BLOCKS = 512  # block ids kept per request (groups past it give their counts only)
 
 
-def _hex(block: int) -> str:
-    return f"{block & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+class _Group(NamedTuple):
+    """One group, compactly: its block ids in forwarded order (8 bytes each) and ``order`` (2 bytes each)."""
+
+    format: str
+    blocks: int
+    action: str
+    reason: str
+    moved: bool
+    ids: bytes
+    order: bytes
+
+    @classmethod
+    def of(cls, choice: Choice, room: int) -> _Group:
+        listed = bool(choice.ids) and len(choice.order) == len(choice.ids) <= room
+        ids = b"".join((block & _MASK).to_bytes(8, "big") for block in choice.ids) if listed else b""
+        order = array("H", choice.order).tobytes() if listed else b""
+        return cls(choice.format, choice.blocks, choice.decision.action, choice.decision.reason, choice.moved, ids,
+                   order)  # fmt: skip
+
+    def wire(self) -> dict[str, Any]:
+        group: dict[str, Any] = {"format": self.format, "blocks": self.blocks, "action": self.action,
+                                 "reason": self.reason, "moved": self.moved}  # fmt: skip
+        if not self.ids:
+            group["listed"] = False  # past LISTED_BLOCKS for the request, or a group without ids
+            return group
+        forwarded = [self.ids[i : i + 8].hex() for i in range(0, len(self.ids), 8)]
+        order = array("H")
+        order.frombytes(self.order)
+        sent = [""] * len(forwarded)
+        for position, index in enumerate(order):
+            sent[index] = forwarded[position]
+        group["sent"], group["forwarded"] = sent, forwarded
+        group["order"] = order.tolist()  # forwarded position -> the block's position as sent
+        return group
 
 
-def _group(choice: Choice) -> dict[str, Any]:
-    group: dict[str, Any] = {
-        "format": choice.format,
-        "blocks": choice.blocks,
-        "action": choice.decision.action,
-        "reason": choice.decision.reason,
-        "moved": choice.moved,
-    }
-    if choice.ids and len(choice.order) == len(choice.ids):
-        sent = [""] * len(choice.ids)
-        for position, index in enumerate(choice.order):
-            sent[index] = _hex(choice.ids[position])
-        group["sent"] = sent
-        group["forwarded"] = [_hex(block) for block in choice.ids]
-        group["order"] = list(choice.order)  # forwarded position -> the block's position as sent
-    return group
+_MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def _text(body: bytes) -> dict[str, Any]:
-    return {"text": body[:TEXT_CAP].decode("utf-8", "replace"), "bytes": len(body), "truncated": len(body) > TEXT_CAP}
+def _text(body: bytes, size: int) -> dict[str, Any]:
+    return {"text": body.decode("utf-8", "replace"), "bytes": size, "truncated": size > len(body)}
 
 
 class DecisionLog:
@@ -71,10 +91,10 @@ class DecisionLog:
         if size < 1:
             raise ValueError("a decision log keeps at least one request")
         self.size = size
-        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._texts: LRUCache[str, tuple[bytes, bytes]] | None = None
+        self._records: OrderedDict[str, tuple[dict[str, Any], tuple[_Group, ...]]] = OrderedDict()
+        self._texts: LRUCache[str, tuple[bytes, int, bytes, int]] | None = None
         if text:
-            self._texts = LRUCache(maxsize=TEXT_BUDGET, getsizeof=lambda pair: len(pair[0]) + len(pair[1]) + 1)
+            self._texts = LRUCache(maxsize=TEXT_BUDGET, getsizeof=lambda kept: len(kept[0]) + len(kept[2]) + 1)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -93,27 +113,36 @@ class DecisionLog:
             "replica": getattr(call.upstream, "name", None),
             "cached_tokens": call.cached_tokens,
             "result": dict(planned.result),
-            "groups": [_group(choice) for choice in planned.choices],
         }
+        groups = []
+        room = LISTED_BLOCKS
+        for choice in planned.choices:
+            group = _Group.of(choice, room)
+            room -= len(group.ids) // 8
+            groups.append(group)
         records = self._records
         records.pop(call.request_id, None)  # an id sent again: its latest request
-        records[call.request_id] = record
+        records[call.request_id] = (record, tuple(groups))
         while len(records) > self.size:
             gone, _ = records.popitem(last=False)
             if self._texts is not None:
                 self._texts.pop(gone, None)
         if self._texts is not None and call.body is not None:
-            self._texts[call.request_id] = (call.body.raw[:TEXT_CAP], call.payload[:TEXT_CAP])
+            sent, forwarded = call.body.raw, call.payload
+            self._texts[call.request_id] = (sent[:TEXT_CAP], len(sent), forwarded[:TEXT_CAP], len(forwarded))
+
+    def _wire(self, request_id: str) -> dict[str, Any]:
+        record, groups = self._records[request_id]
+        return {**record, "groups": [group.wire() for group in groups]}
 
     def get(self, request_id: str) -> dict[str, Any] | None:
-        record = self._records.get(request_id)
-        if record is None:
+        if request_id not in self._records:
             return None
-        if self._texts is None:
-            return record
-        texts = self._texts.get(request_id)
-        kept = None if texts is None else {"sent": _text(texts[0]), "forwarded": _text(texts[1])}
-        return {**record, "text": kept}
+        out = self._wire(request_id)
+        if self._texts is not None:
+            kept = self._texts.get(request_id)
+            out["text"] = None if kept is None else {"sent": _text(*kept[:2]), "forwarded": _text(*kept[2:])}
+        return out
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recent records, newest first (without their texts)."""
@@ -121,7 +150,7 @@ class DecisionLog:
         for request_id in reversed(self._records):
             if len(out) >= limit:
                 break
-            out.append(self._records[request_id])
+            out.append(self._wire(request_id))
         return out
 
 

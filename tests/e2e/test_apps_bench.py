@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench.apps import APPS
-from bench.apps_bench import Mangled, SimStacks, sim_engine, verdicts
+from bench.apps_bench import ForwardCheck, SimStacks, sim_engine, verdicts
 from bench.apps_corpus import build_corpus, questions
 from bench.llama_bench import _gateway
 
@@ -44,7 +44,7 @@ def test_one_app_runs_direct_and_through_the_gateway_and_is_checked(stacks: SimS
 
 def test_the_check_passes_a_permutation_and_catches_a_moved_indent_or_a_cut_document() -> None:
     docs = ["alpha one\n\n    code()\nmore", "beta two", "gamma three"]
-    check = Mangled(docs)
+    check = ForwardCheck(docs)
     sent = "Context:\n    " + "\n    ".join(docs) + "\nQuestion: q"
     permuted = "Context:\n    " + "\n    ".join([docs[2], docs[0], docs[1]]) + "\nQuestion: q"
     assert check(sent, permuted) == 0

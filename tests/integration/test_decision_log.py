@@ -35,8 +35,8 @@ async def test_off_by_default_no_route(gateway: AppFactory, upstream: respx.Rout
 def test_settings_need_the_admin_token_and_stay_bounded() -> None:
     with pytest.raises(SettingsError, match="admin"):
         load_settings(environ={}, upstream=UPSTREAM, decision_log=10)
-    with pytest.raises(SettingsError, match=r"--decision-log .*100000"):
-        load_settings(environ={}, upstream=UPSTREAM, admin_token="a", decision_log=100_001)
+    with pytest.raises(SettingsError, match=r"--decision-log .*10000"):
+        load_settings(environ={}, upstream=UPSTREAM, admin_token="a", decision_log=10_001)
     with pytest.raises(SettingsError, match="--decision-log-text"):
         load_settings(environ={}, upstream=UPSTREAM, admin_token="a", decision_log_text=True)
     env = {"PREFIXGATE_DECISION_LOG": "5", "PREFIXGATE_ADMIN_TOKEN": "a", "PREFIXGATE_DECISION_LOG_TEXT": "1"}
@@ -108,3 +108,17 @@ async def test_texts_only_when_asked(gateway: AppFactory, upstream: respx.Router
     assert record["text"]["forwarded"]["truncated"] is False
     assert record["groups"][0]["moved"]
     assert all("text" not in r for r in listed["data"])  # the list carries decisions only
+
+
+async def test_big_requests_keep_counts_and_cut_texts(gateway: AppFactory, upstream: respx.Router) -> None:
+    upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=OK))
+    docs = "\n".join(f'<document id="{i}">{f"word{i} " * 90}</document>' for i in range(600))
+    body = chat(f"Answer using the documents.\n<documents>\n{docs}\n</documents>")
+    assert len(body) > 256 << 10
+    async with gateway(admin_token="adm1n", decision_log=2, decision_log_text=True) as client:
+        answer = await client.post("/v1/chat/completions", content=body)
+        record = (await client.get(f"/debug/requests/{answer.headers['x-request-id']}", headers=ADMIN)).json()
+    (group,) = record["groups"]
+    assert group["blocks"] == 600 and group["listed"] is False and "sent" not in group
+    sent = record["text"]["sent"]
+    assert sent["truncated"] is True and sent["bytes"] == len(body) and len(sent["text"]) == 256 << 10

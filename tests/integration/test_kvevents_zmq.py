@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from engines.kvevents import END_SEQ, KVEventSubscriber, KVEventTracker
+from engines.kvevents.subscriber import split_endpoint
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -291,14 +293,14 @@ async def test_a_replay_buffer_that_no_longer_reaches_back_resets(ctx: zmq.async
         assert not tracker.is_cached("r4")
 
 
-async def test_all_blocks_cleared_resets(ctx: zmq.asyncio.Context) -> None:
+async def test_all_blocks_cleared_releases_every_tracked_request(ctx: zmq.asyncio.Context) -> None:
     async with publishing(ctx) as pub, following(pub) as (sub, tracker, rec):
         await pub.publish(stored_map("r1", 1), stored_map("r2", 2))
-        await pub.publish({"type": "AllBlocksCleared"})
+        await pub.publish({"type": "AllBlocksCleared"}, stored_map("r3", 3))
         await pub.publish(["AllBlocksCleared"])
         await until(lambda: sub.last_seq == 2)
-        assert sorted(rec.evicted) == ["r1", "r2"]
-        assert rec.resets == 2
+        assert rec.evicted == ["r1", "r2", "r3"]
+        assert rec.resets == 0  # the stream is whole: nothing unknown to drop
         assert tracker.counters.cleared == 2
 
 
@@ -456,3 +458,49 @@ async def test_a_bad_endpoint_fails_at_start_and_leaks_nothing() -> None:
         subscriber.start()
     assert not subscriber.running
     await subscriber.stop()
+
+
+async def test_bind_follows_a_publisher_that_connects_and_catches_its_restart(ctx: zmq.asyncio.Context) -> None:
+    """vLLM connects its PUB for ``tcp://127.0.0.1:P`` (it binds only ``tcp://*`` and ``ipc://``): ``bind:`` then
+    makes the subscriber the bound side; a restarted engine connecting again is checked like a reconnection."""
+    port = free_tcp_port()
+    recorder = Recorder()
+    tracker = KVEventTracker(on_evicted=recorder.on_evicted, on_reset=recorder.on_reset)
+    subscriber = KVEventSubscriber(f"bind:tcp://127.0.0.1:{port}", tracker, topic=TOPIC.decode(), context=ctx)
+    assert (subscriber.endpoint, subscriber.bind) == (f"tcp://127.0.0.1:{port}", True)
+    async with subscriber:
+
+        async def engine() -> zmq.asyncio.Socket:
+            pub = ctx.socket(zmq.XPUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.connect(f"tcp://127.0.0.1:{port}")  # what vLLM's ZmqEventPublisher does for this address
+            with anyio.fail_after(5):
+                assert await pub.recv() == b"\x01" + TOPIC
+            return pub
+
+        first = await engine()
+        for seq, rid in enumerate(("r1", "r2")):
+            payload = msgspec.msgpack.encode([time.time(), [stored_map(rid, seq + 1)], 0])
+            await first.send_multipart([TOPIC, seq.to_bytes(8, "big"), payload])
+        await until(lambda: tracker.is_cached("r2"))
+        first.close(linger=0)
+        await until(lambda: subscriber._disconnected)
+        second = await engine()  # a new process: seqs restart at 0
+        payload = msgspec.msgpack.encode([time.time(), [stored_map("n1", 7)], 0])
+        await second.send_multipart([TOPIC, (0).to_bytes(8, "big"), payload])
+        await until(lambda: tracker.is_cached("n1"))
+        second.close(linger=0)
+    assert sorted(recorder.evicted) == ["r1", "r2"]
+    assert (tracker.counters.reconnects, tracker.counters.restarts, recorder.resets) == (1, 1, 1)
+
+
+def test_the_endpoint_setting_says_connect_or_bind() -> None:
+    assert split_endpoint("tcp://127.0.0.1:5557") == ("tcp://127.0.0.1:5557", False)
+    assert split_endpoint("bind:tcp://127.0.0.1:5557") == ("tcp://127.0.0.1:5557", True)
+    assert KVEventSubscriber("bind:ipc:///tmp/x", KVEventTracker(), bind=False).bind is False
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -147,14 +147,16 @@ def test_int_and_bytes_hashes_are_distinct_keys() -> None:
     assert t.is_cached("r1")
 
 
-def test_all_blocks_cleared_releases_everything_then_resets() -> None:
+def test_all_blocks_cleared_releases_what_it_tracked_and_keeps_what_is_stored_after() -> None:
+    """vLLM publishes the clear of /reset_prefix_cache with the next step's stores: r3, sent after the reset, is
+    cached, and a full reset (``on_reset``: the owner drops its whole index) would lose it."""
     t, rec = tracker()
     t.apply(batch(stored("r1", 1), stored("r2", 2)))
     out = t.apply(batch(removed(1), AllBlocksCleared(), stored("r3", 3)))
     assert out == ["r1", "r2"]
-    assert rec.log == [("evicted", ["r1"]), ("evicted", ["r2"]), "reset"]
-    assert t.is_cached("r3")
-    assert (t.counters.cleared, t.counters.resets) == (1, 1)
+    assert rec.log == [("evicted", ["r1"]), ("evicted", ["r2"])]
+    assert t.is_cached("r3") and not t.is_cached("r2")
+    assert (t.counters.cleared, t.counters.resets) == (1, 0)
 
 
 def test_reset_calls_on_reset_even_when_empty() -> None:

@@ -35,6 +35,16 @@ def test_several_upstreams_need_one_endpoint_each() -> None:
         load_settings(environ={}, upstream=UPSTREAMS, kv_events_endpoint=["tcp://a:1", "tcp://b:2", "tcp://c:3"])
 
 
+def test_a_bind_endpoint_is_accepted_and_reaches_its_subscriber_as_bind() -> None:
+    settings = load_settings(environ={}, upstream=UPSTREAMS[:1], kv_events_endpoint=["bind:tcp://127.0.0.1:5557"])
+    (subscriber,) = _kv_subscribers(settings, [object()])  # type: ignore[list-item]
+    assert (subscriber.endpoint, subscriber.bind) == ("tcp://127.0.0.1:5557", True)
+    with pytest.raises(ValueError, match="expected tcp://host:port"):
+        load_settings(environ={}, upstream=UPSTREAMS[:1], kv_events_endpoint=["bind:http://x"])
+    with pytest.raises(ValueError, match="engine binds its replay socket"):
+        load_settings(environ={}, kv_events_endpoint=["tcp://a:1"], kv_events_replay=["bind:tcp://127.0.0.1:5558"])
+
+
 def test_changes_from_another_gateway_apply_to_the_named_replica_only() -> None:
     app = create_app(load_settings(environ={}, upstream=UPSTREAMS))
     replicas = app.state.replicas
