@@ -110,7 +110,7 @@ class DecisionLog:
             "status": status,
             "time": round(time.time(), 3),
             "latency_ms": round(latency * 1000, 3),
-            "replica": getattr(call.upstream, "name", None),
+            "replica": call.upstream.name if call.upstream is not None else None,
             "cached_tokens": call.cached_tokens,
             "result": dict(planned.result),
         }
