@@ -34,7 +34,7 @@ from .patching import patch_module as _patch_module
 from .sender import EvictionReporter
 from .sglang_cache import PATCHES as _SGLANG_PATCHES
 from .sglang_cache import instrument_sglang_radix_cache, instrument_sglang_unified_cache
-from .tracking import Residency, int_env, set_sink
+from .tracking import PromptTails, int_env, set_sink
 from .vllm_cache import PATCHES as _VLLM_PATCHES
 from .vllm_cache import vllm_external_id
 
@@ -43,7 +43,7 @@ __all__ = [
     "PATCHES",
     "TOKEN_VAR",
     "EvictionReporter",
-    "Residency",
+    "PromptTails",
     "activate",
     "active",
     "index_url",

@@ -73,7 +73,7 @@ def _released(cache: Any, _seen: None, _result: Any, req: Any, /, *_args: Any, *
 
 
 def _leaf_deleted(cache: Any, _seen: None, _result: Any, node: Any, /, *_args: Any, **_kwargs: Any) -> None:
-    rids = state_of(cache).residency.evict(getattr(node, "id", None))
+    rids = state_of(cache).tails.evict(getattr(node, "id", None))
     if rids:
         emit(rids)
 
@@ -81,23 +81,23 @@ def _leaf_deleted(cache: Any, _seen: None, _result: Any, node: Any, /, *_args: A
 def _reset(cache: Any, _seen: None, _result: Any, /, *_args: Any, **_kwargs: Any) -> None:
     state = state_of(cache)
     state.host_only.clear()
-    rids = state.residency.clear()
+    rids = state.tails.clear()
     if rids:
         emit(rids)
 
 
 def _check(cache: Any, state: CacheState, node_ids: Iterable[Hashable]) -> None:
     """Report tracked nodes that left the tree; remember the ones that live on only in the host tier."""
-    tree, residency, gone = cache.tree_core, state.residency, []
+    tree, tails, gone = cache.tree_core, state.tails, []
     for node_id in node_ids:
-        if node_id not in residency.by_entry:
+        if node_id not in tails.by_entry:
             state.host_only.discard(node_id)
             continue
         try:
             on_host_only = tree.is_full_device_evicted(node_id)
         except KeyError:
             state.host_only.discard(node_id)
-            gone.extend(residency.evict(node_id))
+            gone.extend(tails.evict(node_id))
             continue
         if on_host_only:
             state.host_only.add(node_id)
@@ -109,7 +109,7 @@ def _check(cache: Any, state: CacheState, node_ids: Iterable[Hashable]) -> None:
 
 def _victim_path(cache: Any, node_id: Any, /, *_args: Any, **_kwargs: Any) -> list[Any] | None:
     """``_evict_device_leaf(node_id, ...)``: the ids of the victim and its ancestors (None when nothing is tracked)."""
-    if not state_of(cache).residency.by_entry:
+    if not state_of(cache).tails.by_entry:
         return None
     return [info.node_id for info in cache.tree_core.collect_path_info([node_id])[0]]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = [
     "CacheState",
-    "Residency",
+    "PromptTails",
     "attach",
     "emit",
     "int_env",
@@ -76,7 +76,7 @@ def int_env(name: str, default: int, environ: Mapping[str, str] = os.environ) ->
         return default
 
 
-class Residency:
+class PromptTails:
     """Which requests each cache entry (a vLLM hash key, an SGLang node id) is the prompt tail of; bounded."""
 
     def __init__(self, limit: int) -> None:
@@ -125,7 +125,7 @@ class Residency:
 class CacheState:
     """The hook's bookkeeping for one engine cache (a vLLM ``BlockPool``, an SGLang radix cache)."""
 
-    residency: Residency
+    tails: PromptTails
     depth: int = 0
     """vLLM: how many ``BlockPool`` calls are on the stack; removals are settled when it returns to 0."""
     removed: list[Hashable] = field(default_factory=list)
@@ -138,13 +138,13 @@ def state_of(cache: Any) -> CacheState:
     """The cache's :class:`CacheState`, created on first use (kept in the instance's ``__dict__``)."""
     state: CacheState | None = cache.__dict__.get(_STATE)
     if state is None:
-        state = CacheState(Residency(int_env("PREFIXGATE_HOOK_MAX_TRACKED", 100_000)))
+        state = CacheState(PromptTails(int_env("PREFIXGATE_HOOK_MAX_TRACKED", 100_000)))
         cache.__dict__[_STATE] = state
     return state
 
 
 def attach(cache: Any, rid: str, entries: Sequence[Hashable]) -> None:
-    forgotten = state_of(cache).residency.attach(rid, entries)
+    forgotten = state_of(cache).tails.attach(rid, entries)
     if forgotten:
         emit(forgotten)
 
@@ -157,5 +157,5 @@ def _finished(req: Any) -> bool:
 def uncached(cache: Any, rid: str, req: Any) -> None:
     """Nothing of the request's prompt is cached: a finished request is reported at once."""
     if _finished(req):
-        state_of(cache).residency.detach(rid)
+        state_of(cache).tails.detach(rid)
         emit([rid])

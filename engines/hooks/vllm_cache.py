@@ -53,13 +53,13 @@ def _still_cached(pool: Any, key: Hashable) -> bool:
 
 def _settle(pool: Any, state: CacheState) -> None:
     removed, state.removed = state.removed, []
-    residency = state.residency
-    if not residency.by_entry:
+    tails = state.tails
+    if not tails.by_entry:
         return
     gone: list[str] = []
     for key in removed:
-        if key in residency.by_entry and not _still_cached(pool, key):
-            gone.extend(residency.evict(key))
+        if key in tails.by_entry and not _still_cached(pool, key):
+            gone.extend(tails.evict(key))
     if gone:
         emit(gone)
 
@@ -103,7 +103,7 @@ def _reset(pool: Any, _seen: None, done: Any, /, *_args: Any, **_kwargs: Any) ->
     if done:
         state = state_of(pool)
         state.removed.clear()
-        rids = state.residency.clear()
+        rids = state.tails.clear()
         if rids:
             emit(rids)
 

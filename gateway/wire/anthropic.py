@@ -14,7 +14,7 @@ run of whole blocks moves only when nothing refers to its blocks by position ("t
 3", "[2]"), asks to cite by number in the text, or calls their order meaningful (ranked, chronological, or blocks
 dated in order): see ``gateway.planning.units``. The model's own structured citations need no such care:
 
-Citations name blocks by position, so moved blocks get a ``CitationMap`` that puts the answer's indices back in
+Citations name blocks by position, so moved blocks get a ``BlockPositions`` that puts the answer's indices back in
 the client's order (every answer, whether or not citations were asked for). Citations the client sends back (an
 earlier answer resent in an assistant turn) are mapped the other way, to the positions the engine is sent, so a
 conversation keeps its documents in one order turn after turn and every index names the block it meant.
@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from gateway.errors import GatewayError, read_upstream_error
-from gateway.wire.citations import CitationMap
+from gateway.wire.citations import BlockPositions
 from gateway.wire.walk import (
     Planned,
     Walker,
@@ -84,7 +84,7 @@ def plan(top: dict[str, msgspec.Raw], body: bytes, walker: Walker) -> Planned:
             messages[i] = with_fields(message, {"content": new})
             changed = True
     if any(walk.maps.values()):
-        answer = CitationMap(walk.maps["document"], walk.maps["search_result"])
+        answer = BlockPositions(walk.maps["document"], walk.maps["search_result"])
         planned.answer = answer
         if b"_index" in body:
             changed |= _resent_citations(messages, answer.inverse())
@@ -93,7 +93,7 @@ def plan(top: dict[str, msgspec.Raw], body: bytes, walker: Walker) -> Planned:
     return planned
 
 
-def _resent_citations(messages: list[msgspec.Raw], to_sent: CitationMap) -> bool:
+def _resent_citations(messages: list[msgspec.Raw], to_sent: BlockPositions) -> bool:
     """Citations the client sends back (an earlier answer in an assistant turn) name blocks by the client's
     positions; rewrite them to the positions sent, as the engine itself wrote them."""
     changed = False

@@ -3,7 +3,7 @@
 A citation names its source by ``document_index`` (0-based among every ``document`` block of the request, in the
 order they appear across messages and tool results) or ``search_result_index`` (the same for ``search_result``
 blocks). When the gateway sends those blocks in another order, the engine's indices are positions in what it was
-sent; ``CitationMap`` turns them back into positions in what the client sent, in a whole answer (``json``) and in
+sent; ``BlockPositions`` turns them back into positions in what the client sent, in a whole answer (``json``) and in
 a stream (``stream``: ``content_block_start`` and ``content_block_delta``/``citations_delta`` events are rewritten,
 every other event passes through byte for byte as soon as it is complete, and an event over 1 MiB passes through
 unread as it arrives).
@@ -19,7 +19,7 @@ import msgspec
 
 from gateway.wire.sse import EventFrames
 
-__all__ = ["CitationMap", "CitationStream"]
+__all__ = ["BlockPositions", "CitationStream"]
 
 _raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _decoder = msgspec.json.Decoder()
@@ -28,7 +28,7 @@ _FIELDS = (("document_index", "documents"), ("search_result_index", "search_resu
 
 
 @dataclass(frozen=True, slots=True)
-class CitationMap:
+class BlockPositions:
     """Sent position -> client position, per kind of block; positions not listed did not move."""
 
     documents: Mapping[int, int]
@@ -48,9 +48,9 @@ class CitationMap:
                     changed = True
         return changed
 
-    def inverse(self) -> CitationMap:
+    def inverse(self) -> BlockPositions:
         """Client position -> sent position."""
-        return CitationMap(
+        return BlockPositions(
             {client: sent for sent, client in self.documents.items()},
             {client: sent for sent, client in self.search_results.items()},
         )
@@ -107,7 +107,7 @@ class CitationStream:
 
     __slots__ = ("_frames", "_map")
 
-    def __init__(self, citation_map: CitationMap) -> None:
+    def __init__(self, citation_map: BlockPositions) -> None:
         self._map = citation_map
         self._frames = EventFrames()
 

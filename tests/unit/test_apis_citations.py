@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engines.base import cached_tokens_from_usage, prompt_tokens_from_usage
-from gateway.wire.citations import CitationMap
+from gateway.wire.citations import BlockPositions
 
-MAP = CitationMap({0: 2, 2: 0}, {1: 0, 0: 1})
+MAP = BlockPositions({0: 2, 2: 0}, {1: 0, 0: 1})
 
 
 def _event(name: str, payload: dict[str, Any], end: str = "\n\n") -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.hooks import INDEX_URL_VARS, Residency, index_url, pth_line, vllm_external_id
+from engines.hooks import INDEX_URL_VARS, PromptTails, index_url, pth_line, vllm_external_id
 from scheduler.ids import mint_request_id, normalize_request_id
 
 
@@ -33,30 +33,30 @@ def test_what_the_hook_reports_normalises_to_the_stamped_id() -> None:
 
 
 def test_residency_reports_every_request_of_an_entry_once() -> None:
-    residency = Residency(limit=10)
-    residency.attach("a", ["x"])
-    residency.attach("b", ["x", "y"])  # two KV-cache groups
-    assert residency.evict("y") == ["b"]
-    assert residency.evict("x") == ["a"]  # b was already reported and forgotten
-    assert residency.evict("x") == []
-    assert residency.by_entry == {} and residency.by_rid == {}
+    tails = PromptTails(limit=10)
+    tails.attach("a", ["x"])
+    tails.attach("b", ["x", "y"])  # two KV-cache groups
+    assert tails.evict("y") == ["b"]
+    assert tails.evict("x") == ["a"]  # b was already reported and forgotten
+    assert tails.evict("x") == []
+    assert tails.by_entry == {} and tails.by_rid == {}
 
 
 def test_residency_reattach_moves_the_tail() -> None:
-    residency = Residency(limit=10)
-    residency.attach("a", ["x"])
-    residency.attach("a", ["z"])  # a later checkpoint of the same request
-    assert residency.evict("x") == []
-    assert residency.evict("z") == ["a"]
+    tails = PromptTails(limit=10)
+    tails.attach("a", ["x"])
+    tails.attach("a", ["z"])  # a later checkpoint of the same request
+    assert tails.evict("x") == []
+    assert tails.evict("z") == ["a"]
 
 
 def test_residency_is_bounded_and_forgets_the_oldest() -> None:
-    residency = Residency(limit=2)
-    assert residency.attach("a", ["x"]) == []
-    assert residency.attach("b", ["y"]) == []
-    assert residency.attach("c", ["z"]) == ["a"]
-    assert residency.evict("x") == []
-    assert sorted(residency.clear()) == ["b", "c"]
+    tails = PromptTails(limit=2)
+    assert tails.attach("a", ["x"]) == []
+    assert tails.attach("b", ["y"]) == []
+    assert tails.attach("c", ["z"]) == ["a"]
+    assert tails.evict("x") == []
+    assert sorted(tails.clear()) == ["b", "c"]
 
 
 def test_index_url_prefers_prefixgate_and_honours_contextpilot() -> None:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.proxy.usage import UsageSniffer
-from gateway.wire.citations import CitationMap
+from gateway.wire.citations import BlockPositions
 from gateway.wire.sse import MAX_EVENT_BYTES, EventFrames
 
 _REFERENCE = re.compile(rb"\r?\n\r?\n|\r\r")
@@ -95,7 +95,7 @@ def test_a_long_event_costs_one_scan_not_one_per_read() -> None:
     event 28.7 s in the citation stream (each read re-joined and re-split all that was held); now 0.17 s each."""
     chunk = b"x" * 8192
     sniffer = UsageSniffer()
-    stream = CitationMap({0: 2}, {}).stream()
+    stream = BlockPositions({0: 2}, {}).stream()
     started = time.process_time()
     sniffer.feed(b'data: {"a":"')
     for _ in range(1024):
