@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "DISCARD",
     "INLINE_SCAN_SECONDS",
     "Choice",
     "OnLoop",
@@ -54,6 +55,20 @@ CHARS_PER_TOKEN = 4  # the prediction is in characters; the header also gives it
 
 def call_here(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
+
+
+class _Discard:
+    """A hasher that keeps nothing: a prefix fed only for its chain (``Planner.sent_chain``)."""
+
+    @staticmethod
+    def update(data: Any) -> None:
+        return None
+
+    def copy(self) -> _Discard:
+        return self
+
+
+DISCARD = _Discard()
 
 
 class Prefix:

@@ -39,6 +39,7 @@ from gateway.planning.intercept.boundaries import Boundaries
 from gateway.planning.intercept.budget import check
 from gateway.planning.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
 from gateway.planning.outcome import (
+    DISCARD,
     Choice,
     OnLoop,
     Outcome,
@@ -138,12 +139,14 @@ class Planner:
         fields: dict[str, Any] = {}
         answer: AnswerRewriter | None = None
         notes: list[str] = []
-        chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
+        chain: Hashes
         if control.enabled:
             prefix = self._walk(body, fields, outcome, Chain())
             notes = outcome.notes
-            if fields and prefix.chain is not None:
-                forwarded = prefix.chain.freeze()
+            assert prefix.chain is not None
+            chain = forwarded = prefix.chain.freeze()  # as sent too, unless a field changed
+            if fields:
+                chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
                 as_sent, held = on_loop(self._held_both, chain, forwarded)
                 # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
                 # order matches the cache) and at least as far as the rewrite's
@@ -158,6 +161,7 @@ class Planner:
                 left[note] = left.get(note, 0) + 1
             answer = outcome.answer
         else:
+            chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
             result = {"groups": 0, "reordered": False, "enabled": False}
         planned = PlannedRequest(
             request_id,
@@ -189,13 +193,16 @@ class Planner:
         control = control if control is not None else parse_control(headers, self.settings)
         outcome = Outcome(control, bytes(body.top.get("model", b"")), call_here, self.settings.max_blocks_per_request)
         outcome.tenant, outcome.frozen = (tenant or "").encode(), True
-        chain = self._walk(body, {}, outcome, Chain()).chain
+        chain = self._walk(body, {}, outcome, Chain(), hashed=False).chain
         assert chain is not None
         return chain.freeze()
 
-    def _walk(self, body: RequestBody, fields: dict[str, Any], outcome: Outcome, chain: Chain | None) -> Prefix:
-        """Plan (or, ``outcome.frozen``, only read) every text of the request in prompt order; the prefix fed."""
-        prefix = Prefix(chain=chain)
+    def _walk(
+        self, body: RequestBody, fields: dict[str, Any], outcome: Outcome, chain: Chain | None, hashed: bool = True
+    ) -> Prefix:
+        """Plan (or, ``outcome.frozen``, only read) every text of the request in prompt order; the prefix fed
+        (``hashed=False``: only its chain, no prefix key digest)."""
+        prefix = Prefix(None if hashed else DISCARD, chain=chain)
         prefix.update(outcome.tenant + b"\0")
         prefix.update(body.route.encode())
         prefix.update(outcome.model)
@@ -314,6 +321,11 @@ class Planner:
         return out if changed else None
 
     def _completions(self, prompt: str | list[Any], fields: dict[str, Any], prefix: Prefix, outcome: Outcome) -> None:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # one engine request, as a string is (LangChain sends a list of one)
+            single = True
+        else:
+            single = False
         if "completions" not in outcome.control.scope:
             if isinstance(prompt, str):  # what the engine sees, for the whole prompt's chunk names
                 prefix.update(prompt.encode("utf-8", "surrogatepass"))
@@ -321,7 +333,7 @@ class Planner:
         if isinstance(prompt, str):
             new = self._text(prompt, prefix, outcome)
             if new is not None:
-                fields["prompt"] = new
+                fields["prompt"] = [new] if single else new
         elif prompt and all(isinstance(p, str) for p in prompt):
             # a batch: each prompt is its own engine request, each starts from the same prefix
             rewritten = [self._text(p, prefix.copy(), outcome) for p in prompt]
