@@ -271,9 +271,10 @@ def pin_slot(slots: SlotTable, planned: PlannedRequest, body: RequestBody) -> No
     gateway knows better than llama.cpp's own choice (``SlotTable.choose``; a client's own ``id_slot`` is kept);
     else leave ``id_slot`` out and record where llama.cpp will put it (``SlotTable.guess``)."""
     known = True
-    chosen = client_slot(body.top, len(slots.slots))
+    pinnable = body.route != "/v1/messages"  # llama-server's Messages route drops id_slot: llama.cpp chooses
+    chosen = client_slot(body.top, len(slots.slots)) if pinnable else None
     if chosen is None:
-        chosen = slots.choose(planned.chain)
+        chosen = slots.choose(planned.chain) if pinnable else None
         if chosen is None:
             chosen, known = slots.guess(planned.chain), False
         else:

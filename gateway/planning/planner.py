@@ -102,8 +102,8 @@ class Planner:
         return Planner(self.settings, residency, self.metrics, scans=self._scans, boundaries=self.boundaries)
 
     def pin(self, planned: PlannedRequest, body: RequestBody) -> None:
-        """llama.cpp: pin a request another planner planned for this planner's server (on the event loop)."""
-        if self._slots is not None and body.route != "/v1/messages":
+        """llama.cpp: choose the slot of a request another planner planned for this planner's server (on the loop)."""
+        if self._slots is not None:
             pin_slot(self._slots, planned, body)
 
     @property
@@ -181,7 +181,7 @@ class Planner:
             planned.tally = lambda: outcome.count(self.metrics, notes)
         if record:
             self.record(planned)
-        if self._slots is not None and body.route != "/v1/messages":  # llama-server's Messages route drops id_slot
+        if self._slots is not None:
             on_loop(pin_slot, self._slots, planned, body)
         return planned
 
