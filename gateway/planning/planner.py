@@ -150,7 +150,8 @@ class Planner:
                 as_sent, held = on_loop(self._held_both, chain, forwarded)
                 # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
                 # order matches the cache) and at least as far as the rewrite's
-                if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, outcome.predicted_chars):
+                predicted = outcome.predicted_chars // CHUNK_BYTES * CHUNK_BYTES  # in whole chunks, as ``held``
+                if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, predicted):
                     fields.clear()  # the prompt as sent hits at least as much of the cache as the rewrite
                     outcome.leave_as_sent(as_sent)
                 else:
