@@ -39,7 +39,7 @@ SIMILARITY = 0.1  # llama-server's default --slot-prompt-similarity
 class Slot:
     id: int
     request_id: str | None = None
-    chain: tuple[bytes, ...] = ()  # the chunk names of the prompt it holds (``scheduler.prefixes``)
+    chain: tuple[int, ...] = ()  # the chunk names of the prompt it holds (``scheduler.prefixes``)
     known: bool = True  # False: the gateway guessed that llama.cpp put the prompt here
     in_flight: int = 0
     last_used: int = -1  # llama.cpp's ``t_last_used``: set when the slot is released
@@ -58,11 +58,11 @@ class SlotTable:
             raise ValueError("a llama-server has at least one slot")
         return cls([Slot(i) for i in range(count)])
 
-    def held(self, chain: Sequence[bytes]) -> int:
+    def held(self, chain: Sequence[int]) -> int:
         """The most leading chunks of ``chain`` any slot holds."""
         return max((common(slot.chain, chain) for slot in self.slots), default=0)
 
-    def choose(self, chain: Sequence[bytes]) -> int | None:
+    def choose(self, chain: Sequence[int]) -> int | None:
         """The slot to pin a request whose prompt has the chunk names ``chain`` to, or None (leave it to llama.cpp).
 
         Idle slots only while one is idle (llama.cpp never waits for a busy slot itself); the one holding the
@@ -78,7 +78,7 @@ class SlotTable:
             return None  # llama.cpp finds it by similarity, wherever it really is
         return best.id
 
-    def guess(self, chain: Sequence[bytes]) -> int:
+    def guess(self, chain: Sequence[int]) -> int:
         """Where llama.cpp puts a request sent without ``id_slot``: the idle slot sharing the largest fraction
         above its threshold, else the least recently used idle slot (ties: the highest id, as llama.cpp scans)."""
         idle = [slot for slot in self.slots if slot.in_flight == 0] or self.slots
@@ -90,7 +90,7 @@ class SlotTable:
     def reserve(self, slot_id: int) -> None:
         self.slots[slot_id].in_flight += 1
 
-    def occupy(self, slot_id: int, request_id: str, chain: Sequence[bytes], *, known: bool = True) -> str | None:
+    def occupy(self, slot_id: int, request_id: str, chain: Sequence[int], *, known: bool = True) -> str | None:
         """Record that ``request_id`` now holds the slot; return the previous holder (its tail is overwritten)."""
         slot = self.slots[slot_id]
         previous = slot.request_id

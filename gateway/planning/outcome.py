@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "DISCARD",
     "INLINE_SCAN_SECONDS",
     "Choice",
     "OnLoop",
@@ -54,6 +55,20 @@ CHARS_PER_TOKEN = 4  # the prediction is in characters; the header also gives it
 
 def call_here(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
+
+
+class _Discard:
+    """A hasher that keeps nothing: a prefix fed only for its chain (``Planner.sent_chain``)."""
+
+    @staticmethod
+    def update(data: Any) -> None:
+        return None
+
+    def copy(self) -> _Discard:
+        return self
+
+
+DISCARD = _Discard()
 
 
 class Prefix:
@@ -260,9 +275,10 @@ def pin_slot(slots: SlotTable, planned: PlannedRequest, body: RequestBody) -> No
     gateway knows better than llama.cpp's own choice (``SlotTable.choose``; a client's own ``id_slot`` is kept);
     else leave ``id_slot`` out and record where llama.cpp will put it (``SlotTable.guess``)."""
     known = True
-    chosen = client_slot(body.top, len(slots.slots))
+    pinnable = body.route != "/v1/messages"  # llama-server's Messages route drops id_slot: llama.cpp chooses
+    chosen = client_slot(body.top, len(slots.slots)) if pinnable else None
     if chosen is None:
-        chosen = slots.choose(planned.chain)
+        chosen = slots.choose(planned.chain) if pinnable else None
         if chosen is None:
             chosen, known = slots.guess(planned.chain), False
         else:

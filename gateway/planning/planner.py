@@ -39,6 +39,7 @@ from gateway.planning.intercept.boundaries import Boundaries
 from gateway.planning.intercept.budget import check
 from gateway.planning.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
 from gateway.planning.outcome import (
+    DISCARD,
     Choice,
     OnLoop,
     Outcome,
@@ -101,8 +102,8 @@ class Planner:
         return Planner(self.settings, residency, self.metrics, scans=self._scans, boundaries=self.boundaries)
 
     def pin(self, planned: PlannedRequest, body: RequestBody) -> None:
-        """llama.cpp: pin a request another planner planned for this planner's server (on the event loop)."""
-        if self._slots is not None and body.route != "/v1/messages":
+        """llama.cpp: choose the slot of a request another planner planned for this planner's server (on the loop)."""
+        if self._slots is not None:
             pin_slot(self._slots, planned, body)
 
     @property
@@ -138,16 +139,19 @@ class Planner:
         fields: dict[str, Any] = {}
         answer: AnswerRewriter | None = None
         notes: list[str] = []
-        chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
+        chain: Hashes
         if control.enabled:
             prefix = self._walk(body, fields, outcome, Chain())
             notes = outcome.notes
-            if fields and prefix.chain is not None:
-                forwarded = prefix.chain.freeze()
+            assert prefix.chain is not None
+            chain = forwarded = prefix.chain.freeze()  # as sent too, unless a field changed
+            if fields:
+                chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
                 as_sent, held = on_loop(self._held_both, chain, forwarded)
                 # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
                 # order matches the cache) and at least as far as the rewrite's
-                if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, outcome.predicted_chars):
+                predicted = outcome.predicted_chars // CHUNK_BYTES * CHUNK_BYTES  # in whole chunks, as ``held``
+                if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, predicted):
                     fields.clear()  # the prompt as sent hits at least as much of the cache as the rewrite
                     outcome.leave_as_sent(as_sent)
                 else:
@@ -158,6 +162,7 @@ class Planner:
                 left[note] = left.get(note, 0) + 1
             answer = outcome.answer
         else:
+            chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
             result = {"groups": 0, "reordered": False, "enabled": False}
         planned = PlannedRequest(
             request_id,
@@ -178,7 +183,7 @@ class Planner:
             planned.tally = lambda: outcome.count(self.metrics, notes)
         if record:
             self.record(planned)
-        if self._slots is not None and body.route != "/v1/messages":  # llama-server's Messages route drops id_slot
+        if self._slots is not None:
             on_loop(pin_slot, self._slots, planned, body)
         return planned
 
@@ -190,13 +195,16 @@ class Planner:
         control = control if control is not None else parse_control(headers, self.settings)
         outcome = Outcome(control, bytes(body.top.get("model", b"")), call_here, self.settings.max_blocks_per_request)
         outcome.tenant, outcome.frozen = (tenant or "").encode(), True
-        chain = self._walk(body, {}, outcome, Chain()).chain
+        chain = self._walk(body, {}, outcome, Chain(), hashed=False).chain
         assert chain is not None
         return chain.freeze()
 
-    def _walk(self, body: RequestBody, fields: dict[str, Any], outcome: Outcome, chain: Chain | None) -> Prefix:
-        """Plan (or, ``outcome.frozen``, only read) every text of the request in prompt order; the prefix fed."""
-        prefix = Prefix(chain=chain)
+    def _walk(
+        self, body: RequestBody, fields: dict[str, Any], outcome: Outcome, chain: Chain | None, hashed: bool = True
+    ) -> Prefix:
+        """Plan (or, ``outcome.frozen``, only read) every text of the request in prompt order; the prefix fed
+        (``hashed=False``: only its chain, no prefix key digest)."""
+        prefix = Prefix(None if hashed else DISCARD, chain=chain)
         prefix.update(outcome.tenant + b"\0")
         prefix.update(body.route.encode())
         prefix.update(outcome.model)
@@ -315,6 +323,11 @@ class Planner:
         return out if changed else None
 
     def _completions(self, prompt: str | list[Any], fields: dict[str, Any], prefix: Prefix, outcome: Outcome) -> None:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # one engine request, as a string is (LangChain sends a list of one)
+            single = True
+        else:
+            single = False
         if "completions" not in outcome.control.scope:
             if isinstance(prompt, str):  # what the engine sees, for the whole prompt's chunk names
                 prefix.update(prompt.encode("utf-8", "surrogatepass"))
@@ -322,7 +335,7 @@ class Planner:
         if isinstance(prompt, str):
             new = self._text(prompt, prefix, outcome)
             if new is not None:
-                fields["prompt"] = new
+                fields["prompt"] = [new] if single else new
         elif prompt and all(isinstance(p, str) for p in prompt):
             # a batch: each prompt is its own engine request, each starts from the same prefix
             rewritten = [self._text(p, prefix.copy(), outcome) for p in prompt]

@@ -79,12 +79,12 @@ class Residency:
         if self.on_change is not None:
             self.on_change(("commit", request_id, groups))
 
-    def sent(self, chain: Sequence[bytes]) -> None:
+    def sent(self, chain: Sequence[int]) -> None:
         """The engine was sent a whole prompt with these chunk names (``scheduler.prefixes``)."""
         if not self.stateless and chain:
             self.prefixes.add(chain)
 
-    def held_chars(self, chain: Sequence[bytes]) -> int:
+    def held_chars(self, chain: Sequence[int]) -> int:
         """How much of a prompt (its chunk names) the engine is believed to hold, in characters: what its slots
         hold on a llama-server (one prompt each), else what the prefix index remembers of everything sent."""
         held = self.slots.held(chain) if self.slots is not None else self.prefixes.match(chain)

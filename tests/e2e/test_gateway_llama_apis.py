@@ -43,8 +43,9 @@ def test_messages_and_responses_sdks(start_llama_server: StartLlamaServer) -> No
             with claude.messages.stream(model="tiny", max_tokens=3, system=system, messages=question) as stream:
                 message = stream.get_final_message()
             assert message.usage.cache_read_input_tokens and message.usage.cache_read_input_tokens > 0
-            # Messages requests are not slot-pinned (llama-server drops id_slot there), so the slot table knows
-            # nothing of them: the first Responses request may land on another slot; the second finds the first
+            # Messages requests are not slot-pinned (llama-server drops id_slot there): the slot table records
+            # where llama.cpp is expected to put them; the first Responses request may land on another slot, the
+            # second finds the first
             oai.responses.create(model="tiny", instructions=system, input="what is second", max_output_tokens=3)
             raw = oai.responses.with_raw_response.create(model="tiny", instructions=system, input="third?",
                                                          max_output_tokens=2)  # fmt: skip

@@ -23,6 +23,11 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.metrics import Metrics
+from gateway.planning.planner import Planner
+from gateway.planning.residency import Residency
+from gateway.settings import load_settings
+from gateway.wire.chat import CHAT_ROUTE, decode_request
 from tests.e2e.llama import StartLlamaServer
 from tests.e2e.servers import free_port, wait_healthy
 
@@ -154,3 +159,28 @@ def test_with_reordering_off_a_repeated_prompt_goes_to_the_replica_that_holds_it
     assert all(r["replica"] == home for r in results), results
     assert all(r["cached"] > 300 for r in results), results
     assert all(r["enabled"] is False for r in results)
+
+
+def test_a_prompt_whose_order_the_engine_holds_goes_out_as_sent() -> None:
+    """The engine holds the prompt as the client sends it (an earlier request, reordering off): rewriting it would
+    lose that prefix, so it goes out unchanged and hits the cache whole."""
+
+    def body(order: tuple[int, ...]) -> dict[str, Any]:
+        inner = "\n".join(f'<document id="d{d}">{_words(10 + d, 120)}</document>' for d in order)
+        system = f"Answer from the documents.\n<documents>\n{inner}\n</documents>"
+        return {"model": "tiny", "messages": [{"role": "system", "content": system}, {"role": "user", "content": "q?"}]}
+
+    def rewritten_when_cold(order: tuple[int, ...]) -> bool:
+        planner = Planner(load_settings(environ={}), Residency(max_requests=10, stateless=False), Metrics())
+        planned = planner.plan(decode_request(json.dumps(body(order)).encode(), CHAT_ROUTE), "probe", {})
+        return bool(planned.fields)
+
+    order = next(o for o in [(4, 1, 3), (3, 4, 1)] if rewritten_when_cold(o))  # a cold gateway rewrites one of them
+    messages = body(order)["messages"]
+    with _sim_engines(1) as urls, prefixgate_serve(*urls) as base:
+        _chat(base, messages, {"x-prefixgate-reorder": "off"})  # the engine now holds the order as sent
+        again = _chat(base, messages)
+    result = json.loads(again.headers["x-prefixgate-result"])
+    assert result["reordered"] is False and result["left_alone"] == {"cached_as_sent": 1}, result
+    prompt = again.json()["usage"]["prompt_tokens"]
+    assert _cached(again) >= 0.9 * prompt, (_cached(again), prompt)

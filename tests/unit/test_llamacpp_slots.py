@@ -16,7 +16,7 @@ from gateway.wire.chat import CHAT_ROUTE, decode_request
 from scheduler.prefixes import CHUNK_BYTES, Chain
 
 
-def chain(text: str) -> tuple[bytes, ...]:
+def chain(text: str) -> tuple[int, ...]:
     c = Chain()
     c.update(text.encode())
     return c.freeze()

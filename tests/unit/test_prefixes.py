@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scheduler.prefixes import CHUNK_BYTES, MAX_CHUNKS, Chain, PrefixIndex, common
 
 
-def chain_of(*pieces: bytes) -> tuple[bytes, ...]:
+def chain_of(*pieces: bytes) -> tuple[int, ...]:
     chain = Chain()
     for piece in pieces:
         chain.update(piece)
