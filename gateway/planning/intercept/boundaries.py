@@ -99,6 +99,8 @@ class Boundaries:
         ]
         with self._lock:
             cuts = self._record(keys)
+        for index in group.joined:  # a continuation is never cut from the paragraph before it
+            cuts[index - 1] = False
         if not any(cuts):
             return None
         blocks: list[Block] = []

@@ -175,6 +175,7 @@ _ANCHORS = {
 }
 _METADATA_KEY = re.compile(r"([A-Za-z_][\w .-]{0,40}): [^\n]*\n(?:[A-Za-z_][\w .-]{0,40}: [^\n]*\n)*[ \t]*\n")
 _HEADING = re.compile(r"[ \t]*#{1,6}[ \t]")
+_UNDERLINE = re.compile(r"[ \t]{0,3}([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z)")
 # a paragraph that continues the one before it: a table, a list item, an underline
 _CONTINUES = re.compile(r"[ \t]*(?:\||(?:[-*+\u2022]|\d{1,3}[.)])[ \t]|([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z))")
 _RECORD = re.compile(r"Source: [^\n]*\nContent: ")
@@ -235,25 +236,39 @@ def _lead(text: str, line_start: int, end: int) -> str:
     return text[line_start:stop]
 
 
-def _paragraph_blocks(text: str, start: int, end: int, fences: Spans, indent: str) -> list[tuple[int, int]]:
-    """One span per candidate document: a paragraph indented as the template indents its items, with the
-    paragraphs that continue it; the template's indentation is left out of the span."""
+def _paragraph_blocks(
+    text: str, start: int, end: int, fences: Spans, indent: str
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """One span per paragraph (a fenced code block whole), the template's indentation left out of the span,
+    and the indices of the paragraphs that continue the one before them: a paragraph not indented exactly as
+    the template indents its documents, a table, a list, an underline, or what follows a lone heading or an
+    introduction ending with ``:``. A continuation stays its own span (a paragraph's identity must not depend
+    on its neighbour, which changes with the order) but is never cut from the paragraph before it."""
     blocks: list[tuple[int, int]] = []
+    joined: list[int] = []
     glue = False
     for para_start, para_end in paragraphs(text, start, end):
         lead = _lead(text, para_start, para_end)
         if not blocks and not lead.startswith(indent):
-            return []  # not rendered as this template renders: leave it alone
-        continues = lead != indent or _CONTINUES.match(text, para_start) is not None
-        if blocks and (glue or continues or fences.overlaps(blocks[-1][1], para_start)):
+            return [], []  # not rendered as this template renders: leave it alone
+        if blocks and fences.overlaps(blocks[-1][1], para_start):
             blocks[-1] = (blocks[-1][0], para_end)
+        elif blocks and (glue or lead != indent or _CONTINUES.match(text, para_start) is not None):
+            joined.append(len(blocks))
+            blocks.append((para_start, para_end))
         else:
             blocks.append((para_start + len(indent), para_end))
         # an introduction ("...:") or a lone heading belongs with the paragraph that follows it
-        glue = text[para_end - 1] == ":" or (
-            _HEADING.match(text, para_start) is not None and text.find("\n", para_start, para_end) < 0
-        )
-    return blocks
+        glue = text[para_end - 1] == ":" or _lone_heading(text, para_start, para_end)
+    return blocks, joined
+
+
+def _lone_heading(text: str, start: int, end: int) -> bool:
+    """An ATX heading line, or a setext heading (one line and its underline), alone as a paragraph."""
+    first = text.find("\n", start, end)
+    if first < 0:
+        return _HEADING.match(text, start) is not None
+    return text.find("\n", first + 1, end) < 0 and _UNDERLINE.match(text, first + 1, end) is not None
 
 
 def _source_records(text: str) -> BlockGroup | None:
@@ -285,14 +300,15 @@ def find_template_groups(text: str, fences: Spans) -> tuple[list[BlockGroup], li
             search_from = template_end if template_end > search_from else len(text)
             starts = _node_starts(text, begin, end)
             label = template.name
+            joined: list[int] = []
             if starts:
                 spans = _node_blocks(text, starts, end)
             else:
-                spans = _paragraph_blocks(text, begin, end, fences, template.indent)
+                spans, joined = _paragraph_blocks(text, begin, end, fences, template.indent)
                 label = f"{template.name}:paragraphs"
             if len(spans) >= 2:
                 blocks = tuple(Block(s, e, s, e) for s, e in spans)
-                groups.append(BlockGroup(template.format, label, blocks, None, blocks[-1].end))
+                groups.append(BlockGroup(template.format, label, blocks, None, blocks[-1].end, tuple(joined)))
             if not template.closer:
                 break
     return groups, regions
