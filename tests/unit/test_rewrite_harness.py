@@ -239,3 +239,26 @@ def test_the_harness_is_not_vacuous() -> None:
             edits = [(group, rng.sample(range(len(group)), len(group))) for group in groups[holder]]
             moved += audit_rewrite(sent, splice_all(sent, edits), _items(case, picked)).moved
         assert moved >= 5, case
+
+
+def test_haystack_finds_indented_documentation_text() -> None:
+    """Documentation indented throughout (signatures at three spaces, text at six, examples deeper) in
+    Haystack's tutorial template: a document starts only where a line is indented as the first document's
+    first line is, so the documents are found, learned and moved whole, each keeping its own indentation."""
+    (case,) = [case for case in CASES if case.label == "haystack_tutorial:paragraphs"]
+    pool = [
+        f"   json.{name}(obj)\n\n      {name} serializes or parses JSON, variant {n}.\n\n         >>> json.{name}(x)"
+        for n, name in enumerate(["dumps", "loads", "dump", "load", "encoder", "decoder"])
+    ]
+    rng = random.Random(3)
+    boundaries, moved = Boundaries(), 0
+    for _ in range(25):
+        picked = rng.sample(pool, 3)
+        (text,) = _rendered(case, len(picked))
+        for i, doc in enumerate(picked):
+            text = text.replace(_slot(i), doc)
+        (group,) = find_groups(text)
+        assert [i for i in range(len(group)) if i not in group.joined] == [0, 3, 6]  # the documents' first lines
+        edits = [(g, rng.sample(range(len(g)), len(g))) for g in boundaries.regroup(text, [group])]
+        moved += audit_rewrite(text, splice_all(text, edits), picked).moved
+    assert moved >= 5

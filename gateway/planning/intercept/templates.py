@@ -1,4 +1,4 @@
-"""The default RAG prompt templates of LangChain and LlamaIndex, recognised by their wording.
+"""The default RAG prompt templates of LangChain, LlamaIndex and Haystack, recognised by their wording.
 
 LangChain's "stuff" chains render each document as its ``page_content`` and join them with ``"\\n\\n"``
 (``DEFAULT_DOCUMENT_SEPARATOR``); LlamaIndex renders each node as its metadata lines (``file_path: /x/y.txt``),
@@ -33,7 +33,7 @@ import re
 from typing import NamedTuple
 
 from gateway.planning.intercept.groups import Block, BlockGroup
-from gateway.planning.intercept.lines import paragraphs
+from gateway.planning.intercept.lines import paragraphs, rstrip_end
 from gateway.planning.intercept.regions import Spans
 
 __all__ = ["TEMPLATES", "Template", "find_template_groups"]
@@ -56,6 +56,8 @@ class Template(NamedTuple):
     closer_before: str = ""
     indent: str = ""
     """What the template writes before each document on its first line."""
+    lead: str = ""
+    """What the template writes before its context only (before the first document's first line)."""
 
 
 # long, distinctive substrings make ``in`` skip through the text quickly
@@ -65,6 +67,8 @@ _LI_PROBE = "Context information "
 _V1_PROBE = "Use the following context in your response:"
 _REFINE_PROBE = "the original answer"
 _HAYSTACK_PROBE = ", answer the question."
+_BELOW_PROBE = "based on the below context:"
+_CPC_PROBE = "Here are the relevant documents"
 _LC_IDK = "If you don't know the answer, just say that you don't know, don't try to make up an answer."
 _LC_RAG = "Use the following pieces of retrieved context to answer the question. If you don't know the answer, "
 _LI_CLOSE = "\n---------------------\nGiven the "
@@ -165,10 +169,38 @@ TEMPLATES = (
         "Question:",
         indent=" " * 4,
     ),
+    # LangChain's conversational RAG tutorial (create_history_aware_retriever + create_retrieval_chain)
+    Template(
+        "qa_below_context",
+        "langchain",
+        _BELOW_PROBE,
+        "Answer the user's questions based on the below context:\n\n",
+        "",
+        "",
+    ),
+    # LlamaIndex's condense_plus_context chat engine: its context prompt, first answer and refine
+    Template(
+        "condense_plus_context",
+        "llamaindex",
+        _CPC_PROBE,
+        f"{_CPC_PROBE} for the context:\n\n",
+        "",
+        "Instruction: Based on the above documents",
+        lead="  ",
+    ),
+    Template(
+        "condense_plus_context_refine",
+        "llamaindex",
+        _CPC_PROBE,
+        f"{_CPC_PROBE} for the context:\n\n",
+        "",
+        "Existing Answer:",
+        lead="  ",
+    ),
 )
 """The recognised templates, in the order they are tried."""
 
-_PROBES = (_LC_PROBE, _HUB_PROBE, _LI_PROBE, _V1_PROBE, _REFINE_PROBE, _HAYSTACK_PROBE)
+_PROBES = (_LC_PROBE, _HUB_PROBE, _LI_PROBE, _V1_PROBE, _REFINE_PROBE, _HAYSTACK_PROBE, _BELOW_PROBE, _CPC_PROBE)
 _ANCHORS = {
     template.name: re.compile(r"\s+".join(re.escape(word) for word in template.anchor.split()) + r"\s*")
     for template in TEMPLATES
@@ -187,11 +219,12 @@ def _region(text: str, template: Template, start: int) -> tuple[int, int, int, i
     anchor = _ANCHORS[template.name].search(text, start)
     if anchor is None:
         return None
-    begin = anchor.end()
-    # the anchor's trailing whitespace may have taken the first document's indentation: give it back
-    line_start = text.rfind("\n", anchor.start(), begin) + 1
-    if line_start > anchor.start() and not text[line_start:begin].strip():
-        begin = line_start
+    # the anchor matched any run of whitespace after its words, which may hold the first document's own
+    # indentation: the context starts after the template's whitespace (and its lead), not after all of it
+    trailing = len(template.anchor) - len(template.anchor.rstrip())
+    begin = min(rstrip_end(text, anchor.start(), anchor.end()) + trailing, anchor.end())
+    if template.lead and text.startswith(template.lead, begin):
+        begin += len(template.lead)
     if template.opener:
         opener = text.find(template.opener, begin)
         if opener < 0:
@@ -241,19 +274,29 @@ def _paragraph_blocks(
 ) -> tuple[list[tuple[int, int]], list[int]]:
     """One span per paragraph (a fenced code block whole), the template's indentation left out of the span,
     and the indices of the paragraphs that continue the one before them: a paragraph not indented exactly as
-    the template indents its documents, a table, a list, an underline, or what follows a lone heading or an
-    introduction ending with ``:``. A continuation stays its own span (a paragraph's identity must not depend
-    on its neighbour, which changes with the order) but is never cut from the paragraph before it."""
+    the first document's first line (the template's indentation, plus, where the template indents, the
+    documents' own: documentation text indented throughout), a table, a list, an underline, or what follows
+    a lone heading or an introduction ending with ``:``. A continuation stays its own span (a paragraph's
+    identity must not depend on its neighbour, which changes with the order) but is never cut from the
+    paragraph before it."""
     blocks: list[tuple[int, int]] = []
     joined: list[int] = []
     glue = False
+    if (start > 0 and text[start - 1] != "\n" and text.startswith(("```", "~~~"), start)) or any(
+        s < start or e > end for s, e in fences.within(start, end)
+    ):
+        return [], []  # a fence opened mid-line, or one that crosses the context's edge: its code is not found
+    item = indent  # how a document's first line is indented
     for para_start, para_end in paragraphs(text, start, end):
         lead = _lead(text, para_start, para_end)
-        if not blocks and not lead.startswith(indent):
-            return [], []  # not rendered as this template renders: leave it alone
+        if not blocks:
+            if not lead.startswith(indent):
+                return [], []  # not rendered as this template renders: leave it alone
+            # documentation text indented throughout: the template's indent plus the documents' own
+            item = lead if indent else indent
         if blocks and fences.overlaps(blocks[-1][1], para_start):
             blocks[-1] = (blocks[-1][0], para_end)
-        elif blocks and (glue or lead != indent or _CONTINUES.match(text, para_start) is not None):
+        elif blocks and (glue or lead != item or _CONTINUES.match(text, para_start) is not None):
             joined.append(len(blocks))
             blocks.append((para_start, para_end))
         else:
