@@ -262,3 +262,22 @@ def test_haystack_finds_indented_documentation_text() -> None:
         edits = [(g, rng.sample(range(len(g)), len(g))) for g in boundaries.regroup(text, [group])]
         moved += audit_rewrite(text, splice_all(text, edits), picked).moved
     assert moved >= 5
+
+
+def test_an_underline_is_not_a_separator() -> None:
+    """Found by the harness: two headings underlined alike (``=====``) in ``---``-separated documents made a
+    separator chain of their own that won over the ``---`` one, and documents were cut under their headings."""
+    prose = "cache cache cache cache cache cache."
+    code = [f"    doc{n}x0.dump(obj, fp)\n    doc{n}x0.load(fp)" for n in range(5)]
+    docs = [
+        f"Doc0x0 {prose}",
+        f"The doc1x0 module\n=================\n\nDoc1x0 {prose}",
+        f"{code[2]}\n\nDoc2x0 {prose}\n\n{code[2]}",
+        f"The doc3x0 module\n=================\n\nDoc3x0 {prose}\n\n{code[3]}\n\n{code[3]}\n\n{code[3]}",
+        f"{code[4]}\n\nDoc4x0 {prose}",
+    ]
+    sent = _custom("separator", docs, "\n\nQuestion: How do I write JSON to a file?", "")
+    (group,) = find_groups(sent)
+    assert group.label == "---"
+    for order in ([1, 0, 2, 3], [3, 2, 1, 0]):
+        assert audit_rewrite(sent, splice_all(sent, [(group, order)]), docs).order == (*order, 4)
