@@ -56,6 +56,8 @@ TUTORIAL_V03_SYSTEM = (
     "the question. If you don't know the answer, say that you don't know. Use three sentences maximum and keep the "
     "answer concise.\n\n{context}"
 )
+# python.langchain.com v0.2/v0.3 conversational RAG tutorial (create_history_aware_retriever): the QA system prompt
+CONVERSATIONAL_SYSTEM = "Answer the user's questions based on the below context:\n\n{context}"
 # docs.langchain.com v1 RAG tutorial: the RAG chain's dynamic system prompt
 TUTORIAL_V1_SYSTEM = "You are a helpful assistant. Use the following context in your response:\n\n{context}"
 
@@ -250,6 +252,19 @@ def _llama_refine(metadata: bool) -> Callable[..., dict[str, Any]]:
     return render
 
 
+def _condense_plus_context(docs: Sequence[str], question: str) -> dict[str, Any]:
+    """LlamaIndex's ``CondensePlusContextChatEngine``: the first turn's context prompt (a system message), rendered
+    from the engine's own template and nodes as the engine renders them (the engine itself keeps its chat memory
+    in an SQLite database that it never closes)."""
+    from llama_index.core.chat_engine.condense_plus_context import DEFAULT_CONTEXT_PROMPT_TEMPLATE
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.core.schema import MetadataMode, TextNode
+
+    context = "\n\n".join(TextNode(text=text).get_content(metadata_mode=MetadataMode.LLM) for text in docs)
+    system = PromptTemplate(DEFAULT_CONTEXT_PROMPT_TEMPLATE).format(context_str=context)
+    return {"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
+
+
 # PromptBuilder's docstring (haystack/components/builders/prompt_builder.py)
 HAYSTACK_DOCUMENTED = (
     "\n    Given these documents, answer the question.\n    Documents:\n    {% for doc in documents %}\n"
@@ -310,6 +325,11 @@ CASES = [
         _retrieval_chain([("system", TUTORIAL_V1_SYSTEM), ("human", "{input}")], "input"),
         "rag_system_v1:paragraphs",
     ),
+    Case(
+        "langchain create_retrieval_chain + conversational RAG system prompt",
+        _retrieval_chain([("system", CONVERSATIONAL_SYSTEM), ("human", "{input}")], "input"),
+        "qa_below_context:paragraphs",
+    ),
     Case("langchain v1 agent tool result", lc_agent_tool, "agent_tool"),
     Case("llamaindex text-QA (compact)", _llama("compact", False), "text_qa:paragraphs"),
     Case("llamaindex text-QA with metadata", _llama("compact", True), "text_qa"),
@@ -317,6 +337,7 @@ CASES = [
     Case("llamaindex tree-summarize with metadata", _llama("tree_summarize", True), "tree_summarize"),
     Case("llamaindex refine", _llama_refine(False), "refine:paragraphs"),
     Case("llamaindex refine with metadata", _llama_refine(True), "refine"),
+    Case("llamaindex condense_plus_context chat engine", _condense_plus_context, "condense_plus_context:paragraphs"),
     Case("haystack PromptBuilder (documented RAG template)", _haystack(HAYSTACK_DOCUMENTED), "haystack_rag:paragraphs"),
     Case("haystack PromptBuilder (tutorial template)", _haystack(HAYSTACK_TUTORIAL), "haystack_tutorial:paragraphs"),
 ]

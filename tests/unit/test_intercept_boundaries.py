@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.planning.intercept import BlockGroup, find_groups
+from gateway.planning.intercept import BlockGroup, audit_rewrite, find_groups, splice_all
 from gateway.planning.intercept.boundaries import Boundaries
 
 QA = (
@@ -196,3 +196,22 @@ def test_learning_converges_on_a_shuffled_workload() -> None:
     text = prompt(picked, "final?")
     (group,) = learned(boundaries, text)
     assert renderings(text, group) == picked
+
+
+def test_the_applications_own_paragraph_after_the_context_never_moves() -> None:
+    """An app's own system prompt with a rule after ``{context}`` (a template whose context runs to the end):
+    the rule is seen after varying documents, so the blank line before it becomes a boundary; always last,
+    it is the template's own text and stays out of the group (it moved as a block of its own before)."""
+    system = "Answer the user's questions based on the below context:\n\n"
+    rule = "Always answer in English, in two sentences at most."
+    chunks = [f"Chunk {i} opens here.\n\nChunk {i} goes on here." for i in range(6)]
+    rng = random.Random(2)
+    boundaries, moved = Boundaries(), 0
+    for _ in range(30):
+        picked = rng.sample(chunks, 3)
+        context = "\n\n".join(picked)
+        text = f"{system}{context}\n\n{rule}"
+        groups = learned(boundaries, text)
+        edits = [(group, rng.sample(range(len(group)), len(group))) for group in groups]
+        moved += audit_rewrite(text, splice_all(text, edits), picked).moved
+    assert moved >= 5

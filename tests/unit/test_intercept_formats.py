@@ -422,7 +422,14 @@ def test_langchain_paragraph_split_keeps_headings_introductions_and_code_togethe
     code = "Example:\n```python\nx = 1\n\ny = 2\n```"
     text = f"{LC_QA}## Title\n\n{PARIS}\n\n{code}\n\nQuestion: which?\nHelpful Answer:"
     group = only(text)
-    assert renderings(text, group) == [f"## Title\n\n{PARIS}", code]
+    # a paragraph each (its identity must not depend on its neighbour), the heading's never cut from it
+    assert renderings(text, group) == ["## Title", PARIS, code]
+    assert group.joined == (1,)
+    table = "| city | country |\n|------|---------|\n| Paris | France |"
+    text = f"{LC_QA}{PARIS}\n\n    print(paris)\n\n{table}\n\n{ROME}\n\nQuestion: which?\nHelpful Answer:"
+    group = only(text)
+    assert renderings(text, group) == [PARIS, "    print(paris)", table, ROME]
+    assert group.joined == (1, 2)  # indented code and a table continue the paragraph before them
 
 
 def test_llamaindex_nodes_with_metadata_have_exact_boundaries() -> None:

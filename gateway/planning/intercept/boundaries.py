@@ -8,8 +8,8 @@ this request, and ``a`` has been seen followed by something else (another paragr
 ``b`` starts one, and the blank line between them is a boundary. Both sides are required: a paragraph shared
 by two chunks (a chunk overlap, a repeated heading) then does not confirm a boundary on its own.
 
-Traffic is weighed, not just seen: a chunk shown whole is evidence too. Each paragraph counts how often it
-was seen, and each adjacent pair how often it was seen in that order; once ``a`` has been seen directly
+Traffic is weighed, not just seen: a chunk shown whole is evidence too. Each paragraph counts the requests
+that showed it, and each adjacent pair the requests that showed it in that order; once ``a`` has been seen directly
 followed by ``b`` (the chunk ``a\n\nb`` shown whole, in this order), the blank line between them is cut only
 when ``a`` was seen without ``b`` after it, and ``b`` without ``a`` before it, more often than together. So
 two requests ``[a, x]`` and ``[y, b]`` no longer make another client's ``a\n\nb`` go out as ``b ... a``:
@@ -51,6 +51,7 @@ from gateway.planning.intercept.templates import TEMPLATES
 __all__ = ["Boundaries"]
 
 _MAX_COUNT = 1 << 30
+_FIXED_AFTER = 1  # requests that must show a paragraph at the same edge before it counts as the template's
 _SUFFIX = ":paragraphs"
 _EDGE = b"\0" * 16  # the start or the end of a context, as a neighbour
 # where the fixed text ends in templates that put the query before the context (rag_prompt: "...\nQuestion: ")
@@ -98,34 +99,53 @@ class Boundaries:
             for block in group.blocks
         ]
         with self._lock:
-            cuts = self._record(keys)
-        if not any(cuts):
+            cuts, first_fixed, last_fixed = self._record(keys)
+        for index in group.joined:  # a continuation is never cut from the paragraph before it
+            cuts[index - 1] = False
+        # the template's own text stays out of the group, with the run of paragraphs it is not cut from
+        inner = [i for i, cut in enumerate(cuts) if cut]
+        head = inner[0] + 1 if first_fixed and inner else 0
+        stop = inner[-1] + 1 if last_fixed and inner else len(group.blocks)  # the paragraphs kept: [head, stop)
+        if stop - head < 2 or not any(cuts[head : stop - 1]):
             return None
         blocks: list[Block] = []
-        first = group.blocks[0]
-        for i, cut in enumerate(cuts):
-            if cut:
+        first = group.blocks[head]
+        for i in range(head, stop - 1):
+            if cuts[i]:
                 end = group.blocks[i].end
                 blocks.append(Block(first.start, end, first.start, end))
                 first = group.blocks[i + 1]
-        last = group.blocks[-1].end
+        last = group.blocks[stop - 1].end
         blocks.append(Block(first.start, last, first.start, last))
         label = group.label[: -len(_SUFFIX)] + ":learned"
-        return BlockGroup(group.format, label, tuple(blocks), None, group.after)
+        return BlockGroup(group.format, label, tuple(blocks), None, last)
 
-    def _record(self, keys: list[bytes]) -> list[bool]:
-        """Decide each inner blank line from what earlier requests showed, then record this request."""
+    def _record(self, keys: list[bytes]) -> tuple[list[bool], bool, bool]:
+        """Decide each inner blank line from what earlier requests showed, then record this request.
+
+        Also returns whether the first and the last paragraph may be the template's own text: seen first
+        (last) in every request that showed it, it may be written by the application around its documents
+        ("Always answer in English."); it then stays where it is, with the paragraphs it is not cut from."""
         seen, pairs = self._seen, self._pairs
         pair_keys = [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
         cuts = [
             _parted(seen.get(keys[i], 0), seen.get(keys[i + 1], 0), pairs.get(pair_keys[i + 1], 0))
             for i in range(len(keys) - 1)
         ]
-        for key in keys:
+        first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0))
+        last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0))
+        # counted per request, not per occurrence: a paragraph repeated inside one document is not evidence
+        # that it was seen apart from its neighbour
+        for key in dict.fromkeys(keys):
             seen[key] = min(seen.get(key, 0) + 1, _MAX_COUNT)
-        for key in pair_keys:
+        for key in dict.fromkeys(pair_keys):
             pairs[key] = min(pairs.get(key, 0) + 1, _MAX_COUNT)
-        return cuts
+        return cuts, first_fixed, last_fixed
+
+
+def _fixed(seen: int, with_neighbour: int) -> bool:
+    """Whether a paragraph seen in ``seen`` requests always had the same neighbour on the edge side."""
+    return seen >= _FIXED_AFTER and with_neighbour == seen
 
 
 def _pair(left: bytes, right: bytes) -> bytes:

@@ -78,7 +78,10 @@ class BlockGroup(msgspec.Struct, frozen=True, gc=False):
     (``retrieval_qa``). ``number_base`` is the original number of the first block when the blocks carry
     position-dependent numbers that a splice rewrites (block at new position ``p`` gets ``number_base + p``),
     else ``None``. ``after`` is where a relevance annotation may be inserted (after a wrapper's closing tag
-    when the group fills a wrapper), or ``None`` where no text may be added (JSON).
+    when the group fills a wrapper), or ``None`` where no text may be added (JSON). ``joined`` lists the blocks
+    that continue the block before them (an indented code block, a table, the paragraph after a lone heading):
+    set only on the paragraph candidates of a template context, whose learned grouping never cuts in front of
+    them (:mod:`gateway.planning.intercept.boundaries`); a splice ignores it.
     """
 
     format: str
@@ -86,6 +89,7 @@ class BlockGroup(msgspec.Struct, frozen=True, gc=False):
     blocks: tuple[Block, ...]
     number_base: int | None = None
     after: int | None = None
+    joined: tuple[int, ...] = ()
 
     @property
     def start(self) -> int:

@@ -64,7 +64,13 @@ _HARD = (
 # A soft cue reads like an instruction or a question, but a document may also contain such a line.
 _SOFT = (
     r"[ \t]*(?:(?i:answer\b|based on\b|using (?:the|only)\b|use (?:the|only)\b|given the\b|please\b|respond\b"
-    r"|cite\b|reply\b|question\b|query\b|now,? (?:answer|respond|using)\b)|[^\n]*\?[ \t\r]*(?=\n|\Z))"
+    r"|cite\b|reply\b|question\b|query\b|now,? (?:answer|respond|using)\b"
+    # an instruction to the model: an imperative, or a line that names a block by its label
+    r"|summari[sz]e\b|explain\b|describe\b|compare\b|write\b|tell me\b|give\b|provide\b|list the\b|do not\b"
+    r"|don't\b|only (?:use|answer)\b|be (?:brief|concise)\b|you (?:are|must|should)\b|make sure\b|ignore\b"
+    r"|[^\n]*\b(?:document|doc|source|passage|result|snippet|chunk)s?[ \t]*#?\[?\d+\b"
+    r"|(?:the|these|all|each) (?:documents|sources|passages|results|snippets|excerpts|chunks|context)\b)"
+    r"|[^\n]*\?[ \t\r]*(?=\n|\Z))"
 )
 _HARD_AT = re.compile(_HARD)
 _SOFT_AT = re.compile(_SOFT)
@@ -74,6 +80,11 @@ _SOFT_LINE = re.compile(r"\n" + _SOFT)
 # a line that continues the paragraph above it: indented, a table row, a list item, or an underline
 _ATTACHED = re.compile(
     r"(?: {2,}|\t|[ \t]*\||[ \t]*(?:[-*+\u2022]|\d{1,3}[.)])[ \t]|[ \t]{0,3}([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z))"
+)
+# a prompt's own section line: a short label and a colon, ASCII or fullwidth ("Knowledge base:"), or an
+# introduction ending with one
+_LABEL = re.compile(
+    r"[ \t]*(?:[^\s:\uff1a]{1,24}(?:[ \t][^\s:\uff1a]{1,24}){0,3}[ \t]*[:\uff1a]|[^\n]*[:\uff1a][ \t\r]*$)"
 )
 # a paragraph that continues the block before it: a table
 _TABLE = re.compile(r"[ \t]*\|")
@@ -223,6 +234,8 @@ def last_end(text: str, start: int, limit: int, shape: Shape, fences: Spans, *, 
     decided = False  # whether the scan stopped on its own, before the end of the (possibly truncated) range
     for para in paragraphs(text, start, limit):
         if found and fences.contains(found[-1][1]):
+            if any(end >= len(text) for _, end in fences.within(found[-1][1], found[-1][1] + 1)):
+                return None  # a fence left open runs to the end of the text: where the block ends is unknown
             found[-1] = (found[-1][0], para[1])
             continue
         if found and want == 1:
@@ -244,6 +257,8 @@ def last_end(text: str, start: int, limit: int, shape: Shape, fences: Spans, *, 
     end = found[-1][1]
     hard = _next_hard_line(text, start, end, heading_level)
     if hard >= 0 and (trusted if trusted is not None else not _hard_inside(text, shape, heading_level)):
+        if any(para_start < hard for para_start, _ in found[1:]) and all(p != hard for p, _ in found):
+            return None  # a later paragraph runs into "Question:": its first lines may be the prompt's, not ours
         end = rstrip_end(text, start, hard - 1)
     if want > 1:
         soft = any(_soft_at(text, para_start, end) for para_start, _ in found[1:] if para_start < end)
@@ -283,10 +298,10 @@ def _continued(text: str, start: int, end: int, limit: int, fences: Spans) -> in
         if fences.contains(para_start) or _lead(text, para_start) >= block_lead + 4 or _TABLE.match(text, para_start):
             extended = para_end
             continue
-        # past the continuation: what follows must read as the prompt's own text, or the end is in doubt
-        if extended == end or is_cue_line(text, para_start, stop):
-            return extended
-        return None
+        # what follows must read as the prompt's own text (a question, an instruction, a heading, a tag), or it
+        # may be the rest of this document, and the end is in doubt
+        cue = is_cue_line(text, para_start, stop) or _LABEL.match(text, para_start, line_end(text, para_start, stop))
+        return extended if cue else None
     return extended if stop == limit else None
 
 

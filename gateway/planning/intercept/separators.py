@@ -6,9 +6,10 @@ block's start is clear: the other blocks are one paragraph each and the last par
 or an introduction line (ending with ``:``) marks where the block starts. The part after the last separator
 contributes a block that ends by the rule in :mod:`gateway.planning.intercept.lines`. The separators stay in the gaps.
 
-Markdown documents use ``---`` as a horizontal rule, so in ``auto`` mode a chain needs at least three blocks
-of at least 20 characters, introduced by a line such as ``Here are the retrieved documents:``; front matter
-and fenced code never hold separators.
+A ``===``/``---`` line right under a text line at least as long as it (less one) underlines a heading and is
+never a separator. Markdown documents use ``---`` as a horizontal rule, so in ``auto`` mode a chain needs at
+least three blocks of at least 20 characters, introduced by a line such as ``Here are the retrieved
+documents:``; front matter and fenced code never hold separators.
 
 Every distinct separator line is its own chain; only the :data:`MAX_CHAINS` chains with the most separators are
 examined (real prompts use one or two), so a text made of many distinct separator lines costs no more than a
@@ -58,8 +59,19 @@ def _chains(
     for line_start, match in pattern.finditer(text):
         if line_start < skip_before or fences.contains(line_start) or claims.contains(line_start):
             continue
+        if _underline(text, line_start, match.group(1)):
+            continue
         chains.setdefault(match.group(1), []).append((line_start, match.end()))
     return chains
+
+
+def _underline(text: str, line_start: int, line: str) -> bool:
+    """Whether the line at ``line_start`` underlines the text line right above it (a setext or reST heading):
+    at least as long as that line, less one."""
+    if line_start < 2 or text[line_start - 2] == "\n":
+        return False
+    above = text[text.rfind("\n", 0, line_start - 1) + 1 : line_start - 1].strip()
+    return bool(above) and above.strip(line[0]) != "" and len(line) >= len(above) - 1
 
 
 def _part(text: str, start: int, end: int) -> tuple[int, int] | None:

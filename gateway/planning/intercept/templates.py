@@ -1,4 +1,4 @@
-"""The default RAG prompt templates of LangChain and LlamaIndex, recognised by their wording.
+"""The default RAG prompt templates of LangChain, LlamaIndex and Haystack, recognised by their wording.
 
 LangChain's "stuff" chains render each document as its ``page_content`` and join them with ``"\\n\\n"``
 (``DEFAULT_DOCUMENT_SEPARATOR``); LlamaIndex renders each node as its metadata lines (``file_path: /x/y.txt``),
@@ -33,7 +33,7 @@ import re
 from typing import NamedTuple
 
 from gateway.planning.intercept.groups import Block, BlockGroup
-from gateway.planning.intercept.lines import paragraphs
+from gateway.planning.intercept.lines import paragraphs, rstrip_end
 from gateway.planning.intercept.regions import Spans
 
 __all__ = ["TEMPLATES", "Template", "find_template_groups"]
@@ -56,6 +56,8 @@ class Template(NamedTuple):
     closer_before: str = ""
     indent: str = ""
     """What the template writes before each document on its first line."""
+    lead: str = ""
+    """What the template writes before its context only (before the first document's first line)."""
 
 
 # long, distinctive substrings make ``in`` skip through the text quickly
@@ -65,6 +67,8 @@ _LI_PROBE = "Context information "
 _V1_PROBE = "Use the following context in your response:"
 _REFINE_PROBE = "the original answer"
 _HAYSTACK_PROBE = ", answer the question."
+_BELOW_PROBE = "based on the below context:"
+_CPC_PROBE = "Here are the relevant documents"
 _LC_IDK = "If you don't know the answer, just say that you don't know, don't try to make up an answer."
 _LC_RAG = "Use the following pieces of retrieved context to answer the question. If you don't know the answer, "
 _LI_CLOSE = "\n---------------------\nGiven the "
@@ -165,16 +169,45 @@ TEMPLATES = (
         "Question:",
         indent=" " * 4,
     ),
+    # LangChain's conversational RAG tutorial (create_history_aware_retriever + create_retrieval_chain)
+    Template(
+        "qa_below_context",
+        "langchain",
+        _BELOW_PROBE,
+        "Answer the user's questions based on the below context:\n\n",
+        "",
+        "",
+    ),
+    # LlamaIndex's condense_plus_context chat engine: its context prompt, first answer and refine
+    Template(
+        "condense_plus_context",
+        "llamaindex",
+        _CPC_PROBE,
+        f"{_CPC_PROBE} for the context:\n\n",
+        "",
+        "Instruction: Based on the above documents",
+        lead="  ",
+    ),
+    Template(
+        "condense_plus_context_refine",
+        "llamaindex",
+        _CPC_PROBE,
+        f"{_CPC_PROBE} for the context:\n\n",
+        "",
+        "Existing Answer:",
+        lead="  ",
+    ),
 )
 """The recognised templates, in the order they are tried."""
 
-_PROBES = (_LC_PROBE, _HUB_PROBE, _LI_PROBE, _V1_PROBE, _REFINE_PROBE, _HAYSTACK_PROBE)
+_PROBES = (_LC_PROBE, _HUB_PROBE, _LI_PROBE, _V1_PROBE, _REFINE_PROBE, _HAYSTACK_PROBE, _BELOW_PROBE, _CPC_PROBE)
 _ANCHORS = {
     template.name: re.compile(r"\s+".join(re.escape(word) for word in template.anchor.split()) + r"\s*")
     for template in TEMPLATES
 }
 _METADATA_KEY = re.compile(r"([A-Za-z_][\w .-]{0,40}): [^\n]*\n(?:[A-Za-z_][\w .-]{0,40}: [^\n]*\n)*[ \t]*\n")
 _HEADING = re.compile(r"[ \t]*#{1,6}[ \t]")
+_UNDERLINE = re.compile(r"[ \t]{0,3}([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z)")
 # a paragraph that continues the one before it: a table, a list item, an underline
 _CONTINUES = re.compile(r"[ \t]*(?:\||(?:[-*+\u2022]|\d{1,3}[.)])[ \t]|([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z))")
 _RECORD = re.compile(r"Source: [^\n]*\nContent: ")
@@ -186,11 +219,12 @@ def _region(text: str, template: Template, start: int) -> tuple[int, int, int, i
     anchor = _ANCHORS[template.name].search(text, start)
     if anchor is None:
         return None
-    begin = anchor.end()
-    # the anchor's trailing whitespace may have taken the first document's indentation: give it back
-    line_start = text.rfind("\n", anchor.start(), begin) + 1
-    if line_start > anchor.start() and not text[line_start:begin].strip():
-        begin = line_start
+    # the anchor matched any run of whitespace after its words, which may hold the first document's own
+    # indentation: the context starts after the template's whitespace (and its lead), not after all of it
+    trailing = len(template.anchor) - len(template.anchor.rstrip())
+    begin = min(rstrip_end(text, anchor.start(), anchor.end()) + trailing, anchor.end())
+    if template.lead and text.startswith(template.lead, begin):
+        begin += len(template.lead)
     if template.opener:
         opener = text.find(template.opener, begin)
         if opener < 0:
@@ -235,25 +269,49 @@ def _lead(text: str, line_start: int, end: int) -> str:
     return text[line_start:stop]
 
 
-def _paragraph_blocks(text: str, start: int, end: int, fences: Spans, indent: str) -> list[tuple[int, int]]:
-    """One span per candidate document: a paragraph indented as the template indents its items, with the
-    paragraphs that continue it; the template's indentation is left out of the span."""
+def _paragraph_blocks(
+    text: str, start: int, end: int, fences: Spans, indent: str
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """One span per paragraph (a fenced code block whole), the template's indentation left out of the span,
+    and the indices of the paragraphs that continue the one before them: a paragraph not indented exactly as
+    the first document's first line (the template's indentation, plus, where the template indents, the
+    documents' own: documentation text indented throughout), a table, a list, an underline, or what follows
+    a lone heading or an introduction ending with ``:``. A continuation stays its own span (a paragraph's
+    identity must not depend on its neighbour, which changes with the order) but is never cut from the
+    paragraph before it."""
     blocks: list[tuple[int, int]] = []
+    joined: list[int] = []
     glue = False
+    if (start > 0 and text[start - 1] != "\n" and text.startswith(("```", "~~~"), start)) or any(
+        s < start or e > end for s, e in fences.within(start, end)
+    ):
+        return [], []  # a fence opened mid-line, or one that crosses the context's edge: its code is not found
+    item = indent  # how a document's first line is indented
     for para_start, para_end in paragraphs(text, start, end):
         lead = _lead(text, para_start, para_end)
-        if not blocks and not lead.startswith(indent):
-            return []  # not rendered as this template renders: leave it alone
-        continues = lead != indent or _CONTINUES.match(text, para_start) is not None
-        if blocks and (glue or continues or fences.overlaps(blocks[-1][1], para_start)):
+        if not blocks:
+            if not lead.startswith(indent):
+                return [], []  # not rendered as this template renders: leave it alone
+            # documentation text indented throughout: the template's indent plus the documents' own
+            item = lead if indent else indent
+        if blocks and fences.overlaps(blocks[-1][1], para_start):
             blocks[-1] = (blocks[-1][0], para_end)
+        elif blocks and (glue or lead != item or _CONTINUES.match(text, para_start) is not None):
+            joined.append(len(blocks))
+            blocks.append((para_start, para_end))
         else:
             blocks.append((para_start + len(indent), para_end))
         # an introduction ("...:") or a lone heading belongs with the paragraph that follows it
-        glue = text[para_end - 1] == ":" or (
-            _HEADING.match(text, para_start) is not None and text.find("\n", para_start, para_end) < 0
-        )
-    return blocks
+        glue = text[para_end - 1] == ":" or _lone_heading(text, para_start, para_end)
+    return blocks, joined
+
+
+def _lone_heading(text: str, start: int, end: int) -> bool:
+    """An ATX heading line, or a setext heading (one line and its underline), alone as a paragraph."""
+    first = text.find("\n", start, end)
+    if first < 0:
+        return _HEADING.match(text, start) is not None
+    return text.find("\n", first + 1, end) < 0 and _UNDERLINE.match(text, first + 1, end) is not None
 
 
 def _source_records(text: str) -> BlockGroup | None:
@@ -285,14 +343,15 @@ def find_template_groups(text: str, fences: Spans) -> tuple[list[BlockGroup], li
             search_from = template_end if template_end > search_from else len(text)
             starts = _node_starts(text, begin, end)
             label = template.name
+            joined: list[int] = []
             if starts:
                 spans = _node_blocks(text, starts, end)
             else:
-                spans = _paragraph_blocks(text, begin, end, fences, template.indent)
+                spans, joined = _paragraph_blocks(text, begin, end, fences, template.indent)
                 label = f"{template.name}:paragraphs"
             if len(spans) >= 2:
                 blocks = tuple(Block(s, e, s, e) for s, e in spans)
-                groups.append(BlockGroup(template.format, label, blocks, None, blocks[-1].end))
+                groups.append(BlockGroup(template.format, label, blocks, None, blocks[-1].end, tuple(joined)))
             if not template.closer:
                 break
     return groups, regions
