@@ -23,7 +23,7 @@ from gateway.planning.citemap import CitationMap
 from gateway.planning.control import Control
 from gateway.planning.intercept import BlockGroup, deadline_in
 from gateway.planning.intercept.meaning import Decision
-from gateway.planning.plan import PlannedRequest, Prediction
+from gateway.planning.plan import PlannedRequest, Prediction, estimate_tokens
 from gateway.wire import AnswerRewriter
 from scheduler.prefixes import Chain
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from gateway.wire.chat import RequestBody
 
 __all__ = [
-    "CHARS_PER_TOKEN",
     "DISCARD",
     "INLINE_SCAN_SECONDS",
     "Choice",
@@ -49,8 +48,6 @@ __all__ = [
 T = TypeVar("T")
 OnLoop = Callable[..., Any]
 """Runs ``fn(*args)`` on the event loop: a plain call there, ``anyio.from_thread.run_sync`` from a worker."""
-
-CHARS_PER_TOKEN = 4  # the prediction is in characters; the header also gives it in (estimated) tokens
 
 
 def call_here(fn: Callable[..., T], *args: Any) -> T:
@@ -236,7 +233,7 @@ class Outcome:
         result: dict[str, Any] = {"groups": self.groups, "blocks": self.blocks, "reordered": self.reordered}
         if not shared:
             result["predicted_cached_blocks"] = self.cached
-            result["predicted_cached_tokens"] = self.predicted_chars // CHARS_PER_TOKEN
+            result["predicted_cached_tokens"] = estimate_tokens(self.predicted_chars)
             result["memo_hits"] = self.memo_hits
         if self.skipped is not None:
             result["skipped"] = self.skipped

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gateway.upstream.sender import UpstreamSender
     from gateway.wire.chat import RequestBody
 
-__all__ = ["PlannedRequest", "Prediction", "RequestPlanner", "Upstream"]
+__all__ = ["PlannedRequest", "Prediction", "RequestPlanner", "Upstream", "estimate_tokens"]
 
 logger = logging.getLogger("prefixgate.planner")
 
@@ -40,6 +40,12 @@ Prediction = tuple[Hashable, tuple[int, ...]]  # (prefix key, the blocks predict
 _MIN_PREDICTED_CHARS = 400
 _CHARS_PER_TOKEN = 4
 _STALE_FRACTION = 0.25
+
+
+def estimate_tokens(chars: int) -> int:
+    """The tokens ``chars`` characters of prompt are estimated to make (~4 per token, the gateway's one estimate:
+    predictions, the result header, a replica's load and its ranking)."""
+    return chars // _CHARS_PER_TOKEN
 
 
 class PlannedRequest:
@@ -101,7 +107,7 @@ class PlannedRequest:
         """
         if cached_tokens is None or self.predicted_chars < _MIN_PREDICTED_CHARS:
             return
-        if cached_tokens >= self.predicted_chars / _CHARS_PER_TOKEN * _STALE_FRACTION:
+        if cached_tokens >= estimate_tokens(self.predicted_chars) * _STALE_FRACTION:
             return
         self.metrics.stale_predictions.inc()
         index = self.residency.index

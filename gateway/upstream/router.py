@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 
 from gateway.errors import Unavailable
 from gateway.metrics import Metrics
-from gateway.planning.plan import PlannedRequest
+from gateway.planning.plan import PlannedRequest, estimate_tokens
 from gateway.upstream.ranking import BalanceGuard, Candidate, rank
 from gateway.upstream.replicas import Pending, Replica, ReplicaSet
 from gateway.wire.chat import RequestBody
@@ -55,7 +55,6 @@ __all__ = ["RoutedRequest", "Router"]
 logger = logging.getLogger("prefixgate.router")
 
 T = TypeVar("T")
-_CHARS_PER_TOKEN = 4
 _RANK_BUDGET = 8  # trie nodes a ranking walk may visit per replica (the winner's plan searches the index's budget)
 _SESSION_HEADERS = ("x-prefixgate-session", "x-session-id", "x-contextpilot-session")
 _encoder = msgspec.json.Encoder()
@@ -167,7 +166,7 @@ class Router:
         healthy: list[Replica] = on_loop(self.replicas.healthy)
         if not healthy:
             raise Unavailable("no healthy engine replica", code="no_healthy_replica")
-        prompt_tokens = len(body.raw) // _CHARS_PER_TOKEN
+        prompt_tokens = estimate_tokens(len(body.raw))
         if len(healthy) == 1:
             planner = _planner(healthy[0])
             planned = planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff)
@@ -223,7 +222,7 @@ class Router:
         choice.ranking = remaining
         planned = self._plan_with(choice, body, failed.request_id, headers, in_thread=False, tenant=failed.tenant)
         _planner(remaining[0]).pin(planned, body)
-        routed = self._assign(planned, remaining[0], len(body.raw) // _CHARS_PER_TOKEN, 0, "reroute")
+        routed = self._assign(planned, remaining[0], estimate_tokens(len(body.raw)), 0, "reroute")
         routed.conversation, routed.ranking, routed.tenant = failed.conversation, failed.ranking, failed.tenant
         routed.tried = (*failed.tried, remaining[0])
         return routed
@@ -271,7 +270,7 @@ class Router:
             cached = (
                 sum(residency.index.cached(key, blocks, _RANK_BUDGET) for key, blocks in groups) if total_blocks else 0
             )
-            as_sent = residency.held_chars(sent) // _CHARS_PER_TOKEN if sent else 0
+            as_sent = estimate_tokens(residency.held_chars(sent)) if sent else 0
             candidates.append(
                 Candidate(replica.position, max(int(cached * per_block), as_sent), replica.in_flight,
                           replica.queued_tokens, replica.sent)
