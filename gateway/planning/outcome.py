@@ -24,6 +24,7 @@ from gateway.planning.control import Control
 from gateway.planning.intercept import BlockGroup, deadline_in
 from gateway.planning.intercept.meaning import Decision
 from gateway.planning.plan import PlannedRequest, Prediction, estimate_tokens
+from gateway.planning.residency import IndexView, Residency
 from gateway.wire import AnswerRewriter
 from scheduler.prefixes import Chain
 
@@ -165,6 +166,17 @@ class Outcome:
     as_sent: bool = False  # the rewrite was dropped: the prompt as sent hits at least as much cache
     notes: list[str] = field(default_factory=list)  # Messages and Responses: parts their walk left alone
     answer: AnswerRewriter | None = None  # Messages and Responses: what puts the answer back in the client's terms
+    view: IndexView | None = None  # what the request is planned against (None: only read, ``frozen``)
+    chosen: Residency | None = None  # the replica's residency, once ``choose`` chose it
+
+    def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]] = ()) -> Residency:
+        """The residency of the replica the request goes to: chosen once, at its first index lookup, by the
+        view's explicit ``choose`` with that lookup's groups (``IndexView``, on the event loop)."""
+        chosen = self.chosen
+        if chosen is None:
+            assert self.view is not None, "a frozen walk reads no index"
+            chosen = self.chosen = self.on_loop(self.view.choose, groups)
+        return chosen
 
     def start(self, budget: float, handoff: bool) -> None:
         """Start the request's CPU clock, in the thread that plans: ``budget`` seconds in all. With ``handoff`` (on

@@ -50,7 +50,7 @@ from gateway.planning.outcome import (
     pin_slot,
 )
 from gateway.planning.plan import PlannedRequest, Prediction
-from gateway.planning.residency import Residency
+from gateway.planning.residency import IndexView, Residency
 from gateway.planning.texts import TextScan, TextScans, chat_texts
 from gateway.planning.units import UnitOrders
 from gateway.settings import Settings
@@ -83,7 +83,7 @@ class Planner:
         self.residency = residency
         self.metrics = metrics
         self._memo: LRUCache[bytes, Rewrite] = LRUCache(maxsize=settings.memo_mib << 20, getsizeof=Rewrite.size)
-        self._units = UnitOrders(residency)  # whole-block runs (documents, search results)
+        self._units = UnitOrders()  # whole-block runs (documents, search results)
         residency.on_reset(self._units.clear)
         self._memo_lock = threading.Lock()
         self._scans = scans if scans is not None else TextScans(scan_units)  # replicas share one
@@ -97,14 +97,10 @@ class Planner:
         self._slots = self.residency.slots = SlotTable.of(count)
 
     def sharing(self, residency: Any) -> Planner:
-        """A planner over ``residency`` with its own memo that shares this one's text scans and learned boundaries
-        (``gateway.upstream.router``: one planner for every replica, its residency chosen per request)."""
+        """A planner with its own memo that shares this one's text scans and learned boundaries, whose memo
+        ``residency`` clears (``gateway.upstream.router``: one planner for every replica, each request planned
+        against a ``ReplicaChoice``)."""
         return Planner(self.settings, residency, self.metrics, scans=self._scans, boundaries=self.boundaries)
-
-    def pin(self, planned: PlannedRequest, body: RequestBody) -> None:
-        """llama.cpp: choose the slot of a request another planner planned for this planner's server (on the loop)."""
-        if self._slots is not None:
-            pin_slot(self._slots, planned, body)
 
     @property
     def slot_count(self) -> int | None:
@@ -122,6 +118,7 @@ class Planner:
         record: bool = True,
         handoff: bool = False,
         sent: Hashes | None = None,
+        view: IndexView | None = None,
     ) -> PlannedRequest:
         """Plan one request; 413 when it carries more than ``max_blocks_per_request`` blocks.
 
@@ -130,11 +127,13 @@ class Planner:
         ``record=False`` (a routing probe, see ``gateway.upstream.router``) counts nothing in the metrics.
         ``handoff``: on the event loop, reading the texts that long raises ``PlanInThread`` (``Outcome.start``).
         ``sent``: the chunk names of the prompt as sent, when the caller has them (``sent_chain``).
+        ``view``: what the request is planned against (default: this planner's residency); its ``choose`` names
+        the replica at the plan's first index lookup (``IndexView``), and the plan is that replica's.
         """
         control = parse_control(headers, self.settings)
         on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else call_here
         outcome = Outcome(control, bytes(body.top.get("model", b"")), on_loop, self.settings.max_blocks_per_request)
-        outcome.tenant = (tenant or "").encode()
+        outcome.tenant, outcome.view = (tenant or "").encode(), view if view is not None else self.residency
         outcome.start(self.settings.intercept_budget_ms / 1000, handoff)  # in the thread that plans
         fields: dict[str, Any] = {}
         answer: AnswerRewriter | None = None
@@ -147,7 +146,7 @@ class Planner:
             chain = forwarded = prefix.chain.freeze()  # as sent too, unless a field changed
             if fields:
                 chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
-                as_sent, held = on_loop(self._held_both, chain, forwarded)
+                as_sent, held = on_loop(_held_both, outcome.choose(), chain, forwarded)
                 # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
                 # order matches the cache) and at least as far as the rewrite's
                 predicted = outcome.predicted_chars // CHUNK_BYTES * CHUNK_BYTES  # in whole chunks, as ``held``
@@ -164,9 +163,10 @@ class Planner:
         else:
             chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
             result = {"groups": 0, "reordered": False, "enabled": False}
+        residency = outcome.choose()  # a request without block groups: chosen now (a router ranks on load alone)
         planned = PlannedRequest(
             request_id,
-            self.residency,
+            residency,
             self.metrics,
             result,
             commits=tuple(outcome.commits),
@@ -183,8 +183,8 @@ class Planner:
             planned.tally = lambda: outcome.count(self.metrics, notes)
         if record:
             self.record(planned)
-        if self._slots is not None:
-            on_loop(pin_slot, self._slots, planned, body)
+        if residency.slots is not None:  # llama.cpp: the chosen server's slots (``use_slots``)
+            on_loop(pin_slot, residency.slots, planned, body)
         return planned
 
     def sent_chain(
@@ -216,10 +216,6 @@ class Planner:
         elif (shape := SHAPES.get(body.route)) is not None:
             outcome.answer, outcome.notes = self._shaped(shape, body, fields, prefix, outcome)
         return prefix
-
-    def _held_both(self, sent: Hashes, forwarded: Hashes) -> tuple[int, int]:
-        """Characters of the prompt as sent and as rewritten that the engine holds (on the loop)."""
-        return self.residency.held_chars(sent), self.residency.held_chars(forwarded)
 
     def record(self, planned: PlannedRequest) -> None:
         """Count a planned request in the metrics (once, for the replica it is sent to)."""
@@ -390,7 +386,7 @@ class Planner:
             keys.append((prefix.digest(), blocks))
         prefix.update(out[position:].encode("utf-8", "surrogatepass"))
         if fresh is None and keys:
-            fresh = outcome.on_loop(self._cached_counts, keys)
+            fresh = outcome.on_loop(_cached_counts, outcome.choose(keys[:1]), keys)
             # a group that stays in place predicts nothing: the index's order is not the one sent
             fresh = [
                 cached if choice.decision.moves else 0 for cached, choice in zip(fresh, entry.choices, strict=True)
@@ -401,10 +397,6 @@ class Planner:
         outcome.choices.extend(entry.choices)
         outcome.maps.extend(entry.maps)
         return entry.text
-
-    def _cached_counts(self, keys: Sequence[Prediction]) -> list[int]:
-        """How many leading blocks of each group, in the order the memo sends them, the index holds (on the loop)."""
-        return [self.residency.index.held(key, blocks) for key, blocks in keys]
 
     def _plan_text(
         self, text: str, prefix: Prefix, outcome: Outcome, others: Others, found: TextScan
@@ -455,11 +447,22 @@ class Planner:
             ids = [block_id(text[block.start : block.end].strip()) for block in group.blocks]
             if not decision.moves:
                 return tuple(range(len(ids))), tuple(ids), 0
-        plan = outcome.on_loop(self.residency.index.plan, key, ids)
+        index = outcome.choose(((key, ids),)).index  # the first lookup chooses the replica (``IndexView``)
+        plan = outcome.on_loop(index.plan, key, ids)
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
             # each block carries its own label, so its rendering is shared with no request that numbers it
             # otherwise: moving the group gains only what the index predicts, and costs the prefix as sent
-            as_sent = outcome.on_loop(self.residency.index.held, key, ids)
+            as_sent = outcome.on_loop(index.held, key, ids)
             if plan.cached <= as_sent:
                 return tuple(range(len(ids))), tuple(ids), as_sent
         return plan.order, plan.blocks, plan.cached
+
+
+def _held_both(residency: Residency, sent: Hashes, forwarded: Hashes) -> tuple[int, int]:
+    """Characters of the prompt as sent and as rewritten that the engine holds (on the loop)."""
+    return residency.held_chars(sent), residency.held_chars(forwarded)
+
+
+def _cached_counts(residency: Residency, keys: Sequence[Prediction]) -> list[int]:
+    """How many leading blocks of each group, in the order the memo sends them, the index holds (on the loop)."""
+    return [residency.index.held(key, blocks) for key, blocks in keys]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cachetools import LRUCache
 
@@ -27,7 +27,7 @@ from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
 from scheduler.prefixes import CHUNK_BYTES, PrefixIndex
 
-__all__ = ["Change", "EvictOutcome", "Residency"]
+__all__ = ["Change", "EvictOutcome", "IndexView", "Residency"]
 
 Change = tuple[Any, ...]
 """An index change for replication: ``("commit", request_id, groups)``, ``("evict", request_ids)``, ``("reset",)``."""
@@ -47,8 +47,17 @@ class EvictOutcome:
         return len(self.evicted_request_ids)
 
 
+class IndexView(Protocol):
+    """What a request is planned against: the replica it goes to is chosen by an explicit call, ``choose``, with
+    the request's first block groups (``(prefix key, block ids)``; none when it has no group), once, on the event
+    loop; every index lookup of the plan then reads the chosen replica's ``Residency``. A ``Residency`` is its own
+    view (one replica); ``gateway.upstream.router.ReplicaChoice`` ranks the healthy replicas."""
+
+    def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> Residency: ...
+
+
 class Residency:
-    """The live index plus the request-level bookkeeping around it."""
+    """The live index plus the request-level bookkeeping around it (an ``IndexView`` of one replica)."""
 
     def __init__(self, *, max_requests: int, stateless: bool, max_chunks: int = 1 << 16) -> None:
         self.stateless = stateless
@@ -62,6 +71,10 @@ class Residency:
         self._reset_hooks: list[Callable[[], None]] = []
         self.evict_calls = 0
         self.on_change: Callable[[Change], None] | None = None  # gateway.state.replication publishes changes
+
+    def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> Residency:
+        """One replica: a request planned against this residency goes to it (``IndexView``)."""
+        return self
 
     def on_reset(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` on every reset (state derived from the index, such as the planner's memo)."""

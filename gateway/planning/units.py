@@ -36,7 +36,6 @@ from cachetools import LRUCache
 from gateway.planning.intercept.meaning import Decision, Others
 from gateway.planning.intercept.ordered import dated_in_order, read_as_steps
 from gateway.planning.outcome import Choice, Outcome, Prefix
-from gateway.planning.residency import Residency
 from scheduler.blocks import block_id
 
 __all__ = ["UnitOrders", "decide_run", "run_facts"]
@@ -107,8 +106,7 @@ class UnitOrders:
     """Plans runs of whole blocks; remembers each run's order by the blocks' identities, so a resent run (a later
     turn of the same conversation) is sent in the same order."""
 
-    def __init__(self, residency: Residency) -> None:
-        self.residency = residency
+    def __init__(self) -> None:
         self._memo: LRUCache[bytes, tuple[int, ...]] = LRUCache(maxsize=1 << 16)
         self._facts: LRUCache[bytes, tuple[bool, bool, bool]] = LRUCache(maxsize=1 << 16)  # run_facts, by the blocks
         self._lock = threading.Lock()
@@ -146,14 +144,15 @@ class UnitOrders:
             with self._lock:
                 memo = self._memo.get(memo_key)
             if memo is None:
-                plan = outcome.on_loop(self.residency.index.plan, key, ids)
+                plan = outcome.on_loop(outcome.choose(((key, ids),)).index.plan, key, ids)
                 order, cached = plan.order, plan.cached
                 with self._lock:
                     self._memo[memo_key] = order
             else:
                 order = memo
                 outcome.memo_hits += 1
-                cached = outcome.on_loop(self._cached, key, tuple(ids[i] for i in order))
+                sent_ids = tuple(ids[i] for i in order)
+                cached = outcome.on_loop(outcome.choose(((key, sent_ids),)).index.held, key, sent_ids)
         ends = []
         for index in order:
             prefix.update(units[index])
@@ -164,6 +163,3 @@ class UnitOrders:
         outcome.choices.append(Choice(form, len(units), decision, moved, tuple(order), sent))
         outcome.reordered |= moved
         return order if moved else None
-
-    def _cached(self, key: bytes, blocks: tuple[int, ...]) -> int:
-        return self.residency.index.held(key, blocks)

@@ -2,16 +2,17 @@
 
 The router is the proxy's planner (``Router.plan`` has ``Planner.plan``'s contract and returns a
 :class:`RoutedRequest`, a ``PlannedRequest`` that also names its replica). With one replica it is that replica's
-planner plus load accounting. With several, one planner shared by the replicas (its rewrite memo, the text scans
-and learned boundaries) plans the request, and the replica is chosen at the plan's *first index lookup*: the
-first block group's prefix key does not depend on any replica's order, so
+planner plus load accounting. With several, one planner shared by the replicas (its rewrite memo, the text
+scans and learned boundaries) plans the request against a :class:`ReplicaChoice` (an ``IndexView``, see
+``gateway.planning.residency``), whose ``choose`` the planner calls explicitly at the plan's *first index lookup*:
+the first block group's prefix key does not depend on any replica's order, so
 
 1. every healthy replica's live index is asked how many of that group's blocks it holds
    (``LiveIndex.cached``: a trie walk, no ordering), which is turned into predicted cached tokens, and the
    replicas are ranked with :func:`gateway.upstream.ranking.rank` (cache against load, balance guard, affinity);
-2. that lookup and every later one are answered by the winner's index, so the prompt is ordered for the cache
-   of the replica it goes to, and committed only to that replica's index. A request without block groups is
-   ranked on load alone once planned;
+2. ``choose`` returns the winner's residency: that lookup and every later one read the winner's index, so the
+   prompt is ordered for the cache of the replica it goes to, and committed only to that replica's index. A
+   request without block groups is ranked on load alone once planned;
 3. the plan gets a ``reroute``: if the request cannot be *sent* (connection refused), the proxy asks for the
    same request planned for the next replica in the ranking. A request that was sent is never retried.
 
@@ -25,7 +26,6 @@ Load is tracked per replica while a request is in flight: one request, and its p
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from hashlib import blake2b
@@ -41,16 +41,16 @@ from prometheus_client.registry import Collector
 from gateway.errors import Unavailable
 from gateway.metrics import Metrics
 from gateway.planning.plan import PlannedRequest, estimate_tokens
+from gateway.planning.residency import Residency
 from gateway.upstream.ranking import BalanceGuard, Candidate, rank
 from gateway.upstream.replicas import Pending, Replica, ReplicaSet
 from gateway.wire.chat import RequestBody
-from scheduler.index import Plan
 from scheduler.prefixes import Hashes
 
 if TYPE_CHECKING:
     from gateway.planning.planner import Planner
 
-__all__ = ["RoutedRequest", "Router"]
+__all__ = ["ReplicaChoice", "RoutedRequest", "Router"]
 
 logger = logging.getLogger("prefixgate.router")
 
@@ -178,16 +178,13 @@ class Router:
             conversation = tenant.encode() + b"\0" + conversation
         affine = on_loop(self._affine, healthy, conversation)
         sent = self._shared.sent_chain(body, headers, tenant)  # routing by the prompt as sent, rewritten or not
-        choice = _Choice(self, healthy, prompt_tokens, affine, sent)
-        planned = self._plan_with(
-            choice, body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff, sent=sent
+        choice = ReplicaChoice(self, healthy, prompt_tokens, affine, sent)
+        planned = self._shared.plan(
+            body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff, sent=sent, view=choice
         )
-        if choice.ranking is None:  # no block group: ranked on load alone
-            on_loop(choice.choose, ())
-        assert choice.ranking is not None and choice.best is not None
+        assert choice.ranking is not None and choice.best is not None, "planning chose the replica"
         winner = choice.ranking[0]
         reason = self._reason(choice.best, affine, [r.in_flight for r in healthy])
-        on_loop(_planner(winner).pin, planned, body)
         routed = on_loop(self._assign, planned, winner, prompt_tokens, choice.best.cached_tokens, reason)
         routed.conversation, routed.ranking, routed.tenant = conversation, tuple(choice.ranking), tenant
         return routed
@@ -218,32 +215,11 @@ class Router:
             return None
         self.reroutes.inc()
         logger.warning("replica %s unreachable; request sent to %s", failed.replica.name, remaining[0].name)
-        choice = _Choice(self, remaining, 0, None, ())
-        choice.ranking = remaining
-        planned = self._plan_with(choice, body, failed.request_id, headers, in_thread=False, tenant=failed.tenant)
-        _planner(remaining[0]).pin(planned, body)
+        planned = self._shared.plan(body, failed.request_id, headers, tenant=failed.tenant, view=remaining[0].residency)
         routed = self._assign(planned, remaining[0], estimate_tokens(len(body.raw)), 0, "reroute")
         routed.conversation, routed.ranking, routed.tenant = failed.conversation, failed.ranking, failed.tenant
         routed.tried = (*failed.tried, remaining[0])
         return routed
-
-    def _plan_with(
-        self,
-        choice: _Choice,
-        body: RequestBody,
-        request_id: str,
-        headers: Mapping[str, str],
-        *,
-        in_thread: bool,
-        tenant: str | None,
-        handoff: bool = False,
-        sent: Hashes | None = None,
-    ) -> PlannedRequest:
-        """Plan with the shared planner, its index lookups answered by ``choice`` (a shallow copy per request:
-        the memo, scans and boundaries stay shared, only the residency is this request's)."""
-        planner = copy.copy(self._shared)
-        planner.residency = choice  # type: ignore[assignment]  # read: ``residency.index``, ``held_chars``
-        return planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff, sent=sent)
 
     # -- internals (on the event loop) ---------------------------------------------------------------------
     def _affine(self, healthy: list[Replica], conversation: bytes | None) -> Replica | None:
@@ -295,10 +271,9 @@ class Router:
         return RoutedRequest.of(planned, replica, self, max(0, prompt_tokens - cached))
 
 
-class _Choice:
-    """One request's replica, chosen at its first index lookup: the residency of the shared planner's copy for
-    that request (the planner reads ``residency.index``: ``plan`` and ``held``; a plan then goes to the winner's
-    index)."""
+class ReplicaChoice:
+    """One request's choice of replica (an ``IndexView``): the planner calls ``choose`` at its first index lookup,
+    with the first block group (none: ranked on load alone), and plans against the winner's residency."""
 
     __slots__ = ("affine", "best", "healthy", "prompt_tokens", "ranking", "router", "sent")
 
@@ -310,33 +285,10 @@ class _Choice:
         self.ranking: list[Replica] | None = None
         self.best: Candidate | None = None
 
-    @property
-    def index(self) -> _Choice:
-        return self
-
-    def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
-        """The winner's plan for one group; the first call ranks the replicas by this group (on the loop)."""
-        if self.ranking is None:
-            self.choose(((key, blocks),))
-        assert self.ranking is not None
-        return self.ranking[0].residency.index.plan(key, blocks)
-
-    def held(self, key: Hashable, sequence: Sequence[int]) -> int:
-        """The winner's held leading blocks of one group sent in a known order; ranks as ``plan`` does."""
-        if self.ranking is None:
-            self.choose(((key, sequence),))
-        assert self.ranking is not None
-        return self.ranking[0].residency.index.held(key, sequence)
-
-    def held_chars(self, chain: Hashes) -> int:
-        """The winner's held characters of a whole prompt (``Residency.held_chars``); ranks as ``plan`` does."""
-        if self.ranking is None:
-            self.choose(())
-        assert self.ranking is not None
-        return self.ranking[0].residency.held_chars(chain)
-
-    def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
+    def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> Residency:
+        """Rank the healthy replicas for a request whose first block groups are ``groups`` (on the loop)."""
         self.ranking, self.best = self.router.rank(self.healthy, groups, self.prompt_tokens, self.affine, self.sent)
+        return self.ranking[0].residency
 
 
 class _Replicas:
