@@ -89,6 +89,14 @@ class PlannedRequest:
         self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
         self.choices: Sequence[Choice] = ()  # per group: format, decision, sent and forwarded order (decision log)
         self.upstream: Upstream | None = None  # where it goes: set by the router (``gateway.upstream.router``)
+        if "predicted_cached_tokens" in result:  # in the whole blocks the engine reports
+            result["predicted_cached_tokens"] = self.predicted_tokens
+
+    @property
+    def predicted_tokens(self) -> int:
+        """The predicted cached tokens, rounded down to what the replica's engine caches in (its learned
+        ``CacheGranularity``): what the result header says and ``usage`` compares with the engine's report."""
+        return self.residency.granularity.floor(estimate_tokens(self.predicted_chars))
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
@@ -102,12 +110,15 @@ class PlannedRequest:
     def usage(self, cached_tokens: int | None) -> None:
         """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.
 
-        The prediction is in characters (~4 per token); below a quarter of it, every other request whose
-        committed path runs through the predicted prefix is released, since the engine no longer holds it.
+        Every report teaches the replica's cache granularity. The prediction (``predicted_tokens``, in the
+        engine's whole blocks) is compared with the report: below a quarter of it, every other request whose
+        committed path runs through the predicted prefix is released, since the engine no longer holds it
+        (``prefixgate_stale_predictions``).
         """
-        if cached_tokens is None or self.predicted_chars < _MIN_PREDICTED_CHARS:
+        if cached_tokens is None:
             return
-        if cached_tokens >= estimate_tokens(self.predicted_chars) * _STALE_FRACTION:
+        self.residency.granularity.learn(cached_tokens)
+        if self.predicted_chars < _MIN_PREDICTED_CHARS or cached_tokens >= self.predicted_tokens * _STALE_FRACTION:
             return
         self.metrics.stale_predictions.inc()
         index = self.residency.index

@@ -15,8 +15,10 @@ Single writer: every method runs on the event loop.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from math import gcd
 from typing import Any, Protocol
 
 from cachetools import LRUCache
@@ -27,7 +29,7 @@ from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
 from scheduler.prefixes import CHUNK_BYTES, PrefixIndex
 
-__all__ = ["Change", "EvictOutcome", "IndexView", "Residency"]
+__all__ = ["CacheGranularity", "Change", "EvictOutcome", "IndexView", "Residency"]
 
 Change = tuple[Any, ...]
 """An index change for replication: ``("commit", request_id, groups)``, ``("evict", request_ids)``, ``("reset",)``."""
@@ -47,6 +49,57 @@ class EvictOutcome:
         return len(self.evicted_request_ids)
 
 
+class CacheGranularity:
+    """How many tokens one replica's engine caches in (its KV block), learned from the ``cached_tokens`` it reports.
+
+    vLLM reports whole blocks (16 tokens on GPUs, 128 on the CPU build) while the gateway predicts a token
+    estimate, so a prediction is rounded down to the granularity before it is compared with a report (the result
+    header's ``predicted_cached_tokens``, ``prefixgate_stale_predictions``). SGLang and llama.cpp report exact
+    counts: their granularity learns to 1. The granularity is the largest common divisor (1 to ``MAX_TOKENS``) of
+    the last ``WINDOW`` non-zero reports, all but one in eight of them (at least one), so an odd report does not
+    undo it; it stays 1 until ``WARM`` reports were seen, and is worked out again only when a report disagrees.
+    """
+
+    MAX_TOKENS = 1024
+    WINDOW = 32
+    WARM = 8
+
+    __slots__ = ("_reports", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 1
+        self._reports: deque[int] = deque(maxlen=self.WINDOW)
+
+    def learn(self, cached_tokens: int) -> None:
+        """One report of the engine (zero says nothing of its granularity)."""
+        if cached_tokens <= 0:
+            return
+        reports = self._reports
+        reports.append(cached_tokens)
+        if len(reports) == self.WARM or (len(reports) > self.WARM and cached_tokens % self.tokens):
+            self.tokens = self._divisor(reports)
+
+    def floor(self, tokens: int) -> int:
+        """``tokens`` rounded down to whole cache blocks."""
+        return tokens - tokens % self.tokens
+
+    def _divisor(self, reports: Sequence[int]) -> int:
+        """The largest divisor up to ``MAX_TOKENS`` of all the reports but one in eight (bounded: WINDOW² gcds)."""
+        spare = max(1, len(reports) // 8)
+        values = list(reports)
+        candidates = {gcd(a, b) for i, a in enumerate(values) for b in values[i + 1 :]}
+        bounded = {c if c <= self.MAX_TOKENS else _divisor_up_to(c, self.MAX_TOKENS) for c in candidates}
+        for candidate in sorted((c for c in bounded if c > 1), reverse=True):
+            if sum(1 for r in values if r % candidate) <= spare:
+                return candidate
+        return 1
+
+
+def _divisor_up_to(value: int, most: int) -> int:
+    """The largest divisor of ``value`` that is at most ``most``."""
+    return next(d for d in range(most, 0, -1) if value % d == 0)
+
+
 class IndexView(Protocol):
     """What a request is planned against: the replica it goes to is chosen by an explicit call, ``choose``, with
     the request's first block groups (``(prefix key, block ids)``; none when it has no group), once, on the event
@@ -63,6 +116,7 @@ class Residency:
         self.stateless = stateless
         self.index = LiveIndex(max_requests=max_requests)
         self.prefixes = PrefixIndex(max_chunks)  # every prompt sent, recognised blocks or not (chunk names)
+        self.granularity = CacheGranularity()  # what the engine's cached_tokens come in (``PlannedRequest.usage``)
         self.slots: SlotTable | None = None  # llama.cpp: its slots hold the prompts (``Planner.use_slots``)
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)

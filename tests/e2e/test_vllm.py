@@ -249,14 +249,16 @@ def test_predicted_cached_tokens_follow_what_vllm_reports(fresh: Rig) -> None:
     rng = random.Random(7)
     docs = documents(4, 12, words_each=80)
     rows = []
-    for i in range(16):
+    for i in range(28):
         order = rng.sample(range(12), 4)
         answer = post(fresh.kv_gateway, rag_chat(docs, order, f"question {i}"))
         rows.append((answer.result.get("predicted_cached_tokens", 0), answer.cached))
     print("predicted vs reported cached tokens:", rows)
-    warm = [(p, c) for p, c in rows[4:] if p or c]
+    # once the gateway has learned the replica's block size from its reports (``CacheGranularity``), the
+    # prediction comes in the same whole blocks: within 10% on at least 90% of the requests (issue 19's target)
+    warm = [(p, c) for p, c in rows[16:] if p or c]
     assert len(warm) >= 4, f"too few requests hit the cache to compare: {rows}"
-    close = [abs(p - c) <= BLOCK_SIZE + 0.1 * c for p, c in warm]
+    close = [abs(p - c) <= 0.1 * c for p, c in warm]
     assert sum(close) >= 0.9 * len(warm), f"(predicted, reported) per request: {rows}"
 
 
