@@ -13,7 +13,7 @@ index entries the engine no longer holds) and ``finish`` (the upstream is done: 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -59,7 +59,7 @@ class PlannedRequest:
     """
 
     __slots__ = ("answer", "chain", "choices", "commits", "fields", "metrics", "predicted_chars", "predictions",
-                 "request_id", "residency", "result", "slot", "slot_known", "slots", "tally", "upstream")  # fmt: skip
+                 "request_id", "residency", "result", "slot", "slot_known", "slots", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -86,7 +86,6 @@ class PlannedRequest:
         self.slot_known = True  # False: sent without ``id_slot``, ``slot`` is where llama.cpp is believed to put it
         self.chain = chain  # the chunk names of the whole prompt as forwarded (``scheduler.prefixes``)
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
-        self.tally: Callable[[], None] | None = None  # counts what planning found in /metrics (``Planner.record``)
         self.choices: Sequence[Choice] = ()  # per group: format, decision, sent and forwarded order (decision log)
         self.upstream: Upstream | None = None  # where it goes: set by the router (``gateway.upstream.router``)
         if "predicted_cached_tokens" in result:  # in the whole blocks the engine reports

@@ -115,7 +115,6 @@ class Planner:
         *,
         in_thread: bool = False,
         tenant: str | None = None,
-        record: bool = True,
         handoff: bool = False,
         sent: Hashes | None = None,
         view: IndexView | None = None,
@@ -124,7 +123,6 @@ class Planner:
 
         ``in_thread``: called from a worker thread; every index read and the slot choice run on the event loop.
         ``tenant``: the client key's namespace when planning state is per key (None: shared).
-        ``record=False`` (a routing probe, see ``gateway.upstream.router``) counts nothing in the metrics.
         ``handoff``: on the event loop, reading the texts that long raises ``PlanInThread`` (``Outcome.start``).
         ``sent``: the chunk names of the prompt as sent, when the caller has them (``sent_chain``).
         ``view``: what the request is planned against (default: this planner's residency); its ``choose`` names
@@ -180,9 +178,10 @@ class Planner:
             answer = CitationRewriter(outcome.maps)
         planned.answer = answer
         if control.enabled:
-            planned.tally = lambda: outcome.count(self.metrics, notes)
-        if record:
-            self.record(planned)
+            outcome.count(self.metrics, notes)
+        if result.get("reordered"):
+            self.metrics.blocks_reordered.inc()
+        self.metrics.predicted_cached_blocks.inc(result.get("predicted_cached_blocks", 0))
         if residency.slots is not None:  # llama.cpp: the chosen server's slots (``use_slots``)
             on_loop(pin_slot, residency.slots, planned, body)
         return planned
@@ -216,15 +215,6 @@ class Planner:
         elif (shape := SHAPES.get(body.route)) is not None:
             outcome.answer, outcome.notes = self._shaped(shape, body, fields, prefix, outcome)
         return prefix
-
-    def record(self, planned: PlannedRequest) -> None:
-        """Count a planned request in the metrics (once, for the replica it is sent to)."""
-        if planned.tally is not None:
-            planned.tally()
-            planned.tally = None
-        if planned.result.get("reordered"):
-            self.metrics.blocks_reordered.inc()
-        self.metrics.predicted_cached_blocks.inc(planned.result.get("predicted_cached_blocks", 0))
 
     def _clear_memo(self) -> None:
         with self._memo_lock:
