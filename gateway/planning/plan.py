@@ -7,7 +7,8 @@ index entries the engine no longer holds) and ``finish`` (the upstream is done: 
 
 ``RequestPlanner`` is what the proxy plans with (``gateway.planning.planner.Planner``, or
 ``gateway.upstream.router.Router`` with several replicas); a plan made by the router also carries its ``Upstream``
-(the replica's client and engine).
+(the replica's client and engine) and its ``Routing`` (the replica's load and health while the request is in
+flight, ``gateway.upstream.router.Route``), which the plan's steps tell what happened.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from gateway.upstream.sender import UpstreamSender
     from gateway.wire.chat import RequestBody
 
-__all__ = ["PlannedRequest", "Prediction", "RequestPlanner", "Upstream", "estimate_tokens"]
+__all__ = ["PlannedRequest", "Prediction", "RequestPlanner", "Routing", "Upstream", "estimate_tokens"]
 
 logger = logging.getLogger("prefixgate.planner")
 
@@ -59,7 +60,7 @@ class PlannedRequest:
     """
 
     __slots__ = ("answer", "chain", "choices", "commits", "fields", "metrics", "predicted_chars", "predictions",
-                 "request_id", "residency", "result", "slot", "slot_known", "slots", "upstream")  # fmt: skip
+                 "request_id", "residency", "result", "routing", "slot", "slot_known", "slots", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class PlannedRequest:
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
         self.choices: Sequence[Choice] = ()  # per group: format, decision, sent and forwarded order (decision log)
         self.upstream: Upstream | None = None  # where it goes: set by the router (``gateway.upstream.router``)
+        self.routing: Routing | None = None  # the router's bookkeeping for that replica, set with ``upstream``
         if "predicted_cached_tokens" in result:  # in the whole blocks the engine reports
             result["predicted_cached_tokens"] = self.predicted_tokens
 
@@ -99,6 +101,8 @@ class PlannedRequest:
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
+        if self.routing is not None:
+            self.routing.accepted(self)
         if self.slots is not None and self.slot is not None:
             previous = self.slots.occupy(self.slot, self.request_id, self.chain, known=self.slot_known)
             if previous is not None:  # the previous holder's tail is overwritten
@@ -132,17 +136,24 @@ class PlannedRequest:
 
     def responded(self, status: int) -> None:
         """The upstream's answer head came with ``status`` (a router's plan counts it for its replica's health)."""
+        if self.routing is not None:
+            self.routing.responded(status)
 
     def failed(self, reason: str) -> None:
         """The upstream failed the request: timed out, broke the connection, answered nonsense (likewise)."""
+        if self.routing is not None:
+            self.routing.failed(reason)
 
     def reroute(self, body: RequestBody, headers: Mapping[str, str]) -> PlannedRequest | None:
         """The request could not be sent to its upstream: the same request planned for the next one, or None (a
-        router's plan has replicas to try; this one has none)."""
-        return None
+        router's plan has replicas to try; one planned for one upstream has none)."""
+        return self.routing.reroute(self, body, headers) if self.routing is not None else None
 
     def finish(self) -> None:
-        """The upstream is done with the request: free its llama.cpp slot (once, however often called)."""
+        """The upstream is done with the request: free its llama.cpp slot and its replica's load (once, however
+        often called)."""
+        if self.routing is not None:
+            self.routing.finished()
         slots, self.slots = self.slots, None
         if slots is not None and self.slot is not None:
             slots.finish(self.slot)
@@ -161,6 +172,23 @@ class RequestPlanner(Protocol):
         tenant: str | None = None,
         handoff: bool = False,
     ) -> PlannedRequest: ...
+
+
+class Routing(Protocol):
+    """The router's part of a plan made for one replica (``gateway.upstream.router.Route``): told by the plan's
+    steps what happened to the request, for the replica's load, health and affinity (on the event loop)."""
+
+    def accepted(self, planned: PlannedRequest) -> None: ...
+
+    def responded(self, status: int) -> None: ...
+
+    def failed(self, reason: str) -> None: ...
+
+    def finished(self) -> None: ...
+
+    def reroute(
+        self, planned: PlannedRequest, body: RequestBody, headers: Mapping[str, str]
+    ) -> PlannedRequest | None: ...
 
 
 class Upstream(Protocol):

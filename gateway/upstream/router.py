@@ -1,10 +1,10 @@
 """Joint routing and reordering: rank the healthy replicas by their live indexes, plan the request once, for the best.
 
 The router is the proxy's planner (``Router.plan`` has ``Planner.plan``'s contract and returns a
-:class:`RoutedRequest`, a ``PlannedRequest`` that also names its replica). With one replica it is that replica's
-planner plus load accounting. With several, one planner shared by the replicas (its rewrite memo, the text
-scans and learned boundaries) plans the request against a :class:`ReplicaChoice` (an ``IndexView``, see
-``gateway.planning.residency``), whose ``choose`` the planner calls explicitly at the plan's *first index lookup*:
+``PlannedRequest`` whose ``upstream`` is its replica and whose ``routing`` is a :class:`Route`). With one replica
+it is that replica's planner plus load accounting. With several, one planner shared by the replicas (its rewrite
+memo, the text scans and learned boundaries) plans the request against a :class:`ReplicaChoice` (an ``IndexView``,
+see ``gateway.planning.residency``), whose ``choose`` the planner calls explicitly at the plan's *first index lookup*:
 the first block group's prefix key does not depend on any replica's order, so
 
 1. every healthy replica's live index is asked how many of that group's blocks it holds
@@ -50,7 +50,7 @@ from scheduler.prefixes import Hashes
 if TYPE_CHECKING:
     from gateway.planning.planner import Planner
 
-__all__ = ["ReplicaChoice", "RoutedRequest", "Router"]
+__all__ = ["ReplicaChoice", "Route", "Router"]
 
 logger = logging.getLogger("prefixgate.router")
 
@@ -64,48 +64,33 @@ def _call(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
-class RoutedRequest(PlannedRequest):
-    """A plan made for one replica: the replica it goes to (``upstream``), that replica's load while the request
-    is in flight, and ``reroute`` (the same request planned for the next replica, when this one is unreachable)."""
+class Route:
+    """A plan's routing (``PlannedRequest.routing``, a ``gateway.planning.plan.Routing``): the replica it goes to,
+    that replica's load while the request is in flight, where it may go next (``reroute``, when this replica is
+    unreachable) and the conversation it belongs to (affinity)."""
 
     __slots__ = ("_done", "_pending", "_queued", "conversation", "ranking", "replica", "router", "tenant", "tried")
 
-    replica: Replica
-    router: Router
-    conversation: bytes | None
-    ranking: tuple[Replica, ...]
-    tried: tuple[Replica, ...]
-    tenant: str | None
-    _queued: int
-    _done: bool
-    _pending: Pending
-
-    @classmethod
-    def of(cls, planned: PlannedRequest, replica: Replica, router: Router, queued: int) -> RoutedRequest:
-        routed = cls.__new__(cls)
-        for name in PlannedRequest.__slots__:
-            setattr(routed, name, getattr(planned, name))
-        routed.residency = replica.residency  # a plan made by the shared planner is committed to its replica only
-        routed.upstream = replica
-        routed.replica, routed.router, routed._queued, routed._done = replica, router, queued, False
-        routed.conversation, routed.ranking, routed.tried, routed.tenant = None, (), (replica,), None
-        routed._pending = router.replicas.started(replica)
+    def __init__(self, router: Router, replica: Replica, queued: int) -> None:
+        self.router, self.replica, self._queued, self._done = router, replica, queued, False
+        self.conversation: bytes | None = None
+        self.ranking: tuple[Replica, ...] = ()
+        self.tried: tuple[Replica, ...] = (replica,)
+        self.tenant: str | None = None
+        self._pending: Pending = router.replicas.started(replica)
         replica.in_flight += 1
         replica.queued_tokens += queued
-        return routed
 
-    def accept(self) -> None:
+    def accepted(self, planned: PlannedRequest) -> None:
         self._dequeue()
-        self.router.accepted(self)
-        super().accept()
+        self.router.accepted(self, planned.request_id)
 
-    def finish(self) -> None:
+    def finished(self) -> None:
         if not self._done:
             self._done = True
             self._dequeue()
             self.replica.in_flight -= 1
             self.router.replicas.ended(self._pending)
-        super().finish()
 
     def responded(self, status: int) -> None:
         self.router.replicas.answered(self._pending, status)
@@ -113,9 +98,9 @@ class RoutedRequest(PlannedRequest):
     def failed(self, reason: str) -> None:
         self.router.replicas.request_failed(self._pending, reason)
 
-    def reroute(self, body: RequestBody, headers: Mapping[str, str]) -> PlannedRequest | None:
+    def reroute(self, planned: PlannedRequest, body: RequestBody, headers: Mapping[str, str]) -> PlannedRequest | None:
         """The request could not be sent to this replica: the same request planned for the next one, or None."""
-        return self.router.reroute(self, body, headers)
+        return self.router.reroute(self, planned.request_id, body, headers)
 
     def _dequeue(self) -> None:
         self.replica.queued_tokens -= self._queued
@@ -170,9 +155,9 @@ class Router:
         if len(healthy) == 1:
             planner = _planner(healthy[0])
             planned = planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff)
-            routed: RoutedRequest = on_loop(self._assign, planned, healthy[0], prompt_tokens, 0, "only")
-            routed.tenant = tenant
-            return routed
+            route: Route = on_loop(self._assign, planned, healthy[0], prompt_tokens, 0, "only")
+            route.tenant = tenant
+            return planned
         conversation = _conversation(body, headers)
         if conversation is not None and tenant:  # one key's conversations never steer another key's routing
             conversation = tenant.encode() + b"\0" + conversation
@@ -185,9 +170,9 @@ class Router:
         assert choice.ranking is not None and choice.best is not None, "planning chose the replica"
         winner = choice.ranking[0]
         reason = self._reason(choice.best, affine, [r.in_flight for r in healthy])
-        routed = on_loop(self._assign, planned, winner, prompt_tokens, choice.best.cached_tokens, reason)
-        routed.conversation, routed.ranking, routed.tenant = conversation, tuple(choice.ranking), tenant
-        return routed
+        route = on_loop(self._assign, planned, winner, prompt_tokens, choice.best.cached_tokens, reason)
+        route.conversation, route.ranking, route.tenant = conversation, tuple(choice.ranking), tenant
+        return planned
 
     def passthrough(self) -> Replica:
         """Where a request the planner does not see (``/v1/models``, other ``/v1/*``) goes: round robin."""
@@ -197,17 +182,19 @@ class Router:
         self._next_passthrough += 1
         return healthy[self._next_passthrough % len(healthy)]
 
-    def accepted(self, routed: RoutedRequest) -> None:
-        """``routed`` was accepted by its replica: remember where it went (evictions, affinity)."""
-        replica = routed.replica
+    def accepted(self, route: Route, request_id: str) -> None:
+        """The request was accepted by its replica: remember where it went (evictions, affinity)."""
+        replica = route.replica
         if replica.flapped:
             self.replicas.succeeded(replica)
         replica.failures = 0
-        self.replicas.sent_to(routed.request_id, replica)
-        if routed.conversation is not None:
-            self._affinity[routed.conversation] = replica
+        self.replicas.sent_to(request_id, replica)
+        if route.conversation is not None:
+            self._affinity[route.conversation] = replica
 
-    def reroute(self, failed: RoutedRequest, body: RequestBody, headers: Mapping[str, str]) -> PlannedRequest | None:
+    def reroute(
+        self, failed: Route, request_id: str, body: RequestBody, headers: Mapping[str, str]
+    ) -> PlannedRequest | None:
         """``failed`` could not be sent: plan the request for the next healthy replica in its ranking (on the loop)."""
         self.replicas.request_failed(failed._pending, "connection failed")
         remaining = [r for r in failed.ranking if self.replicas.admits(r) and r not in failed.tried]
@@ -215,11 +202,11 @@ class Router:
             return None
         self.reroutes.inc()
         logger.warning("replica %s unreachable; request sent to %s", failed.replica.name, remaining[0].name)
-        planned = self._shared.plan(body, failed.request_id, headers, tenant=failed.tenant, view=remaining[0].residency)
-        routed = self._assign(planned, remaining[0], estimate_tokens(len(body.raw)), 0, "reroute")
-        routed.conversation, routed.ranking, routed.tenant = failed.conversation, failed.ranking, failed.tenant
-        routed.tried = (*failed.tried, remaining[0])
-        return routed
+        planned = self._shared.plan(body, request_id, headers, tenant=failed.tenant, view=remaining[0].residency)
+        route = self._assign(planned, remaining[0], estimate_tokens(len(body.raw)), 0, "reroute")
+        route.conversation, route.ranking, route.tenant = failed.conversation, failed.ranking, failed.tenant
+        route.tried = (*failed.tried, remaining[0])
+        return planned
 
     # -- internals (on the event loop) ---------------------------------------------------------------------
     def _affine(self, healthy: list[Replica], conversation: bytes | None) -> Replica | None:
@@ -262,13 +249,14 @@ class Router:
             return "affinity"
         return "cache" if best.cached_tokens else "load"
 
-    def _assign(
-        self, planned: PlannedRequest, replica: Replica, prompt_tokens: int, cached: int, reason: str
-    ) -> RoutedRequest:
+    def _assign(self, planned: PlannedRequest, replica: Replica, prompt_tokens: int, cached: int, reason: str) -> Route:
+        """Send ``planned`` to ``replica`` (its plan, made against that replica's residency): its route."""
         self.decisions.labels(reason).inc()
         if len(self.replicas) > 1:
             planned.result["replica"] = replica.name
-        return RoutedRequest.of(planned, replica, self, max(0, prompt_tokens - cached))
+        planned.upstream = replica
+        planned.routing = route = Route(self, replica, max(0, prompt_tokens - cached))
+        return route
 
 
 class ReplicaChoice:
@@ -303,7 +291,7 @@ class _Replicas:
             replica.residency.on_reset(hook)
 
 
-def _planner(replica: Replica) -> Any:
+def _planner(replica: Replica) -> Planner:
     assert replica.planner is not None
     return replica.planner
 

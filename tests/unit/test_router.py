@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.app import create_app
+from gateway.planning.plan import PlannedRequest
 from gateway.settings import load_settings
-from gateway.upstream.router import RoutedRequest, Router
+from gateway.upstream.router import Route, Router
 from gateway.wire.chat import CHAT_ROUTE, decode_request
 from scheduler.index import LiveIndex
 from tests.integration.test_intercept_proxy import chat, order_in, xml_docs
@@ -54,13 +55,18 @@ def _router() -> Router:
     return router
 
 
-def _plan(router: Router, content: bytes, request_id: str) -> RoutedRequest:
+def _plan(router: Router, content: bytes, request_id: str) -> PlannedRequest:
     planned = router.plan(decode_request(content, CHAT_ROUTE), request_id, {})
-    assert isinstance(planned, RoutedRequest)
+    assert isinstance(planned.routing, Route)
     return planned
 
 
-def _sent_order(planned: RoutedRequest, content: bytes) -> list[str]:
+def _replica(planned: PlannedRequest) -> Any:
+    assert isinstance(planned.routing, Route) and planned.upstream is planned.routing.replica
+    return planned.routing.replica
+
+
+def _sent_order(planned: PlannedRequest, content: bytes) -> list[str]:
     messages = planned.fields.get("messages")
     system = json.loads(bytes(messages[0])) if messages else json.loads(content)["messages"][0]
     return order_in(system["content"])
@@ -76,18 +82,18 @@ def test_each_request_is_planned_once_against_the_winners_index_only() -> None:
     first = _plan(router, first_body, "req-1")
     first.accept()
     first.finish()
-    home = first.replica
+    home = _replica(first)
     assert "req-1" in home.residency.index
     assert all("req-1" not in r.residency.index for r in router.replicas if r is not home)
     other = _plan(router, chat(xml_docs(["gamma", "delta"]), "q2"), "req-2")
     other.accept()
     other.finish()
-    assert other.replica is not home, "a miss goes to a replica that was sent fewer requests"
+    assert _replica(other) is not home, "a miss goes to a replica that was sent fewer requests"
     before = _plans(router)
     body = chat(xml_docs(["beta", "gamma", "alpha"]), "q3")
     again = _plan(router, body, "req-3")
     after = _plans(router)
-    assert again.replica is home and again.result["predicted_cached_blocks"] == 2
+    assert _replica(again) is home and again.result["predicted_cached_blocks"] == 2
     assert [b - a for a, b in zip(before, after, strict=True)] == [int(r is home) for r in router.replicas], (
         "one plan, on the winner's index; the others were only asked what they hold"
     )
@@ -103,8 +109,8 @@ def test_a_request_without_blocks_is_ranked_on_load() -> None:
     router = _router()
     busy = _plan(router, chat("no documents here", "hello"), "req-1")  # held in flight
     idle = _plan(router, chat("nothing either", "hi"), "req-2")
-    assert idle.replica is not busy.replica
-    assert idle.result["replica"] == idle.replica.name and "reordered" in idle.result
+    assert _replica(idle) is not _replica(busy)
+    assert idle.result["replica"] == _replica(idle).name and "reordered" in idle.result
     for planned in (busy, idle):
         planned.accept()
         planned.finish()
@@ -115,15 +121,15 @@ def test_an_unsent_request_is_planned_again_for_the_next_replica() -> None:
     content = chat(xml_docs(["alpha", "beta"]), "q1")
     body = decode_request(content, CHAT_ROUTE)
     failed = router.plan(body, "req-1", {})
-    assert isinstance(failed, RoutedRequest)
+    assert isinstance(failed.routing, Route)
     moved: Any = failed.reroute(body, {})
-    assert isinstance(moved, RoutedRequest)
+    assert isinstance(moved.routing, Route)
     failed.finish()
-    assert moved.replica is failed.ranking[1] and moved.result["replica"] == moved.replica.name
+    assert _replica(moved) is failed.routing.ranking[1] and moved.result["replica"] == _replica(moved).name
     moved.accept()
     moved.finish()
-    assert "req-1" in moved.replica.residency.index
-    assert "req-1" not in failed.replica.residency.index
+    assert "req-1" in _replica(moved).residency.index
+    assert "req-1" not in _replica(failed).residency.index
 
 
 OFF = {"x-prefixgate-reorder": "off"}
@@ -134,7 +140,7 @@ def test_a_request_left_as_sent_is_routed_to_the_replica_that_holds_it() -> None
     router = _router()
     body = chat(xml_docs(["delta", "alpha", "gamma"]), "q1")
     first = router.plan(decode_request(body, CHAT_ROUTE), "req-1", OFF)
-    assert isinstance(first, RoutedRequest) and first.fields == {}
+    assert isinstance(first.routing, Route) and first.fields == {}
     first.accept()
     first.finish()
     for i in range(2):  # one replica is sent nothing: a load-only choice picks it
@@ -143,8 +149,8 @@ def test_a_request_left_as_sent_is_routed_to_the_replica_that_holds_it() -> None
         other.finish()
     # another question: another conversation (no affinity), the same documents first
     again = router.plan(decode_request(chat(xml_docs(["delta", "alpha", "gamma"]), "q2"), CHAT_ROUTE), "req-2", OFF)
-    assert isinstance(again, RoutedRequest)
-    assert again.replica is first.replica and again.result["replica"] == first.replica.name
+    assert isinstance(again.routing, Route)
+    assert _replica(again) is _replica(first) and again.result["replica"] == _replica(first).name
     assert again.fields == {}
     again.finish()
 
