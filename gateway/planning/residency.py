@@ -56,19 +56,20 @@ class CacheGranularity:
     estimate, so a prediction is rounded down to the granularity before it is compared with a report (the result
     header's ``predicted_cached_tokens``, ``prefixgate_stale_predictions``). SGLang and llama.cpp report exact
     counts: their granularity learns to 1. The granularity is the largest common divisor (1 to ``MAX_TOKENS``) of
-    the last ``WINDOW`` non-zero reports, all but one in eight of them (at least one), so an odd report does not
-    undo it; it stays 1 until ``WARM`` reports were seen, and is worked out again only when a report disagrees.
+    the last ``WINDOW`` non-zero reports, all but one in eight of them, so an odd report does not undo it; it stays
+    1 until ``WARM`` reports were seen, and is worked out again when a report disagrees and every ``WARM`` reports.
     """
 
     MAX_TOKENS = 1024
     WINDOW = 32
-    WARM = 8
+    WARM = 4
 
-    __slots__ = ("_reports", "tokens")
+    __slots__ = ("_reports", "_seen", "tokens")
 
     def __init__(self) -> None:
         self.tokens = 1
         self._reports: deque[int] = deque(maxlen=self.WINDOW)
+        self._seen = 0
 
     def learn(self, cached_tokens: int) -> None:
         """One report of the engine (zero says nothing of its granularity)."""
@@ -76,7 +77,8 @@ class CacheGranularity:
             return
         reports = self._reports
         reports.append(cached_tokens)
-        if len(reports) == self.WARM or (len(reports) > self.WARM and cached_tokens % self.tokens):
+        self._seen += 1
+        if len(reports) >= self.WARM and (cached_tokens % self.tokens or self._seen % self.WARM == 0):
             self.tokens = self._divisor(reports)
 
     def floor(self, tokens: int) -> int:
@@ -84,8 +86,9 @@ class CacheGranularity:
         return tokens - tokens % self.tokens
 
     def _divisor(self, reports: Sequence[int]) -> int:
-        """The largest divisor up to ``MAX_TOKENS`` of all the reports but one in eight (bounded: WINDOW² gcds)."""
-        spare = max(1, len(reports) // 8)
+        """The largest divisor up to ``MAX_TOKENS`` of all the reports but one in eight (bounded: WINDOW² gcds).
+        Fewer than eight reports tolerate no odd one: a granularity too large would round predictions too far down."""
+        spare = len(reports) // 8
         values = list(reports)
         candidates = {gcd(a, b) for i, a in enumerate(values) for b in values[i + 1 :]}
         bounded = {c if c <= self.MAX_TOKENS else _divisor_up_to(c, self.MAX_TOKENS) for c in candidates}

@@ -25,6 +25,12 @@ def test_whole_blocks_learn_the_block_and_the_predictions_match_the_reports() ->
     assert all(granularity.floor(predicted) == reported for predicted, reported in VLLM_CPU)
 
 
+def test_a_few_reports_never_learn_a_granularity_too_large() -> None:
+    # 384 divides three of these four: a granularity of 384 would predict 233 tokens as 0
+    granularity = _learned([384, 768, 384, 640])
+    assert granularity.tokens == 128 and granularity.floor(233) == 128
+
+
 def test_gpu_blocks_learn_16() -> None:
     rng = random.Random(4)
     assert _learned([16 * rng.randint(1, 300) for _ in range(12)]).tokens == 16
