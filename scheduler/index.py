@@ -138,14 +138,30 @@ class LiveIndex:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
+    def plan(self, key: Hashable, blocks: Sequence[int], unseen_as_sent: bool = False) -> Plan:
         """Order one context: the longest cached path first, in cached order, then the continuation (see
-        :func:`continuation_key`)."""
+        :func:`continuation_key`).
+
+        ``unseen_as_sent``: blocks never seen under the key keep the order sent, after the others, instead of
+        going by block id. For groups that later requests may not show as blocks (boundaries learned from
+        traffic: the same documents then go out in the client's order), where a canonical order of new blocks
+        converges on nothing and costs the prefix the client's own order (a retriever's ranking, which
+        consecutive questions tend to share) would have hit; once seen, they take the canonical order."""
+        sent: dict[int, int] | None = None
+        if unseen_as_sent:
+            sent = {}
+            for position, block in enumerate(blocks):
+                sent.setdefault(block, position)
         state = self._keys.get(key)
         if state is None:
-            ordered, cached = arrange(_EMPTY, blocks, _by_id)
+            ordered, cached = arrange(_EMPTY, blocks, _by_id if sent is None else sent.__getitem__)
         else:
-            sort_key = continuation_key(state.cooccurrence.scores(blocks), state.popularity.sort_key())
+            popularity = state.popularity
+            sort_key = continuation_key(
+                state.cooccurrence.scores(blocks),
+                popularity.sort_key(),
+                sent if popularity.mode != "first_seen" else None,  # first_seen: the rank of first sight decides
+            )
             ordered, cached = arrange(state.trie.root, blocks, sort_key, self._search_budget)
         self._count_plan(len(blocks), cached)
         return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
@@ -331,10 +347,20 @@ class LiveIndex:
             self._lru_evictions += 1
 
 
-def continuation_key(scores: dict[int, int], popularity_key: Callable[[int], tuple[int, int]]) -> Callable[[int], Any]:
+def continuation_key(
+    scores: dict[int, int], popularity_key: Callable[[int], tuple[int, int]], sent: dict[int, int] | None = None
+) -> Callable[[int], Any]:
     """The online order after the cached path: most co-occurrence with the request's other blocks first, then
-    the canonical (popularity) order."""
-    return lambda block: (-scores[block], popularity_key(block))
+    the canonical (popularity) order; with ``sent`` (block -> position as sent), blocks never seen under the key
+    follow in the order sent instead of by block id (nothing ranks them: moving them wins nothing yet)."""
+    if sent is None:
+        return lambda block: (-scores[block], popularity_key(block))
+
+    def key(block: int) -> tuple[int, tuple[int, int]]:
+        rank = popularity_key(block)
+        return (-scores[block], rank if rank[0] else (0, sent[block]))  # rank[0] == 0: never seen under the key
+
+    return key
 
 
 def _by_id(block: int) -> tuple[int, int]:

@@ -315,12 +315,12 @@ class _Choice:
     def index(self) -> _Choice:
         return self
 
-    def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
+    def plan(self, key: Hashable, blocks: Sequence[int], unseen_as_sent: bool = False) -> Plan:
         """The winner's plan for one group; the first call ranks the replicas by this group (on the loop)."""
         if self.ranking is None:
             self.choose(((key, blocks),))
         assert self.ranking is not None
-        return self.ranking[0].residency.index.plan(key, blocks)
+        return self.ranking[0].residency.index.plan(key, blocks, unseen_as_sent)
 
     def held(self, key: Hashable, sequence: Sequence[int]) -> int:
         """The winner's held leading blocks of one group sent in a known order; ranks as ``plan`` does."""

@@ -184,3 +184,24 @@ def test_a_prompt_whose_order_the_engine_holds_goes_out_as_sent() -> None:
     assert result["reordered"] is False and result["left_alone"] == {"cached_as_sent": 1}, result
     prompt = again.json()["usage"]["prompt_tokens"]
     assert _cached(again) >= 0.9 * prompt, (_cached(again), prompt)
+
+
+def test_new_documents_of_a_learned_stuff_chain_go_out_in_the_clients_order() -> None:
+    """A LangChain stuff chain (documents joined by blank lines): once traffic confirmed where its documents
+    part, the gateway finds them, but blocks it has never seen keep the client's order. A later request of the
+    same documents that is not cut goes out as the client sent it, and would miss the prefix a canonical order by
+    block id had put there (issue 20: below direct on the LangChain, LlamaIndex and Haystack apps)."""
+    from tests.unit.test_intercept_boundaries import A, B, D, prompt
+    from tests.unit.test_planner_learned_order import C
+
+    def ask(base: str, chunks: list[str], question: str) -> dict[str, Any]:
+        response = _chat(base, [{"role": "user", "content": prompt(chunks, question)}])
+        result: dict[str, Any] = json.loads(response.headers["x-prefixgate-result"])
+        return result
+
+    with _sim_engines(1) as urls, prefixgate_serve(*urls) as base:
+        assert ask(base, [A, B, C], "which?")["groups"] == 0  # the first request of a chunk is never cut
+        ask(base, [C, D, B, A], "other?")
+        result = ask(base, [B, A, C, D], "which?")  # by block id, C+D would go first
+    assert result["groups"] == 1 and result["blocks"] == 2, result
+    assert result["reordered"] is False, result
