@@ -1,8 +1,8 @@
 """A group cut at boundaries learned from traffic (a LangChain stuff chain: documents joined by blank lines) whose
 blocks the index has never seen goes out in the order sent: a later request of the same documents may not be cut
 (and then goes out as the client sent it), so a canonical order of new blocks converges on nothing and costs the
-prefix the client's own order (a retriever's ranking) would have hit. Blocks found by their markup still take the
-canonical order."""
+prefix the client's own order (a retriever's ranking) would have hit. New blocks found by their markup follow the
+client's first block, then the canonical order."""
 
 from __future__ import annotations
 
@@ -42,14 +42,16 @@ def test_by_block_id_the_group_above_would_move() -> None:
     assert block_id(f"{B}\n\n{A}") > block_id(f"{C}\n\n{D}")  # so the test above fails where new blocks go by id
 
 
-def test_blocks_found_by_markup_still_take_the_canonical_order() -> None:
+def test_blocks_found_by_markup_still_take_the_canonical_order_after_the_clients_first() -> None:
     planner = _planner()
-    docs = {n: f"<document>{n} " + "text " * 40 + "</document>" for n in ("x", "y")}
+    docs = {n: f"<document>{n} " + "text " * 40 + "</document>" for n in ("x", "y", "z")}
     moved = 0
-    for order in (("x", "y"), ("y", "x")):
+    for order in (("x", "y", "z"), ("x", "z", "y")):
         system = "Answer from the documents.\n<documents>\n" + "\n".join(docs[n] for n in order) + "\n</documents>"
         body = msgspec.json.encode({"model": "m", "messages": [{"role": "system", "content": system}]})
-        _, result = run(planner, "/v1/chat/completions", body)
+        out, result = run(planner, "/v1/chat/completions", body)
         assert result["groups"] == 1
+        content = msgspec.json.decode(out)["messages"][0]["content"]
+        assert content.index(docs["x"]) < min(content.index(docs["y"]), content.index(docs["z"]))
         moved += bool(result["reordered"])
-    assert moved == 1  # the two orders converge on one: exactly one of them moves
+    assert moved == 1  # x, the client's first, stays first; y and z converge on one order: one of the two moves
