@@ -25,7 +25,7 @@ from gateway.background import BackgroundCollector, Supervisor
 from gateway.edge.access import Access
 from gateway.edge.inbound import normalise_path, raw_path
 from gateway.errors import GatewayError, error_body, error_type
-from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces
+from gateway.ids import REQUEST_ID_PATTERN, KeyNamespaces, mint_request_id
 from gateway.indexapi.routes import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics, watch_event_loop
 from gateway.planning.intercept.boundaries import Boundaries
@@ -34,6 +34,7 @@ from gateway.planning.residency import Residency
 from gateway.planning.texts import TextScans
 from gateway.proxy.decisions import DecisionLog, decision_routes
 from gateway.proxy.pipeline import Proxy
+from gateway.proxy.relay import send_error
 from gateway.settings import Settings
 from gateway.upstream.ranking import BalanceGuard
 from gateway.upstream.replicas import Replica, ReplicaSet
@@ -117,8 +118,8 @@ class _Gateway(Litestar):
             raw = raw_path(scope)
             try:
                 path = normalise_path(raw)
-            except GatewayError as exc:
-                await _send_error(send, exc.status, exc.body())
+            except GatewayError as exc:  # refused before any route: no key checked, so a minted id
+                await send_error(send, exc, mint_request_id(), "passthrough")
                 return
             if path is not raw:  # every layer below (routing, the proxy, the upstream) sees the one spelling
                 scope = {**scope, "path": unquote(path.decode("latin-1")), "raw_path": path}
@@ -139,13 +140,7 @@ class _Gateway(Litestar):
             logger.exception("unhandled error on %s", path)
             if started:
                 raise  # the server drops the connection: the client sees a truncated response
-            await _send_error(send, 500, error_body("internal gateway error", "internal_error", code=500))
-
-
-async def _send_error(send: Any, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            await send_error(send, GatewayError("internal gateway error", code="500"), mint_request_id(), path)
 
 
 def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, metrics: Metrics) -> ReplicaSet:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -233,9 +234,12 @@ def test_a_spelled_chat_route_takes_a_stream_slot(spelled: tuple[str, Engine]) -
 def test_what_cannot_be_normalised_safely_is_a_400_that_reaches_nothing(spelled: tuple[str, Engine], path: str) -> None:
     base, engine = spelled
     before = len(engine.seen)
-    status, _, answer = raw_request(base, "POST", path, json.dumps({"model": "m", "messages": RAG}).encode(), AUTH)
+    status, headers, answer = raw_request(
+        base, "POST", path, json.dumps({"model": "m", "messages": RAG}).encode(), AUTH
+    )
     assert status == 400, answer
     assert json.loads(answer)["error"]["code"] == "invalid_path"
+    assert re.fullmatch(r"req-[0-9a-f]{32}", headers["x-request-id"])  # answered like every other error
     assert len(engine.seen) == before
 
 

@@ -73,7 +73,11 @@ def _fence(tag: str) -> str:
     return f"```python\n{tag} = load()\n\nprint({tag})\n```"
 
 
-_SHAPES = [_code, _table, _underlined, _numbered_list, _bullets, _fence]
+def _subheading(tag: str) -> str:
+    return f"### {tag} details\nThe {tag} details follow here."
+
+
+_SHAPES = [_code, _table, _underlined, _numbered_list, _bullets, _fence, _subheading]
 
 
 @st.composite

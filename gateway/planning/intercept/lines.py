@@ -70,7 +70,7 @@ _SOFT = (
     r"|don't\b|only (?:use|answer)\b|be (?:brief|concise)\b|you (?:are|must|should)\b|make sure\b|ignore\b"
     r"|[^\n]*\b(?:document|doc|source|passage|result|snippet|chunk)s?[ \t]*#?\[?\d+\b"
     r"|(?:the|these|all|each) (?:documents|sources|passages|results|snippets|excerpts|chunks|context)\b)"
-    r"|[^\n]*\?[ \t\r]*(?=\n|\Z))"
+    r"|[^\n]*[?\uff1f][ \t\r]*(?=\n|\Z))"
 )
 _HARD_AT = re.compile(_HARD)
 _SOFT_AT = re.compile(_SOFT)
@@ -81,10 +81,12 @@ _SOFT_LINE = re.compile(r"\n" + _SOFT)
 _ATTACHED = re.compile(
     r"(?: {2,}|\t|[ \t]*\||[ \t]*(?:[-*+\u2022]|\d{1,3}[.)])[ \t]|[ \t]{0,3}([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z))"
 )
-# a prompt's own section line: a short label and a colon, ASCII or fullwidth ("Knowledge base:"), or an
-# introduction ending with one
-_LABEL = re.compile(
-    r"[ \t]*(?:[^\s:\uff1a]{1,24}(?:[ \t][^\s:\uff1a]{1,24}){0,3}[ \t]*[:\uff1a]|[^\n]*[:\uff1a][ \t\r]*$)"
+# an introduction: a line ending with a colon, ASCII or fullwidth
+_LABEL = re.compile(r"[^\n]*[:\uff1a][ \t\r]*$", re.MULTILINE)
+_HEADING_TEXT = re.compile(r"[ \t]*#{1,6}[ \t]+([^\n]*)")
+_PROMPT_SECTION = re.compile(
+    r"(?i)\W*(?:question|query|answer|instructions?|task|rules|guidelines|format|output|response|context"
+    r"|constraints|requirements|examples?|user|system|notes?)\b"
 )
 # a paragraph that continues the block before it: a table
 _TABLE = re.compile(r"[ \t]*\|")
@@ -280,6 +282,13 @@ def _lead(text: str, line_start: int) -> int:
     return columns
 
 
+def _opens_sentence(text: str, line_start: int) -> bool:
+    """Whether the line's first letter is not a lowercase one: an instruction opens a sentence, whereas a
+    document's wrapped line ("query cache ...") may go on in lowercase."""
+    stripped = text[line_start : line_start + 64].lstrip()
+    return not stripped or not stripped[0].islower()
+
+
 def _continued(text: str, start: int, end: int, limit: int, fences: Spans) -> int | None:
     """Return ``end`` extended over the block's continuation paragraphs, or None where the end is ambiguous.
 
@@ -300,8 +309,16 @@ def _continued(text: str, start: int, end: int, limit: int, fences: Spans) -> in
             continue
         # what follows must read as the prompt's own text (a question, an instruction, a heading, a tag), or it
         # may be the rest of this document, and the end is in doubt
-        cue = is_cue_line(text, para_start, stop) or _LABEL.match(text, para_start, line_end(text, para_start, stop))
-        return extended if cue else None
+        line_stop = line_end(text, para_start, stop)
+        heading = _HEADING_TEXT.match(text, para_start, line_stop)
+        if heading is not None:  # a section of the prompt, or a subsection of this document?
+            return extended if _PROMPT_SECTION.match(heading.group(1)) else None
+        # an introduction line ("Knowledge base:") is the prompt's own only where the next group starts under it
+        intro = _LABEL.match(text, para_start, line_stop) is not None and not text[line_stop:limit].strip()
+        cue = _hard_at(text, para_start, stop, 6) or (
+            _soft_at(text, para_start, stop) and _opens_sentence(text, para_start)
+        )
+        return extended if intro or cue else None
     return extended if stop == limit else None
 
 
@@ -311,7 +328,8 @@ def _cut_lines(text: str, start: int, end: int, shape: Shape) -> int | None:
     soft = _SOFT_LINE.search(text, start, end)
     if soft is not None:
         # one-line documents followed by an instruction line; otherwise the line may be the document's own
-        return rstrip_end(text, start, first_line) if shape.lines == 1 and soft.start() == first_line else None
+        instruction = shape.lines == 1 and soft.start() == first_line and _opens_sentence(text, first_line + 1)
+        return rstrip_end(text, start, first_line) if instruction else None
     if text.count("\n", start, end) + 1 <= shape.lines:
         return end
     if shape.lines == 1:
