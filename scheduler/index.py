@@ -138,14 +138,31 @@ class LiveIndex:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def plan(self, key: Hashable, blocks: Sequence[int]) -> Plan:
+    def plan(self, key: Hashable, blocks: Sequence[int], unseen_as_sent: bool = False) -> Plan:
         """Order one context: the longest cached path first, in cached order, then the continuation (see
-        :func:`continuation_key`)."""
+        :func:`continuation_key`).
+
+        Blocks never seen under the key follow the others: the client's first block (a retriever's top hit, the
+        one a rephrased or repeated question most likely puts first again) first, then by block id, so that
+        requests sharing new blocks still converge. ``unseen_as_sent``: they keep the whole order sent instead.
+        For groups that later requests may not show as blocks (boundaries learned from traffic: the same
+        documents then go out in the client's order), where a canonical order of new blocks converges on nothing
+        and costs the prefix the client's own order (a retriever's ranking, which consecutive questions tend to
+        share) would have hit; once seen, they take the canonical order."""
+        sent: dict[int, int] = {}  # block -> its first position as sent
+        for position, block in enumerate(blocks):
+            sent.setdefault(block, position)
+        unseen = _as_sent(sent) if unseen_as_sent else _top_first(sent)
         state = self._keys.get(key)
         if state is None:
-            ordered, cached = arrange(_EMPTY, blocks, _by_id)
+            ordered, cached = arrange(_EMPTY, blocks, unseen)
         else:
-            sort_key = continuation_key(state.cooccurrence.scores(blocks), state.popularity.sort_key())
+            popularity = state.popularity
+            sort_key = continuation_key(
+                state.cooccurrence.scores(blocks),
+                popularity.sort_key(),
+                unseen if popularity.mode != "first_seen" else None,  # first_seen: the rank of first sight decides
+            )
             ordered, cached = arrange(state.trie.root, blocks, sort_key, self._search_budget)
         self._count_plan(len(blocks), cached)
         return Plan(tuple(permutation(blocks, ordered)), tuple(ordered), cached)
@@ -331,14 +348,30 @@ class LiveIndex:
             self._lru_evictions += 1
 
 
-def continuation_key(scores: dict[int, int], popularity_key: Callable[[int], tuple[int, int]]) -> Callable[[int], Any]:
+def continuation_key(
+    scores: dict[int, int],
+    popularity_key: Callable[[int], tuple[int, int]],
+    unseen: Callable[[int], tuple[int, int]] | None = None,
+) -> Callable[[int], Any]:
     """The online order after the cached path: most co-occurrence with the request's other blocks first, then
-    the canonical (popularity) order."""
-    return lambda block: (-scores[block], popularity_key(block))
+    the canonical (popularity) order; with ``unseen``, blocks never seen (a popularity of 0, after every seen
+    one) go by ``unseen`` instead of by block id."""
+    if unseen is None:
+        return lambda block: (-scores[block], popularity_key(block))
+
+    def key(block: int) -> tuple[int, tuple[int, int]]:
+        rank = popularity_key(block)
+        return (-scores[block], rank if rank[0] else unseen(block))
+
+    return key
 
 
-def _by_id(block: int) -> tuple[int, int]:
-    return (0, block)
+def _as_sent(sent: dict[int, int]) -> Callable[[int], tuple[int, int]]:
+    return lambda block: (0, sent[block])
+
+
+def _top_first(sent: dict[int, int]) -> Callable[[int], tuple[int, int]]:
+    return lambda block: (0, -1) if sent[block] == 0 else (0, block)  # block ids are never negative
 
 
 _EMPTY = Trie().root

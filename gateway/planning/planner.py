@@ -438,7 +438,10 @@ class Planner:
             if not decision.moves:
                 return tuple(range(len(ids))), tuple(ids), 0
         index = outcome.choose(((key, ids),)).index  # the first lookup chooses the replica (``IndexView``)
-        plan = outcome.on_loop(index.plan, key, ids)
+        # blocks cut at boundaries learned from traffic: a later request may not show them as blocks (and then
+        # goes out in the client's order), so new blocks keep the order sent rather than converge on nothing
+        learned = group.label.endswith(":learned")  # see gateway.planning.intercept.boundaries
+        plan = outcome.on_loop(index.plan, key, ids, learned)
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
             # each block carries its own label, so its rendering is shared with no request that numbers it
             # otherwise: moving the group gains only what the index predicts, and costs the prefix as sent

@@ -180,8 +180,8 @@ def test_canonical_order_converges_when_nothing_is_cached() -> None:
     first = index.plan("k", [1, 3, 8, 7]).blocks
     second = index.plan("k", [6, 7, 3, 4]).blocks
     assert first[:2] == second[:2] == (7, 3)  # the shared popular blocks lead, in the same order
-    assert first[2:] == (1, 8) and second[2:] == (4, 6)  # then by popularity, then id
-    assert LiveIndex().plan("k", [3, 1, 2]).blocks == (1, 2, 3)  # unknown key: by id
+    assert first[2:] == (1, 8) and second[2:] == (6, 4)  # then by popularity; new: the client's first, then id
+    assert LiveIndex().plan("k", [3, 2, 1]).blocks == (3, 1, 2)  # unknown key: the client's first, then by id
 
 
 def test_ties_prefer_more_live_requests_then_recency() -> None:
@@ -395,3 +395,24 @@ def test_held_is_the_prefix_of_the_order_given_counted_as_a_plan() -> None:
         before.planned_blocks + 5 + 4 + 2 + 2,
         before.hit_blocks + 4 + 2,
     )
+
+
+def test_unseen_blocks_keep_the_order_sent_when_asked_and_seen_ones_lead_by_popularity() -> None:
+    index = LiveIndex()
+    for number, context in enumerate([[7, 1, 3], [3, 7, 2], [9, 7, 3]]):
+        index.commit("k", f"w{number}", context)
+    index.evict([f"w{number}" for number in range(3)])  # nothing cached, popularity remembered
+    # 7 and 3 seen three times, 1 once; 8, 6 and 4 never: they follow in the order sent, not by id
+    assert index.plan("k", [8, 1, 6, 3, 4, 7], unseen_as_sent=True).blocks == (3, 7, 1, 8, 6, 4)
+    # by default: the client's first block (a retriever's top hit) leads the new ones, then by id
+    assert index.plan("k", [8, 1, 6, 3, 4, 7]).blocks == (3, 7, 1, 8, 4, 6)
+    assert index.plan("k", [1, 8, 6, 3, 4, 7]).blocks == (3, 7, 1, 4, 6, 8)  # the first is seen: all by id
+    assert LiveIndex().plan("k", [3, 1, 2], unseen_as_sent=True).blocks == (3, 1, 2)  # unknown key: as sent
+    assert LiveIndex().plan("k", [3, 1, 2], unseen_as_sent=True).order == (0, 1, 2)
+
+
+def test_unseen_blocks_as_sent_still_follow_the_cached_path() -> None:
+    index = LiveIndex()
+    index.commit("k", "r1", [5, 2, 9])
+    plan = index.plan("k", [4, 9, 2, 5], unseen_as_sent=True)
+    assert plan.blocks == (5, 2, 9, 4) and plan.cached == 3
