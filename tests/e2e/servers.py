@@ -18,6 +18,16 @@ import uvicorn
 __all__ = ["free_port", "gateway_process", "serve_in_thread", "wait_healthy"]
 
 
+async def receive_body(receive: Any) -> bytes:
+    """The whole body of a request an ASGI test upstream is answering."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

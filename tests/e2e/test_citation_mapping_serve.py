@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, serve_in_thread, wait_healthy
+from tests.e2e.servers import free_port, receive_body, serve_in_thread, wait_healthy
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,12 +38,7 @@ async def engine(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await receive_body(receive)
     system = json.loads(body)["messages"][0]["content"]
     number = next(m.group(1) for m in re.finditer(r"^\[(\d+)\] (.*)$", system, re.M) if "Eiffel" in m.group(2))
     CITED.append(number)

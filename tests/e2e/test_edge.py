@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, serve_in_thread, wait_healthy
+from tests.e2e.servers import free_port, receive_body, serve_in_thread, wait_healthy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,12 +47,7 @@ class Recorder:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await receive_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         if scope["path"] != "/health":
             self.seen.append((headers, body))

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from tests.e2e.llama import LlamaServer
-from tests.e2e.servers import free_port, serve_in_thread, wait_healthy
+from tests.e2e.servers import free_port, receive_body, serve_in_thread, wait_healthy
 from tests.e2e.test_faults import read_request, scripted_upstream
 
 pytestmark = pytest.mark.timeout(120)
@@ -118,12 +118,7 @@ class Engine:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await receive_body(receive)
         path = scope["path"]
         if path == "/health":
             await _answer(send, 200, b"{}")
@@ -329,12 +324,7 @@ class CitingEngine:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await receive_body(receive)
         if scope["path"] == "/health":
             await _answer(send, 200, b"{}")
             return
