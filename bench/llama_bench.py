@@ -276,6 +276,8 @@ def _llama_server(binary: Path, model: Path) -> Iterator[str]:
 @contextmanager
 def _gateway(upstream: str, engine: str = "llamacpp", extra: Sequence[str] = ()) -> Iterator[str]:
     """A ``prefixgate serve`` process in front of ``upstream``; yields its origin once it is ready."""
+    from tests.e2e.servers import stop_process
+
     port = _free_port()
     command = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--engine", engine]
     command += ["--port", str(port), "--log-level", "warning", *extra]
@@ -286,12 +288,7 @@ def _gateway(upstream: str, engine: str = "llamacpp", extra: Sequence[str] = ())
             _wait_gateway(base, process, log, slots=engine == "llamacpp")
             yield base
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, 10)
 
 
 def _wait_gateway(base: str, process: subprocess.Popen[bytes], log: Any, slots: bool = True) -> None:

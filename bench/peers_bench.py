@@ -198,6 +198,8 @@ def _served(replica: str) -> int:
 
 @contextlib.contextmanager
 def _process(command: list[str], health: str, log: Path, timeout: float = 60.0) -> Iterator[None]:
+    from tests.e2e.servers import stop_process
+
     with log.open("wb") as handle:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
     try:
@@ -208,12 +210,7 @@ def _process(command: list[str], health: str, log: Path, timeout: float = 60.0) 
             raise RuntimeError(f"{exc}\n" + "\n".join(tail)) from None
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import pytest
 
 from tests.builds.llamacpp import ENV_VAR, find_llama_server
 from tests.builds.tinymodel import write_tiny_model
-from tests.e2e.servers import free_port
+from tests.e2e.servers import free_port, stop_process
 
 __all__ = [
     "LlamaServer",
@@ -148,13 +148,7 @@ def _wait_healthy(server: LlamaServer, timeout: float) -> None:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    process.wait()
+    stop_process(process, STOP_TIMEOUT_S)
 
 
 def _tail(server: LlamaServer, lines: int = 40) -> str:

@@ -28,6 +28,17 @@ async def receive_body(receive: Any) -> bytes:
             return body
 
 
+def stop_process(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """Terminate a server process, kill it if it outlives ``grace`` seconds, and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

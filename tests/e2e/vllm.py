@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from tests.builds.vllm import ENV_VAR, model_path
-from tests.e2e.servers import free_port
+from tests.e2e.servers import free_port, stop_process
 
 __all__ = [
     "BLOCK_SIZE",
@@ -261,9 +261,4 @@ def run_prefixgate(*args: str, port: int | None = None, log_path: Path | None = 
         wait_healthy(f"http://127.0.0.1:{port}/health", timeout=30)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
