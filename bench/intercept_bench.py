@@ -244,7 +244,7 @@ def _planner_latency(samples: int) -> dict[str, tuple[float, float]]:
         sizes.append(len(body))
         for values in timings.values():
             start = time.perf_counter()
-            planned = planner.plan(decode_request(body, CHAT_ROUTE), "req-bench", {})
+            planned = planner.plan(planner.read(decode_request(body, CHAT_ROUTE), {}), "req-bench")
             values.append(time.perf_counter() - start)
             planned.accept()
     print(f"  planner requests: median body {statistics.median(sizes) / 1024:.1f} KB, 10 blocks", file=sys.stderr)

@@ -316,7 +316,7 @@ def _routing_cost(bodies: list[dict[str, Any]]) -> dict[str, float]:
         for which in (0, 1) if i % 2 else (1, 0):
             body = decode_request(raw, CHAT_ROUTE)
             started = time.thread_time()
-            planned = routers[which].plan(body, f"req-{i}", {})
+            planned = routers[which].plan(routers[which].read(body, {}), f"req-{i}")
             times[which].append(time.thread_time() - started)
             planned.accept()
             planned.finish()

@@ -110,8 +110,8 @@ class Metrics:
 
         self.planned_in_thread = Counter(
             "prefixgate_planned_in_thread",
-            "Requests planned in a worker thread, by reason: size (a big body) or slow_texts (reading its texts took "
-            "the event loop's slice)",
+            "Requests read in a worker thread (the planner's first phase), by reason: size (a big body) or slow_texts "
+            "(reading its texts took the event loop's slice)",
             ["reason"],
             registry=r,
         )

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -21,7 +21,7 @@ from gateway.errors import PayloadTooLarge
 from gateway.metrics import Metrics
 from gateway.planning.citemap import CitationMap
 from gateway.planning.control import Control
-from gateway.planning.intercept import BlockGroup, deadline_in
+from gateway.planning.intercept import BlockGroup
 from gateway.planning.intercept.meaning import Decision
 from gateway.planning.plan import PlannedRequest, Prediction, estimate_tokens
 from gateway.planning.residency import IndexView, Residency
@@ -29,30 +29,10 @@ from gateway.wire import AnswerRewriter
 from scheduler.prefixes import Chain
 
 if TYPE_CHECKING:
+    from gateway.planning.texts import Reading
     from gateway.wire.chat import RequestBody
 
-__all__ = [
-    "DISCARD",
-    "INLINE_SCAN_SECONDS",
-    "Choice",
-    "OnLoop",
-    "Outcome",
-    "PlanInThread",
-    "Prefix",
-    "Rewrite",
-    "block_ends",
-    "call_here",
-    "client_slot",
-    "pin_slot",
-]
-
-T = TypeVar("T")
-OnLoop = Callable[..., Any]
-"""Runs ``fn(*args)`` on the event loop: a plain call there, ``anyio.from_thread.run_sync`` from a worker."""
-
-
-def call_here(fn: Callable[..., T], *args: Any) -> T:
-    return fn(*args)
+__all__ = ["DISCARD", "Choice", "Outcome", "Prefix", "Rewrite", "block_ends", "client_slot", "pin_slot"]
 
 
 class _Discard:
@@ -128,29 +108,17 @@ class Choice:
     ids: tuple[int, ...] = ()
 
 
-# CPU for reading a request's texts on the event loop: a RAG body under 64 KB takes ~1 ms to plan in all (module
-# doc of gateway.proxy.pipeline), a crafted one up to the whole budget; past this slice it is planned in a worker thread
-INLINE_SCAN_SECONDS = 0.005
-
-
-class PlanInThread(Exception):
-    """Reading a request's texts on the event loop took its inline slice (``Planner.plan``'s ``handoff``): plan it
-    again in a worker thread, with the whole budget. Raised while texts are read, before a text is planned; a
-    text planned before it (a completion prompt list) is in the memo, so it goes out the same, learned once."""
-
-
 @dataclass(slots=True)
 class Outcome:
-    """One request's planning: its options, model and block limit, and what it found."""
+    """One request's planning, on the event loop (``Planner.plan``): its options, model and block limit, what its
+    first phase read (``reading``; None for a walk that only reads the prompt as sent), and what it found."""
 
     control: Control
     model: bytes
-    on_loop: OnLoop
     max_blocks: int
+    reading: Reading | None = None
     tenant: bytes = b""
     deadline: float | None = None
-    scan_deadline: float | None = None  # for reading texts: the deadline, or the inline slice when ``handoff``
-    handoff: bool = False
     skipped: str | None = None  # why some text was forwarded without (complete) interception
     commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
     groups: int = 0
@@ -171,26 +139,12 @@ class Outcome:
 
     def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]] = ()) -> Residency:
         """The residency of the replica the request goes to: chosen once, at its first index lookup, by the
-        view's explicit ``choose`` with that lookup's groups (``IndexView``, on the event loop)."""
+        view's explicit ``choose`` with that lookup's groups (``IndexView``)."""
         chosen = self.chosen
         if chosen is None:
             assert self.view is not None, "a frozen walk reads no index"
-            chosen = self.chosen = self.on_loop(self.view.choose, groups)
+            chosen = self.chosen = self.view.choose(groups)
         return chosen
-
-    def start(self, budget: float, handoff: bool) -> None:
-        """Start the request's CPU clock, in the thread that plans: ``budget`` seconds in all. With ``handoff`` (on
-        the event loop), reading the texts may take ``INLINE_SCAN_SECONDS`` of it (see ``scan_passed``)."""
-        self.deadline = deadline_in(budget)
-        self.handoff = handoff and budget > INLINE_SCAN_SECONDS
-        self.scan_deadline = deadline_in(INLINE_SCAN_SECONDS) if self.handoff else self.deadline
-
-    def scan_passed(self) -> None:
-        """Reading a text passed ``scan_deadline``: on the event loop that is the inline slice (``PlanInThread``),
-        else the request's budget, and the text goes out as it came."""
-        if self.handoff:
-            raise PlanInThread
-        self.skipped = "budget"
 
     def check_blocks(self, more: int) -> None:
         """413 before planning ``more`` blocks would take the request past ``max_blocks_per_request``."""

@@ -6,7 +6,8 @@ index, and record the llama.cpp slot it now holds), ``usage`` (the cached tokens
 index entries the engine no longer holds) and ``finish`` (the upstream is done: free the slot).
 
 ``RequestPlanner`` is what the proxy plans with (``gateway.planning.planner.Planner``, or
-``gateway.upstream.router.Router`` with several replicas); a plan made by the router also carries its ``Upstream``
+``gateway.upstream.router.Router`` with several replicas), in two phases: ``read`` (no index, any thread) and
+``plan`` (on the event loop); a plan made by the router also carries its ``Upstream``
 (the replica's client and engine) and its ``Routing`` (the replica's load and health while the request is in
 flight, ``gateway.upstream.router.Route``), which the plan's steps tell what happened.
 """
@@ -28,6 +29,7 @@ from scheduler.prefixes import Hashes
 
 if TYPE_CHECKING:
     from gateway.planning.outcome import Choice
+    from gateway.planning.texts import Reading
     from gateway.upstream.sender import UpstreamSender
     from gateway.wire.chat import RequestBody
 
@@ -162,16 +164,19 @@ class PlannedRequest:
 class RequestPlanner(Protocol):
     """``gateway.planning.planner.Planner`` (one upstream) or ``gateway.upstream.router.Router`` (several replicas)."""
 
-    def plan(
+    def read(
         self,
         body: RequestBody,
-        request_id: str,
         headers: Mapping[str, str],
         *,
-        in_thread: bool = False,
         tenant: str | None = None,
-        handoff: bool = False,
-    ) -> PlannedRequest: ...
+        inline: bool = False,
+        resume: Reading | None = None,
+    ) -> Reading:
+        """The first phase, without the live index: may run in a worker thread."""
+
+    def plan(self, reading: Reading, request_id: str) -> PlannedRequest:
+        """The second phase, on the event loop."""
 
 
 class Routing(Protocol):

@@ -4,8 +4,13 @@ For each text in scope (system/developer/user/tool message contents and ``text``
 never assistant messages or non-text parts; on the Messages and Responses routes, what ``gateway.wire`` walks
 hand it, texts and runs of whole blocks alike) the planner finds block groups, asks the live index for an order
 per group, and splices the blocks back in that order; every other byte of the body stays as it was.
-``Planner.plan`` takes the decoded request (``gateway.wire.chat.RequestBody``) and returns one ``PlannedRequest``:
-the body fields to change, the ``X-Prefixgate-Result`` header, and what to run as the upstream answers.
+Planning runs in two phases. ``Planner.read`` takes the decoded request (``gateway.wire.chat.RequestBody``) and
+reads it without the live index: every text's block groups and meaning cues (``TextScans``), and for each text
+whose rewrite is not remembered the groups after learned boundaries and what meaning allows for each (a
+``Reading``). It touches nothing the event loop owns, so it may run in a worker thread. ``Planner.plan`` takes the
+``Reading`` on the event loop: it asks the live index for an order per group, splices the blocks, and returns one
+``PlannedRequest``: the body fields to change, the ``X-Prefixgate-Result`` header, and what to run as the upstream
+answers.
 
 A group is planned under a *prefix key*: a digest of everything the engine sees before the group (model, tools,
 earlier messages and the text before the group, as sent): blocks only share a KV prefix after identical bytes.
@@ -14,19 +19,19 @@ resent message is rewritten byte-identically (texts left alone are remembered to
 labels, leave alone) is decided from every text of the request: :mod:`gateway.planning.intercept.meaning`, and for runs
 of whole blocks :mod:`gateway.planning.units`; Messages and Responses bodies are walked once to read, once to plan.
 
-Threads: the live index and the slot table have a single writer, the event loop. A big or slow prompt is planned
-in a worker thread (``in_thread=True``); its index reads and slot choice then run on the event loop
-(``anyio.from_thread``), its commit there later (``PlannedRequest.accept``). The memo is guarded by a lock.
+Threads: the live index and the slot table have a single writer, the event loop, and only ``plan`` reads them.
+``read`` may run in a worker thread (a big body; one whose texts took the loop's inline slice): the text scans, the
+learned boundaries and the memo it consults are guarded by locks, and the boundaries learn what a request shows
+only in ``plan``, once, as the text is planned.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from hashlib import blake2b
 from typing import Any
 
-import anyio.from_thread
 import msgspec
 from cachetools import LRUCache
 
@@ -36,22 +41,12 @@ from gateway.planning.citemap import CitationMap, CitationRewriter, citation_map
 from gateway.planning.control import Control, parse_control
 from gateway.planning.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceeded, splice_all
 from gateway.planning.intercept.boundaries import Boundaries
-from gateway.planning.intercept.budget import check
+from gateway.planning.intercept.budget import check, deadline_in
 from gateway.planning.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
-from gateway.planning.outcome import (
-    DISCARD,
-    Choice,
-    OnLoop,
-    Outcome,
-    Prefix,
-    Rewrite,
-    block_ends,
-    call_here,
-    pin_slot,
-)
+from gateway.planning.outcome import DISCARD, Choice, Outcome, Prefix, Rewrite, block_ends, pin_slot
 from gateway.planning.plan import PlannedRequest, Prediction
 from gateway.planning.residency import IndexView, Residency
-from gateway.planning.texts import TextScan, TextScans, chat_texts
+from gateway.planning.texts import Meaning, Reading, TextScan, TextScans, chat_texts
 from gateway.planning.units import UnitOrders
 from gateway.settings import Settings
 from gateway.wire import SHAPES, AnswerRewriter, ScopedWalker, Shape
@@ -60,7 +55,11 @@ from gateway.wire.walk import Reader
 from scheduler.blocks import block_id
 from scheduler.prefixes import CHUNK_BYTES, Chain, Hashes, common
 
-__all__ = ["PlannedRequest", "Planner"]  # PlannedRequest lives in gateway.planning.plan
+__all__ = ["INLINE_SCAN_SECONDS", "PlannedRequest", "Planner", "Reading"]  # they live in plan and texts
+
+# CPU for reading a request on the event loop: a RAG body under 64 KB takes ~1 ms to plan in all (module doc of
+# gateway.proxy.pipeline), a crafted one up to the whole budget; past this slice the rest is read in a worker thread
+INLINE_SCAN_SECONDS = 0.005
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "tool": "tool", "toolresult": "tool"}
 _encoder = msgspec.json.Encoder()
@@ -107,32 +106,71 @@ class Planner:
         """The llama-server's slot count once known (None: requests are not pinned)."""
         return len(self._slots.slots) if self._slots is not None else None
 
-    def plan(
+    def read(
         self,
         body: RequestBody,
-        request_id: str,
         headers: Mapping[str, str],
         *,
-        in_thread: bool = False,
         tenant: str | None = None,
-        handoff: bool = False,
-        sent: Hashes | None = None,
-        view: IndexView | None = None,
-    ) -> PlannedRequest:
-        """Plan one request; 413 when it carries more than ``max_blocks_per_request`` blocks.
+        inline: bool = False,
+        resume: Reading | None = None,
+    ) -> Reading:
+        """The first phase, without the live index (any thread): read every text of the request, its groups and
+        meaning cues, and decide the meaning of each text whose rewrite is not remembered (``Reading``).
 
-        ``in_thread``: called from a worker thread; every index read and the slot choice run on the event loop.
         ``tenant``: the client key's namespace when planning state is per key (None: shared).
-        ``handoff``: on the event loop, reading the texts that long raises ``PlanInThread`` (``Outcome.start``).
+        ``inline`` (on the event loop): reading may take ``INLINE_SCAN_SECONDS`` of CPU; past it the reading comes
+        back with ``complete`` False, and ``read(..., resume=it)`` in a worker thread goes on from where it stopped,
+        with the whole budget. Past the budget the reading is ``skipped`` (every text goes out as it came).
+        """
+        reading = resume or Reading(body, headers, tenant, parse_control(headers, self.settings))
+        reading.complete = True
+        control = reading.control
+        if not control.enabled:
+            return reading
+        budget = self.settings.intercept_budget_ms / 1000
+        sliced = inline and budget > INLINE_SCAN_SECONDS
+        deadline = deadline_in(INLINE_SCAN_SECONDS if sliced else budget)
+        texts = _texts(body, control.scope, reading)
+        model, owner = bytes(body.top.get("model", b"")), (tenant or "").encode()
+        try:
+            for key, text, in_scope in texts:
+                if key not in reading.scans:
+                    looked_for = in_scope and len(text) <= MAX_TEXT_CHARS
+                    reading.scans[key] = self._scans.get(text, control, looked_for, deadline)
+            if body.prompt is None and reading.cues is None:  # completion prompts are read each alone
+                reading.cues = RequestCues((key, found.cues) for key, found in reading.scans.items())
+            for key, text, _ in texts:
+                found = reading.scans[key]
+                if not found.groups or key in reading.meanings:
+                    continue
+                others = reading.others(key)
+                with self._memo_lock:
+                    remembered = _memo_digest(found, others, model, owner) in self._memo
+                if not remembered:  # a remembered rewrite is sent again as it was: nothing to decide
+                    check(deadline)
+                    reading.meanings[key] = self._mean(text, found, others, control, owner)
+        except BudgetExceeded:
+            if sliced:
+                reading.complete = False
+            else:
+                reading.skipped = "budget"
+        return reading
+
+    def plan(
+        self, reading: Reading, request_id: str, *, sent: Hashes | None = None, view: IndexView | None = None
+    ) -> PlannedRequest:
+        """The second phase, on the event loop: plan what ``read`` found against the live index, splice it, and
+        choose the llama.cpp slot; 413 when the request carries more than ``max_blocks_per_request`` blocks.
+
         ``sent``: the chunk names of the prompt as sent, when the caller has them (``sent_chain``).
         ``view``: what the request is planned against (default: this planner's residency); its ``choose`` names
         the replica at the plan's first index lookup (``IndexView``), and the plan is that replica's.
         """
-        control = parse_control(headers, self.settings)
-        on_loop: OnLoop = anyio.from_thread.run_sync if in_thread else call_here
-        outcome = Outcome(control, bytes(body.top.get("model", b"")), on_loop, self.settings.max_blocks_per_request)
+        body, control, tenant = reading.body, reading.control, reading.tenant
+        outcome = Outcome(control, bytes(body.top.get("model", b"")), self.settings.max_blocks_per_request, reading)
         outcome.tenant, outcome.view = (tenant or "").encode(), view if view is not None else self.residency
-        outcome.start(self.settings.intercept_budget_ms / 1000, handoff)  # in the thread that plans
+        outcome.skipped, outcome.deadline = reading.skipped, deadline_in(self.settings.intercept_budget_ms / 1000)
         fields: dict[str, Any] = {}
         answer: AnswerRewriter | None = None
         notes: list[str] = []
@@ -143,8 +181,8 @@ class Planner:
             assert prefix.chain is not None
             chain = forwarded = prefix.chain.freeze()  # as sent too, unless a field changed
             if fields:
-                chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
-                as_sent, held = on_loop(_held_both, outcome.choose(), chain, forwarded)
+                chain = sent if sent is not None else self.sent_chain(body, reading.headers, tenant, control)
+                as_sent, held = _held_both(outcome.choose(), chain, forwarded)
                 # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
                 # order matches the cache) and at least as far as the rewrite's
                 predicted = outcome.predicted_chars // CHUNK_BYTES * CHUNK_BYTES  # in whole chunks, as ``held``
@@ -159,7 +197,7 @@ class Planner:
                 left[note] = left.get(note, 0) + 1
             answer = outcome.answer
         else:
-            chain = sent if sent is not None else self.sent_chain(body, headers, tenant, control)
+            chain = sent if sent is not None else self.sent_chain(body, reading.headers, tenant, control)
             result = {"groups": 0, "reordered": False, "enabled": False}
         residency = outcome.choose()  # a request without block groups: chosen now (a router ranks on load alone)
         planned = PlannedRequest(
@@ -183,7 +221,7 @@ class Planner:
             self.metrics.blocks_reordered.inc()
         self.metrics.predicted_cached_blocks.inc(result.get("predicted_cached_blocks", 0))
         if residency.slots is not None:  # llama.cpp: the chosen server's slots (``use_slots``)
-            on_loop(pin_slot, residency.slots, planned, body)
+            pin_slot(residency.slots, planned, body)
         return planned
 
     def sent_chain(
@@ -192,7 +230,7 @@ class Planner:
         """The chunk names of the prompt as sent (``scheduler.prefixes``): the bytes the planner's walk feeds when
         nothing is rewritten, read without looking for groups (one hashing pass over the prompt)."""
         control = control if control is not None else parse_control(headers, self.settings)
-        outcome = Outcome(control, bytes(body.top.get("model", b"")), call_here, self.settings.max_blocks_per_request)
+        outcome = Outcome(control, bytes(body.top.get("model", b"")), self.settings.max_blocks_per_request)
         outcome.tenant, outcome.frozen = (tenant or "").encode(), True
         chain = self._walk(body, {}, outcome, Chain(), hashed=False).chain
         assert chain is not None
@@ -220,36 +258,19 @@ class Planner:
         with self._memo_lock:
             self._memo.clear()
 
-    def _read(
-        self, texts: Iterable[tuple[Hashable, str, bool]], outcome: Outcome
-    ) -> tuple[dict[Hashable, TextScan], RequestCues]:
-        """Scan every text of a request (key, text, whether its groups are looked for) and gather their cues."""
-        try:
-            scans = {key: self._scans.get(text, outcome.control, in_scope and len(text) <= MAX_TEXT_CHARS,
-                                          outcome.scan_deadline) for key, text, in_scope in texts}  # fmt: skip
-        except BudgetExceeded:
-            outcome.scan_passed()
-            scans = {}  # every text goes out as it came (see ``_text``)
-        return scans, RequestCues((key, found.cues) for key, found in scans.items())
-
     def _shaped(
         self, shape: Shape, body: RequestBody, fields: dict[str, Any], prefix: Prefix, outcome: Outcome
     ) -> tuple[AnswerRewriter | None, list[str]]:
-        """Messages and Responses: read every text first (a ``Reader`` walk), then plan each text and run of whole
-        blocks with the cues of the others (see ``gateway.wire.walk``)."""
-        reader = Reader(outcome.control.scope)
-        if not outcome.frozen:  # a frozen walk only feeds the texts as sent
-            shape.plan(body.top, body.raw, reader)
-        scans, cues = self._read(((i, text, in_scope) for i, (text, in_scope) in enumerate(reader.texts)), outcome)
+        """Messages and Responses: plan each text and run of whole blocks with the cues of the others, the texts
+        numbered as ``read``'s ``Reader`` walk numbered them (see ``gateway.wire.walk``)."""
+        reading = outcome.reading
+        others = reading.others(None) if reading is not None else NO_OTHERS
 
         def text(value: str, key: int) -> str | None:
-            found = scans.get(key)
-            if found is not None and reader.texts[key][0] != value:  # never splice another text's groups
-                found = None
-            return self._text(value, prefix, outcome, found, cues.others(key))
+            return self._text(value, prefix, outcome, key)
 
         def units(values: Sequence[bytes], form: str, first: int) -> tuple[int, ...] | None:
-            return self._units.plan(values, prefix, outcome, cues.others(None), form=form, first=first)
+            return self._units.plan(values, prefix, outcome, others, form=form, first=first)
 
         walked = shape.plan(body.top, body.raw, ScopedWalker(prefix.update, text, units, outcome.control.scope))
         fields.update(walked.fields)
@@ -259,11 +280,6 @@ class Planner:
         self, body: RequestBody, messages: list[ChatMessage], fields: dict[str, Any], prefix: Prefix, outcome: Outcome
     ) -> None:
         sent: list[msgspec.Raw] | None = None  # the messages as sent, once one of them changes
-        scope = outcome.control.scope
-        scans, cues = self._read(
-            ((k, t, _ROLES.get(role.lower()) in scope) for k, role, t in chat_texts(messages) if not outcome.frozen),
-            outcome,
-        )
         for i, message in enumerate(messages):
             kind = _ROLES.get(message.role.lower())
             content = message.content
@@ -276,10 +292,9 @@ class Planner:
                 continue
             new: str | list[dict[str, Any]] | None
             if isinstance(content, str):
-                new = self._text(content, prefix, outcome, scans.get((i, -1)), cues.others((i, -1)))
+                new = self._text(content, prefix, outcome, (i, -1))
             else:
-                contexts = [(scans.get((i, j)), cues.others((i, j))) for j in range(len(content))]
-                new = self._parts(content, prefix, outcome, contexts)
+                new = self._parts(content, prefix, outcome, i)
             if new is not None:
                 sent = sent if sent is not None else body.raw_messages()
                 sent[i] = message.with_content(new)
@@ -287,14 +302,9 @@ class Planner:
             fields["messages"] = sent
 
     def _parts(
-        self,
-        parts: list[dict[str, Any]],
-        prefix: Prefix,
-        outcome: Outcome,
-        contexts: Sequence[tuple[TextScan | None, Others]],
+        self, parts: list[dict[str, Any]], prefix: Prefix, outcome: Outcome, message: int
     ) -> list[dict[str, Any]] | None:
-        """Rewrite the ``text`` parts of a content list; None when none changed. ``contexts[j]``: part ``j``'s
-        scan and the cues of the request's other texts."""
+        """Rewrite the ``text`` parts of message ``message``'s content list; None when none changed."""
         changed = False
         out = list(parts)
         for j, part in enumerate(parts):
@@ -302,7 +312,7 @@ class Planner:
             if not isinstance(text, str):
                 prefix.update(_encoder.encode(part))
                 continue
-            new = self._text(text, prefix, outcome, *contexts[j])
+            new = self._text(text, prefix, outcome, (message, j))
             if new is not None:
                 changed = True
                 out[j] = {**part, "text": new}
@@ -319,43 +329,40 @@ class Planner:
                 prefix.update(prompt.encode("utf-8", "surrogatepass"))
             return
         if isinstance(prompt, str):
-            new = self._text(prompt, prefix, outcome)
+            new = self._text(prompt, prefix, outcome, _PROMPT)
             if new is not None:
                 fields["prompt"] = [new] if single else new
         elif prompt and all(isinstance(p, str) for p in prompt):
             # a batch: each prompt is its own engine request, each starts from the same prefix
-            rewritten = [self._text(p, prefix.copy(), outcome) for p in prompt]
+            rewritten = [self._text(p, prefix.copy(), outcome, (_PROMPT, k)) for k, p in enumerate(prompt)]
             if any(new is not None for new in rewritten):
                 fields["prompt"] = [new if new is not None else old for new, old in zip(rewritten, prompt, strict=True)]
 
-    def _text(
-        self, text: str, prefix: Prefix, outcome: Outcome, found: TextScan | None = None, others: Others = NO_OTHERS
-    ) -> str | None:
-        """Rewrite one text; feed what the engine will see into ``prefix``. None when the text is unchanged."""
-        if outcome.frozen:
+    def _text(self, text: str, prefix: Prefix, outcome: Outcome, key: Hashable) -> str | None:
+        """Rewrite one text, the one ``read`` read under ``key``; feed what the engine will see into ``prefix``.
+        None when the text is unchanged."""
+        reading = outcome.reading
+        found = reading.scans.get(key) if reading is not None and not outcome.frozen else None
+        if found is None or outcome.skipped == "budget" or len(text) > MAX_TEXT_CHARS:
+            if found is not None and outcome.skipped != "budget":
+                outcome.skipped = outcome.skipped or "too_large"
             prefix.update(text.encode("utf-8", "surrogatepass"))
             return None
-        if outcome.skipped == "budget" or len(text) > MAX_TEXT_CHARS:
-            outcome.skipped = outcome.skipped or "too_large"
+        assert reading is not None
+        if reading.texts.get(key) != text:  # never splice another text's groups (the walks number texts alike)
             prefix.update(text.encode("utf-8", "surrogatepass"))
             return None
-        if found is None:
-            try:
-                found = self._scans.get(text, outcome.control, True, outcome.scan_deadline)
-            except BudgetExceeded:
-                outcome.scan_passed()
-                prefix.update(text.encode("utf-8", "surrogatepass"))
-                return None
-        memo_key = blake2b(found.key, digest_size=16, key=outcome.model[:64])  # the text and the options
-        memo_key.update(b"|" + others.signature)  # what the other texts refer to decides what may move
-        memo_key.update(b"\0" + outcome.tenant)
-        digest = memo_key.digest()
+        others = reading.others(key)
+        digest = _memo_digest(found, others, outcome.model, outcome.tenant)
         with self._memo_lock:
             entry = self._memo.get(digest)
         fresh: list[int] | None = None
         if entry is None:
             try:
-                entry, fresh = self._plan_text(text, prefix, outcome, others, found)
+                # decided while reading; else its rewrite was remembered then and has been forgotten since, or the
+                # text has no groups: decided now
+                meaning = reading.meanings.get(key) or self._mean(text, found, others, outcome.control, outcome.tenant)
+                entry, fresh = self._plan_text(text, prefix, outcome, meaning)
             except BudgetExceeded:
                 # the text goes out as it came, and so does every later one (the budget is per request); the
                 # memo remembers it as left alone so that a later turn sends the same bytes again
@@ -376,29 +383,33 @@ class Planner:
             keys.append((prefix.digest(), blocks))
         prefix.update(out[position:].encode("utf-8", "surrogatepass"))
         if fresh is None and keys:
-            fresh = outcome.on_loop(_cached_counts, outcome.choose(keys[:1]), keys)
+            fresh = _cached_counts(outcome.choose(keys[:1]), keys)
             # a group that stays in place predicts nothing: the index's order is not the one sent
             fresh = [
                 cached if choice.decision.moves else 0 for cached, choice in zip(fresh, entry.choices, strict=True)
             ]
-        for (key, blocks), (_, _, ends), cached in zip(keys, entry.groups, fresh or (), strict=True):
-            outcome.record(key, blocks, cached, ends, base)
+        for (group_key, blocks), (_, _, ends), cached in zip(keys, entry.groups, fresh or (), strict=True):
+            outcome.record(group_key, blocks, cached, ends, base)
         outcome.reordered |= entry.reordered
         outcome.choices.extend(entry.choices)
         outcome.maps.extend(entry.maps)
         return entry.text
 
-    def _plan_text(
-        self, text: str, prefix: Prefix, outcome: Outcome, others: Others, found: TextScan
-    ) -> tuple[Rewrite, list[int]]:
+    def _mean(self, text: str, found: TextScan, others: Others, control: Control, tenant: bytes) -> Meaning:
+        """A text's groups and what meaning allows for each, without the index (``Reading.meanings``). Blank-line
+        splits of template contexts may cut one document: only boundaries traffic confirmed are kept."""
+        groups, shown = self.boundaries.read(text, found.groups or (), tenant)
+        decisions = decide(text, groups, others, mapping=control.mapping, own=found.cues) if groups else []
+        return Meaning(tuple(groups), tuple(decisions), shown)
+
+    def _plan_text(self, text: str, prefix: Prefix, outcome: Outcome, meaning: Meaning) -> tuple[Rewrite, list[int]]:
         """Plan every group of a text not seen before; also return each group's predicted cached blocks."""
         control = outcome.control
-        # blank-line splits of template contexts may cut one document: keep only boundaries traffic confirmed
-        groups = self.boundaries.regroup(text, list(found.groups or ()), outcome.tenant)
+        self.boundaries.record(meaning.shown)  # what the text shows, learned once, as it is planned
+        groups, decisions = meaning.groups, meaning.decisions
         if not groups:
             return Rewrite(None, (), False), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))
-        decisions = decide(text, groups, others, mapping=control.mapping, own=found.cues)
         edits: list[tuple[BlockGroup, tuple[int, ...], bool]] = []
         metas: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
         choices: list[Choice] = []
@@ -441,21 +452,57 @@ class Planner:
         # blocks cut at boundaries learned from traffic: a later request may not show them as blocks (and then
         # goes out in the client's order), so new blocks keep the order sent rather than converge on nothing
         learned = group.label.endswith(":learned")  # see gateway.planning.intercept.boundaries
-        plan = outcome.on_loop(index.plan, key, ids, learned)
+        plan = index.plan(key, ids, learned)
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
             # each block carries its own label, so its rendering is shared with no request that numbers it
             # otherwise: moving the group gains only what the index predicts, and costs the prefix as sent
-            as_sent = outcome.on_loop(index.held, key, ids)
+            as_sent = index.held(key, ids)
             if plan.cached <= as_sent:
                 return tuple(range(len(ids))), tuple(ids), as_sent
         return plan.order, plan.blocks, plan.cached
 
 
 def _held_both(residency: Residency, sent: Hashes, forwarded: Hashes) -> tuple[int, int]:
-    """Characters of the prompt as sent and as rewritten that the engine holds (on the loop)."""
+    """Characters of the prompt as sent and as rewritten that the engine holds."""
     return residency.held_chars(sent), residency.held_chars(forwarded)
 
 
 def _cached_counts(residency: Residency, keys: Sequence[Prediction]) -> list[int]:
-    """How many leading blocks of each group, in the order the memo sends them, the index holds (on the loop)."""
+    """How many leading blocks of each group, in the order the memo sends them, the index holds."""
     return [residency.index.held(key, blocks) for key, blocks in keys]
+
+
+def _memo_digest(found: TextScan, others: Others, model: bytes, tenant: bytes) -> bytes:
+    """The rewrite memo's key: the text and its options, what the other texts refer to (it decides what may move),
+    the model and the client key's namespace."""
+    digest = blake2b(found.key, digest_size=16, key=model[:64])
+    digest.update(b"|" + others.signature)
+    digest.update(b"\0" + tenant)
+    return digest.digest()
+
+
+_PROMPT = "prompt"  # the key of a completion prompt (a batch's: with its position)
+
+
+def _texts(body: RequestBody, scope: Collection[str], reading: Reading) -> list[tuple[Hashable, str, bool]]:
+    """Every text of the request, whatever its role, by the key ``plan``'s walk asks for it (message and part; a
+    ``Reader`` walk's ordinal; a completion prompt's position), and whether its groups are looked for; recorded in
+    ``reading.texts``."""
+    texts: list[tuple[Hashable, str, bool]] = []
+    if body.messages is not None:
+        texts = [(k, t, _ROLES.get(role.lower()) in scope) for k, role, t in chat_texts(body.messages)]
+    elif body.prompt is not None:
+        prompt = body.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # as ``_completions`` plans it
+        if "completions" in scope:
+            if isinstance(prompt, str):
+                texts = [(_PROMPT, prompt, True)]
+            elif all(isinstance(p, str) for p in prompt):
+                texts = [((_PROMPT, k), p, True) for k, p in enumerate(prompt)]
+    elif (shape := SHAPES.get(body.route)) is not None:
+        reader = Reader(scope)
+        shape.plan(body.top, body.raw, reader)
+        texts = [(i, text, in_scope) for i, (text, in_scope) in enumerate(reader.texts)]
+    reading.texts.update((key, text) for key, text, _ in texts)
+    return texts

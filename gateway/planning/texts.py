@@ -9,8 +9,8 @@ groups: the texts a conversation resends turn after turn cost one hash each.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from hashlib import blake2b
 
 from cachetools import LRUCache
@@ -18,10 +18,11 @@ from cachetools import LRUCache
 from gateway.errors import InvalidRequest
 from gateway.planning.control import Control
 from gateway.planning.intercept import BlockGroup, find_groups
-from gateway.planning.intercept.meaning import TextCues, scan
-from gateway.wire.chat import ChatMessage
+from gateway.planning.intercept.boundaries import Shown
+from gateway.planning.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, TextCues, scan
+from gateway.wire.chat import ChatMessage, RequestBody
 
-__all__ = ["TextScan", "TextScans", "chat_texts", "groups_in"]
+__all__ = ["Meaning", "Reading", "TextScan", "TextScans", "chat_texts", "groups_in"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +87,38 @@ def chat_texts(messages: Sequence[ChatMessage]) -> Iterator[tuple[tuple[int, int
                 text = part.get("text") if part.get("type") == "text" else None
                 if isinstance(text, str):
                     yield (i, j), message.role, text
+
+
+@dataclass(frozen=True, slots=True)
+class Meaning:
+    """What one text's groups may do, decided before any index lookup: its groups once the boundaries learned
+    from traffic are applied (``Boundaries.read``), the decision for each (``meaning.decide``), and what the text
+    shows, for ``Boundaries.record`` once it is planned."""
+
+    groups: tuple[BlockGroup, ...]
+    decisions: tuple[Decision, ...]
+    shown: Shown
+
+
+@dataclass(slots=True)
+class Reading:
+    """A request as the planner's first phase read it (``Planner.read``), without the live index: its options,
+    every text by key with its scan, the request's meaning cues, and the meaning of each text whose rewrite is not
+    remembered. ``complete`` is False when reading stopped at the event loop's inline slice (the rest is read in a
+    worker thread, from where it stopped); ``skipped`` is ``"budget"`` when the request's budget ran out (then
+    every text goes out as it came)."""
+
+    body: RequestBody
+    headers: Mapping[str, str]
+    tenant: str | None
+    control: Control
+    texts: dict[Hashable, str] = field(default_factory=dict)
+    scans: dict[Hashable, TextScan] = field(default_factory=dict)
+    meanings: dict[Hashable, Meaning] = field(default_factory=dict)
+    cues: RequestCues | None = None  # None: a completions batch, each prompt read alone
+    complete: bool = True
+    skipped: str | None = None
+
+    def others(self, key: Hashable) -> Others:
+        """The cues of the request's other texts (none for a completion prompt: each is its own request)."""
+        return self.cues.others(key) if self.cues is not None else NO_OTHERS

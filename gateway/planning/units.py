@@ -144,7 +144,7 @@ class UnitOrders:
             with self._lock:
                 memo = self._memo.get(memo_key)
             if memo is None:
-                plan = outcome.on_loop(outcome.choose(((key, ids),)).index.plan, key, ids)
+                plan = outcome.choose(((key, ids),)).index.plan(key, ids)
                 order, cached = plan.order, plan.cached
                 with self._lock:
                     self._memo[memo_key] = order
@@ -152,7 +152,7 @@ class UnitOrders:
                 order = memo
                 outcome.memo_hits += 1
                 sent_ids = tuple(ids[i] for i in order)
-                cached = outcome.on_loop(outcome.choose(((key, sent_ids),)).index.held, key, sent_ids)
+                cached = outcome.choose(((key, sent_ids),)).index.held(key, sent_ids)
         ends = []
         for index in order:
             prefix.update(units[index])

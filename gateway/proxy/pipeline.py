@@ -14,10 +14,11 @@ answer and reports what it saw) and ``settle`` (the plan's ``usage`` and ``finis
 client disconnect cancels the upstream request. The exchange owns the request's state; the relay runs nothing of the
 plan's lifecycle.
 
-Nothing here blocks the event loop: a completion body of ``PLAN_IN_THREAD_BYTES`` or more is decoded, planned and
-encoded in a worker thread (the planner then reads the live index on the loop). Below it the work is cheaper than
-the hand-off: measured on a busy 2-core machine, decoding, planning and encoding a 64 KB RAG body inline cost
-~0.9 ms CPU, a 128 KB one ~2.6 ms, while the three thread hand-offs add ~0.4 ms (``python -m bench path``).
+Nothing here blocks the event loop: a completion body of ``PLAN_IN_THREAD_BYTES`` or more is decoded, read (the
+planner's first phase, ``Planner.read``) and encoded in a worker thread; planning it against the live index runs on
+the loop. Below it the work is cheaper than the hand-off: measured on a busy 2-core machine, decoding, planning
+and encoding a 64 KB RAG body inline cost ~0.9 ms CPU, a 128 KB one ~2.6 ms, while the three thread hand-offs add
+~0.4 ms (``python -m bench path``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -45,7 +47,6 @@ from gateway.errors import (
 from gateway.ids import NO_BODY_IDS, BodyIds, KeyNamespaces, body_ids, mint_request_id, resolve_request_id
 from gateway.logs import log_access, request_id_var
 from gateway.metrics import Metrics
-from gateway.planning.outcome import PlanInThread
 from gateway.planning.plan import PlannedRequest, RequestPlanner, Upstream
 from gateway.proxy.decisions import DecisionLog
 from gateway.proxy.relay import Relay, Relayed, Send, send_error
@@ -208,23 +209,27 @@ class Exchange:
     async def plan(self) -> None:
         """Plan a completion request for the replica it goes to, apply the plan and encode the body once.
 
-        A big body is planned and encoded in a worker thread; so is one whose texts took the inline slice of CPU
-        (``PlanInThread``), so that the event loop never waits on it.
+        Reading the request (``Planner.read``: its texts' groups and meaning, no index) is the part that may take
+        CPU: a big body is read in a worker thread, and so is the rest of one whose texts took the event loop's
+        inline slice (``Reading.complete``). Planning it against the live index and splicing (``Planner.plan``) run
+        on the loop; a big body is encoded in a worker thread.
         """
         body = self.body
         if body is None:
             return
-        in_thread = len(body.raw) >= PLAN_IN_THREAD_BYTES
+        big = len(body.raw) >= PLAN_IN_THREAD_BYTES
+        planner = self.proxy.planner
+        read = partial(planner.read, body, self.headers, tenant=self.tenant)
         with malformed_json_is_400():
-            try:
-                planned = await _run(in_thread, self._plan, body, in_thread)
-                moved = "size" if in_thread else None
-            except PlanInThread:  # reading its texts took the inline slice of CPU: the rest is not the loop's
-                planned, moved = await _run(True, self._plan, body, True), "slow_texts"
+            reading = await _run(big, partial(read, inline=not big))
+            moved = "size" if big else None
+            if not reading.complete:  # its texts took the loop's inline slice: the rest is read in a worker thread
+                reading, moved = await _run(True, partial(read, resume=reading)), "slow_texts"
+            planned = planner.plan(reading, self.request_id)
         if moved is not None:
             self.proxy.metrics.planned_in_thread.labels(moved).inc()
         self._apply(planned)
-        self.payload = await _run(in_thread, body.encode)
+        self.payload = await _run(big, body.encode)
 
     async def send(self) -> httpx.Response | None:
         """Send the request upstream and take the answer's head; None when it failed (the client has its error).
@@ -335,11 +340,6 @@ class Exchange:
         """A scope the client's disconnect cancels; the status is 499 until the answer is complete."""
         self.status = 499
         return _Watch(self.receive)
-
-    def _plan(self, body: RequestBody, in_thread: bool) -> PlannedRequest:
-        return self.proxy.planner.plan(
-            body, self.request_id, self.headers, in_thread=in_thread, tenant=self.tenant, handoff=not in_thread
-        )
 
     def _apply(self, planned: PlannedRequest) -> None:
         """Take the plan, its result header, fields and upstream; stamp the request id the way its engine reads it."""

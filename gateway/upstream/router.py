@@ -17,8 +17,8 @@ the first block group's prefix key does not depend on any replica's order, so
    same request planned for the next replica in the ranking. A request that was sent is never retried.
 
 One plan per request, whatever the number of replicas: routing adds the ranking (a trie walk per replica) and the
-conversation's digest. Big bodies are planned in a worker thread (``in_thread``); the ranking, and the router's
-reads and writes of replica state, then run on the event loop, like the planner's index reads.
+conversation's digest. Only ``read`` (the planner's first phase, which reads no index and no replica state) may run
+in a worker thread; ``plan``, the ranking and every read and write of replica state run on the event loop.
 
 Load is tracked per replica while a request is in flight: one request, and its predicted uncached prompt tokens
 (the prefill it queues) until the engine answers.
@@ -29,9 +29,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from hashlib import blake2b
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
-import anyio.from_thread
 import msgspec
 from cachetools import LRUCache
 from prometheus_client import Counter
@@ -49,19 +48,15 @@ from scheduler.prefixes import Hashes
 
 if TYPE_CHECKING:
     from gateway.planning.planner import Planner
+    from gateway.planning.texts import Reading
 
 __all__ = ["ReplicaChoice", "Route", "Router"]
 
 logger = logging.getLogger("prefixgate.router")
 
-T = TypeVar("T")
 _RANK_BUDGET = 8  # trie nodes a ranking walk may visit per replica (the winner's plan searches the index's budget)
 _SESSION_HEADERS = ("x-prefixgate-session", "x-session-id", "x-contextpilot-session")
 _encoder = msgspec.json.Encoder()
-
-
-def _call(fn: Callable[..., T], *args: Any) -> T:
-    return fn(*args)
 
 
 class Route:
@@ -136,41 +131,43 @@ class Router:
         return planner.slot_count if planner is not None else None
 
     # -- the planner interface ---------------------------------------------------------------------------
-    def plan(
+    def read(
         self,
         body: RequestBody,
-        request_id: str,
         headers: Mapping[str, str],
         *,
-        in_thread: bool = False,
         tenant: str | None = None,
-        handoff: bool = False,
-    ) -> PlannedRequest:
-        """Plan ``body`` for the best replica (``Planner.plan``'s contract; ``in_thread`` and ``handoff`` likewise)."""
-        on_loop: Callable[..., Any] = anyio.from_thread.run_sync if in_thread else _call
-        healthy: list[Replica] = on_loop(self.replicas.healthy)
+        inline: bool = False,
+        resume: Reading | None = None,
+    ) -> Reading:
+        """``Planner.read`` (any thread), by the planner whose memo will plan the request: the replica's own with
+        one replica, the shared one with several."""
+        planner = _planner(self.replicas.replicas[0]) if len(self.replicas) == 1 else self._shared
+        return planner.read(body, headers, tenant=tenant, inline=inline, resume=resume)
+
+    def plan(self, reading: Reading, request_id: str) -> PlannedRequest:
+        """Plan what ``read`` found for the best replica (``Planner.plan``'s contract, on the event loop)."""
+        body, headers, tenant = reading.body, reading.headers, reading.tenant
+        healthy = self.replicas.healthy()
         if not healthy:
             raise Unavailable("no healthy engine replica", code="no_healthy_replica")
         prompt_tokens = estimate_tokens(len(body.raw))
         if len(healthy) == 1:
-            planner = _planner(healthy[0])
-            planned = planner.plan(body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff)
-            route: Route = on_loop(self._assign, planned, healthy[0], prompt_tokens, 0, "only")
+            planned = _planner(healthy[0]).plan(reading, request_id)
+            route = self._assign(planned, healthy[0], prompt_tokens, 0, "only")
             route.tenant = tenant
             return planned
         conversation = _conversation(body, headers)
         if conversation is not None and tenant:  # one key's conversations never steer another key's routing
             conversation = tenant.encode() + b"\0" + conversation
-        affine = on_loop(self._affine, healthy, conversation)
-        sent = self._shared.sent_chain(body, headers, tenant)  # routing by the prompt as sent, rewritten or not
+        affine = self._affine(healthy, conversation)
+        sent = self._shared.sent_chain(body, headers, tenant, reading.control)  # routing by the prompt as sent
         choice = ReplicaChoice(self, healthy, prompt_tokens, affine, sent)
-        planned = self._shared.plan(
-            body, request_id, headers, in_thread=in_thread, tenant=tenant, handoff=handoff, sent=sent, view=choice
-        )
+        planned = self._shared.plan(reading, request_id, sent=sent, view=choice)
         assert choice.ranking is not None and choice.best is not None, "planning chose the replica"
         winner = choice.ranking[0]
         reason = self._reason(choice.best, affine, [r.in_flight for r in healthy])
-        route = on_loop(self._assign, planned, winner, prompt_tokens, choice.best.cached_tokens, reason)
+        route = self._assign(planned, winner, prompt_tokens, choice.best.cached_tokens, reason)
         route.conversation, route.ranking, route.tenant = conversation, tuple(choice.ranking), tenant
         return planned
 
@@ -202,7 +199,8 @@ class Router:
             return None
         self.reroutes.inc()
         logger.warning("replica %s unreachable; request sent to %s", failed.replica.name, remaining[0].name)
-        planned = self._shared.plan(body, request_id, headers, tenant=failed.tenant, view=remaining[0].residency)
+        reading = self._shared.read(body, headers, tenant=failed.tenant)  # on the loop: its texts are in the memos
+        planned = self._shared.plan(reading, request_id, view=remaining[0].residency)
         route = self._assign(planned, remaining[0], estimate_tokens(len(body.raw)), 0, "reroute")
         route.conversation, route.ranking, route.tenant = failed.conversation, failed.ranking, failed.tenant
         route.tried = (*failed.tried, remaining[0])

@@ -172,7 +172,7 @@ def test_a_prompt_whose_order_the_engine_holds_goes_out_as_sent() -> None:
 
     def rewritten_when_cold(order: tuple[int, ...]) -> bool:
         planner = Planner(load_settings(environ={}), Residency(max_requests=10, stateless=False), Metrics())
-        planned = planner.plan(decode_request(json.dumps(body(order)).encode(), CHAT_ROUTE), "probe", {})
+        planned = planner.plan(planner.read(decode_request(json.dumps(body(order)).encode(), CHAT_ROUTE), {}), "probe")
         return bool(planned.fields)
 
     order = next(o for o in [(4, 1, 3), (3, 4, 1)] if rewritten_when_cold(o))  # a cold gateway rewrites one of them
@@ -220,7 +220,7 @@ def test_a_new_questions_top_document_stays_first_so_the_next_question_with_it_h
     def rewritten_when_cold(order: tuple[int, ...]) -> bool:
         planner = Planner(load_settings(environ={}), Residency(max_requests=10, stateless=False), Metrics())
         body = {"model": "tiny", "messages": [{"role": "system", "content": docs(order)}]}
-        planned = planner.plan(decode_request(json.dumps(body).encode(), CHAT_ROUTE), "probe", {})
+        planned = planner.plan(planner.read(decode_request(json.dumps(body).encode(), CHAT_ROUTE), {}), "probe")
         return bool(planned.fields)
 
     first = next(o for o in [(4, 1, 3), (1, 3, 4), (3, 4, 1)] if rewritten_when_cold(o))  # a cold gateway moved

@@ -84,7 +84,7 @@ async def test_a_request_slow_to_read_is_planned_again_in_a_worker_thread(
     """Past the event loop's inline slice for reading its texts, a request under the size threshold is planned again
     in a worker thread, with the whole budget: it goes out exactly as planning it inline sends it. (The slice is
     set to nothing so that every request takes that path, and to forever for the inline baseline.)"""
-    monkeypatch.setattr("gateway.planning.outcome.INLINE_SCAN_SECONDS", slice_s)
+    monkeypatch.setattr("gateway.planning.planner.INLINE_SCAN_SECONDS", slice_s)
     route = upstream.post("/v1/chat/completions").mock(side_effect=ok_json)
     async with gateway() as client:
         answers = [

@@ -116,7 +116,7 @@ responses_bodies = st.fixed_dictionaries(
 def _plan(route: str, body: dict[str, Any]) -> bytes | None:
     try:
         request = decode_request(json.dumps(body).encode(), route)
-        request.update(PLANNER.plan(request, "r1", {}).fields)
+        request.update(PLANNER.plan(PLANNER.read(request, {}), "r1").fields)
     except InvalidRequest:
         return None
     return request.encode()

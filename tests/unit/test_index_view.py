@@ -27,7 +27,7 @@ class _Choosing:
 def test_one_choice_per_plan_and_the_plan_is_the_chosen_replicas() -> None:
     planner = Planner(load_settings(environ={}), Residency(max_requests=100, stateless=False), Metrics())
     view = _Choosing()
-    planned = planner.plan(decode_request(BODY, "/v1/chat/completions"), "req-1", {}, view=view)
+    planned = planner.plan(planner.read(decode_request(BODY, "/v1/chat/completions"), {}), "req-1", view=view)
     assert len(view.calls) == 1
     ((_key, blocks),) = view.calls[0]  # the request's first block group
     assert len(blocks) == 4
@@ -40,6 +40,6 @@ def test_a_request_without_groups_is_still_chosen_once() -> None:
     planner = Planner(load_settings(environ={}), Residency(max_requests=100, stateless=False), Metrics())
     view = _Choosing()
     body = decode_request(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}', "/v1/chat/completions")
-    planned = planner.plan(body, "req-2", {}, view=view)
+    planned = planner.plan(planner.read(body, {}), "req-2", view=view)
     assert view.calls == [()]
     assert planned.residency is view.replicas[1]

@@ -67,7 +67,7 @@ def _planner() -> Planner:
 
 
 def _send(planner: Planner, body: dict[str, Any], request_id: str) -> Any:
-    planned = planner.plan(decode_request(msgspec.json.encode(body), CHAT_ROUTE), request_id, {})
+    planned = planner.plan(planner.read(decode_request(msgspec.json.encode(body), CHAT_ROUTE), {}), request_id)
     planned.accept()
     planned.finish()
     return planned
@@ -87,10 +87,10 @@ def test_a_block_free_prompt_sent_twice_goes_back_to_its_slot() -> None:
 def test_a_chats_second_turn_is_pinned_to_the_slot_that_ran_the_first() -> None:
     planner = _planner()
     turn1 = [{"role": "system", "content": "You are terse. " * 40}, {"role": "user", "content": "hello " * 60}]
-    first = planner.plan(decode_request(msgspec.json.encode({"messages": turn1}), CHAT_ROUTE), "t1", {})
+    first = planner.plan(planner.read(decode_request(msgspec.json.encode({"messages": turn1}), CHAT_ROUTE), {}), "t1")
     planner.residency.slots.occupy(first.slot, "t1", first.chain)  # type: ignore[union-attr]  # as pinned
     first.finish()
     turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more " * 2000}]
-    second = planner.plan(decode_request(msgspec.json.encode({"messages": turn2}), CHAT_ROUTE), "t2", {})
+    second = planner.plan(planner.read(decode_request(msgspec.json.encode({"messages": turn2}), CHAT_ROUTE), {}), "t2")
     assert second.fields["id_slot"] == first.slot, "a known slot holding the first turn: pinned"
     assert planner.residency.held_chars(second.chain) >= len("You are terse. " * 40) - CHUNK_BYTES

@@ -44,7 +44,8 @@ def plan_warm(route: str, body: bytes, headers: dict[str, str] | None = None) ->
     blocks, so groups whose labels stay with their blocks move too (cold, they stay where they are)."""
     settings = load_settings(environ={})
     residency = Residency(max_requests=100, stateless=False)
-    cold = Planner(settings, residency, Metrics()).plan(decode_request(body, route), "req-cold", headers or {})
+    fresh = Planner(settings, residency, Metrics())
+    cold = fresh.plan(fresh.read(decode_request(body, route), headers or {}), "req-cold")
     for i, (key, blocks) in enumerate(cold.commits):
         residency.index.commit(key, f"req-warm-{i}", tuple(reversed(blocks)))
     return run(Planner(settings, residency, Metrics()), route, body, headers)
@@ -54,7 +55,7 @@ def run(
     planner: Planner, route: str, body: bytes, headers: dict[str, str] | None = None
 ) -> tuple[bytes, dict[str, Any]]:
     request = decode_request(body, route)
-    planned = planner.plan(request, "req-test", headers or {})
+    planned = planner.plan(planner.read(request, headers or {}), "req-test")
     request.update(planned.fields)
     return request.encode(), planned.result
 

@@ -53,11 +53,11 @@ def test_a_prompt_left_as_it_is_has_the_same_chain_sent_and_forwarded(name: str)
     route, body = BODIES[name]
     request = decode_request(msgspec.json.encode(body), route)
     planner = _planner()
-    planned = planner.plan(request, "r1", {})
+    planned = planner.plan(planner.read(request, {}), "r1")
     assert planned.fields == {}
     assert len(planned.chain) >= len(TEXT) // CHUNK_BYTES - 1
     assert planned.chain == planner.sent_chain(request, {}, None)
-    off = planner.plan(request, "r2", {"x-prefixgate-reorder": "off"})
+    off = planner.plan(planner.read(request, {"x-prefixgate-reorder": "off"}), "r2")
     assert off.chain == planned.chain
 
 
@@ -76,7 +76,7 @@ def test_a_rewritten_prompt_shares_its_chain_up_to_the_first_moved_block() -> No
         }
         request = decode_request(msgspec.json.encode(body), "/v1/chat/completions")
         planner = _planner()
-        planned = planner.plan(request, "r1", {})
+        planned = planner.plan(planner.read(request, {}), "r1")
         if planned.fields:
             break
     sent = planner.sent_chain(request, {}, None)

@@ -56,7 +56,7 @@ def _router() -> Router:
 
 
 def _plan(router: Router, content: bytes, request_id: str) -> PlannedRequest:
-    planned = router.plan(decode_request(content, CHAT_ROUTE), request_id, {})
+    planned = router.plan(router.read(decode_request(content, CHAT_ROUTE), {}), request_id)
     assert isinstance(planned.routing, Route)
     return planned
 
@@ -120,7 +120,7 @@ def test_an_unsent_request_is_planned_again_for_the_next_replica() -> None:
     router = _router()
     content = chat(xml_docs(["alpha", "beta"]), "q1")
     body = decode_request(content, CHAT_ROUTE)
-    failed = router.plan(body, "req-1", {})
+    failed = router.plan(router.read(body, {}), "req-1")
     assert isinstance(failed.routing, Route)
     moved: Any = failed.reroute(body, {})
     assert isinstance(moved.routing, Route)
@@ -139,7 +139,7 @@ def test_a_request_left_as_sent_is_routed_to_the_replica_that_holds_it() -> None
     """Issue 19 item 5: with reordering off, the prompt as sent still picks the replica whose cache holds it."""
     router = _router()
     body = chat(xml_docs(["delta", "alpha", "gamma"]), "q1")
-    first = router.plan(decode_request(body, CHAT_ROUTE), "req-1", OFF)
+    first = router.plan(router.read(decode_request(body, CHAT_ROUTE), OFF), "req-1")
     assert isinstance(first.routing, Route) and first.fields == {}
     first.accept()
     first.finish()
@@ -148,7 +148,9 @@ def test_a_request_left_as_sent_is_routed_to_the_replica_that_holds_it() -> None
         other.accept()
         other.finish()
     # another question: another conversation (no affinity), the same documents first
-    again = router.plan(decode_request(chat(xml_docs(["delta", "alpha", "gamma"]), "q2"), CHAT_ROUTE), "req-2", OFF)
+    again = router.plan(
+        router.read(decode_request(chat(xml_docs(["delta", "alpha", "gamma"]), "q2"), CHAT_ROUTE), OFF), "req-2"
+    )
     assert isinstance(again.routing, Route)
     assert _replica(again) is _replica(first) and again.result["replica"] == _replica(first).name
     assert again.fields == {}
@@ -161,7 +163,7 @@ def test_a_prompt_whose_order_the_cache_holds_goes_out_as_sent() -> None:
     body = chat(xml_docs(["delta", "alpha", "gamma"]), "q1")
     probe = _plan(_router(), body, "probe")
     assert probe.fields, "a fresh gateway reorders this prompt (else the test proves nothing)"
-    held = router.plan(decode_request(body, CHAT_ROUTE), "req-1", OFF)
+    held = router.plan(router.read(decode_request(body, CHAT_ROUTE), OFF), "req-1")
     held.accept()
     held.finish()
     again = _plan(router, body, "req-2")

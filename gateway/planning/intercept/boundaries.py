@@ -41,6 +41,7 @@ Unique paragraphs, overlapping chunks and shared headings are safe.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from hashlib import blake2b
 
 from cachetools import LRUCache
@@ -48,7 +49,10 @@ from cachetools import LRUCache
 from gateway.planning.intercept.groups import Block, BlockGroup
 from gateway.planning.intercept.templates import TEMPLATES
 
-__all__ = ["Boundaries"]
+__all__ = ["Boundaries", "Shown"]
+
+Shown = tuple[list[bytes], ...]
+"""What one request shows of its template contexts: the paragraph keys of each (``Boundaries.read``)."""
 
 _MAX_COUNT = 1 << 30
 _FIXED_AFTER = 1  # requests that must show a paragraph at the same edge before it counts as the template's
@@ -75,31 +79,47 @@ class Boundaries:
             self._pairs.clear()
 
     def regroup(self, text: str, groups: list[BlockGroup], tenant: bytes = b"") -> list[BlockGroup]:
-        """Replace each ``:paragraphs`` group by its learned grouping (or drop it); keep every other group.
+        """Replace each ``:paragraphs`` group by its learned grouping (or drop it); keep every other group; then
+        record what the text shows (``read`` and ``record`` in one).
 
         ``tenant``: the client key's namespace when planning state is per key: what one key's traffic
         confirmed never splits another key's documents (that would tell it which chunks others sent)."""
+        found, shown = self.read(text, groups, tenant)
+        self.record(shown)
+        return found
+
+    def read(self, text: str, groups: Sequence[BlockGroup], tenant: bytes = b"") -> tuple[list[BlockGroup], Shown]:
+        """``regroup``'s groups, decided from earlier traffic only, and what the text shows, for ``record`` once the
+        request is planned (reads the counts, changes nothing)."""
         out: list[BlockGroup] = []
+        shown: list[list[bytes]] = []
         for group in groups:
             if not group.label.endswith(_SUFFIX):
                 out.append(group)
-            elif (learned := self.learn(text, group, tenant)) is not None:
+                continue
+            learned, keys = self._learn(text, group, tenant)
+            shown.append(keys)
+            if learned is not None:
                 out.append(learned)
-        return out
+        return out, tuple(shown)
 
-    def learn(self, text: str, group: BlockGroup, tenant: bytes = b"") -> BlockGroup | None:
-        """Decide ``group``'s documents from earlier traffic, then record what this request shows.
+    def record(self, shown: Shown) -> None:
+        """Count what a planned request showed (``read``'s second value): each paragraph and each adjacent pair,
+        once per request."""
+        with self._lock:
+            for keys in shown:
+                self._count(keys)
 
-        Returns the group with one block per run of paragraphs between confirmed boundaries (label
-        ``<template>:learned``), or None when no boundary is confirmed yet.
-        """
+    def _learn(self, text: str, group: BlockGroup, tenant: bytes) -> tuple[BlockGroup | None, list[bytes]]:
+        """The group with one block per run of paragraphs between confirmed boundaries (label
+        ``<template>:learned``), or None when no boundary is confirmed yet; and the paragraphs' keys."""
         slot = _slot(text, group, tenant)
         keys = [
             blake2b(block.key(text).encode("utf-8", "surrogatepass"), digest_size=16, key=slot).digest()
             for block in group.blocks
         ]
         with self._lock:
-            cuts, first_fixed, last_fixed = self._record(keys)
+            cuts, first_fixed, last_fixed = self._decide(keys)
         for index in group.joined:  # a continuation is never cut from the paragraph before it
             cuts[index - 1] = False
         # the template's own text stays out of the group, with the run of paragraphs it is not cut from
@@ -107,7 +127,7 @@ class Boundaries:
         head = inner[0] + 1 if first_fixed and inner else 0
         stop = inner[-1] + 1 if last_fixed and inner else len(group.blocks)  # the paragraphs kept: [head, stop)
         if stop - head < 2 or not any(cuts[head : stop - 1]):
-            return None
+            return None, keys
         blocks: list[Block] = []
         first = group.blocks[head]
         for i in range(head, stop - 1):
@@ -118,29 +138,37 @@ class Boundaries:
         last = group.blocks[stop - 1].end
         blocks.append(Block(first.start, last, first.start, last))
         label = group.label[: -len(_SUFFIX)] + ":learned"
-        return BlockGroup(group.format, label, tuple(blocks), None, last)
+        return BlockGroup(group.format, label, tuple(blocks), None, last), keys
 
-    def _record(self, keys: list[bytes]) -> tuple[list[bool], bool, bool]:
-        """Decide each inner blank line from what earlier requests showed, then record this request.
+    def _decide(self, keys: list[bytes]) -> tuple[list[bool], bool, bool]:
+        """Decide each inner blank line from what earlier requests showed.
 
         Also returns whether the first and the last paragraph may be the template's own text: seen first
         (last) in every request that showed it, it may be written by the application around its documents
         ("Always answer in English."); it then stays where it is, with the paragraphs it is not cut from."""
         seen, pairs = self._seen, self._pairs
-        pair_keys = [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
+        pair_keys = _pairs_of(keys)
         cuts = [
             _parted(seen.get(keys[i], 0), seen.get(keys[i + 1], 0), pairs.get(pair_keys[i + 1], 0))
             for i in range(len(keys) - 1)
         ]
         first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0))
         last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0))
+        return cuts, first_fixed, last_fixed
+
+    def _count(self, keys: list[bytes]) -> None:
         # counted per request, not per occurrence: a paragraph repeated inside one document is not evidence
         # that it was seen apart from its neighbour
+        seen, pairs = self._seen, self._pairs
         for key in dict.fromkeys(keys):
             seen[key] = min(seen.get(key, 0) + 1, _MAX_COUNT)
-        for key in dict.fromkeys(pair_keys):
+        for key in dict.fromkeys(_pairs_of(keys)):
             pairs[key] = min(pairs.get(key, 0) + 1, _MAX_COUNT)
-        return cuts, first_fixed, last_fixed
+
+
+def _pairs_of(keys: list[bytes]) -> list[bytes]:
+    """Each adjacent pair of paragraphs, the context's edges included."""
+    return [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
 
 
 def _fixed(seen: int, with_neighbour: int) -> bool:
