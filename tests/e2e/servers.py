@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -16,7 +16,7 @@ from typing import IO, Any
 import httpx
 import uvicorn
 
-__all__ = ["free_port", "gateway_process", "serve_in_thread", "wait_healthy"]
+__all__ = ["free_port", "gateway_process", "serve_in_thread", "wait_for", "wait_healthy"]
 
 
 async def receive_body(receive: Any) -> bytes:
@@ -102,6 +102,14 @@ def wait_healthy(url: str, timeout: float = 20.0) -> None:
             pass
         time.sleep(0.02)
     raise TimeoutError(f"{url} did not become healthy")
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``check`` until it holds; fail the test when it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @contextmanager

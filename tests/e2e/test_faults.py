@@ -27,7 +27,7 @@ from engines.hooks import EvictionReporter
 from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.e2e.servers import free_port, serve_in_thread
+from tests.e2e.servers import free_port, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -145,13 +145,6 @@ def wait_in_flight_zero(base: str, timeout: float = 10.0) -> None:
     while metric(base, "prefixgate_in_flight_requests") != 0:
         assert time.monotonic() < deadline, "gateway requests still in flight"
         time.sleep(0.05)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def sse_events(raw: bytes) -> list[bytes]:

@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from engines.sim import SimConfig, create_sim_app
-from tests.e2e.servers import free_port, serve_in_thread, wait_healthy
+from tests.e2e.servers import free_port, serve_in_thread, wait_for, wait_healthy
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -230,12 +229,8 @@ def test_client_disconnect_cancels_upstream(stack: tuple[str, str], path: str, b
         )
         first = sock.recv(4096)
         assert b"200 OK" in first and b"text/event-stream" in first
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{engine}/sim/stats").json()
-        if stats["cancelled"] > before:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: httpx.get(f"{engine}/sim/stats").json()["cancelled"] > before, 5, "the upstream cancellation")
+    stats = httpx.get(f"{engine}/sim/stats").json()
     assert stats["cancelled"] == before + 1 and stats["in_flight"] == 0
 
 
