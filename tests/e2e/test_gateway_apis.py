@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +14,7 @@ import openai
 import pytest
 
 from engines.sim import SimConfig, create_sim_app
-from tests.e2e.servers import free_port, serve_in_thread, wait_for, wait_healthy
+from tests.e2e.servers import gateway_process, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -27,17 +25,11 @@ TEXTS = {name: f"{name.capitalize()} report. " + " ".join(f"{name[:3]}{i}" for i
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[tuple[str, str]]:
-    with serve_in_thread(create_sim_app(SimConfig(decode_us_per_token=500.0))) as engine:
-        port = free_port()
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", engine, "--port", str(port),
-                   "--api-key", KEY, "--log-level", "warning"]  # fmt: skip
-        process = subprocess.Popen(command)
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}/health")
-            yield f"http://127.0.0.1:{port}", engine
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with (
+        serve_in_thread(create_sim_app(SimConfig(decode_us_per_token=500.0))) as engine,
+        gateway_process("--upstream", engine, "--api-key", KEY, "--log-level", "warning") as gateway,
+    ):
+        yield gateway, engine
 
 
 @pytest.fixture
