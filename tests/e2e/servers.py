@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -16,7 +17,18 @@ from typing import IO, Any
 import httpx
 import uvicorn
 
-__all__ = ["free_port", "gateway_process", "serve_in_thread", "wait_for", "wait_healthy"]
+__all__ = ["CHAT_ANSWER", "free_port", "gateway_process", "serve_in_thread", "wait_for", "wait_healthy"]
+
+
+# One whole chat completion: what the ASGI and socket test upstreams answer a chat request with.
+CHAT_ANSWER = json.dumps(
+    {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+).encode()
 
 
 async def receive_body(receive: Any) -> bytes:

@@ -12,15 +12,10 @@ import httpx
 import pytest
 
 from tests.e2e.servers import gateway_process, receive_body, serve_in_thread
+from tests.e2e.test_meaning_serve import DOCS  # the same four landmarks
 
 pytestmark = pytest.mark.timeout(90)
 
-DOCS = [
-    "Sagrada Familia in Barcelona, designed by Antoni Gaudi, has been under construction since 1882.",
-    "Big Ben is the nickname of the Great Bell of the clock at the north end of Westminster Palace.",
-    "The Colosseum in Rome is an oval amphitheatre that could hold between 50,000 and 80,000 people.",
-    "The Eiffel Tower in Paris was completed in 1889 for the World's Fair and is 330 metres tall.",
-]
 CITED: list[str] = []  # the numbers the engine cited, in the numbering it was shown
 SYSTEM = "Cite them as [n].\n\nSources:\n" + "\n".join(f"[{i}] {doc}" for i, doc in enumerate(DOCS, 1))
 

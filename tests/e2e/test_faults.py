@@ -27,7 +27,7 @@ from engines.hooks import EvictionReporter
 from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.e2e.servers import free_port, serve_in_thread, wait_for
+from tests.e2e.servers import CHAT_ANSWER, free_port, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,14 +45,6 @@ RAG_CHAT = {
     "max_tokens": 4,
 }
 SSE_EVENT = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
-JSON_ANSWER = json.dumps(
-    {
-        "id": "c",
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }
-).encode()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -363,8 +355,8 @@ def test_a_request_the_engine_read_whole_on_a_kept_alive_connection_and_closed_o
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         arrivals.append(1)
-        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(JSON_ANSWER)
-        writer.write(head + JSON_ANSWER)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(CHAT_ANSWER)
+        writer.write(head + CHAT_ANSWER)
         await writer.drain()
         await read_request(reader)
         arrivals.append(2)  # read whole, then closed unanswered
@@ -453,7 +445,7 @@ def test_eviction_callbacks_before_during_after_duplicated_and_out_of_order() ->
             else:
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                    % (len(JSON_ANSWER), JSON_ANSWER)
+                    % (len(CHAT_ANSWER), CHAT_ANSWER)
                 )
             await writer.drain()
 

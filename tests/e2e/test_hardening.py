@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from tests.e2e.llama import LlamaServer
-from tests.e2e.servers import gateway_process, receive_body, serve_in_thread
+from tests.e2e.servers import CHAT_ANSWER, gateway_process, receive_body, serve_in_thread
 from tests.e2e.test_faults import read_request, scripted_upstream
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,12 +43,6 @@ RAG = [
     {"role": "system", "content": f"Answer from the documents.\n<documents>\n{DOCS}\n</documents>"},
     {"role": "user", "content": "Which document?"},
 ]
-ANSWER = {
-    "id": "c",
-    "object": "chat.completion",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 MESSAGE = {
     "id": "msg_1",
     "type": "message",
@@ -128,7 +122,7 @@ class Engine:
         elif path == "/v1/messages":
             await _answer(send, 200, json.dumps(MESSAGE).encode())
         else:
-            await _answer(send, 200, json.dumps(ANSWER).encode())
+            await _answer(send, 200, CHAT_ANSWER)
 
 
 async def _answer(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:

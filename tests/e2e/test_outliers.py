@@ -22,18 +22,9 @@ import pytest
 import redis
 
 from tests.e2e.redis import redis_url  # noqa: F401
-from tests.e2e.servers import gateway_process, serve_in_thread, wait_for
+from tests.e2e.servers import CHAT_ANSWER, gateway_process, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-ANSWER = json.dumps(
-    {
-        "id": "c",
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }
-).encode()
 
 
 @dataclass
@@ -62,9 +53,9 @@ class Engine:
             while (await receive())["type"] != "http.disconnect":
                 pass
             return
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(CHAT_ANSWER)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": ANSWER})
+        await send({"type": "http.response.body", "body": CHAT_ANSWER})
 
 
 @contextmanager
