@@ -149,6 +149,16 @@ def error_of(event: bytes) -> dict[str, Any]:
     return error
 
 
+def cut_stream_error(base: str, **headers: str) -> dict[str, Any]:
+    """Stream ``RAG_CHAT``: a 200 whose first event is the engine's and whose last is the gateway's error event; the
+    error."""
+    status, raw = post_stream(base, RAG_CHAT, **headers)
+    assert status == 200
+    events = sse_events(raw)
+    assert events[0] + b"\n\n" == SSE_EVENT
+    return error_of(events[-1])
+
+
 def post_stream(base: str, body: dict[str, Any], **headers: str) -> tuple[int, bytes]:
     with httpx.stream(
         "POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=30
@@ -317,11 +327,7 @@ def test_upstream_sending_invalid_sse_bytes_and_invalid_chunking() -> None:
         assert status == 200
         assert raw == SSE_EVENT + garbage + b"data: [DONE]\n\n"
         # broken HTTP framing is a transport failure: one error event ends the stream
-        status, raw = post_stream(base, RAG_CHAT, **{"x-case": "chunking"})
-        assert status == 200
-        events = sse_events(raw)
-        assert events[0] + b"\n\n" == SSE_EVENT
-        assert error_of(events[-1])["code"] == "upstream_connection_lost"
+        assert cut_stream_error(base, **{"x-case": "chunking"})["code"] == "upstream_connection_lost"
 
 
 def test_connection_resets() -> None:
@@ -337,13 +343,9 @@ def test_connection_resets() -> None:
         response = post_json(base, RAG_CHAT)
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "upstream_connection_lost"
-        status, raw = post_stream(base, RAG_CHAT)
+        status, _ = post_stream(base, RAG_CHAT)
         assert status == 502
-        status, raw = post_stream(base, RAG_CHAT, **{"x-case": "after-headers"})
-        assert status == 200
-        events = sse_events(raw)
-        assert events[0] + b"\n\n" == SSE_EVENT
-        assert error_of(events[-1])["code"] == "upstream_connection_lost"
+        assert cut_stream_error(base, **{"x-case": "after-headers"})["code"] == "upstream_connection_lost"
 
 
 def test_a_request_the_engine_read_whole_on_a_kept_alive_connection_and_closed_on_is_not_sent_again() -> None:
