@@ -45,6 +45,7 @@ __all__ = [
 _GENERATOR_VERSION = 1
 
 BOS_TOKEN = EOS_TOKEN = "<|endoftext|>"
+# Also the vLLM test model's (tests/builds/vllm.py): a change here bumps its _GENERATOR_VERSION too.
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -39,6 +39,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tests.builds.tinymodel import CHAT_TEMPLATE, CONTROL_TOKENS  # the same ChatML as the GGUF
+
 __all__ = [
     "BROKEN_EXTRAS",
     "CHAT_TEMPLATE",
@@ -68,14 +70,6 @@ _REPO = Path(__file__).resolve().parents[2]
 _HOOK_SOURCES = _REPO / "engines" / "hooks"
 # Bump when the written model or tokenizer changes for the same spec, so cached ones are rewritten.
 _GENERATOR_VERSION = 1
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 @dataclass(frozen=True)
@@ -260,7 +254,7 @@ def write_model(target: Path, spec: ModelSpec = MODEL) -> Path:
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab,
         min_frequency=2,
-        special_tokens=list(_SPECIAL_TOKENS),
+        special_tokens=list(CONTROL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

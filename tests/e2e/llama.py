@@ -20,17 +20,15 @@ import contextlib
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.builds.llamacpp import ENV_VAR, find_llama_server
 from tests.builds.tinymodel import write_tiny_model
-from tests.e2e.servers import free_port, stop_process
+from tests.e2e.servers import EngineServer, free_port, stop_process, wait_engines_healthy
 
 __all__ = [
     "LlamaServer",
@@ -54,7 +52,7 @@ class LlamaServerError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LlamaServer:
+class LlamaServer(EngineServer):
     """A running server: `url` is the origin (`http://127.0.0.1:PORT`), the OpenAI API is under `/v1`."""
 
     url: str
@@ -65,12 +63,8 @@ class LlamaServer:
     log_path: Path
     process: subprocess.Popen[bytes]
 
-    @property
-    def openai_base_url(self) -> str:
-        return f"{self.url}/v1"
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+    def tail(self, lines: int = 40) -> str:
+        return f"command: {' '.join(self.args)}\n" + super().tail(lines)
 
 
 StartLlamaServer = Callable[..., LlamaServer]
@@ -131,29 +125,11 @@ def run_llama_server(
 
 
 def _wait_healthy(server: LlamaServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0) as client:
-        while True:
-            code = server.process.poll()
-            if code is not None:
-                raise LlamaServerError(f"llama-server exited with status {code} during startup\n{_tail(server)}")
-            try:
-                if client.get(f"{server.url}/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise LlamaServerError(f"llama-server was not healthy after {timeout:.0f}s\n{_tail(server)}")
-            time.sleep(0.05)
+    wait_engines_healthy([server], timeout, name="llama-server", error=LlamaServerError, interval=0.05)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
     stop_process(process, STOP_TIMEOUT_S)
-
-
-def _tail(server: LlamaServer, lines: int = 40) -> str:
-    text = server.log().splitlines()[-lines:]
-    return f"command: {' '.join(server.args)}\nlog {server.log_path} (last {len(text)} lines):\n" + "\n".join(text)
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any
 
 import httpx
 import uvicorn
 
-__all__ = ["free_port", "gateway_process", "serve_in_thread", "wait_healthy"]
+__all__ = ["CHAT_ANSWER", "free_port", "gateway_process", "serve_in_thread", "wait_for", "wait_healthy"]
+
+
+# One whole chat completion: what the ASGI and socket test upstreams answer a chat request with.
+CHAT_ANSWER = json.dumps(
+    {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+).encode()
 
 
 async def receive_body(receive: Any) -> bytes:
@@ -39,6 +52,51 @@ def stop_process(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     process.wait()
 
 
+class EngineServer:
+    """What a running engine server for the tests (llama-server, vLLM) offers besides its own dataclass fields:
+    ``url`` is the origin (``http://127.0.0.1:PORT``), the OpenAI API is under ``/v1``."""
+
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def tail(self, lines: int = 40) -> str:
+        """The last ``lines`` of the log, for the message of a server that failed to start."""
+        text = self.log().splitlines()[-lines:]
+        return f"log {self.log_path} (last {len(text)} lines):\n" + "\n".join(text)
+
+
+def wait_engines_healthy(
+    servers: Sequence[EngineServer], timeout: float, *, name: str, error: type[Exception], interval: float
+) -> None:
+    """Poll each server's ``/health`` until all answer 200; raise ``error`` with the log tail of one that exits
+    or of the first still waiting after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    waiting = list(servers)
+    with httpx.Client(timeout=2.0) as client:
+        while waiting:
+            for server in list(waiting):
+                code = server.process.poll()
+                if code is not None:
+                    raise error(f"{name} exited with status {code} during startup\n{server.tail()}")
+                try:
+                    if client.get(f"{server.url}/health").status_code == 200:
+                        waiting.remove(server)
+                except httpx.TransportError:
+                    pass  # not listening yet
+            if waiting and time.monotonic() > deadline:
+                raise error(f"{name} was not healthy after {timeout:.0f}s\n{waiting[0].tail()}")
+            if waiting:
+                time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,6 +114,14 @@ def wait_healthy(url: str, timeout: float = 20.0) -> None:
             pass
         time.sleep(0.02)
     raise TimeoutError(f"{url} did not become healthy")
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``check`` until it holds; fail the test when it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @contextmanager

@@ -6,23 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, receive_body, serve_in_thread, wait_healthy
+from tests.e2e.servers import gateway_process, receive_body, serve_in_thread
+from tests.e2e.test_meaning_serve import DOCS  # the same four landmarks
 
 pytestmark = pytest.mark.timeout(90)
 
-DOCS = [
-    "Sagrada Familia in Barcelona, designed by Antoni Gaudi, has been under construction since 1882.",
-    "Big Ben is the nickname of the Great Bell of the clock at the north end of Westminster Palace.",
-    "The Colosseum in Rome is an oval amphitheatre that could hold between 50,000 and 80,000 people.",
-    "The Eiffel Tower in Paris was completed in 1889 for the World's Fair and is 330 metres tall.",
-]
 CITED: list[str] = []  # the numbers the engine cited, in the numbering it was shown
 SYSTEM = "Cite them as [n].\n\nSources:\n" + "\n".join(f"[{i}] {doc}" for i, doc in enumerate(DOCS, 1))
 
@@ -55,20 +48,15 @@ async def engine(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def test_streamed_citation_split_across_chunks_comes_back_in_the_clients_numbering() -> None:
-    port = free_port()
-    with serve_in_thread(engine) as upstream:
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--upstream", upstream]
-        process = subprocess.Popen([*command, "--citation-mapping", "--log-level", "warning"])
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}/health")
-            request = {"model": "m", "stream": True, "messages": [{"role": "system", "content": SYSTEM},
-                                                                   {"role": "user", "content": "Where is it?"}]}  # fmt: skip
-            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=request, timeout=30) as r:
-                result = json.loads(r.headers["x-prefixgate-result"])
-                raw = b"".join(r.iter_raw())
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with (
+        serve_in_thread(engine) as upstream,
+        gateway_process("--upstream", upstream, "--citation-mapping", "--log-level", "warning") as base,
+    ):
+        request = {"model": "m", "stream": True, "messages": [{"role": "system", "content": SYSTEM},
+                                                               {"role": "user", "content": "Where is it?"}]}  # fmt: skip
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=request, timeout=30) as r:
+            result = json.loads(r.headers["x-prefixgate-result"])
+            raw = b"".join(r.iter_raw())
     assert result["mapped"] == {"cite_by_number": 1}
     assert CITED and CITED[0] != "4"  # the engine was shown the tower under another number
     text = "".join(

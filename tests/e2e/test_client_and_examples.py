@@ -59,6 +59,18 @@ def run_example(name: str, base_url: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def example_output(name: str, base_url: str) -> str:
+    """Run an example that must succeed; its stdout."""
+    done = run_example(name, base_url)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def result_headers(out: str) -> list[dict[str, Any]]:
+    """The ``X-Prefixgate-Result`` headers an example printed, in order."""
+    return [json.loads(line) for line in re.findall(r"X-Prefixgate-Result: (\{.*\})", out)]
+
+
 def _check_contract(contexts: list[list[Any]], raw: dict[str, Any]) -> None:
     reordered, order, ids = raw["reordered_contexts"], raw["original_indices"], raw["request_ids"]
     assert sorted(order) == list(range(len(contexts)))
@@ -72,10 +84,8 @@ def _check_contract(contexts: list[list[Any]], raw: dict[str, Any]) -> None:
 
 
 def test_rag_chat_example(gateway: str) -> None:
-    done = run_example("rag_chat.py", gateway)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
-    headers = [json.loads(line) for line in re.findall(r"X-Prefixgate-Result: (\{.*\})", out)]
+    out = example_output("rag_chat.py", gateway)
+    headers = result_headers(out)
     assert len(headers) == 4
     assert all(header["groups"] == 1 and header["blocks"] >= 3 for header in headers)
     cached = [int(n) for n in re.findall(r"cached_tokens: (\d+) of \d+ prompt tokens", out)]
@@ -86,9 +96,7 @@ def test_rag_chat_example(gateway: str) -> None:
 
 
 def test_batch_reorder_example(gateway: str) -> None:
-    done = run_example("batch_reorder.py", gateway)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+    out = example_output("batch_reorder.py", gateway)
     order = json.loads(re.search(r"execution order \(input positions\): (\[.*\])", out).group(1))  # type: ignore[union-attr]
     assert sorted(order) == list(range(6))
     ran = re.findall(r"ran #(\d+): input (\d+), docs \[.*\], id (req-[0-9a-f]+)", out)
@@ -102,10 +110,8 @@ def test_batch_reorder_example(gateway: str) -> None:
 
 
 def test_agent_tools_example(gateway: str) -> None:
-    done = run_example("agent_tools.py", gateway)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
-    headers = [json.loads(line) for line in re.findall(r"X-Prefixgate-Result: (\{.*\})", out)]
+    out = example_output("agent_tools.py", gateway)
+    headers = result_headers(out)
     assert len(headers) == 2
     assert headers[0]["blocks"] == 4
     assert headers[1]["memo_hits"] > 0
@@ -113,10 +119,8 @@ def test_agent_tools_example(gateway: str) -> None:
 
 
 def test_claude_documents_example(gateway: str) -> None:
-    done = run_example("claude_documents.py", gateway)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
-    headers = [json.loads(line) for line in re.findall(r"X-Prefixgate-Result: (\{.*\})", out)]
+    out = example_output("claude_documents.py", gateway)
+    headers = result_headers(out)
     assert len(headers) == 3 and all(header["groups"] == 1 for header in headers)
     assert any(header["reordered"] for header in headers[1:])
     cited = re.findall(r"citation: document_index (\d) -> '([a-z-]+)'", out)

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, gateway_process
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,15 +27,9 @@ def _chat(docs: list[str]) -> dict[str, object]:
 
 @contextmanager
 def _serve(*flags: str) -> Iterator[str]:
-    port, sim_port = free_port(), free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--sim-port", str(sim_port)]
-    process = subprocess.Popen([*command, "--log-level", "warning", "--admin-token", "adm1n-token", *flags])
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    flags = ("--sim-port", str(free_port()), "--log-level", "warning", "--admin-token", "adm1n-token", *flags)
+    with gateway_process(*flags) as base:
+        yield base
 
 
 def _two_requests(client: httpx.Client) -> str:

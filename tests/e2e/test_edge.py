@@ -20,21 +20,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, receive_body, serve_in_thread, wait_healthy
+from tests.e2e.servers import CHAT_ANSWER, free_port, receive_body, serve_in_thread, wait_healthy
 
 pytestmark = pytest.mark.timeout(120)
 
 ALICE = {"authorization": "Bearer alice-key"}
 BOB = {"authorization": "Bearer bob-key"}
 ADMIN = {"authorization": "Bearer admin-token"}
-ANSWER = json.dumps(
-    {
-        "id": "c",
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }
-).encode()
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
 
 
@@ -52,7 +44,7 @@ class Recorder:
         if scope["path"] != "/health":
             self.seen.append((headers, body))
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": ANSWER})
+        await send({"type": "http.response.body", "body": CHAT_ANSWER})
 
 
 @dataclass

@@ -27,7 +27,7 @@ from engines.hooks import EvictionReporter
 from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.e2e.servers import free_port, serve_in_thread
+from tests.e2e.servers import CHAT_ANSWER, free_port, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,14 +45,6 @@ RAG_CHAT = {
     "max_tokens": 4,
 }
 SSE_EVENT = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
-JSON_ANSWER = json.dumps(
-    {
-        "id": "c",
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }
-).encode()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -147,13 +139,6 @@ def wait_in_flight_zero(base: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def sse_events(raw: bytes) -> list[bytes]:
     return [event for event in raw.split(b"\n\n") if event]
 
@@ -162,6 +147,16 @@ def error_of(event: bytes) -> dict[str, Any]:
     assert event.startswith(b"data: "), event
     error: dict[str, Any] = json.loads(event[6:])["error"]
     return error
+
+
+def cut_stream_error(base: str, **headers: str) -> dict[str, Any]:
+    """Stream ``RAG_CHAT``: a 200 whose first event is the engine's and whose last is the gateway's error event; the
+    error."""
+    status, raw = post_stream(base, RAG_CHAT, **headers)
+    assert status == 200
+    events = sse_events(raw)
+    assert events[0] + b"\n\n" == SSE_EVENT
+    return error_of(events[-1])
 
 
 def post_stream(base: str, body: dict[str, Any], **headers: str) -> tuple[int, bytes]:
@@ -332,11 +327,7 @@ def test_upstream_sending_invalid_sse_bytes_and_invalid_chunking() -> None:
         assert status == 200
         assert raw == SSE_EVENT + garbage + b"data: [DONE]\n\n"
         # broken HTTP framing is a transport failure: one error event ends the stream
-        status, raw = post_stream(base, RAG_CHAT, **{"x-case": "chunking"})
-        assert status == 200
-        events = sse_events(raw)
-        assert events[0] + b"\n\n" == SSE_EVENT
-        assert error_of(events[-1])["code"] == "upstream_connection_lost"
+        assert cut_stream_error(base, **{"x-case": "chunking"})["code"] == "upstream_connection_lost"
 
 
 def test_connection_resets() -> None:
@@ -352,13 +343,9 @@ def test_connection_resets() -> None:
         response = post_json(base, RAG_CHAT)
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "upstream_connection_lost"
-        status, raw = post_stream(base, RAG_CHAT)
+        status, _ = post_stream(base, RAG_CHAT)
         assert status == 502
-        status, raw = post_stream(base, RAG_CHAT, **{"x-case": "after-headers"})
-        assert status == 200
-        events = sse_events(raw)
-        assert events[0] + b"\n\n" == SSE_EVENT
-        assert error_of(events[-1])["code"] == "upstream_connection_lost"
+        assert cut_stream_error(base, **{"x-case": "after-headers"})["code"] == "upstream_connection_lost"
 
 
 def test_a_request_the_engine_read_whole_on_a_kept_alive_connection_and_closed_on_is_not_sent_again() -> None:
@@ -370,8 +357,8 @@ def test_a_request_the_engine_read_whole_on_a_kept_alive_connection_and_closed_o
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         arrivals.append(1)
-        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(JSON_ANSWER)
-        writer.write(head + JSON_ANSWER)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(CHAT_ANSWER)
+        writer.write(head + CHAT_ANSWER)
         await writer.drain()
         await read_request(reader)
         arrivals.append(2)  # read whole, then closed unanswered
@@ -460,7 +447,7 @@ def test_eviction_callbacks_before_during_after_duplicated_and_out_of_order() ->
             else:
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                    % (len(JSON_ANSWER), JSON_ANSWER)
+                    % (len(CHAT_ANSWER), CHAT_ANSWER)
                 )
             await writer.drain()
 

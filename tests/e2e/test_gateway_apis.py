@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +14,7 @@ import openai
 import pytest
 
 from engines.sim import SimConfig, create_sim_app
-from tests.e2e.servers import free_port, serve_in_thread, wait_healthy
+from tests.e2e.servers import gateway_process, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,17 +25,11 @@ TEXTS = {name: f"{name.capitalize()} report. " + " ".join(f"{name[:3]}{i}" for i
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[tuple[str, str]]:
-    with serve_in_thread(create_sim_app(SimConfig(decode_us_per_token=500.0))) as engine:
-        port = free_port()
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", engine, "--port", str(port),
-                   "--api-key", KEY, "--log-level", "warning"]  # fmt: skip
-        process = subprocess.Popen(command)
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}/health")
-            yield f"http://127.0.0.1:{port}", engine
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with (
+        serve_in_thread(create_sim_app(SimConfig(decode_us_per_token=500.0))) as engine,
+        gateway_process("--upstream", engine, "--api-key", KEY, "--log-level", "warning") as gateway,
+    ):
+        yield gateway, engine
 
 
 @pytest.fixture
@@ -230,12 +221,8 @@ def test_client_disconnect_cancels_upstream(stack: tuple[str, str], path: str, b
         )
         first = sock.recv(4096)
         assert b"200 OK" in first and b"text/event-stream" in first
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{engine}/sim/stats").json()
-        if stats["cancelled"] > before:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: httpx.get(f"{engine}/sim/stats").json()["cancelled"] > before, 5, "the upstream cancellation")
+    stats = httpx.get(f"{engine}/sim/stats").json()
     assert stats["cancelled"] == before + 1 and stats["in_flight"] == 0
 
 

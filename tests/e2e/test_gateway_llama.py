@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from gateway.app import create_app
 from gateway.settings import load_settings
 from tests.e2e.llama import LlamaServer, StartLlamaServer
-from tests.e2e.servers import serve_in_thread
+from tests.e2e.servers import serve_in_thread, wait_for
 
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(180)]
 
@@ -41,10 +40,7 @@ def rag_chat(doc_ids: list[int], question: str) -> dict[str, Any]:
 def gateway_for(server: LlamaServer, **settings: Any) -> Iterator[str]:
     app = create_app(load_settings(environ={}, upstream=server.url, engine="llamacpp", **settings))
     with serve_in_thread(app) as base:
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{base}/health").json()["slots"] is None:
-            assert time.monotonic() < deadline, "the gateway did not learn the slot count"
-            time.sleep(0.05)
+        wait_for(lambda: httpx.get(f"{base}/health").json()["slots"] is not None, what="the slot count")
         yield base
 
 

@@ -14,7 +14,7 @@ import pytest
 from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.e2e.servers import free_port, serve_in_thread
+from tests.e2e.servers import free_port, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,12 +123,8 @@ def test_client_disconnect_cancels_upstream(stack: tuple[str, str]) -> None:
             b"content-length: %d\r\n\r\n%s" % (len(body), body)
         )
         assert b"200 OK" in sock.recv(4096)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{engine}/sim/stats").json()
-        if stats["cancelled"] > before:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: httpx.get(f"{engine}/sim/stats").json()["cancelled"] > before, 5, "the upstream cancellation")
+    stats = httpx.get(f"{engine}/sim/stats").json()
     assert stats["cancelled"] == before + 1
     assert stats["in_flight"] == 0
 

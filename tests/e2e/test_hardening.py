@@ -18,8 +18,6 @@ import asyncio
 import http.client
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ import httpx
 import pytest
 
 from tests.e2e.llama import LlamaServer
-from tests.e2e.servers import free_port, receive_body, serve_in_thread, wait_healthy
+from tests.e2e.servers import CHAT_ANSWER, gateway_process, receive_body, serve_in_thread
 from tests.e2e.test_faults import read_request, scripted_upstream
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,12 +43,6 @@ RAG = [
     {"role": "system", "content": f"Answer from the documents.\n<documents>\n{DOCS}\n</documents>"},
     {"role": "user", "content": "Which document?"},
 ]
-ANSWER = {
-    "id": "c",
-    "object": "chat.completion",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 MESSAGE = {
     "id": "msg_1",
     "type": "message",
@@ -65,16 +57,8 @@ MESSAGE = {
 @contextmanager
 def prefixgate(upstream: str, *args: str) -> Iterator[str]:
     """A real ``prefixgate serve`` process in front of ``upstream``; yields its base URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--upstream", upstream,
-               "--log-level", "error", *args]  # fmt: skip
-    process = subprocess.Popen(command)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with gateway_process("--upstream", upstream, "--log-level", "error", *args) as base:
+        yield base
 
 
 def raw_request(
@@ -138,7 +122,7 @@ class Engine:
         elif path == "/v1/messages":
             await _answer(send, 200, json.dumps(MESSAGE).encode())
         else:
-            await _answer(send, 200, json.dumps(ANSWER).encode())
+            await _answer(send, 200, CHAT_ANSWER)
 
 
 async def _answer(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:

@@ -11,7 +11,6 @@ real ``prefixgate serve`` process.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from gateway.planning.residency import Residency
 from gateway.settings import load_settings
 from gateway.wire.chat import CHAT_ROUTE, decode_request
 from tests.e2e.llama import StartLlamaServer
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, gateway_process, wait_healthy
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,18 +43,9 @@ def _words(seed: int, count: int) -> str:
 @contextmanager
 def prefixgate_serve(*upstreams: str, engine: str = "", args: tuple[str, ...] = ()) -> Iterator[str]:
     """``python -m gateway.cli serve`` in front of ``upstreams``; yields its base URL once healthy."""
-    port = free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--log-level", "warning"]
-    for upstream in upstreams:
-        command += ["--upstream", f"{engine}={upstream}" if engine else upstream]
-    process = subprocess.Popen([*command, *args], env=os.environ.copy())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base + "/health", timeout=30)
+    named = [arg for upstream in upstreams for arg in ("--upstream", f"{engine}={upstream}" if engine else upstream)]
+    with gateway_process("--log-level", "warning", *named, *args) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _chat(base: str, messages: list[dict[str, str]], headers: dict[str, str] | None = None) -> httpx.Response:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,18 +22,9 @@ import pytest
 import redis
 
 from tests.e2e.redis import redis_url  # noqa: F401
-from tests.e2e.servers import gateway_process, serve_in_thread
+from tests.e2e.servers import CHAT_ANSWER, gateway_process, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-ANSWER = json.dumps(
-    {
-        "id": "c",
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }
-).encode()
 
 
 @dataclass
@@ -62,9 +53,9 @@ class Engine:
             while (await receive())["type"] != "http.disconnect":
                 pass
             return
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(CHAT_ANSWER)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": ANSWER})
+        await send({"type": "http.response.body", "body": CHAT_ANSWER})
 
 
 @contextmanager
@@ -111,13 +102,6 @@ def metric(gateway: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
     assert match, name
     return float(match.group(1))
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 PREFIX = [1, 2, 3, 4, 5, 6]
@@ -205,12 +189,12 @@ def test_one_late_health_probe_keeps_the_index_and_a_run_of_failures_drops_it(re
         assert held >= 3
         r0_url = replicas(gateway)["r0"]["url"]
         busy.late_probes = 1
-        wait_for(lambda: busy.late_probes == 0)
+        wait_for(lambda: busy.late_probes == 0, timeout=15)
         time.sleep(2.0)  # the late answer, then several answered rounds
         assert replicas(gateway)["r0"]["index_requests"] == held, "one late probe does not wipe the index"
         assert metric(gateway, 'prefixgate_replica_index_drops_total{replica="r0"}') == 0
         assert "reset" not in _ops(redis_url, r0_url), "and no reset is published to the other gateways"
         busy.late_probes = 3  # a run of eject_after failed probes: evidence of a restart
-        wait_for(lambda: replicas(gateway)["r0"]["index_requests"] == 0)
+        wait_for(lambda: replicas(gateway)["r0"]["index_requests"] == 0, timeout=15)
         assert metric(gateway, 'prefixgate_replica_index_drops_total{replica="r0"}') == 1
-        wait_for(lambda: "reset" in _ops(redis_url, r0_url))
+        wait_for(lambda: "reset" in _ops(redis_url, r0_url), timeout=15)

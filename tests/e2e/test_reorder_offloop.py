@@ -11,15 +11,13 @@ loop busy with the planning would hold one probe for most of it).
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import gateway_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -27,19 +25,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 def test_health_answers_during_a_20000_context_reorder() -> None:
     rng = random.Random(7)
     contexts = [[rng.randrange(3000) for _ in range(rng.randint(5, 15))] for _ in range(20_000)]
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     # its own process, as deployed: the client's JSON work must not share the gateway's GIL
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", "http://127.0.0.1:9", "--port", str(port)]
-    gateway = subprocess.Popen([*command, "--log-level", "warning"])
-    try:
-        wait_healthy(f"{base}/health")
+    with gateway_process("--upstream", "http://127.0.0.1:9", "--log-level", "warning") as base:
         started = time.perf_counter()
         latencies, result = _probe_during_reorder(base, contexts)
         duration = time.perf_counter() - started
-    finally:
-        gateway.terminate()
-        gateway.wait(timeout=10)
     assert result == {"status": 200, "n": 20_000}
     assert len(latencies) >= 10, "the reorder finished too fast to observe the gateway while it ran"
     ordered = sorted(latencies)

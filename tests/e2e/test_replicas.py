@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.e2e.servers import free_port, serve_in_thread, wait_healthy
+from tests.e2e.servers import free_port, serve_in_thread, wait_for, wait_healthy
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -97,13 +96,6 @@ def _health(gateway: str) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in httpx.get(f"{gateway}/health").json()["replicas"]}
 
 
-def _wait_for(check: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_routing_follows_the_cache_and_spreads_misses(cluster: tuple[str, list[Engine]]) -> None:
     gateway, _ = cluster
     topics = [[1, 2, 3, 4, 5, 6], [11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26]]
@@ -149,9 +141,9 @@ def test_unreachable_replica_is_rerouted_ejected_and_readmitted_with_an_empty_in
     replica, _, result = _ask(gateway, topic, "and now")
     assert replica != home and result["blocks"] == 4
     assert "prefixgate_reroutes_total 1.0" in httpx.get(f"{gateway}/metrics").text
-    _wait_for(lambda: not _health(gateway)[home]["healthy"])
+    wait_for(lambda: not _health(gateway)[home]["healthy"])
     for i in range(4):
         assert _ask(gateway, topic, f"while it is down {i}")[0] != home
     victim.start()  # restarted on the same port, with an empty cache
-    _wait_for(lambda: _health(gateway)[home]["healthy"])
+    wait_for(lambda: _health(gateway)[home]["healthy"])
     assert _health(gateway)[home]["index_requests"] == 0, "a restarted replica's index is dropped"

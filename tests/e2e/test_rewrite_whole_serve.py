@@ -9,9 +9,7 @@ with the template's bytes in place.
 from __future__ import annotations
 
 import random
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +18,7 @@ import httpx
 import pytest
 
 from gateway.planning.intercept.audit import audit_rewrite
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, gateway_process
 from tests.frameworks import HAYSTACK_TUTORIAL, quiet
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,17 +50,11 @@ def _text(body: dict[str, Any]) -> str:
 
 @contextmanager
 def serve(*args: str) -> Iterator[Gateway]:
-    port, sim_port = free_port(), free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--sim-port", str(sim_port), *args]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health")
-        gateway = Gateway(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sim_port}")
+    sim_port = free_port()
+    with gateway_process("--sim-port", str(sim_port), *args, stderr=subprocess.DEVNULL) as base:
+        gateway = Gateway(base, f"http://127.0.0.1:{sim_port}")
         with gateway.client:
             yield gateway
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def _user(text: str) -> dict[str, Any]:

@@ -23,11 +23,12 @@ from engines.sim import SimConfig, create_sim_app
 from gateway.app import create_app
 from gateway.settings import load_settings
 from tests.e2e.redis import redis_url  # noqa: F401
-from tests.e2e.servers import free_port, gateway_process, serve_in_thread
+from tests.e2e.servers import free_port, gateway_process, serve_in_thread, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 Gateway = Callable[[], AbstractContextManager[str]]
+CONVERGE = "the gateways to converge"  # what wait_for waits for
 
 
 @pytest.fixture
@@ -66,30 +67,23 @@ def _live(gateway: str) -> set[str]:
     return set(httpx.get(f"{gateway}/requests").json()["request_ids"])
 
 
-def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the gateways did not converge in time"
-        time.sleep(0.01)
-
-
 def test_commits_and_evictions_converge_and_plans_see_the_other_gateways_requests(gateway: Gateway) -> None:
     with gateway() as a, gateway() as b:
         first, result = _send(a, [1, 2, 3, 4, 5], "what about one")
         assert result["predicted_cached_blocks"] == 0
-        _until(lambda: first in _live(b))
+        wait_for(lambda: first in _live(b), what=CONVERGE)
         # planned in B against what A sent: the same documents in another order are predicted cached, and reordered
         second, result = _send(b, [5, 4, 3, 2, 1], "what about two")
         assert result["predicted_cached_blocks"] == 5 and result["reordered"]
-        _until(lambda: second in _live(a))
+        wait_for(lambda: second in _live(a), what=CONVERGE)
         # an eviction reported to B releases the entry in A
         evicted = httpx.post(f"{b}/evict", json={"request_ids": [first]}).json()
         assert evicted["evicted_request_ids"] == [first]
-        _until(lambda: first not in _live(a))
+        wait_for(lambda: first not in _live(a), what=CONVERGE)
         assert second in _live(a)
         # a reset on A reaches B
         assert httpx.post(f"{a}/reset").status_code == 200
-        _until(lambda: not _live(b))
+        wait_for(lambda: not _live(b), what=CONVERGE)
         metrics = httpx.get(f"{b}/metrics").text  # applied in B: A's commit and A's reset
         assert "prefixgate_state_applied_total 2.0" in metrics
         assert "prefixgate_state_lag_seconds_count 2.0" in metrics
@@ -102,7 +96,7 @@ def test_a_gateway_that_starts_late_or_restarts_catches_up_from_the_stream(gatew
         assert httpx.post(f"{a}/evict", json={"request_ids": [gone]}).json()["removed_count"] == 1
         time.sleep(0.2)  # the changes reach the stream in the background
     with gateway() as restarted:
-        _until(lambda: kept in _live(restarted))
+        wait_for(lambda: kept in _live(restarted), what=CONVERGE)
         assert gone not in _live(restarted)
         _, result = _send(restarted, [9, 8, 7], "again")
         assert result["predicted_cached_blocks"] == 3
@@ -189,7 +183,7 @@ def test_a_client_id_maps_to_the_same_engine_id_and_view_on_every_gateway(
         sent = httpx.post(f"{a}/v1/chat/completions", json=_body([11, 12, 13, 14, 15], "first"),
                           headers={**ALICE, "x-request-id": "alice-first"})  # fmt: skip
         rid = sent.headers["x-request-id"]
-        _until(lambda: rid in httpx.get(f"{b}/requests", headers=ALICE).json()["request_ids"])
+        wait_for(lambda: rid in httpx.get(f"{b}/requests", headers=ALICE).json()["request_ids"], what=CONVERGE)
         again = httpx.post(f"{b}/v1/chat/completions", json=_body([15, 14, 13, 12, 11], "second"), headers=ALICE)
         assert json.loads(again.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 5
         other = httpx.post(f"{b}/v1/chat/completions", json=_body([15, 14, 13, 12, 11], "third"), headers=BOB)
@@ -242,7 +236,7 @@ def test_invalid_entries_are_skipped_and_counted_without_losing_their_neighbours
         pipe.execute()  # read by the follower as one batch
         client.close()
         good = {"req-good-1", "req-good-2", "req-good-3"}
-        _until(lambda: good <= _live(gateway))
+        wait_for(lambda: good <= _live(gateway), what=CONVERGE)
         assert not {"req-dict-key", "req-huge", "req-str-blocks"} & _live(gateway)
         metrics = httpx.get(f"{gateway}/metrics").text
         assert 'prefixgate_state_errors_total{kind="invalid"} 5.0' in metrics

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,6 +20,7 @@ import pytest
 from openai import OpenAI
 
 from engines.sim import SimConfig, build_server
+from tests.e2e.servers import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,13 +75,6 @@ def evict_receiver() -> Iterator[tuple[str, list[tuple[str | None, dict[str, Any
         server.shutdown()
         server.server_close()
         thread.join(10)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 
 from tests.builds.vllm import ENV_VAR, model_path
-from tests.e2e.servers import free_port, stop_process
+from tests.e2e.servers import EngineServer, free_port, stop_process, wait_engines_healthy
 
 __all__ = [
     "BLOCK_SIZE",
@@ -90,19 +89,12 @@ class VllmSpec:
 
 
 @dataclass(frozen=True)
-class VllmServer:
+class VllmServer(EngineServer):
     url: str
     port: int
     spec: VllmSpec
     log_path: Path
     process: subprocess.Popen[bytes]
-
-    @property
-    def openai_base_url(self) -> str:
-        return f"{self.url}/v1"
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def reset_prefix_cache(self) -> None:
         httpx.post(f"{self.url}/reset_prefix_cache", timeout=30).raise_for_status()
@@ -167,22 +159,7 @@ def _launch(venv: Path, spec: VllmSpec, log_path: Path | None) -> VllmServer:
 
 
 def _wait_healthy(servers: Sequence[VllmServer], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    waiting = list(servers)
-    with httpx.Client(timeout=2.0) as client:
-        while waiting:
-            for server in list(waiting):
-                code = server.process.poll()
-                if code is not None:
-                    raise VllmServerError(f"vLLM exited with status {code} during startup\n{_tail(server)}")
-                try:
-                    if client.get(f"{server.url}/health").status_code == 200:
-                        waiting.remove(server)
-                except httpx.TransportError:
-                    pass
-            if waiting and time.monotonic() > deadline:
-                raise VllmServerError(f"vLLM was not healthy after {timeout:.0f}s\n{_tail(waiting[0])}")
-            time.sleep(0.25)
+    wait_engines_healthy(servers, timeout, name="vLLM", error=VllmServerError, interval=0.25)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -196,11 +173,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-def _tail(server: VllmServer, lines: int = 40) -> str:
-    text = server.log().splitlines()[-lines:]
-    return f"log {server.log_path} (last {len(text)} lines):\n" + "\n".join(text)
 
 
 @contextlib.contextmanager

@@ -200,6 +200,27 @@ async def publishing(
         await publisher.close()
 
 
+async def publish_r1_to_r3(publisher: Publisher, subscriber: KVEventSubscriber) -> None:
+    """Publish one block for each of r1, r2 and r3 (seqs 0 to 2) and wait until the subscriber has seen them."""
+    for rid in ("r1", "r2", "r3"):
+        await publisher.publish(stored_map(rid, int(rid[1])))
+    await until(lambda: subscriber.last_seq == 2)
+
+
+@contextlib.asynccontextmanager
+async def restarted(
+    ctx: zmq.asyncio.Context, first: Publisher, *, once_closed: Callable[[], bool] | None = None
+) -> AsyncIterator[Publisher]:
+    """An engine restart: ``first`` closes and a new publisher (seqs from zero, an empty replay buffer) binds its
+    ports, after ``once_closed`` holds when given."""
+    port, replay_port = first.port, first.replay_port
+    await first.close()
+    if once_closed is not None:
+        await until(once_closed)
+    async with publishing(ctx, port=port, replay_port=replay_port) as second:
+        yield second
+
+
 async def test_follows_both_encodings_and_releases_requests(ctx: zmq.asyncio.Context) -> None:
     h1, h2 = b"\x01" * 32, b"\x02" * 32
     async with publishing(ctx) as pub, following(pub) as (sub, tracker, rec):
@@ -306,12 +327,8 @@ async def test_all_blocks_cleared_releases_every_tracked_request(ctx: zmq.asynci
 
 async def test_an_engine_restart_at_seq_zero_resets(ctx: zmq.asyncio.Context) -> None:
     async with publishing(ctx) as first, following(first) as (sub, tracker, rec):
-        for rid in ("r1", "r2", "r3"):
-            await first.publish(stored_map(rid, int(rid[1])))
-        await until(lambda: sub.last_seq == 2)
-        port, replay_port = first.port, first.replay_port
-        await first.close()
-        async with publishing(ctx, port=port, replay_port=replay_port) as second:
+        await publish_r1_to_r3(first, sub)
+        async with restarted(ctx, first) as second:
             await second.wait_subscribed()  # zmq reconnected by itself
             await second.publish(stored_map("n1", 1))
             await until(lambda: tracker.is_cached("n1"))
@@ -326,12 +343,8 @@ async def test_an_engine_restart_at_seq_zero_resets(ctx: zmq.asyncio.Context) ->
 
 async def test_a_restart_that_lost_its_first_batches_is_replayed_from_zero(ctx: zmq.asyncio.Context) -> None:
     async with publishing(ctx) as first, following(first) as (sub, tracker, rec):
-        for rid in ("r1", "r2", "r3"):
-            await first.publish(stored_map(rid, int(rid[1])))
-        await until(lambda: sub.last_seq == 2)
-        port, replay_port = first.port, first.replay_port
-        await first.close()
-        async with publishing(ctx, port=port, replay_port=replay_port) as second:
+        await publish_r1_to_r3(first, sub)
+        async with restarted(ctx, first) as second:
             await second.publish(stored_map("n0", 10), drop=True)  # published before the subscriber came back
             await second.publish(stored_map("n1", 11), drop=True)
             await second.wait_subscribed()
@@ -345,13 +358,8 @@ async def test_a_restart_that_lost_its_first_batches_is_replayed_from_zero(ctx: 
 
 async def test_a_restart_with_contiguous_seqs_is_caught_on_reconnection(ctx: zmq.asyncio.Context) -> None:
     async with publishing(ctx) as first, following(first) as (sub, tracker, rec):
-        for rid in ("r1", "r2", "r3"):
-            await first.publish(stored_map(rid, int(rid[1])))
-        await until(lambda: sub.last_seq == 2)
-        port, replay_port = first.port, first.replay_port
-        await first.close()
-        await until(lambda: sub._disconnected)
-        async with publishing(ctx, port=port, replay_port=replay_port) as second:
+        await publish_r1_to_r3(first, sub)
+        async with restarted(ctx, first, once_closed=lambda: sub._disconnected) as second:
             for rid in ("n0", "n1", "n2"):
                 await second.publish(stored_map(rid, 10 + int(rid[1])), drop=True)
             await second.wait_subscribed()

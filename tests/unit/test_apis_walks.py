@@ -140,20 +140,26 @@ def _leaves(value: Any) -> Counter[str]:
     return found
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+WALKS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_only_permutes(route: str, body: dict[str, Any]) -> None:
+    """Planning ``body`` does not fail, and a rewrite only moves its leaves."""
+    out = _plan(route, body)
+    if out is not None:
+        assert _leaves(msgspec.json.decode(out)) == _leaves(body)
+
+
+@WALKS
 @given(messages_bodies)
 def test_messages_walk_never_fails_and_only_permutes(body: dict[str, Any]) -> None:
-    out = _plan("/v1/messages", body)
-    if out is not None:
-        assert _leaves(msgspec.json.decode(out)) == _leaves(body)
+    assert_only_permutes("/v1/messages", body)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@WALKS
 @given(responses_bodies)
 def test_responses_walk_never_fails_and_only_permutes(body: dict[str, Any]) -> None:
-    out = _plan("/v1/responses", body)
-    if out is not None:
-        assert _leaves(msgspec.json.decode(out)) == _leaves(body)
+    assert_only_permutes("/v1/responses", body)
 
 
 def _walk_twice(route: str, body: dict[str, Any]) -> None:
