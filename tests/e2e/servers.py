@@ -116,12 +116,16 @@ def wait_healthy(url: str, timeout: float = 20.0) -> None:
     raise TimeoutError(f"{url} did not become healthy")
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``check`` until it holds; fail the test when it does not within ``timeout`` seconds."""
+def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition", *, fail: bool = True) -> bool:
+    """Poll ``check`` until it holds; when it does not within ``timeout`` seconds, fail the test (``fail``) or
+    return False."""
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            assert not fail, f"timed out waiting for {what}"
+            return False
         time.sleep(0.02)
+    return True
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import pytest
 
 from engines.kvevents import KVEventSubscriber, KVEventTracker
 from tests.builds.vllm import words
-from tests.e2e.servers import free_port
+from tests.e2e.servers import free_port, wait_for
 from tests.e2e.vllm import (
     BLOCK_SIZE,
     MODEL,
@@ -137,16 +137,6 @@ def kv_counters(base: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r'^prefixgate_kv_events_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0, *, fail: bool = True) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            assert not fail, f"timed out waiting for {what}"
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def fill_directly(server: VllmServer, seed: int, prompts: int = 5) -> None:
     """Prompts sent straight to the engine (no gateway, no session id): they take over its cache."""
     for text in documents(seed, prompts, words_each=500):
@@ -166,7 +156,7 @@ def test_the_hook_loaded_as_a_vllm_plugin_reports_real_evictions(fresh: Rig) -> 
     before = evictions()
     answers = [post(fresh.hook_gateway, rag_chat(docs, order, f"question {i}")) for i, order in enumerate(sets)]
     assert all(a.body["usage"]["prompt_tokens"] > 1000 for a in answers)
-    wait_for(lambda: evictions() > before, "the hook's /evict reports")
+    wait_for(lambda: evictions() > before, 60, "the hook's /evict reports")
     first = post(fresh.hook_gateway, rag_chat(docs, sets[0][::-1], "first again"))
     assert first.result["predicted_cached_blocks"] == 0, "the gateway still believes the evicted prompt is cached"
     assert first.cached == 0, "vLLM did evict the first prompt"
@@ -182,13 +172,13 @@ def test_native_kv_events_keep_the_index_true(fresh: Rig) -> None:
         deadline = time.monotonic() + 90
         for seed in itertools.count(30 + 10 * n):  # new prompts until one is seen: PUB drops what precedes a join
             fill_directly(server, seed=seed, prompts=1)
-            if wait_for(lambda seen=stored: kv_counters(gateway)["stored"] > seen, "", timeout=3, fail=False):
+            if wait_for(lambda seen=stored: kv_counters(gateway)["stored"] > seen, 3, fail=False):
                 break
             assert time.monotonic() < deadline, f"no BlockStored events from {server.url}"
     docs = documents(2, 10)
     start = kv_counters(gateway)
     first = post(gateway, rag_chat(docs, [0, 1, 2, 3, 4], "stored"))
-    wait_for(lambda: kv_counters(gateway)["stored"] > start["stored"], "BlockStored events")
+    wait_for(lambda: kv_counters(gateway)["stored"] > start["stored"], 60, "BlockStored events")
     again = post(gateway, rag_chat(docs, [4, 3, 2, 1, 0], "stored again"))
     assert again.replica == first.replica and again.result["predicted_cached_blocks"] == 5
     assert again.cached >= 8 * BLOCK_SIZE
@@ -196,7 +186,7 @@ def test_native_kv_events_keep_the_index_true(fresh: Rig) -> None:
     # removed: the engine's own traffic takes the blocks over; only its BlockRemoved events can tell the gateway
     released = kv_counters(gateway)["released_requests"]
     fill_directly(fresh.server(first.replica), seed=20)
-    wait_for(lambda: kv_counters(gateway)["released_requests"] > released, "BlockRemoved releasing the requests")
+    wait_for(lambda: kv_counters(gateway)["released_requests"] > released, 60, "BlockRemoved releasing the requests")
     gone = post(gateway, rag_chat(docs, [2, 0, 4, 1, 3], "removed"))
     assert gone.result["predicted_cached_blocks"] == 0 and gone.cached == 0
 
@@ -208,7 +198,7 @@ def test_native_kv_events_keep_the_index_true(fresh: Rig) -> None:
     home.reset_prefix_cache()
     step = {"model": MODEL, "prompt": "one step", "max_tokens": 1}
     httpx.post(f"{home.url}/v1/completions", json=step, timeout=60).raise_for_status()
-    wait_for(lambda: kv_counters(gateway)["cleared"] > cleared, "AllBlocksCleared")
+    wait_for(lambda: kv_counters(gateway)["cleared"] > cleared, 60, "AllBlocksCleared")
     after = post(gateway, rag_chat(docs, [0, 1, 2, 3, 4], "cleared"))
     assert after.result["predicted_cached_blocks"] == 0 and after.cached == 0
     counters = kv_counters(gateway)
