@@ -78,6 +78,12 @@ class Chain:
     def freeze(self) -> Hashes:
         return tuple(self.hashes)
 
+    def copy(self) -> Chain:
+        """A chain that goes on from here independently (to try what would follow)."""
+        other = Chain()
+        other._last, other._pending, other.hashes = self._last, bytearray(self._pending), list(self.hashes)
+        return other
+
 
 def common(a: Sequence[int], b: Sequence[int]) -> int:
     """Leading chunks two chains share (names are cumulative: equal at ``i`` means equal before it)."""

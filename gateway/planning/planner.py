@@ -419,9 +419,14 @@ class Planner:
             check(outcome.deadline)
             # the key is what the engine sees before this group: earlier groups already in their new order
             before = splice_all(text[: group.start], edits, annotate=control.annotate) if edits else text[: group.start]
+            head = before.encode("utf-8", "surrogatepass")
             key = prefix.copy()
-            key.update(before.encode("utf-8", "surrogatepass"))
-            order, blocks, hits = self._order(outcome, key.digest(), text, group, decision)
+            key.update(head)
+            start = None  # the prompt's chunk names up to the group (a learned group may be ordered by them)
+            if prefix.chain is not None and group.label.endswith(_LEARNED):
+                start = prefix.chain.copy()
+                start.update(head)
+            order, blocks, hits = self._order(outcome, key.digest(), text, group, decision, start=start)
             edits.append((group, order, decision.renumbers))
             metas.append((len(before), blocks, block_ends(text, group, order, len(before))))
             moved = order != tuple(range(len(order)))
@@ -435,12 +440,21 @@ class Planner:
         return Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps)), cached
 
     def _order(
-        self, outcome: Outcome, key: bytes, text: str, group: BlockGroup, decision: Decision
+        self,
+        outcome: Outcome,
+        key: bytes,
+        text: str,
+        group: BlockGroup,
+        decision: Decision,
+        *,
+        start: Chain | None = None,
     ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """The group's order, its block ids in that order, and the blocks predicted cached.
 
         Renumbered blocks are identified without their number (they render the same at any position); blocks
         that keep their labels, or stay where they are, with it: they render the same only under the same label.
+        ``start``: for a group cut at learned boundaries, the prompt's chunk names up to it: the prompts sent
+        whole may hold more of the group than the block index knows (``_held_order``).
         """
         if decision.renumbers:
             ids = [block_id(k) for k in group.keys(text)]
@@ -448,11 +462,16 @@ class Planner:
             ids = [block_id(text[block.start : block.end].strip()) for block in group.blocks]
             if not decision.moves:
                 return tuple(range(len(ids))), tuple(ids), 0
-        index = outcome.choose(((key, ids),)).index  # the first lookup chooses the replica (``IndexView``)
+        residency = outcome.choose(((key, ids),))  # the first lookup chooses the replica (``IndexView``)
+        index = residency.index
         # blocks cut at boundaries learned from traffic: a later request may not show them as blocks (and then
         # goes out in the client's order), so new blocks keep the order sent rather than converge on nothing
-        learned = group.label.endswith(":learned")  # see gateway.planning.intercept.boundaries
+        learned = group.label.endswith(_LEARNED)  # see gateway.planning.intercept.boundaries
         plan = index.plan(key, ids, learned)
+        if learned and start is not None and (held := _held_order(residency, start, text, group)) is not None:
+            order, cached = held
+            if cached > plan.cached:  # the whole prompts sent hold more of it than the block index knows
+                return order, tuple(ids[i] for i in order), cached
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
             # each block carries its own label, so its rendering is shared with no request that numbers it
             # otherwise: moving the group gains only what the index predicts, and costs the prefix as sent
@@ -460,6 +479,60 @@ class Planner:
             if plan.cached <= as_sent:
                 return tuple(range(len(ids))), tuple(ids), as_sent
         return plan.order, plan.blocks, plan.cached
+
+
+_LEARNED = ":learned"  # the label suffix of a group cut at boundaries learned from traffic
+_HELD_ORDER_BLOCKS = 16  # a bigger learned group is not ordered by the prompt index
+_HELD_ORDER_STEPS = 256  # candidate blocks tried per group (each a hash of the block and a prefix index lookup)
+Path = tuple[int, ...]
+
+
+def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup) -> tuple[tuple[int, ...], int] | None:
+    """An order for a learned group (whose blocks the block index may know only in part), from what the engine holds
+    of whole prompts (``Residency.held_chars``: the prefix index, or llama.cpp's slots): the leading blocks that keep
+    the prompt held furthest (a search over the blocks each held prefix can continue with, ``_HELD_ORDER_STEPS``
+    tries at most), the rest in the order sent (which may be the order sent), and how many blocks it predicts held.
+    None when no block continues what is held, or when the prompt left what is held before the group.
+
+    Another request of the same template cut its documents apart (``intercept.boundaries``) but sent them before
+    the block index could name them: its prompt, whole, is in the prefix index, so the blocks that continue it are
+    found by their bytes. What is held counts in whole chunks (``CHUNK_BYTES``), every one held: a block too short
+    to end a chunk is only told apart by the blocks after it, and an order never ends on such a block.
+    """
+    count = len(group.blocks)
+    if not 2 <= count <= _HELD_ORDER_BLOCKS:
+        return None
+    base = start.freeze()
+    if residency.held_chars(base) < len(base) * CHUNK_BYTES:
+        return None
+    pieces = [text[block.start : block.end].encode("utf-8", "surrogatepass") for block in group.blocks]
+    gaps = [gap.encode("utf-8", "surrogatepass") for gap in group.gaps(text)] + [b""]
+    steps = _HELD_ORDER_STEPS
+
+    def longest(chain: Chain, taken: tuple[int, ...], chunks: int, ended: tuple[int, ...]) -> tuple[int, Path]:
+        """The best held continuation of ``taken`` (whose chain ends ``chunks`` chunks, the last of them ended by the
+        blocks ``ended``): the chunks it ends, and its blocks up to the last one that ended a chunk."""
+        nonlocal steps
+        best = (chunks, ended)
+        for index in range(count):
+            if index in taken or steps <= 0:
+                continue
+            steps -= 1
+            candidate = chain.copy()
+            candidate.update(pieces[index] + gaps[len(taken)])
+            names = candidate.freeze()
+            if residency.held_chars(names) < len(names) * CHUNK_BYTES:
+                continue  # a chunk it ends is not held
+            path = (*taken, index)
+            found = longest(candidate, path, len(names), path if len(names) > chunks else ended)
+            if found[0] > best[0]:
+                best = found
+        return best
+
+    _, order = longest(start, (), len(base), ())
+    if not order:
+        return None
+    return (*order, *(index for index in range(count) if index not in order)), len(order)
 
 
 def _held_both(residency: Residency, sent: Hashes, forwarded: Hashes) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from gateway.metrics import Metrics
 from gateway.planning.planner import Planner
 from gateway.planning.residency import Residency
 from gateway.settings import load_settings
+from gateway.wire.chat import decode_request
 from scheduler.blocks import block_id
 from tests.unit.test_intercept_boundaries import A, B, D, prompt
 from tests.unit.test_meaning_fixtures import run
@@ -55,3 +56,29 @@ def test_blocks_found_by_markup_still_take_the_canonical_order_after_the_clients
         assert content.index(docs["x"]) < min(content.index(docs["y"]), content.index(docs["z"]))
         moved += bool(result["reordered"])
     assert moved == 1  # x, the client's first, stays first; y and z converge on one order: one of the two moves
+
+
+def test_a_learned_group_takes_the_order_of_a_whole_prompt_the_engine_holds() -> None:
+    """A stuff chain's documents cut at learned boundaries, which the block index never saw as blocks: the first
+    request, sent whole (never cut), holds them in another order, so they go out in that order (the prefix index,
+    by their bytes). Without such a prompt they go out as sent (the first test)."""
+    planner = _planner()
+    a, b, c, d = (
+        "\n\n".join(f"The {name} {part} says something of its own. " * 12 for part in ("opening", "closing"))
+        for name in ("alpha", "beta", "gamma", "delta")
+    )
+
+    def send(chunks: list[str], question: str) -> tuple[str, dict[str, object]]:
+        """Plan one request and have the engine accept it: what it was sent is now held."""
+        request = decode_request(_completion(prompt(chunks, question)), "/v1/completions")
+        planned = planner.plan(planner.read(request, {}), f"req-{question}")
+        planned.accept()
+        request.update(planned.fields)
+        return str(msgspec.json.decode(request.encode())["prompt"]), planned.result
+
+    first, _ = send([c, d, b, a], "one?")
+    assert first == prompt([c, d, b, a], "one?")  # the first request of a chunk is never cut: gone as sent
+    second, result = send([b, a, c, d], "two?")
+    assert result["groups"] == 1 and result["blocks"] == 2  # cut between b+a and c+d only
+    assert second == prompt([c, d, b, a], "two?"), "the order the engine holds, each block whole"
+    assert result["reordered"] is True and result["predicted_cached_blocks"] == 2
