@@ -215,3 +215,18 @@ def test_the_applications_own_paragraph_after_the_context_never_moves() -> None:
         edits = [(group, rng.sample(range(len(group)), len(group))) for group in groups]
         moved += audit_rewrite(text, splice_all(text, edits), picked).moved
     assert moved >= 5
+
+
+def test_a_document_ranked_first_in_a_few_requests_is_not_taken_for_the_templates_text() -> None:
+    """A retriever's top hit twice, always first in its context: in two of eight requests it is not the
+    application's own text (which every request shows), so the blank line after it is a boundary."""
+    chunks = [f"Chunk {i} opens here.\n\nChunk {i} goes on here." for i in range(8)]
+    top = "Top document opens here.\n\nTop document goes on here."
+    boundaries = Boundaries()
+    for picked in ([0, 1], [2, 3], [4, 5], [6, 7], [1, 2], [3, 4]):
+        learned(boundaries, prompt([chunks[i] for i in picked]))
+    learned(boundaries, prompt([top, chunks[5]]))
+    learned(boundaries, prompt([top, chunks[6]]))
+    text = prompt([top, chunks[0], chunks[7]])
+    (group,) = learned(boundaries, text)
+    assert renderings(text, group) == [top, chunks[0], chunks[7]]

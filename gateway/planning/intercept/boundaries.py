@@ -51,8 +51,8 @@ from gateway.planning.intercept.templates import TEMPLATES
 
 __all__ = ["Boundaries", "Shown"]
 
-Shown = tuple[list[bytes], ...]
-"""What one request shows of its template contexts: the paragraph keys of each (``Boundaries.read``)."""
+Shown = tuple[tuple[bytes, list[bytes]], ...]
+"""What one request shows of its template contexts: the slot and the paragraph keys of each (``Boundaries.read``)."""
 
 _MAX_COUNT = 1 << 30
 _FIXED_AFTER = 1  # requests that must show a paragraph at the same edge before it counts as the template's
@@ -68,6 +68,7 @@ class Boundaries:
     def __init__(self, max_paragraphs: int = 100_000) -> None:  # two counts of ~250 bytes each: ~50 MB
         self._seen: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # paragraph -> times seen
         self._pairs: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # (a, b) -> times a then b
+        self._slots: LRUCache[bytes, int] = LRUCache(maxsize=max(1, max_paragraphs // 16))  # slot -> requests
         self._lock = threading.Lock()  # big prompts are planned on worker threads
 
     def __len__(self) -> int:
@@ -77,6 +78,7 @@ class Boundaries:
         with self._lock:
             self._seen.clear()
             self._pairs.clear()
+            self._slots.clear()
 
     def regroup(self, text: str, groups: list[BlockGroup], tenant: bytes = b"") -> list[BlockGroup]:
         """Replace each ``:paragraphs`` group by its learned grouping (or drop it); keep every other group; then
@@ -92,34 +94,36 @@ class Boundaries:
         """``regroup``'s groups, decided from earlier traffic only, and what the text shows, for ``record`` once the
         request is planned (reads the counts, changes nothing)."""
         out: list[BlockGroup] = []
-        shown: list[list[bytes]] = []
+        shown: list[tuple[bytes, list[bytes]]] = []
         for group in groups:
             if not group.label.endswith(_SUFFIX):
                 out.append(group)
                 continue
-            learned, keys = self._learn(text, group, tenant)
-            shown.append(keys)
+            slot = _slot(text, group, tenant)
+            learned, keys = self._learn(text, group, slot)
+            shown.append((slot, keys))
             if learned is not None:
                 out.append(learned)
         return out, tuple(shown)
 
     def record(self, shown: Shown) -> None:
-        """Count what a planned request showed (``read``'s second value): each paragraph and each adjacent pair,
-        once per request."""
+        """Count what a planned request showed (``read``'s second value): its template slots, and each paragraph and
+        each adjacent pair, once per request."""
         with self._lock:
-            for keys in shown:
+            for slot in dict.fromkeys(slot for slot, _ in shown):
+                self._slots[slot] = min(self._slots.get(slot, 0) + 1, _MAX_COUNT)
+            for _, keys in shown:
                 self._count(keys)
 
-    def _learn(self, text: str, group: BlockGroup, tenant: bytes) -> tuple[BlockGroup | None, list[bytes]]:
+    def _learn(self, text: str, group: BlockGroup, slot: bytes) -> tuple[BlockGroup | None, list[bytes]]:
         """The group with one block per run of paragraphs between confirmed boundaries (label
         ``<template>:learned``), or None when no boundary is confirmed yet; and the paragraphs' keys."""
-        slot = _slot(text, group, tenant)
         keys = [
             blake2b(block.key(text).encode("utf-8", "surrogatepass"), digest_size=16, key=slot).digest()
             for block in group.blocks
         ]
         with self._lock:
-            cuts, first_fixed, last_fixed = self._decide(keys)
+            cuts, first_fixed, last_fixed = self._decide(keys, self._slots.get(slot, 0))
         for index in group.joined:  # a continuation is never cut from the paragraph before it
             cuts[index - 1] = False
         # the template's own text stays out of the group, with the run of paragraphs it is not cut from
@@ -140,20 +144,22 @@ class Boundaries:
         label = group.label[: -len(_SUFFIX)] + ":learned"
         return BlockGroup(group.format, label, tuple(blocks), None, last), keys
 
-    def _decide(self, keys: list[bytes]) -> tuple[list[bool], bool, bool]:
-        """Decide each inner blank line from what earlier requests showed.
+    def _decide(self, keys: list[bytes], requests: int) -> tuple[list[bool], bool, bool]:
+        """Decide each inner blank line from what earlier requests showed (``requests`` of them in the slot).
 
         Also returns whether the first and the last paragraph may be the template's own text: seen first
-        (last) in every request that showed it, it may be written by the application around its documents
-        ("Always answer in English."); it then stays where it is, with the paragraphs it is not cut from."""
+        (last) in every request that showed it, and in at least half of the slot's requests, it may be written
+        by the application around its documents ("Always answer in English."); it then stays where it is, with
+        the paragraphs it is not cut from. A document that a retriever happened to rank first in a few of many
+        requests is not held back as the template's text."""
         seen, pairs = self._seen, self._pairs
         pair_keys = _pairs_of(keys)
         cuts = [
             _parted(seen.get(keys[i], 0), seen.get(keys[i + 1], 0), pairs.get(pair_keys[i + 1], 0))
             for i in range(len(keys) - 1)
         ]
-        first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0))
-        last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0))
+        first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0), requests)
+        last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0), requests)
         return cuts, first_fixed, last_fixed
 
     def _count(self, keys: list[bytes]) -> None:
@@ -171,9 +177,10 @@ def _pairs_of(keys: list[bytes]) -> list[bytes]:
     return [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
 
 
-def _fixed(seen: int, with_neighbour: int) -> bool:
-    """Whether a paragraph seen in ``seen`` requests always had the same neighbour on the edge side."""
-    return seen >= _FIXED_AFTER and with_neighbour == seen
+def _fixed(seen: int, with_neighbour: int, requests: int) -> bool:
+    """Whether a paragraph seen in ``seen`` of the slot's ``requests`` requests, at least half of them, always had
+    the same neighbour on the edge side."""
+    return seen >= _FIXED_AFTER and with_neighbour == seen and 2 * seen >= requests
 
 
 def _pair(left: bytes, right: bytes) -> bytes:
