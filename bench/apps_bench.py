@@ -321,9 +321,9 @@ class SimStacks(Stacks):
 
 
 class LlamaStacks(Stacks):
-    def __init__(self, corpus: Sequence[str], binary: Any, model: Any) -> None:
+    def __init__(self, corpus: Sequence[str], binary: Any, model: Any, serve_args: Sequence[str] = ()) -> None:
         super().__init__("llama", corpus)
-        self.binary, self.model = binary, model
+        self.binary, self.model, self.serve_args = binary, model, serve_args
 
     @contextmanager
     def _server(self) -> Iterator[str]:
@@ -341,7 +341,7 @@ class LlamaStacks(Stacks):
     def run(self, app: App, asked: Sequence[str], qset: str) -> RunResult:
         with self._server() as engine:
             direct = run_app(app, engine, asked, self.retrieve, self.corpus)
-        with self._server() as engine, _gateway(engine, "llamacpp") as gateway:
+        with self._server() as engine, _gateway(engine, "llamacpp", self.serve_args) as gateway:
             through = run_app(app, gateway, asked, self.retrieve, self.corpus)
         return RunResult(app, qset, "llama", direct, through)
 
@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apps", nargs="*", default=[], help="only apps whose name contains one of these")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--serve-args", default="", help="more `prefixgate serve` options for the gateway runs, "
+                        "e.g. '--citation-mapping'")  # fmt: skip
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     count = args.questions or (8 if args.quick else 24)
     chunks = build_corpus()
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     for engine in args.engines.split(","):
         started = time.monotonic()
         quick_llama = engine == "llama" and args.quick and not args.apps and args.questions is None
-        with _stacks(engine, corpus) as stacks:
+        with _stacks(engine, corpus, args.serve_args.split()) as stacks:
             if stacks is None:
                 continue
             for qset, asked in sets.items():
@@ -451,13 +453,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _stacks(engine: str, corpus: Sequence[str]) -> Iterator[Stacks | None]:
+def _stacks(engine: str, corpus: Sequence[str], serve_args: Sequence[str] = ()) -> Iterator[Stacks | None]:
     if engine == "sim":
-        with sim_engine() as sim, _gateway(sim, "openai") as gateway:
+        with sim_engine() as sim, _gateway(sim, "openai", serve_args) as gateway:
             yield SimStacks(corpus, sim, gateway)
     elif engine == "llama":
         located = _locate()
-        yield None if located is None else LlamaStacks(corpus, *located)
+        yield None if located is None else LlamaStacks(corpus, *located, serve_args=serve_args)
     else:
         raise SystemExit(f"unknown engine {engine!r} (sim, llama)")
 
