@@ -70,6 +70,7 @@ CONCURRENCY = 4
 BLOCKS = 256
 BLOCK = 128  # tokens per vLLM block on CPU: only whole blocks are cached
 N_DOCS, K, DOC_WORDS = 60, 5, 110
+CHAT_TURNS = 16  # a chat conversation's turns at most (each ~150 tokens)
 MODEL = "tiny"
 
 
@@ -113,6 +114,9 @@ def build_workload(name: str, n_requests: int, seed: int, vocabulary: Sequence[s
         turn += 1
         if turn % 6 == 0:  # a conversation ends, a new one starts
             sessions[turn // 6 % len(sessions)] = [{"role": "system", "content": system}]
+        for history in sessions:  # and none outgrows the model's context (4,096 tokens): ~16 turns at most
+            if len(history) > 2 * CHAT_TURNS:
+                history[1:] = []
     return bodies
 
 
