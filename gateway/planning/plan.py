@@ -23,7 +23,7 @@ import httpx
 from engines.base import EngineAdapter
 from engines.llamacpp.slots import SlotTable
 from gateway.metrics import Metrics
-from gateway.planning.residency import Residency
+from gateway.planning.residency import Residency, estimate_tokens
 from gateway.wire.walk import AnswerRewriter
 from scheduler.prefixes import Hashes
 
@@ -41,14 +41,7 @@ Path = tuple[tuple[Hashable, tuple[int, ...]], ...]
 """What a request holds: its block groups as ``(prefix key, blocks in sent order)``, in prompt order."""
 Prediction = tuple[Hashable, tuple[int, ...]]  # (prefix key, the blocks predicted cached under it)
 _MIN_PREDICTED_CHARS = 400
-_CHARS_PER_TOKEN = 4
 _STALE_FRACTION = 0.25
-
-
-def estimate_tokens(chars: int) -> int:
-    """The tokens ``chars`` characters of prompt are estimated to make (~4 per token, the gateway's one estimate:
-    predictions, the result header, a replica's load and its ranking)."""
-    return chars // _CHARS_PER_TOKEN
 
 
 class PlannedRequest:
@@ -62,7 +55,8 @@ class PlannedRequest:
     """
 
     __slots__ = ("answer", "chain", "choices", "commits", "fields", "metrics", "predicted_chars", "predictions",
-                 "request_id", "residency", "result", "routing", "slot", "slot_known", "slots", "upstream")  # fmt: skip
+                 "prompt_chars", "request_id", "residency", "result", "routing", "slot", "slot_known", "slots",
+                 "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -74,6 +68,7 @@ class PlannedRequest:
         commits: Path = (),
         predictions: Sequence[Prediction] = (),
         predicted_chars: int = 0,
+        prompt_chars: int = 0,
         chain: Hashes = (),
     ) -> None:
         self.request_id = request_id
@@ -84,6 +79,7 @@ class PlannedRequest:
         self.commits = commits  # (prefix key, blocks in sent order) per block group, in prompt order
         self.predictions = predictions
         self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
+        self.prompt_chars = prompt_chars  # the whole prompt's bytes, as the planner fed them (0: not walked)
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
         self.slot_known = True  # False: sent without ``id_slot``, ``slot`` is where llama.cpp is believed to put it
@@ -99,7 +95,7 @@ class PlannedRequest:
     def predicted_tokens(self) -> int:
         """The predicted cached tokens, rounded down to what the replica's engine caches in (its learned
         ``CacheGranularity``): what the result header says and ``usage`` compares with the engine's report."""
-        return self.residency.granularity.floor(estimate_tokens(self.predicted_chars))
+        return self.residency.granularity.floor(self.residency.rate.tokens(self.predicted_chars))
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
@@ -112,14 +108,17 @@ class PlannedRequest:
         self.residency.commit(self.request_id, self.commits)
         self.residency.sent(self.chain)
 
-    def usage(self, cached_tokens: int | None) -> None:
+    def usage(self, cached_tokens: int | None, prompt_tokens: int | None = None) -> None:
         """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.
 
-        Every report teaches the replica's cache granularity. The prediction (``predicted_tokens``, in the
+        Every report teaches the replica's cache granularity, and the prompt tokens how many of the prompt's bytes
+        its engine counts as a token (``TokenRate``). The prediction (``predicted_tokens``, in the
         engine's whole blocks) is compared with the report: below a quarter of it, every other request whose
         committed path runs through the predicted prefix is released, since the engine no longer holds it
         (``prefixgate_stale_predictions``).
         """
+        if prompt_tokens is not None and self.prompt_chars:
+            self.residency.rate.learn(self.prompt_chars, prompt_tokens)
         if cached_tokens is None:
             return
         self.residency.granularity.learn(cached_tokens)

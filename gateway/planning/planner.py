@@ -175,8 +175,10 @@ class Planner:
         answer: AnswerRewriter | None = None
         notes: list[str] = []
         chain: Hashes
+        prompt_chars = 0
         if control.enabled:
             prefix = self._walk(body, fields, outcome, Chain())
+            prompt_chars = prefix.fed
             notes = outcome.notes
             assert prefix.chain is not None
             chain = forwarded = prefix.chain.freeze()  # as sent too, unless a field changed
@@ -208,6 +210,7 @@ class Planner:
             commits=tuple(outcome.commits),
             predictions=outcome.predictions,
             predicted_chars=outcome.predicted_chars,
+            prompt_chars=prompt_chars,
             chain=chain,
         )
         planned.fields.update(fields)
@@ -484,7 +487,7 @@ class Planner:
 _LEARNED = ":learned"  # the label suffix of a group cut at boundaries learned from traffic
 _HELD_ORDER_BLOCKS = 16  # a bigger learned group is not ordered by the prompt index
 _HELD_ORDER_STEPS = 256  # candidate blocks tried per group (each a hash of the block and a prefix index lookup)
-Path = tuple[int, ...]
+_Order = tuple[int, ...]
 
 
 def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup) -> tuple[tuple[int, ...], int] | None:
@@ -509,7 +512,7 @@ def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup
     gaps = [gap.encode("utf-8", "surrogatepass") for gap in group.gaps(text)] + [b""]
     steps = _HELD_ORDER_STEPS
 
-    def longest(chain: Chain, taken: tuple[int, ...], chunks: int, ended: tuple[int, ...]) -> tuple[int, Path]:
+    def longest(chain: Chain, taken: tuple[int, ...], chunks: int, ended: tuple[int, ...]) -> tuple[int, _Order]:
         """The best held continuation of ``taken`` (whose chain ends ``chunks`` chunks, the last of them ended by the
         blocks ``ended``): the chunks it ends, and its blocks up to the last one that ended a chunk."""
         nonlocal steps

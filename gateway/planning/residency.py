@@ -29,7 +29,16 @@ from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
 from scheduler.prefixes import CHUNK_BYTES, PrefixIndex
 
-__all__ = ["CacheGranularity", "Change", "EvictOutcome", "IndexView", "Residency"]
+__all__ = ["CacheGranularity", "Change", "EvictOutcome", "IndexView", "Residency", "TokenRate", "estimate_tokens"]
+
+_CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(chars: int) -> int:
+    """The tokens ``chars`` characters of prompt are estimated to make (~4 per token, the gateway's one estimate:
+    predictions, the result header, a replica's load and its ranking)."""
+    return chars // _CHARS_PER_TOKEN
+
 
 Change = tuple[Any, ...]
 """An index change for replication: ``("commit", request_id, groups)``, ``("evict", request_ids)``, ``("reset",)``."""
@@ -47,6 +56,35 @@ class EvictOutcome:
     @property
     def removed_count(self) -> int:
         return len(self.evicted_request_ids)
+
+
+class TokenRate:
+    """How many bytes of prompt (as the gateway feeds it: each message's role and text, in order) one replica's
+    engine counts as a token, learned from the ``prompt_tokens`` it reports for the prompts it was sent.
+
+    A prediction is a position in the prompt's bytes; the tokens before it depend on the engine's tokenizer
+    (English prose ~4 bytes a token, code or rare words far fewer). Until ``WARM`` reports arrived the gateway's
+    one estimate (``estimate_tokens``) stands; then the rate over the last ``WINDOW`` prompts."""
+
+    WINDOW = 32
+    WARM = 4
+
+    __slots__ = ("_reports",)
+
+    def __init__(self) -> None:
+        self._reports: deque[tuple[int, int]] = deque(maxlen=self.WINDOW)
+
+    def learn(self, prompt_bytes: int, prompt_tokens: int) -> None:
+        """One prompt of ``prompt_bytes`` that the engine counted as ``prompt_tokens``."""
+        if prompt_bytes > 0 and prompt_tokens > 0:
+            self._reports.append((prompt_bytes, prompt_tokens))
+
+    def tokens(self, prompt_bytes: int) -> int:
+        """The tokens the engine is expected to count in the first ``prompt_bytes`` bytes of a prompt."""
+        reports = self._reports
+        if len(reports) < self.WARM:
+            return estimate_tokens(prompt_bytes)
+        return prompt_bytes * sum(t for _, t in reports) // sum(b for b, _ in reports)
 
 
 class CacheGranularity:
@@ -120,6 +158,7 @@ class Residency:
         self.index = LiveIndex(max_requests=max_requests)
         self.prefixes = PrefixIndex(max_chunks)  # every prompt sent, recognised blocks or not (chunk names)
         self.granularity = CacheGranularity()  # what the engine's cached_tokens come in (``PlannedRequest.usage``)
+        self.rate = TokenRate()  # the prompt bytes the engine counts as a token (``PlannedRequest.usage``)
         self.slots: SlotTable | None = None  # llama.cpp: its slots hold the prompts (``Planner.use_slots``)
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)

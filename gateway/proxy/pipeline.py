@@ -302,7 +302,7 @@ class Exchange:
         if planned is not None:
             if relayed.failure is not None:
                 planned.failed(relayed.failure)
-            planned.usage(relayed.cached_tokens)
+            planned.usage(relayed.cached_tokens, relayed.prompt_tokens)
             planned.finish()
         await self.to_client({"type": "http.response.body", "body": relayed.tail, "more_body": False})
         self.status = relayed.status

@@ -68,13 +68,15 @@ class Answering(Protocol):
 
 @dataclass(slots=True)
 class Relayed:
-    """What the relay saw of an answer it relayed: its status, the cached tokens the engine reported, the reason
-    the upstream failed after the first byte (if it did), and ``tail``, the last body message, still to send."""
+    """What the relay saw of an answer it relayed: its status, the cached and prompt tokens the engine reported,
+    the reason the upstream failed after the first byte (if it did), and ``tail``, the last body message, still to
+    send."""
 
     status: int
     tail: bytes = b""
     cached_tokens: int | None = None
     failure: str | None = None
+    prompt_tokens: int | None = None
 
 
 class Relay:
@@ -122,7 +124,7 @@ class Relay:
         """
         body = await read_limited(response.aiter_raw(), _MAX_JSON_BODY, _upstream_too_large)
         to.first_byte()
-        cached = None
+        cached = prompt = None
         if _field(response.headers.raw, b"content-encoding") is None:
             # a success that is not a JSON object is an engine fault the client should see as one, not as a 200
             payload = decode_answer(body)
@@ -130,12 +132,14 @@ class Relay:
                 raise UpstreamError(
                     "the upstream engine answered with an invalid body", code="upstream_invalid_response"
                 )
-            cached = self._count_usage(payload, to.route)
+            cached, prompt = self._count_usage(payload, to.route)
             answer = to.answer
             if answer is not None:
                 body = answer.json(body)
         headers = response_headers(response.headers, keep_length=False)
-        return await _start_whole(to, response.status_code, headers, body, cached)
+        relayed = await _start_whole(to, response.status_code, headers, body, cached)
+        relayed.prompt_tokens = prompt
+        return relayed
 
     async def _stream(self, response: httpx.Response, to: Answering, sse: bool) -> Relayed:
         """Relay the answer chunk by chunk as it arrives, reading the cached tokens an event stream reports.
@@ -185,17 +189,17 @@ class Relay:
         if sniffed is not None and sniffed.oversized:
             self.metrics.sse_oversized_events.labels(route).inc(sniffed.oversized)
         usage = sniffer.usage if sniffer is not None else None
-        cached = self._count_usage(usage, route) if usage is not None else None
-        return Relayed(response.status_code, cached_tokens=cached, failure=failure)
+        cached, prompt = self._count_usage(usage, route) if usage is not None else (None, None)
+        return Relayed(response.status_code, cached_tokens=cached, failure=failure, prompt_tokens=prompt)
 
-    def _count_usage(self, payload: dict[str, Any], route: str) -> int | None:
-        """Count the engine-reported prompt and cached tokens of an answer; return the cached ones."""
+    def _count_usage(self, payload: dict[str, Any], route: str) -> tuple[int | None, int | None]:
+        """Count the engine-reported prompt and cached tokens of an answer; return (cached, prompt)."""
         cached = cached_tokens_from_usage(payload)
         prompt = prompt_tokens_from_usage(payload)
         if cached is not None and prompt is not None:
             self.metrics.engine_cached_tokens.labels(route).inc(cached)
             self.metrics.engine_prompt_tokens.labels(route).inc(prompt)
-        return cached
+        return cached, prompt
 
 
 def _field(raw: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -80,3 +80,20 @@ def test_the_header_and_the_stale_check_use_whole_blocks() -> None:
     assert metrics.stale_predictions._value.get() == before
     _planned(residency, 443 * 4, metrics).usage(95)
     assert metrics.stale_predictions._value.get() == before + 1
+
+
+def test_predictions_count_tokens_at_the_rate_the_engine_counts_the_prompts_it_was_sent() -> None:
+    """A tokenizer that makes a token of every 2.5 bytes (not the default estimate's 4): once four answers
+    reported their prompt tokens, a prediction 1,000 bytes into a prompt is 400 tokens, not 250."""
+    residency = Residency(max_requests=10, stateless=False)
+
+    def planned(request_id: str, predicted_chars: int, prompt_chars: int) -> PlannedRequest:
+        result = {"predicted_cached_tokens": 0}
+        return PlannedRequest(request_id, residency, Metrics(), result, predicted_chars=predicted_chars,
+                              prompt_chars=prompt_chars)  # fmt: skip
+
+    assert planned("cold", 1000, 3000).predicted_tokens == 250
+    for i in range(4):
+        planned(f"r{i}", 0, 2500 + 500 * i).usage(None, prompt_tokens=(2500 + 500 * i) * 2 // 5)
+    warm = planned("warm", 1000, 3000)
+    assert warm.predicted_tokens == 400 and warm.result["predicted_cached_tokens"] == 400
