@@ -487,6 +487,7 @@ class Planner:
 _LEARNED = ":learned"  # the label suffix of a group cut at boundaries learned from traffic
 _HELD_ORDER_BLOCKS = 16  # a bigger learned group is not ordered by the prompt index
 _HELD_ORDER_STEPS = 256  # candidate blocks tried per group (each a hash of the block and a prefix index lookup)
+_HELD_ORDER_NAMES = 1 << 16  # chunk names copied per group at most (each try copies the prompt's chain so far)
 _Order = tuple[int, ...]
 
 
@@ -494,8 +495,9 @@ def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup
     """An order for a learned group (whose blocks the block index may know only in part), from what the engine holds
     of whole prompts (``Residency.held_chars``: the prefix index, or llama.cpp's slots): the leading blocks that keep
     the prompt held furthest (a search over the blocks each held prefix can continue with, ``_HELD_ORDER_STEPS``
-    tries at most), the rest in the order sent (which may be the order sent), and how many blocks it predicts held.
-    None when no block continues what is held, or when the prompt left what is held before the group.
+    tries at most, fewer behind a long prompt: ``_HELD_ORDER_NAMES``), then the others as sent; and how many
+    blocks it predicts held. None when no block continues what is held, or when the prompt left what is held
+    before the group.
 
     Another request of the same template cut its documents apart (``intercept.boundaries``) but sent them before
     the block index could name them: its prompt, whole, is in the prefix index, so the blocks that continue it are
@@ -510,7 +512,7 @@ def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup
         return None
     pieces = [text[block.start : block.end].encode("utf-8", "surrogatepass") for block in group.blocks]
     gaps = [gap.encode("utf-8", "surrogatepass") for gap in group.gaps(text)] + [b""]
-    steps = _HELD_ORDER_STEPS
+    steps = min(_HELD_ORDER_STEPS, _HELD_ORDER_NAMES // len(base)) if base else _HELD_ORDER_STEPS
 
     def longest(chain: Chain, taken: tuple[int, ...], chunks: int, ended: tuple[int, ...]) -> tuple[int, _Order]:
         """The best held continuation of ``taken`` (whose chain ends ``chunks`` chunks, the last of them ended by the
