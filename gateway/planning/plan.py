@@ -135,11 +135,6 @@ class PlannedRequest:
             logger.info("engine reported %d cached tokens, far below the prediction: released %d", cached_tokens,
                         len(stale))  # fmt: skip
 
-    def prefilled(self) -> None:
-        """The answer's first bytes arrived: the engine has computed the prompt (its replica's queue is shorter)."""
-        if self.routing is not None:
-            self.routing.prefilled()
-
     def responded(self, status: int) -> None:
         """The upstream's answer head came with ``status`` (a router's plan counts it for its replica's health)."""
         if self.routing is not None:
@@ -188,8 +183,6 @@ class Routing(Protocol):
     steps what happened to the request, for the replica's load, health and affinity (on the event loop)."""
 
     def accepted(self, planned: PlannedRequest) -> None: ...
-
-    def prefilled(self) -> None: ...
 
     def responded(self, status: int) -> None: ...
 

@@ -336,13 +336,6 @@ class Exchange:
             log_access(self.request_id, self.route, status, result=result, cached_tokens=self.cached_tokens,
                        started=self.started)  # fmt: skip
 
-    def first_byte(self) -> None:
-        """The relay's report of the answer's first bytes: time to first byte, and the plan hears the engine has
-        computed the prompt (``PlannedRequest.prefilled``)."""
-        self.proxy.metrics.first_byte(self.route, time.perf_counter() - self.started)
-        if self.planned is not None:
-            self.planned.prefilled()
-
     def watch_disconnect(self) -> _Watch:
         """A scope the client's disconnect cancels; the status is 499 until the answer is complete."""
         self.status = 499

@@ -12,6 +12,7 @@ nothing of the plan's lifecycle; ``gateway.proxy.pipeline`` decides where a requ
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,9 +62,6 @@ class Answering(Protocol):
     @property
     def upstream_base(self) -> str:
         """The URL of the upstream the request went to (its redirects are rewritten)."""
-
-    def first_byte(self) -> None:
-        """Report: the answer's first body bytes arrived (an engine streams once it has computed the prompt)."""
 
 
 @dataclass(slots=True)
@@ -123,7 +121,7 @@ class Relay:
         a clean 502, and lets the gateway read the engine's cached-token count.
         """
         body = await read_limited(response.aiter_raw(), _MAX_JSON_BODY, _upstream_too_large)
-        to.first_byte()
+        self.metrics.first_byte(to.route, time.perf_counter() - to.started)
         cached = prompt = None
         if _field(response.headers.raw, b"content-encoding") is None:
             # a success that is not a JSON object is an engine fault the client should see as one, not as a 200
@@ -160,7 +158,7 @@ class Relay:
         try:
             async for received in response.aiter_raw():
                 if first:
-                    to.first_byte()
+                    self.metrics.first_byte(route, time.perf_counter() - to.started)
                     first = False
                 if sniffer is not None:
                     sniffer.feed(received)

@@ -21,8 +21,7 @@ conversation's digest. Only ``read`` (the planner's first phase, which reads no 
 in a worker thread; ``plan``, the ranking and every read and write of replica state run on the event loop.
 
 Load is tracked per replica while a request is in flight: one request, and its predicted uncached prompt tokens
-(the prefill it queues) until the answer's first bytes arrive (``Route.prefilled``; a streamed answer's head comes
-as soon as the engine takes the request, before it has computed the prompt) or the request ends.
+(the prefill it queues) until the engine answers.
 """
 
 from __future__ import annotations
@@ -78,12 +77,8 @@ class Route:
         replica.queued_tokens += queued
 
     def accepted(self, planned: PlannedRequest) -> None:
-        self.router.accepted(self, planned.request_id)
-
-    def prefilled(self) -> None:
-        """The answer's first bytes: its prompt is no longer queued on the replica (a streamed answer's head comes
-        as soon as the engine takes the request, before it computes the prompt)."""
         self._dequeue()
+        self.router.accepted(self, planned.request_id)
 
     def finished(self) -> None:
         if not self._done:

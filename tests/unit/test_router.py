@@ -174,19 +174,3 @@ def test_a_prompt_whose_order_the_cache_holds_goes_out_as_sent() -> None:
     again.finish()
     metrics = router.replicas.replicas[0].planner.metrics.render().decode()  # type: ignore[union-attr]
     assert 'prefixgate_left_alone_total{reason="cached_as_sent"} 1.0' in metrics
-
-
-def test_a_request_stays_queued_on_its_replica_until_the_first_bytes_of_its_answer() -> None:
-    """A streamed answer's head comes as soon as vLLM takes the request, before it computes the prompt: until the
-    first bytes the prompt is still queued there, and the next request weighs it."""
-    router = _router()
-    planned = _plan(router, chat(xml_docs(["alpha", "beta"]), "q1"), "req-1")
-    home = _replica(planned)
-    queued = home.queued_tokens
-    assert queued > 0
-    planned.accept()
-    assert home.queued_tokens == queued, "accepted, not yet computed"
-    planned.prefilled()
-    assert home.queued_tokens == 0 and home.in_flight == 1
-    planned.finish()
-    assert home.in_flight == 0 and home.queued_tokens == 0
