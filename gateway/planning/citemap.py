@@ -104,11 +104,9 @@ class CitationRewriter:
     # JSON ----------------------------------------------------------------------------------------------------
     def json(self, body: bytes) -> bytes:
         """A whole chat or completion answer with its choices' text mapped; anything unexpected passes."""
-        try:
-            top = _raw_object.decode(body)
-            choices = _raw_list.decode(top["choices"])
-        except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+        if (decoded := _with_choices(body)) is None:
             return body
+        top, choices = decoded
         for choice in choices:
             if "message" in choice:
                 message = _raw_object.decode(choice["message"])
@@ -158,11 +156,9 @@ class CitationRewriter:
         return b"\n".join(lines)
 
     def _chunk(self, payload: bytes) -> bytes:
-        try:
-            top = _raw_object.decode(payload)
-            choices = _raw_list.decode(top["choices"])
-        except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+        if (decoded := _with_choices(payload)) is None:
             return payload
+        top, choices = decoded
         self._last = top
         for choice in choices:
             index = msgspec.json.decode(choice.get("index", b"0"))
@@ -209,3 +205,12 @@ def _could_cite(tail: str) -> bool:
     if len(tail.split()) > 1 or tail != tail.rstrip(" \t") or tail[len(word) :].strip():
         return word in _WORDS
     return any(candidate.startswith(word) for candidate in _WORDS)
+
+
+def _with_choices(payload: bytes) -> tuple[dict[str, msgspec.Raw], list[dict[str, msgspec.Raw]]] | None:
+    """An answer's (or a chunk's) top object and its choices, their values undecoded; None for anything else."""
+    try:
+        top = _raw_object.decode(payload)
+        return top, _raw_list.decode(top["choices"])
+    except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+        return None
