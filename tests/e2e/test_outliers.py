@@ -122,20 +122,27 @@ def test_a_replica_that_accepts_and_never_answers_is_routed_around_and_ejected()
     """The client gives up after 3 s (the gateway's read timeout is 600 s): requests stuck far beyond the peer's
     answer times count as failures, the stuck replica is routed around, and three in a row eject it. (Stuck means
     waiting over max(1 s, 4 x the peer's median answer head): under 3 s while the peer answers within 0.5 s, as
-    it does on a loaded 2-core machine; with the default factor of 10 a busy machine's 0.2 s heads made it 2 s.)"""
+    it does on a loaded 2-core machine.) How many requests the peer takes between two that reach r0 depends on
+    its load and its own cache of the documents, so requests go on until r0 is ejected, 30 at most."""
     with two_replicas("--health-interval", "0.2", "--stuck-factor", "4") as (gateway, hung, _peer):
         warm(gateway)
         hung.hang = True
         before = hung.completions
         answered = []
-        for i in range(12):  # the same documents, in other orders: the cache says r0
+        for i in range(30):  # the same documents, in other orders: the cache says r0
             response = ask(gateway, PREFIX[i % 6 :] + PREFIX[: i % 6], f"question {i}", timeout=3.0)
             if response is not None:
                 assert response.status_code == 200
                 answered.append(replica_of(response))
-        assert len(answered) >= 9 and set(answered) == {"r1"}, answered
-        assert hung.completions - before <= 3, "at most eject_after (3) requests reached the hung replica"
-        assert metric(gateway, 'prefixgate_replica_ejections_total{replica="r0"}') == 1
+            if metric(gateway, 'prefixgate_replica_ejections_total{replica="r0"}') == 1:
+                break
+        assert metric(gateway, 'prefixgate_replica_ejections_total{replica="r0"}') == 1, answered
+        assert hung.completions - before == 3, "eject_after (3) requests reached the hung replica, no more"
+        for i in range(3):  # ejected: none reaches it
+            response = ask(gateway, PREFIX, f"after {i}", timeout=3.0)
+            assert response is not None and response.status_code == 200
+            answered.append(replica_of(response))
+        assert set(answered) == {"r1"} and hung.completions - before == 3, answered
         assert metric(gateway, 'prefixgate_replica_ejected{replica="r0"}') == 1
         assert metric(gateway, 'prefixgate_replica_ejected{replica="r1"}') == 0
         state = replicas(gateway)["r0"]
