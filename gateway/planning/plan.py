@@ -169,6 +169,7 @@ class RequestPlanner(Protocol):
         headers: Mapping[str, str],
         *,
         tenant: str | None = None,
+        client: str | None = None,
         inline: bool = False,
         resume: Reading | None = None,
     ) -> Reading:

@@ -112,6 +112,7 @@ class Planner:
         headers: Mapping[str, str],
         *,
         tenant: str | None = None,
+        client: str | None = None,
         inline: bool = False,
         resume: Reading | None = None,
     ) -> Reading:
@@ -119,11 +120,13 @@ class Planner:
         meaning cues, and decide the meaning of each text whose rewrite is not remembered (``Reading``).
 
         ``tenant``: the client key's namespace when planning state is per key (None: shared).
+        ``client``: the key's namespace when keys share the planning state (``--shared-cache``): learned boundaries
+        then count distinct clients, so that no one key confirms a boundary alone.
         ``inline`` (on the event loop): reading may take ``INLINE_SCAN_SECONDS`` of CPU; past it the reading comes
         back with ``complete`` False, and ``read(..., resume=it)`` in a worker thread goes on from where it stopped,
         with the whole budget. Past the budget the reading is ``skipped`` (every text goes out as it came).
         """
-        reading = resume or Reading(body, headers, tenant, parse_control(headers, self.settings))
+        reading = resume or Reading(body, headers, tenant, parse_control(headers, self.settings), client)
         reading.complete = True
         control = reading.control
         if not control.enabled:
@@ -149,7 +152,7 @@ class Planner:
                     remembered = _memo_digest(found, others, model, owner) in self._memo
                 if not remembered:  # a remembered rewrite is sent again as it was: nothing to decide
                     check(deadline)
-                    reading.meanings[key] = self._mean(text, found, others, control, owner)
+                    reading.meanings[key] = self._mean(text, found, others, reading, owner)
         except BudgetExceeded:
             if sliced:
                 reading.complete = False
@@ -364,7 +367,7 @@ class Planner:
             try:
                 # decided while reading; else its rewrite was remembered then and has been forgotten since, or the
                 # text has no groups: decided now
-                meaning = reading.meanings.get(key) or self._mean(text, found, others, outcome.control, outcome.tenant)
+                meaning = reading.meanings.get(key) or self._mean(text, found, others, reading, outcome.tenant)
                 entry, fresh = self._plan_text(text, prefix, outcome, meaning)
             except BudgetExceeded:
                 # the text goes out as it came, and so does every later one (the budget is per request); the
@@ -398,11 +401,12 @@ class Planner:
         outcome.maps.extend(entry.maps)
         return entry.text
 
-    def _mean(self, text: str, found: TextScan, others: Others, control: Control, tenant: bytes) -> Meaning:
+    def _mean(self, text: str, found: TextScan, others: Others, reading: Reading, tenant: bytes) -> Meaning:
         """A text's groups and what meaning allows for each, without the index (``Reading.meanings``). Blank-line
         splits of template contexts may cut one document: only boundaries traffic confirmed are kept."""
-        groups, shown = self.boundaries.read(text, found.groups or (), tenant)
-        decisions = decide(text, groups, others, mapping=control.mapping, own=found.cues) if groups else []
+        client = reading.client.encode() if reading.client is not None else None
+        groups, shown = self.boundaries.read(text, found.groups or (), tenant, client)
+        decisions = decide(text, groups, others, mapping=reading.control.mapping, own=found.cues) if groups else []
         return Meaning(tuple(groups), tuple(decisions), shown)
 
     def _plan_text(self, text: str, prefix: Prefix, outcome: Outcome, meaning: Meaning) -> tuple[Rewrite, list[int]]:

@@ -112,6 +112,7 @@ class Reading:
     headers: Mapping[str, str]
     tenant: str | None
     control: Control
+    client: str | None = None  # the key, when keys share the planning state (boundaries count distinct clients)
     texts: dict[Hashable, str] = field(default_factory=dict)
     scans: dict[Hashable, TextScan] = field(default_factory=dict)
     meanings: dict[Hashable, Meaning] = field(default_factory=dict)

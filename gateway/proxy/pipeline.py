@@ -219,7 +219,8 @@ class Exchange:
             return
         big = len(body.raw) >= PLAN_IN_THREAD_BYTES
         planner = self.proxy.planner
-        read = partial(planner.read, body, self.headers, tenant=self.tenant)
+        client = self.namespace if self.tenant is None else None  # keys sharing the planning state
+        read = partial(planner.read, body, self.headers, tenant=self.tenant, client=client)
         with malformed_json_is_400():
             reading = await _run(big, partial(read, inline=not big))
             moved = "size" if big else None

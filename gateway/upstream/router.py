@@ -64,7 +64,8 @@ class Route:
     that replica's load while the request is in flight, where it may go next (``reroute``, when this replica is
     unreachable) and the conversation it belongs to (affinity)."""
 
-    __slots__ = ("_done", "_pending", "_queued", "conversation", "ranking", "replica", "router", "tenant", "tried")
+    __slots__ = ("_done", "_pending", "_queued", "client", "conversation", "ranking", "replica", "router", "tenant",
+                 "tried")  # fmt: skip
 
     def __init__(self, router: Router, replica: Replica, queued: int) -> None:
         self.router, self.replica, self._queued, self._done = router, replica, queued, False
@@ -72,6 +73,7 @@ class Route:
         self.ranking: tuple[Replica, ...] = ()
         self.tried: tuple[Replica, ...] = (replica,)
         self.tenant: str | None = None
+        self.client: str | None = None  # the key, when keys share the planning state (``Planner.read``)
         self._pending: Pending = router.replicas.started(replica)
         replica.in_flight += 1
         replica.queued_tokens += queued
@@ -137,13 +139,14 @@ class Router:
         headers: Mapping[str, str],
         *,
         tenant: str | None = None,
+        client: str | None = None,
         inline: bool = False,
         resume: Reading | None = None,
     ) -> Reading:
         """``Planner.read`` (any thread), by the planner whose memo will plan the request: the replica's own with
         one replica, the shared one with several."""
         planner = _planner(self.replicas.replicas[0]) if len(self.replicas) == 1 else self._shared
-        return planner.read(body, headers, tenant=tenant, inline=inline, resume=resume)
+        return planner.read(body, headers, tenant=tenant, client=client, inline=inline, resume=resume)
 
     def plan(self, reading: Reading, request_id: str) -> PlannedRequest:
         """Plan what ``read`` found for the best replica (``Planner.plan``'s contract, on the event loop)."""
@@ -155,7 +158,7 @@ class Router:
         if len(healthy) == 1:
             planned = _planner(healthy[0]).plan(reading, request_id)
             route = self._assign(planned, healthy[0], prompt_tokens, 0, "only")
-            route.tenant = tenant
+            route.tenant, route.client = tenant, reading.client
             return planned
         conversation = _conversation(body, headers)
         if conversation is not None and tenant:  # one key's conversations never steer another key's routing
@@ -169,6 +172,7 @@ class Router:
         reason = self._reason(choice.best, affine, [r.in_flight for r in healthy])
         route = self._assign(planned, winner, prompt_tokens, choice.best.cached_tokens, reason)
         route.conversation, route.ranking, route.tenant = conversation, tuple(choice.ranking), tenant
+        route.client = reading.client
         return planned
 
     def passthrough(self) -> Replica:
@@ -199,10 +203,12 @@ class Router:
             return None
         self.reroutes.inc()
         logger.warning("replica %s unreachable; request sent to %s", failed.replica.name, remaining[0].name)
-        reading = self._shared.read(body, headers, tenant=failed.tenant)  # on the loop: its texts are in the memos
+        # on the loop: its texts are in the memos
+        reading = self._shared.read(body, headers, tenant=failed.tenant, client=failed.client)
         planned = self._shared.plan(reading, request_id, view=remaining[0].residency)
         route = self._assign(planned, remaining[0], estimate_tokens(len(body.raw)), 0, "reroute")
         route.conversation, route.ranking, route.tenant = failed.conversation, failed.ranking, failed.tenant
+        route.client = failed.client
         route.tried = (*failed.tried, remaining[0])
         return planned
 

@@ -127,6 +127,32 @@ async def test_shared_cache_is_opt_in_and_hides_what_it_shares(gateway: AppFacto
     assert "predicted_cached_blocks" not in result(probe)
 
 
+async def test_with_a_shared_cache_one_key_cannot_cut_another_keys_chunk(
+    gateway: AppFactory, upstream: respx.Router
+) -> None:
+    """``--shared-cache`` with keys: learned boundaries count distinct keys. Bob sends Alice's chunk's paragraphs
+    apart ten times (a LangChain stuff chain, documents joined by blank lines); Alice's next request still goes out
+    with the chunk whole (without keys, or before this rule, ten requests apart against two whole cut it)."""
+    from tests.unit.test_intercept_boundaries import prompt
+
+    a, b = "Alice's chunk, its first part.", "Alice's chunk, its second part."
+    chunk, other = f"{a}\n\n{b}", "Another of Alice's chunks."
+
+    def chat(chunks: list[str], question: str) -> bytes:
+        return json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt(chunks, question)}]}).encode()
+
+    route = upstream.post("/v1/chat/completions").mock(side_effect=ok_json)
+    async with gateway(**TENANTS, shared_cache=True) as client:
+        await client.post("/v1/chat/completions", content=chat([chunk, other], "first?"), headers=ALICE)
+        for i in range(10):
+            await client.post("/v1/chat/completions", content=chat([a, "Bob's x."], f"x{i}?"), headers=BOB)
+            await client.post("/v1/chat/completions", content=chat(["Bob's y.", b], f"y{i}?"), headers=BOB)
+        again = await client.post("/v1/chat/completions", content=chat([other, chunk], "again?"), headers=ALICE)
+    assert result(again)["blocks"] == 2, "two documents: the chunk's blank line is not a boundary"
+    sent = json.loads(route.calls[-1].request.content)["messages"][0]["content"]
+    assert chunk in sent, "Alice's chunk went out whole"
+
+
 async def test_index_routes_need_the_admin_token_or_a_key(gateway: AppFactory) -> None:
     schedule = {"contexts": [[1, 2], [2, 3]]}
     async with gateway(**TENANTS) as client:

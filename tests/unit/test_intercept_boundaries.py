@@ -230,3 +230,27 @@ def test_a_document_ranked_first_in_a_few_requests_is_not_taken_for_the_template
     text = prompt([top, chunks[0], chunks[7]])
     (group,) = learned(boundaries, text)
     assert renderings(text, group) == [top, chunks[0], chunks[7]]
+
+
+def test_with_keys_sharing_the_state_one_key_cannot_cut_another_keys_chunk_however_often_it_sends() -> None:
+    """``--shared-cache`` with keys: evidence counts distinct keys, not requests. The attack above, sent many
+    times by one key, no longer cuts the victim's chunk; the same traffic from more keys than showed it whole
+    does (independent clients confirming a boundary)."""
+    a, b, x, y = "Victim part one.", "Victim part two.", "Attacker x.", "Attacker y."
+    victim, other = f"{a}\n\n{b}", "Another victim chunk."
+    boundaries = Boundaries()
+
+    def sent(chunks: list[str], question: str, key: bytes) -> list[BlockGroup]:
+        text = prompt(chunks, question)
+        return boundaries.regroup(text, find_groups(text, "template"), client=key)
+
+    sent([victim, other], "victim?", b"victim")
+    for i in range(10):
+        sent([a, x], f"x{i}?", b"attacker")
+        sent([y, b], f"y{i}?", b"attacker")
+    text = prompt([other, victim], "victim again?")
+    assert split_chunks(text, sent([other, victim], "victim again?", b"victim"), [victim, other]) == []
+    for key in (b"k2", b"k3"):  # two more keys show the paragraphs apart: three clients against one
+        sent([a, x], "x?", key)
+        sent([y, b], "y?", key)
+    assert split_chunks(text, sent([other, victim], "victim again?", b"victim"), [victim, other]) == [victim]

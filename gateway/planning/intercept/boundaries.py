@@ -15,9 +15,11 @@ when ``a`` was seen without ``b`` after it, and ``b`` without ``a`` before it, m
 two requests ``[a, x]`` and ``[y, b]`` no longer make another client's ``a\n\nb`` go out as ``b ... a``:
 that takes more requests apart than the chunk was sent whole, and every further request of the chunk raises
 the bar. With client keys (and no ``--shared-cache``) every key learns alone, so
-one key's traffic never changes how another key's text is cut. Without keys (or with ``--shared-cache``) the
-gateway cannot tell clients apart: a client that sends a chunk's paragraphs apart often enough, or before
-the chunk was ever sent whole, can still get it cut (the blocks then move apart; no byte changes).
+one key's traffic never changes how another key's text is cut. With keys and ``--shared-cache`` the keys learn
+together, and a boundary is weighed in distinct keys instead of requests (``client``): paragraphs shown apart by
+one key, however often, count once, so it takes more keys showing them apart than keys showing the chunk whole.
+Without keys the gateway cannot tell clients apart: a client that sends a chunk's paragraphs apart often enough,
+or before the chunk was ever sent whole, can still get it cut (the blocks then move apart; no byte changes).
 
 The candidates are the paragraphs of a ``:paragraphs`` template group (see
 :mod:`gateway.planning.intercept.templates`); a run of them whose inner blank lines are not confirmed moves as one
@@ -43,6 +45,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from hashlib import blake2b
+from typing import NamedTuple
 
 from cachetools import LRUCache
 
@@ -51,10 +54,17 @@ from gateway.planning.intercept.templates import TEMPLATES
 
 __all__ = ["Boundaries", "Shown"]
 
-Shown = tuple[tuple[bytes, list[bytes]], ...]
-"""What one request shows of its template contexts: the slot and the paragraph keys of each (``Boundaries.read``)."""
+
+class Shown(NamedTuple):
+    """What one request shows of its template contexts (``Boundaries.read``): the slot and the paragraph keys of
+    each, and the client that sent it when clients are told apart (``client``)."""
+
+    contexts: tuple[tuple[bytes, list[bytes]], ...]
+    client: bytes | None = None
+
 
 _MAX_COUNT = 1 << 30
+_MAX_CLIENTS = 8  # distinct clients remembered per paragraph and per pair (counts saturate there)
 _FIXED_AFTER = 1  # requests that must show a paragraph at the same edge before it counts as the template's
 _SUFFIX = ":paragraphs"
 _EDGE = b"\0" * 16  # the start or the end of a context, as a neighbour
@@ -69,6 +79,9 @@ class Boundaries:
         self._seen: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # paragraph -> times seen
         self._pairs: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # (a, b) -> times a then b
         self._slots: LRUCache[bytes, int] = LRUCache(maxsize=max(1, max_paragraphs // 16))  # slot -> requests
+        # with clients told apart: the distinct clients (8-byte digests, at most _MAX_CLIENTS) that showed each
+        self._seen_by: LRUCache[bytes, tuple[bytes, ...]] = LRUCache(maxsize=max_paragraphs)
+        self._pairs_by: LRUCache[bytes, tuple[bytes, ...]] = LRUCache(maxsize=max_paragraphs)
         self._lock = threading.Lock()  # big prompts are planned on worker threads
 
     def __len__(self) -> int:
@@ -76,21 +89,26 @@ class Boundaries:
 
     def clear(self) -> None:
         with self._lock:
-            self._seen.clear()
-            self._pairs.clear()
-            self._slots.clear()
+            for counts in (self._seen, self._pairs, self._slots, self._seen_by, self._pairs_by):
+                counts.clear()
 
-    def regroup(self, text: str, groups: list[BlockGroup], tenant: bytes = b"") -> list[BlockGroup]:
+    def regroup(
+        self, text: str, groups: list[BlockGroup], tenant: bytes = b"", client: bytes | None = None
+    ) -> list[BlockGroup]:
         """Replace each ``:paragraphs`` group by its learned grouping (or drop it); keep every other group; then
         record what the text shows (``read`` and ``record`` in one).
 
         ``tenant``: the client key's namespace when planning state is per key: what one key's traffic
-        confirmed never splits another key's documents (that would tell it which chunks others sent)."""
-        found, shown = self.read(text, groups, tenant)
+        confirmed never splits another key's documents (that would tell it which chunks others sent).
+        ``client``: the key's identity when keys share the planning state (``--shared-cache``): evidence is then
+        counted in distinct clients, not requests, so that no one key can confirm a boundary by itself."""
+        found, shown = self.read(text, groups, tenant, client)
         self.record(shown)
         return found
 
-    def read(self, text: str, groups: Sequence[BlockGroup], tenant: bytes = b"") -> tuple[list[BlockGroup], Shown]:
+    def read(
+        self, text: str, groups: Sequence[BlockGroup], tenant: bytes = b"", client: bytes | None = None
+    ) -> tuple[list[BlockGroup], Shown]:
         """``regroup``'s groups, decided from earlier traffic only, and what the text shows, for ``record`` once the
         request is planned (reads the counts, changes nothing)."""
         out: list[BlockGroup] = []
@@ -100,22 +118,24 @@ class Boundaries:
                 out.append(group)
                 continue
             slot = _slot(text, group, tenant)
-            learned, keys = self._learn(text, group, slot)
+            learned, keys = self._learn(text, group, slot, by_client=client is not None)
             shown.append((slot, keys))
             if learned is not None:
                 out.append(learned)
-        return out, tuple(shown)
+        return out, Shown(tuple(shown), _client_digest(client))
 
     def record(self, shown: Shown) -> None:
         """Count what a planned request showed (``read``'s second value): its template slots, and each paragraph and
         each adjacent pair, once per request."""
         with self._lock:
-            for slot in dict.fromkeys(slot for slot, _ in shown):
+            for slot in dict.fromkeys(slot for slot, _ in shown.contexts):
                 self._slots[slot] = min(self._slots.get(slot, 0) + 1, _MAX_COUNT)
-            for _, keys in shown:
-                self._count(keys)
+            for _, keys in shown.contexts:
+                self._count(keys, shown.client)
 
-    def _learn(self, text: str, group: BlockGroup, slot: bytes) -> tuple[BlockGroup | None, list[bytes]]:
+    def _learn(
+        self, text: str, group: BlockGroup, slot: bytes, *, by_client: bool
+    ) -> tuple[BlockGroup | None, list[bytes]]:
         """The group with one block per run of paragraphs between confirmed boundaries (label
         ``<template>:learned``), or None when no boundary is confirmed yet; and the paragraphs' keys."""
         keys = [
@@ -123,7 +143,7 @@ class Boundaries:
             for block in group.blocks
         ]
         with self._lock:
-            cuts, first_fixed, last_fixed = self._decide(keys, self._slots.get(slot, 0))
+            cuts, first_fixed, last_fixed = self._decide(keys, self._slots.get(slot, 0), by_client=by_client)
         for index in group.joined:  # a continuation is never cut from the paragraph before it
             cuts[index - 1] = False
         # the template's own text stays out of the group, with the run of paragraphs it is not cut from
@@ -144,8 +164,9 @@ class Boundaries:
         label = group.label[: -len(_SUFFIX)] + ":learned"
         return BlockGroup(group.format, label, tuple(blocks), None, last), keys
 
-    def _decide(self, keys: list[bytes], requests: int) -> tuple[list[bool], bool, bool]:
-        """Decide each inner blank line from what earlier requests showed (``requests`` of them in the slot).
+    def _decide(self, keys: list[bytes], requests: int, *, by_client: bool) -> tuple[list[bool], bool, bool]:
+        """Decide each inner blank line from what earlier requests showed (``requests`` of them in the slot); with
+        ``by_client``, from how many distinct clients showed it.
 
         Also returns whether the first and the last paragraph may be the template's own text: seen first
         (last) in every request that showed it, and in at least half of the slot's requests, it may be written
@@ -154,22 +175,43 @@ class Boundaries:
         requests is not held back as the template's text."""
         seen, pairs = self._seen, self._pairs
         pair_keys = _pairs_of(keys)
+        apart: _Tally = self._seen_by if by_client else seen
+        together: _Tally = self._pairs_by if by_client else pairs
         cuts = [
-            _parted(seen.get(keys[i], 0), seen.get(keys[i + 1], 0), pairs.get(pair_keys[i + 1], 0))
+            _parted(_tally(apart, keys[i]), _tally(apart, keys[i + 1]), _tally(together, pair_keys[i + 1]))
             for i in range(len(keys) - 1)
         ]
+        # the application's own text: by requests, whoever sent them (holding a paragraph back never cuts one)
         first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0), requests)
         last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0), requests)
         return cuts, first_fixed, last_fixed
 
-    def _count(self, keys: list[bytes]) -> None:
+    def _count(self, keys: list[bytes], client: bytes | None) -> None:
         # counted per request, not per occurrence: a paragraph repeated inside one document is not evidence
-        # that it was seen apart from its neighbour
-        seen, pairs = self._seen, self._pairs
-        for key in dict.fromkeys(keys):
-            seen[key] = min(seen.get(key, 0) + 1, _MAX_COUNT)
-        for key in dict.fromkeys(_pairs_of(keys)):
-            pairs[key] = min(pairs.get(key, 0) + 1, _MAX_COUNT)
+        # that it was seen apart from its neighbour; and per distinct client, when clients are told apart
+        pair_keys = _pairs_of(keys)
+        for counts, counted in ((self._seen, keys), (self._pairs, pair_keys)):
+            for key in dict.fromkeys(counted):
+                counts[key] = min(counts.get(key, 0) + 1, _MAX_COUNT)
+        if client is not None:
+            for clients, counted in ((self._seen_by, keys), (self._pairs_by, pair_keys)):
+                for key in dict.fromkeys(counted):
+                    known = clients.get(key, ())
+                    if client not in known and len(known) < _MAX_CLIENTS:
+                        clients[key] = (*known, client)
+
+
+_Tally = LRUCache[bytes, int] | LRUCache[bytes, tuple[bytes, ...]]
+
+
+def _tally(counts: _Tally, key: bytes) -> int:
+    """Requests that showed ``key``, or the distinct clients that did."""
+    value = counts.get(key, 0)
+    return value if isinstance(value, int) else len(value)
+
+
+def _client_digest(client: bytes | None) -> bytes | None:
+    return None if client is None else blake2b(client, digest_size=8, person=b"pg-client").digest()
 
 
 def _pairs_of(keys: list[bytes]) -> list[bytes]:
