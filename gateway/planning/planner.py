@@ -475,7 +475,13 @@ class Planner:
         # goes out in the client's order), so new blocks keep the order sent rather than converge on nothing
         learned = group.label.endswith(_LEARNED)  # see gateway.planning.intercept.boundaries
         plan = index.plan(key, ids, learned)
-        if learned and start is not None and (held := _held_order(residency, start, text, group)) is not None:
+        # a group the block index already predicts whole cannot be held further: no search
+        held = (
+            _held_order(residency, start, text, group)
+            if learned and start is not None and plan.cached < len(ids)
+            else None
+        )
+        if held is not None:
             order, cached = held
             if cached > plan.cached:  # the whole prompts sent hold more of it than the block index knows
                 return order, tuple(ids[i] for i in order), cached

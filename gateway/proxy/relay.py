@@ -135,9 +135,7 @@ class Relay:
             if answer is not None:
                 body = answer.json(body)
         headers = response_headers(response.headers, keep_length=False)
-        relayed = await _start_whole(to, response.status_code, headers, body, cached)
-        relayed.prompt_tokens = prompt
-        return relayed
+        return await _start_whole(to, response.status_code, headers, body, cached, prompt_tokens=prompt)
 
     async def _stream(self, response: httpx.Response, to: Answering, sse: bool) -> Relayed:
         """Relay the answer chunk by chunk as it arrives, reading the cached tokens an event stream reports.
@@ -215,12 +213,18 @@ def _upstream_too_large() -> GatewayError:
 
 
 async def _start_whole(
-    to: Answering, status: int, headers: list[tuple[bytes, bytes]], body: bytes, cached_tokens: int | None = None
+    to: Answering,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    cached_tokens: int | None = None,
+    *,
+    prompt_tokens: int | None = None,
 ) -> Relayed:
     """Start a whole answer; its body is the last message (``Relayed.tail``)."""
     headers = [*headers, *to.own_headers, (b"content-length", str(len(body)).encode())]
     await to.to_client({"type": "http.response.start", "status": status, "headers": headers})
-    return Relayed(status, body, cached_tokens)
+    return Relayed(status, body, cached_tokens, prompt_tokens=prompt_tokens)
 
 
 async def send_error(send: Send, exc: GatewayError, request_id: str, route: str) -> None:
