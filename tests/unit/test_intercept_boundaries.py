@@ -69,6 +69,31 @@ def test_boundaries_seen_apart_are_cut_and_chunks_stay_whole() -> None:
     assert split_chunks(prompt([D, A, B, C], "more?"), [group], [A, B, C, D]) == []
 
 
+def test_a_new_chunk_is_cut_from_one_that_ended_or_opened_a_context_with_the_same_two_paragraphs() -> None:
+    """One side new: ``A`` ended a context after its own first paragraph, so its end is a boundary before the new
+    ``C``; ``D`` opened a context with its two paragraphs, so the new ``C`` before it ends at a boundary."""
+    boundaries = Boundaries()
+    learned(boundaries, prompt([B, A], "first?"))
+    text = prompt([A, C], "second?")
+    (group,) = learned(boundaries, text)
+    assert renderings(text, group) == [A, C]
+    boundaries = Boundaries()
+    learned(boundaries, prompt([D, B], "first?"))
+    text = prompt([C, D], "second?")
+    (group,) = learned(boundaries, text)
+    assert renderings(text, group) == [C, D]
+
+
+def test_a_shared_paragraph_at_a_context_edge_does_not_cut_the_chunk_that_continues_it() -> None:
+    """Sliding windows: ``P three.`` ended a context as the last of ``one``, and opens ``two``: it ended one after
+    ``P two.``, not after the start of a context, so ``two`` stays whole (the one-sided rule needs both)."""
+    one, two = "P one.\n\nP two.\n\nP three.", "P three.\n\nP four.\n\nP five."
+    boundaries = Boundaries()
+    learned(boundaries, prompt([one], "one?"))
+    for text in (prompt([two], "two?"), prompt([B, two], "b two?")):
+        assert split_chunks(text, learned(boundaries, text), [two, B]) == []
+
+
 def test_overlapping_chunks_and_shared_headings_are_not_split() -> None:
     head = "Shared heading paragraph."
     x, y, z = f"{head}\n\nX body.", f"{head}\n\nY body.", "Z alone."

@@ -8,6 +8,13 @@ this request, and ``a`` has been seen followed by something else (another paragr
 ``b`` starts one, and the blank line between them is a boundary. Both sides are required: a paragraph shared
 by two chunks (a chunk overlap, a repeated heading) then does not confirm a boundary on its own.
 
+A context's edges are boundaries too, and they let a new chunk be cut from a known one: when ``b`` was never seen
+but ``a`` ended an earlier context *after the same paragraph it follows now* (the pair ``z, a`` closed a context),
+``a`` ends a chunk; likewise when ``a`` was never seen and ``b, c`` opened an earlier context. The paragraph before
+(after) is required because a paragraph can end one chunk and continue another (sliding-window chunks share one),
+and a chunk's own last two paragraphs recur with it, while another chunk's neighbours do not. A chunk of one
+paragraph is cut this way only beside the neighbour it had at that edge; elsewhere it waits for the rule above.
+
 Traffic is weighed, not just seen: a chunk shown whole is evidence too. Each paragraph counts the requests
 that showed it, and each adjacent pair the requests that showed it in that order; once ``a`` has been seen directly
 followed by ``b`` (the chunk ``a\n\nb`` shown whole, in this order), the blank line between them is cut only
@@ -36,7 +43,9 @@ Where it can be wrong: chunks ``[a, b]``, ``[a, c]`` and ``[d, b]`` (two paragra
 chunks, like the ``json`` docs of ``dump`` and ``dumps``) are indistinguishable from four one-paragraph
 chunks; a boundary between ``a`` and ``b`` is then confirmed once ``[a, c]`` and ``[d, b]`` were each seen
 more often than ``[a, b]``, and a request of ``[a, b]`` can be split. Before ``[a, b]`` was seen at all,
-traffic that shows ``a`` and ``b`` apart can split its first request (there is nothing to weigh it against).
+traffic that shows ``a`` and ``b`` apart can split its first request (there is nothing to weigh it against), and
+so can a context that ended with ``a`` after the paragraph that precedes ``a`` in that request (``[a]`` alone, for
+a chunk sent first).
 Unique paragraphs, overlapping chunks and shared headings are safe.
 """
 
@@ -180,10 +189,13 @@ class Boundaries:
         pair_keys = _pairs_of(keys)
         apart: _Tally = self._seen_by if by_client else seen
         together: _Tally = self._pairs_by if by_client else pairs
-        cuts = [
-            _parted(_tally(apart, keys[i]), _tally(apart, keys[i + 1]), _tally(together, pair_keys[i + 1]))
-            for i in range(len(keys) - 1)
-        ]
+        cuts = []
+        for i in range(len(keys) - 1):
+            left, right = _tally(apart, keys[i]), _tally(apart, keys[i + 1])
+            cut = _parted(left, right, _tally(together, pair_keys[i + 1]))
+            if not cut and (left == 0) != (right == 0):  # one side new: did the other side's two end (start) one?
+                cut = _tally(together, _ending(keys, i) if right == 0 else _starting(keys, i + 1)) > 0
+            cuts.append(cut)
         # the application's own text: by requests, whoever sent them (holding a paragraph back never cuts one)
         first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0), requests)
         last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0), requests)
@@ -192,7 +204,7 @@ class Boundaries:
     def _count(self, keys: list[bytes], client: str | None) -> None:
         # counted per request, not per occurrence: a paragraph repeated inside one document is not evidence
         # that it was seen apart from its neighbour; and per distinct client, when clients are told apart
-        pair_keys = _pairs_of(keys)
+        pair_keys = [*_pairs_of(keys), _starting(keys, 0), _ending(keys, len(keys) - 1)]
         for counts, counted in ((self._seen, keys), (self._pairs, pair_keys)):
             for key in dict.fromkeys(counted):
                 counts[key] = min(counts.get(key, 0) + 1, _MAX_COUNT)
@@ -221,6 +233,16 @@ def _client_digest(client: bytes | None) -> str | None:
 def _pairs_of(keys: list[bytes]) -> list[bytes]:
     """Each adjacent pair of paragraphs, the context's edges included."""
     return [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
+
+
+def _ending(keys: list[bytes], i: int) -> bytes:
+    """A context ending with paragraph ``i`` after the one before it (``keys[i - 1]``, or the context's start)."""
+    return _pair(_pair(keys[i - 1] if i else _EDGE, keys[i]), _EDGE)
+
+
+def _starting(keys: list[bytes], i: int) -> bytes:
+    """A context starting with paragraph ``i`` before the one after it (``keys[i + 1]``, or the context's end)."""
+    return _pair(_EDGE, _pair(keys[i], keys[i + 1] if i + 1 < len(keys) else _EDGE))
 
 
 def _fixed(seen: int, with_neighbour: int, requests: int) -> bool:
