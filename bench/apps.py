@@ -30,6 +30,12 @@ __all__ = ["APPS", "App", "AppRun"]
 MODEL = "m"
 # the system prompt of a LangChain app that writes its own (python.langchain.com "chatbots" / retrieval how-to)
 OWN_SYSTEM = "Answer the user's questions based on the below context:\n\n{context}"
+# templates no framework ships and the gateway does not know: only traffic can teach it where the documents are
+CUSTOM_SYSTEM = (
+    "You are the assistant of a Python documentation site. Ground every answer in the excerpts below, and say so "
+    "when they do not cover the question.\n\n{context}"
+)
+CUSTOM_USER = "Reference material:\n\n{context}\n\nUsing only the reference material above, answer: {question}"
 
 
 @dataclass
@@ -91,6 +97,8 @@ def lcel(system: str | None) -> Callable[[AppRun], None]:
 
         if system is None:
             prompt = ChatPromptTemplate.from_messages([("human", HUB_RAG_PROMPT)])
+        elif "{question}" in system:  # one user message
+            prompt = ChatPromptTemplate.from_messages([("human", system)])
         else:
             prompt = ChatPromptTemplate.from_messages([("system", system), ("human", "{question}")])
         context = _lc_retriever(run) | _format_docs
@@ -367,6 +375,8 @@ def responses_function_call_output(run: AppRun) -> None:
 APPS: list[App] = [
     App("langchain LCEL (hub rag-prompt)", "rag", lcel(None)),
     App("langchain LCEL (own system prompt)", "rag", lcel(OWN_SYSTEM)),
+    App("langchain LCEL (custom system prompt)", "rag", lcel(CUSTOM_SYSTEM)),
+    App("langchain LCEL (custom user template)", "rag", lcel(CUSTOM_USER)),
     App("langchain create_retrieval_chain", "rag", lc_retrieval_chain),
     App("langchain RetrievalQA", "rag", lc_retrieval_qa),
     App("langchain agent + retriever tool", "agent", lc_agent),

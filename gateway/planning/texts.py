@@ -20,6 +20,7 @@ from gateway.planning.control import Control
 from gateway.planning.intercept import BlockGroup, find_groups
 from gateway.planning.intercept.boundaries import Shown
 from gateway.planning.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, TextCues, scan
+from gateway.planning.intercept.templates import LEARNED
 from gateway.wire.chat import ChatMessage, RequestBody
 
 __all__ = ["Meaning", "Reading", "TextScan", "TextScans", "chat_texts", "groups_in"]
@@ -54,7 +55,9 @@ class TextScans:
             found = self._memo.get(key)
         if found is None:
             groups = tuple(groups_in(text, control, deadline)) if in_scope else None
-            skip = [(group.start, group.end) for group in groups or ()]
+            # a learned template's candidate may hold the question itself: its cues are read (and a cue inside
+            # the blocks that end up moving still never counts for them: ``meaning.decide``)
+            skip = [(group.start, group.end) for group in groups or () if group.format != LEARNED]
             cues = scan(text, labels=control.mapping, skip=skip, holds=in_scope)  # out of scope: labels nothing
             if control.mapping:
                 cues = cues.with_labels(groups or ())
@@ -67,10 +70,12 @@ class TextScans:
 def groups_in(text: str, control: Control, deadline: float | None = None) -> list[BlockGroup]:
     """The block groups of one text under the request's options (a bad tag or format is a 400); past
     ``deadline`` (``time.thread_time``), ``BudgetExceeded``. Paragraph splits of template contexts
-    (``:paragraphs``) are kept: the planner lets only traffic-confirmed boundaries through
-    (:mod:`gateway.planning.intercept.boundaries`)."""
+    (``:paragraphs``) are kept, and so is a learned template's candidate: the planner lets only traffic-confirmed
+    boundaries through (:mod:`gateway.planning.intercept.boundaries`)."""
     try:
-        return find_groups(text, control.mode, tag=control.tag, separator=control.separator, deadline=deadline)
+        return find_groups(
+            text, control.mode, tag=control.tag, separator=control.separator, deadline=deadline, learn=True
+        )
     except ValueError as exc:
         raise InvalidRequest(f"invalid control header: {exc}", code="invalid_header") from None
 

@@ -68,3 +68,69 @@ def test_retrieval_qa_gets_the_documents_cached_through_the_gateway(stack: tuple
     assert hit >= 0.8 * prompt  # the four documents in the order the previous request left in the cache
     # direct access: the template's opening words and whatever documents happen to lead in the same order
     assert hit - direct[-1][1] >= 0.4 * prompt
+
+
+CUSTOM_SYSTEM = "You are the help desk of ACME. Ground every answer in the excerpts below.\n\n{context}"
+CUSTOM_USER = "Excerpts:\n\n{context}\n\nUsing only the excerpts above, answer this: {question}"
+
+
+def lcel_cached_tokens(base: str, template: str, contexts: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """Run an LCEL chain with an application's own prompt (no framework ships it) once per context."""
+    from langchain_core.documents import Document
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables import RunnablePassthrough
+    from langchain_openai import ChatOpenAI
+
+    current: list[str] = []
+
+    class Retriever(BaseRetriever):
+        def _get_relevant_documents(self, query: str, *, run_manager: Any = None) -> list[Document]:
+            return [Document(page_content=text) for text in current]
+
+    def join(docs: Sequence[Document]) -> str:
+        return "\n\n".join(doc.page_content for doc in docs)
+
+    messages = [("human", template)] if "{question}" in template else [("system", template), ("human", "{question}")]
+    llm = ChatOpenAI(model="sim", base_url=f"{base}/v1", api_key="unused", max_tokens=2)  # type: ignore[arg-type]
+    chain = (
+        {"context": Retriever() | join, "question": RunnablePassthrough()}
+        | ChatPromptTemplate.from_messages(messages)
+        | llm
+    )
+    usage = []
+    with quiet():
+        for i, docs in enumerate(contexts):
+            current[:] = docs
+            meta = chain.invoke(f"question {i}?").usage_metadata
+            usage.append((meta["input_tokens"], meta.get("input_token_details", {}).get("cache_read", 0)))
+    return usage
+
+
+@pytest.mark.parametrize("template", [CUSTOM_SYSTEM, CUSTOM_USER], ids=["system", "user"])
+def test_an_applications_own_template_is_learned_and_its_documents_cached(
+    stack: tuple[str, str], template: str
+) -> None:
+    """No detector knows these prompts: the gateway learns where the documents are from the warm-up traffic, moves
+    only whole documents (audited on what the engine received) and never the question."""
+    import httpx
+
+    from gateway.planning.intercept import audit_rewrite
+
+    gateway, engine = stack
+    rng = random.Random(5)
+    contexts = [rng.sample(DOCS, 3) for _ in range(20)] + [FIRST, SECOND]
+    httpx.post(f"{engine}/sim/reset").raise_for_status()
+    through = lcel_cached_tokens(gateway, template, contexts)
+    received = httpx.get(f"{engine}/sim/requests").json()[-len(contexts) :]
+    role = "user" if "{question}" in template else "system"
+    moved = 0
+    for i, (docs, record) in enumerate(zip(contexts, received, strict=True)):
+        (forwarded,) = [m["content"] for m in record["body"]["messages"] if m["role"] == role]
+        sent = template.format(context="\n\n".join(docs), question=f"question {i}?")
+        moved += audit_rewrite(sent, forwarded, docs).moved
+    assert moved >= 1
+    httpx.post(f"{engine}/sim/reset").raise_for_status()
+    direct = lcel_cached_tokens(engine, template, contexts)
+    prompt, hit = through[-1]
+    assert hit - direct[-1][1] >= 0.3 * prompt, (through[-1], direct[-1])

@@ -22,7 +22,7 @@ def prompt(chunks: list[str], question: str = "which?") -> str:
 
 
 def learned(boundaries: Boundaries, text: str) -> list[BlockGroup]:
-    return boundaries.regroup(text, find_groups(text, "template"))
+    return boundaries.regroup(text, find_groups(text, "template", learn=True))
 
 
 def renderings(text: str, group: BlockGroup) -> list[str]:
@@ -279,3 +279,40 @@ def test_with_keys_sharing_the_state_one_key_cannot_cut_another_keys_chunk_howev
         sent([a, x], "x?", key)
         sent([y, b], "y?", key)
     assert split_chunks(text, sent([other, victim], "victim again?", b"victim"), [victim, other]) == [victim]
+
+
+HEAD = "You are the support assistant of ACME. Answer from the excerpts below."
+ASK = "Using only the excerpts above, answer: "
+
+
+def custom(chunks: list[str], question: str, day: str = "") -> str:
+    return f"{HEAD}\n\n{day}" + "\n\n".join(chunks) + f"\n\n{ASK}{question}"
+
+
+def test_an_unknown_template_is_a_candidate_only_where_nothing_else_is_found() -> None:
+    text = custom([A, B, C], "which?")
+    assert find_groups(text) == []
+    (candidate,) = find_groups(text, learn=True)
+    assert (candidate.format, candidate.label) == ("learned", "learned:paragraphs")
+    assert text[: candidate.start] == f"{HEAD}\n\n"  # the first paragraph is the application's, and its slot
+    assert find_groups(prompt([A, B, C]), learn=True)[0].format == "langchain"  # a known template wins
+    assert find_groups("One paragraph.\n\nTwo.", learn=True) == []  # too short to hold a context
+
+
+def test_an_unknown_template_is_learned_and_its_question_and_changing_lines_stay_in_place() -> None:
+    """Documents of an application's own template are cut once traffic shows them apart; the question after them
+    (a fixed lead-in, learned from three requests) and a line that changes with every request never move."""
+    rng = random.Random(2)
+    chunks = [f"Doc {i} first paragraph.\n\nDoc {i} second paragraph." for i in range(8)]
+    boundaries = Boundaries()
+    for i in range(30):
+        text = custom(rng.sample(chunks, 4), f"question {i}?", f"Today is day {i}.\n\n")
+        learned(boundaries, text)
+    picked = rng.sample(chunks, 4)
+    text = custom(picked, "final?", "Today is day 99.\n\n")
+    (group,) = boundaries.regroup(text, find_groups(text, learn=True))
+    assert group.label == "learned:learned"
+    moving = renderings(text, group)
+    assert all(ASK not in block and "Today is" not in block for block in moving)
+    assert split_chunks(text, [group], picked) == []
+    assert len(moving) >= 2 and set(moving) <= set(picked)

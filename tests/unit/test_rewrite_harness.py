@@ -4,7 +4,9 @@ Prompts come from the real framework templates (``tests/frameworks.py`` renders 
 Haystack prompts with the libraries) and from generated templates (numbered sources, ``Document N:``,
 markdown sections, XML tags, separators) over documents shaped like real ones: indented code, tables,
 markdown, setext underlines, numbered and bulleted lists, fenced code, paragraphs repeated across documents.
-Each request goes the planner's way, detect → learned boundaries → meaning → splice, with a *random*
+Templates no detector knows are learned from a stream of requests (a head, documents, a question with a fixed
+lead-in, a line that changes with every request before the documents). Each request goes the planner's way,
+detect → learned boundaries → meaning → splice, with a *random*
 permutation of every group standing in for the plan; every output is audited against the documents the
 prompt was built from (:func:`gateway.planning.intercept.audit.audit_rewrite`): the same documents, each
 byte-identical, permuted; the template's bytes in place; labels renumbered only where the meaning rules allow
@@ -116,7 +118,7 @@ def _rewrite(
     data: st.DataObject, texts: Sequence[str], boundaries: Boundaries
 ) -> tuple[list[str], list[list[BlockGroup]]]:
     """The planner's path with a random plan: every text's groups, the request's decisions, spliced."""
-    groups = {i: boundaries.regroup(text, find_groups(text)) for i, text in enumerate(texts)}
+    groups = {i: boundaries.regroup(text, find_groups(text, learn=True)) for i, text in enumerate(texts)}
     decisions = decide_request(dict(enumerate(texts)), groups)
     out = []
     for i, text in enumerate(texts):
@@ -177,6 +179,53 @@ def test_generated_templates_only_permute_whole_documents(
     audit = audit_rewrite(sent, forwarded, docs, labels=rule)
     if not may_move:
         assert not audit.moved
+
+
+_HEADS = ["You are the support assistant of ACME. Answer from the excerpts below.\n\n", "Reference material:\n\n"]
+_QUESTIONS = [
+    "",
+    "\n\nUsing only the reference material above, answer: how do I write {q} to a file?",
+    "\n\nQuestion: {q}?",
+    "\n\nThe excerpts are ranked by relevance.\nQuestion: which one covers {q}?",
+    "\n\nWhat does the first excerpt say about {q}?",
+]
+
+
+def _learned_prompt(head: str, dated: bool, docs: Sequence[str], tail: str, n: int) -> str:
+    day = f"Today is day {n} of the trial.\n\n" if dated else ""
+    return f"{head}{day}" + "\n\n".join(docs) + tail.format(q=f"topic {n}")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), head=st.sampled_from(_HEADS), tail=st.sampled_from(_QUESTIONS), dated=st.booleans())
+def test_learned_templates_only_permute_whole_documents(data: st.DataObject, head: str, tail: str, dated: bool) -> None:
+    """A template no detector knows, learned from a stream of requests over one pool: every output audited (the
+    head, the changing line and the question stay in place; nothing moves where the order means something)."""
+    pool = data.draw(documents(6), label="pool")
+    boundaries = Boundaries()
+    may_move = "ranked" not in tail and "first" not in tail
+    for n in range(data.draw(st.integers(4, 12), label="requests")):
+        picked = data.draw(st.permutations(pool), label="order")[: data.draw(st.integers(2, 5), label="count")]
+        sent = _learned_prompt(head, dated, picked, tail, n)
+        (forwarded,), _ = _rewrite(data, [sent], boundaries)
+        audit = audit_rewrite(sent, forwarded, picked)
+        if not may_move:
+            assert not audit.moved
+
+
+def test_learned_templates_are_not_vacuous() -> None:
+    """The same path with a fixed pool and seeded plans: documents in an unknown template do move, once learned."""
+    rng = random.Random(5)
+    pool = [f"Doc {n} paragraph one about the cache.\n\nDoc {n} paragraph two about the index." for n in range(6)]
+    for head, tail in ((_HEADS[0], _QUESTIONS[0]), (_HEADS[1], _QUESTIONS[1])):
+        boundaries, moved = Boundaries(), 0
+        for n in range(30):
+            picked = rng.sample(pool, 4)
+            sent = _learned_prompt(head, True, picked, tail, n)
+            groups = boundaries.regroup(sent, find_groups(sent, learn=True))
+            edits = [(group, rng.sample(range(len(group)), len(group))) for group in groups]
+            moved += audit_rewrite(sent, splice_all(sent, edits), picked).moved
+        assert moved >= 5, head
 
 
 def _texts(body: dict[str, Any]) -> list[str]:

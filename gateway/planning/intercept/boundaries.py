@@ -34,6 +34,12 @@ block, and a group with no confirmed boundary is left alone. Decisions use only 
 showed, so the first request that carries a chunk never splits it. What a request shows is recorded after it
 has been decided.
 
+A template learned from traffic (format ``learned``: the paragraphs after a text's first) has no known edges.
+Its last paragraph is left out of the context once it starts as the last paragraphs of the slot's last three
+requests did, on at least 24 characters (``Using only the material above, answer: {question}``); and the runs
+before the first and after the last confirmed boundary stay in place unless their outer paragraph was seen
+elsewhere (after, before another): a line that changes daily before the documents, or the question, never moves.
+
 Knowledge is kept per template slot: the template's name and the text before its context (the instructions
 and system prompt around it), so two applications sharing a template do not teach each other. Memory is two
 bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests; the
@@ -55,12 +61,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from hashlib import blake2b
+from os.path import commonprefix
 from typing import NamedTuple
 
 from cachetools import LRUCache
 
 from gateway.planning.intercept.groups import Block, BlockGroup
-from gateway.planning.intercept.templates import TEMPLATES
+from gateway.planning.intercept.templates import LEARNED, TEMPLATES
 
 __all__ = ["Boundaries", "Shown"]
 
@@ -71,12 +78,16 @@ class Shown(NamedTuple):
 
     contexts: tuple[tuple[bytes, list[bytes]], ...]
     client: str | None = None
+    tails: tuple[tuple[bytes, str], ...] = ()  # a learned template's slot and the start of its last paragraph
 
 
 _MAX_COUNT = 1 << 30
 _MAX_CLIENTS = 4  # distinct clients remembered per paragraph and per pair (counts saturate there)
 _FIXED_AFTER = 1  # requests that must show a paragraph at the same edge before it counts as the template's
 _SUFFIX = ":paragraphs"
+_TAIL_CHARS = 96  # how much of a learned template's last paragraph is compared with the slot's earlier ones
+_TAIL_MIN = 24  # the least common start that makes it the template's own (a question after a fixed lead-in)
+_TAIL_AFTER = 2  # requests after the first that must share it
 _EDGE = b"\0" * 16  # the start or the end of a context, as a neighbour
 # where the fixed text ends in templates that put the query before the context (rag_prompt: "...\nQuestion: ")
 _QUERY_AFTER = {template.name: template.anchor[-40:].strip() for template in TEMPLATES if template.opener}
@@ -89,6 +100,8 @@ class Boundaries:
         self._seen: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # paragraph -> times seen
         self._pairs: LRUCache[bytes, int] = LRUCache(maxsize=max_paragraphs)  # (a, b) -> times a then b
         self._slots: LRUCache[bytes, int] = LRUCache(maxsize=max(1, max_paragraphs // 16))  # slot -> requests
+        # a learned template's slot -> the start its last paragraphs share, and how many requests after the first did
+        self._tails: LRUCache[bytes, tuple[str, int]] = LRUCache(maxsize=max(1, max_paragraphs // 16))
         # with clients told apart: the distinct clients (interned digests, at most _MAX_CLIENTS) that showed each;
         # filled only when keys share the planning state: ~28 MB for the two at 50,000 entries each (a forgotten
         # entry counts no client: fewer cuts, never more)
@@ -101,7 +114,7 @@ class Boundaries:
 
     def clear(self) -> None:
         with self._lock:
-            for counts in (self._seen, self._pairs, self._slots, self._seen_by, self._pairs_by):
+            for counts in (self._seen, self._pairs, self._slots, self._seen_by, self._pairs_by, self._tails):
                 counts.clear()
 
     def regroup(
@@ -125,16 +138,35 @@ class Boundaries:
         request is planned (reads the counts, changes nothing)."""
         out: list[BlockGroup] = []
         shown: list[tuple[bytes, list[bytes]]] = []
-        for group in groups:
-            if not group.label.endswith(_SUFFIX):
-                out.append(group)
+        tails: list[tuple[bytes, str]] = []
+        for found in groups:
+            if not found.label.endswith(_SUFFIX):
+                out.append(found)
                 continue
-            slot = _slot(text, group, tenant)
+            slot = _slot(text, found, tenant)
+            group = found
+            if found.format == LEARNED:
+                group, tail = self._without_tail(text, found, slot)
+                tails.append((slot, tail))
             learned, keys = self._learn(text, group, slot, by_client=client is not None)
             shown.append((slot, keys))
             if learned is not None:
                 out.append(learned)
-        return out, Shown(tuple(shown), _client_digest(client))
+        return out, Shown(tuple(shown), _client_digest(client), tuple(tails))
+
+    def _without_tail(self, text: str, group: BlockGroup, slot: bytes) -> tuple[BlockGroup, str]:
+        """A learned template's candidate without its last paragraph when that starts as the slot's last paragraphs
+        have (``Reference material above, answer: {question}``: the template's, after its context); and the start
+        of that paragraph, for ``record``."""
+        last = group.blocks[-1]
+        tail = text[last.start : min(last.end, last.start + _TAIL_CHARS)]
+        with self._lock:
+            known = self._tails.get(slot)
+        if known is None or known[1] < _TAIL_AFTER or not tail.startswith(known[0]) or len(group) - 1 in group.joined:
+            return group, tail
+        blocks = group.blocks[:-1]
+        joined = tuple(i for i in group.joined if i < len(blocks))
+        return BlockGroup(group.format, group.label, blocks, None, blocks[-1].end, joined), tail
 
     def record(self, shown: Shown) -> None:
         """Count what a planned request showed (``read``'s second value): its template slots, and each paragraph and
@@ -144,6 +176,10 @@ class Boundaries:
                 self._slots[slot] = min(self._slots.get(slot, 0) + 1, _MAX_COUNT)
             for _, keys in shown.contexts:
                 self._count(keys, shown.client)
+            for slot, tail in shown.tails:
+                known = self._tails.get(slot)
+                shared = "" if known is None else commonprefix([known[0], tail])  # noqa: RUF071 (text, not paths)
+                self._tails[slot] = (shared, known[1] + 1) if known and len(shared) >= _TAIL_MIN else (tail, 0)
 
     def _learn(
         self, text: str, group: BlockGroup, slot: bytes, *, by_client: bool
@@ -155,7 +191,9 @@ class Boundaries:
             for block in group.blocks
         ]
         with self._lock:
-            cuts, first_fixed, last_fixed = self._decide(keys, self._slots.get(slot, 0), by_client=by_client)
+            cuts, first_fixed, last_fixed = self._decide(
+                keys, self._slots.get(slot, 0), by_client=by_client, learned=group.format == LEARNED
+            )
         for index in group.joined:  # a continuation is never cut from the paragraph before it
             cuts[index - 1] = False
         # the template's own text stays out of the group, with the run of paragraphs it is not cut from
@@ -176,7 +214,9 @@ class Boundaries:
         label = group.label[: -len(_SUFFIX)] + ":learned"
         return BlockGroup(group.format, label, tuple(blocks), None, last), keys
 
-    def _decide(self, keys: list[bytes], requests: int, *, by_client: bool) -> tuple[list[bool], bool, bool]:
+    def _decide(
+        self, keys: list[bytes], requests: int, *, by_client: bool, learned: bool = False
+    ) -> tuple[list[bool], bool, bool]:
         """Decide each inner blank line from what earlier requests showed (``requests`` of them in the slot); with
         ``by_client``, from how many distinct clients showed it.
 
@@ -184,7 +224,11 @@ class Boundaries:
         (last) in every request that showed it, and in at least half of the slot's requests, it may be written
         by the application around its documents ("Always answer in English."); it then stays where it is, with
         the paragraphs it is not cut from. A document that a retriever happened to rank first in a few of many
-        requests is not held back as the template's text."""
+        requests is not held back as the template's text.
+
+        In a template learned from traffic (``learned``) the text around the context is not known: the first
+        (last) paragraph stays where it is unless it was seen after (before) another: an instruction that changes
+        daily or the question is not, a document is."""
         seen, pairs = self._seen, self._pairs
         pair_keys = _pairs_of(keys)
         apart: _Tally = self._seen_by if by_client else seen
@@ -199,6 +243,9 @@ class Boundaries:
         # the application's own text: by requests, whoever sent them (holding a paragraph back never cuts one)
         first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0), requests)
         last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0), requests)
+        if learned:
+            first_fixed = first_fixed or seen.get(keys[0], 0) <= pairs.get(pair_keys[0], 0)
+            last_fixed = last_fixed or seen.get(keys[-1], 0) <= pairs.get(pair_keys[-1], 0)
         return cuts, first_fixed, last_fixed
 
     def _count(self, keys: list[bytes], client: str | None) -> None:

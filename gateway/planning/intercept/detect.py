@@ -8,7 +8,10 @@ takes text that an earlier one claimed:
 3. numbered items, then markdown sections (where candidates of one detector overlap, the longer wins, so an
    outer ``Document N:`` list beats a ``1.`` list inside one of its documents);
 4. LangChain / LlamaIndex templates (a template whose context already holds a group is left to that group);
-5. separator lines.
+5. separator lines;
+6. with ``learn``, when nothing else was found and no known template either: the text's paragraphs after its
+   first, a candidate whose boundaries only traffic confirms (an application's own template, learned by the
+   planner: :mod:`gateway.planning.intercept.boundaries`).
 
 Fenced code and YAML front matter are protected: no marker inside them counts, and a group whose blocks
 would cut a fence in two is dropped. Texts longer than :data:`MAX_TEXT_CHARS` are not inspected. Every
@@ -29,7 +32,7 @@ from gateway.planning.intercept.markdown import find_markdown_groups
 from gateway.planning.intercept.numbered import find_numbered_groups
 from gateway.planning.intercept.regions import Spans, fenced_spans, front_matter_end
 from gateway.planning.intercept.separators import find_separator_groups
-from gateway.planning.intercept.templates import find_template_groups
+from gateway.planning.intercept.templates import find_learned_candidate, find_template_groups
 from gateway.planning.intercept.xmltags import find_xml_groups
 
 __all__ = ["MAX_TEXT_CHARS", "find_groups"]
@@ -89,13 +92,15 @@ def find_groups(
     tag: str | None = None,
     separator: str | None = None,
     deadline: float | None = None,
+    learn: bool = False,
 ) -> list[BlockGroup]:
     """Return the block groups of ``text`` in text order; they never overlap.
 
     ``mode`` is ``auto`` or one format (see :data:`~gateway.planning.intercept.groups.MODES`); an explicit format
     relaxes the heuristics that guard ``auto`` against prose and instructions. ``tag`` names the only item tag
     for ``xml_tag``, ``separator`` the only separator line for ``separator`` (both also apply in ``auto``).
-    Raises ``ValueError`` for an unknown mode or an invalid tag name, and
+    ``learn``: also the candidate of a learned template (step 6 above; format ``learned``), not a group until
+    traffic confirms its boundaries. Raises ``ValueError`` for an unknown mode or an invalid tag name, and
     :class:`~gateway.planning.intercept.budget.BudgetExceeded` once ``deadline`` has passed; never for the text itself.
     """
     if mode not in MODES:
@@ -125,6 +130,7 @@ def find_groups(
         groups += _select(find_markdown_groups(text, protected, claims, strict), claims, protected)
         claims = Spans(_spans(groups))
     reserved = claims
+    regions: list[tuple[int, int]] = []
     check(deadline)
     if mode in ("auto", "template"):
         found, regions = find_template_groups(text, protected)
@@ -137,5 +143,10 @@ def find_groups(
             text, protected, reserved, strict=strict, separator=separator, skip_before=skip_before, deadline=deadline
         )
         groups += _select(found, reserved, protected)
+    if learn and mode in ("auto", "template") and not groups and not regions and not skip_before:
+        check(deadline)
+        candidate = find_learned_candidate(text, protected)
+        if candidate is not None and _fits(candidate, protected):
+            groups.append(candidate)
     groups.sort(key=lambda group: group.start)
     return groups

@@ -22,7 +22,17 @@ import msgspec
 __all__ = ["FORMATS", "MODES", "Block", "BlockGroup", "NumberSpan"]
 
 FORMATS = frozenset(
-    {"xml_tag", "numbered", "json_results", "separator", "markdown_header", "langchain", "llamaindex", "haystack"},
+    {
+        "xml_tag",
+        "numbered",
+        "json_results",
+        "separator",
+        "markdown_header",
+        "langchain",
+        "llamaindex",
+        "haystack",
+        "learned",
+    },
 )
 """Values of :attr:`BlockGroup.format`."""
 

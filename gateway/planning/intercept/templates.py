@@ -21,6 +21,13 @@ before). The LangChain v1 agent tool result (``Source: {metadata}\\nContent: {pa
 returned as well, so that other detectors do not mistake LlamaIndex's ``---------------------`` delimiters for
 document separators. ``tests/integration/test_frameworks.py`` renders each template with the real libraries.
 
+An application's own template, one this module does not know, is learned from its traffic: a text in no known
+template and with no group of any other format is a candidate too (:func:`find_learned_candidate`, format
+``learned``): its paragraphs after the first, which is the application's own (its instructions) and names the
+slot its boundaries are learned in. Only blank lines that traffic confirms as boundaries between documents cut
+it, and the paragraphs after the last of them (the question a template puts after its context, or a last
+document that cannot be told from one) stay in place.
+
 The template's own bytes around each item stay in place: where a template indents every document (Haystack's
 ``    {{ document.content }}``), that indentation is in the gaps, never in a block, so a moved document keeps
 exactly one indentation wherever it lands. A document's own leading whitespace beyond the template's is its
@@ -36,7 +43,7 @@ from gateway.planning.intercept.groups import Block, BlockGroup
 from gateway.planning.intercept.lines import paragraphs, rstrip_end
 from gateway.planning.intercept.regions import Spans
 
-__all__ = ["TEMPLATES", "Template", "find_template_groups"]
+__all__ = ["LEARNED", "TEMPLATES", "Template", "find_learned_candidate", "find_template_groups"]
 
 
 class Template(NamedTuple):
@@ -210,6 +217,9 @@ _HEADING = re.compile(r"[ \t]*#{1,6}[ \t]")
 _UNDERLINE = re.compile(r"[ \t]{0,3}([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z)")
 # a paragraph that continues the one before it: a table, a list item, an underline
 _CONTINUES = re.compile(r"[ \t]*(?:\||(?:[-*+\u2022]|\d{1,3}[.)])[ \t]|([=\-~^*+#_])\1{2,}[ \t\r]*(?:\n|\Z))")
+LEARNED = "learned"
+"""The format of a candidate group in a template learned from traffic."""
+_LEARNED_PARAGRAPHS = (3, 256)  # a candidate's paragraphs after the first: fewer cannot move, more is no context
 _RECORD = re.compile(r"Source: [^\n]*\nContent: ")
 _RECORD_NEXT = re.compile(r"\n\nSource: [^\n]*\nContent: ")
 
@@ -355,3 +365,18 @@ def find_template_groups(text: str, fences: Spans) -> tuple[list[BlockGroup], li
             if not template.closer:
                 break
     return groups, regions
+
+
+def find_learned_candidate(text: str, fences: Spans) -> BlockGroup | None:
+    """The paragraphs after the first of a text that holds no group of a known format (``learned:paragraphs``),
+    split as a template context is split (continuations joined, fenced code whole), or None when there are too
+    few or too many of them to be a context."""
+    found = paragraphs(text, 0, len(text))
+    if next(found, None) is None or (second := next(found, None)) is None:
+        return None
+    spans, joined = _paragraph_blocks(text, second[0], len(text), fences, "")
+    low, high = _LEARNED_PARAGRAPHS
+    if not low <= len(spans) <= high:
+        return None
+    blocks = tuple(Block(s, e, s, e) for s, e in spans)
+    return BlockGroup(LEARNED, f"{LEARNED}:paragraphs", blocks, None, blocks[-1].end, tuple(joined))
