@@ -381,3 +381,49 @@ async def test_a_big_body_is_planned_off_the_loop_the_same_way(gateway: AppFacto
     assert len(route.calls[1].request.content) > 64 << 10
     assert titles(sent)[:2] == titles(json.loads(route.calls[0].request.content))
     assert json.loads(response.headers["x-prefixgate-result"])["predicted_cached_blocks"] == 2
+
+
+CHAT_ANSWER = {"id": "c1", "object": "chat.completion", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+               "message": {"role": "assistant", "content": "ok"}}], "usage": {"prompt_tokens": 5,
+               "completion_tokens": 1, "total_tokens": 6}}  # fmt: skip
+COMPLETION_ANSWER = {"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [{"index": 0, "text": "ok",
+                     "finish_reason": "stop", "logprobs": None}]}  # fmt: skip
+OWN_TEMPLATE = "You are the help desk of ACME. Ground every answer in the excerpts below.\n\n{context}\n\nUsing only the excerpts above, answer: {question}"  # noqa: E501
+# the route, a body holding the text, where the forwarded text is, the engine's answer
+LEARNED_ROUTES = {
+    "chat": ("/v1/chat/completions", lambda t: {"model": "m", "messages": [{"role": "user", "content": t}]},
+             lambda b: b["messages"][0]["content"], CHAT_ANSWER),
+    "completions": ("/v1/completions", lambda t: {"model": "m", "prompt": t, "max_tokens": 2}, lambda b: b["prompt"],
+                    COMPLETION_ANSWER),
+    "messages": ("/v1/messages", lambda t: {"model": "m", "max_tokens": 4, "system": t,
+                 "messages": [{"role": "user", "content": "go"}]}, lambda b: b["system"], MESSAGE),
+    "responses": ("/v1/responses", lambda t: {"model": "m", "instructions": t, "input": "go"},
+                  lambda b: b["instructions"], RESPONSE),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("api", sorted(LEARNED_ROUTES))
+async def test_an_applications_own_template_is_learned_on_every_api(
+    gateway: AppFactory, upstream: respx.Router, api: str
+) -> None:
+    """A template no detector knows, in a chat message, a completion prompt, a Messages system prompt and Responses
+    instructions: learned from the traffic, its documents move whole, its head and question stay in place."""
+    import random
+
+    from gateway.planning.intercept import audit_rewrite
+    from tests.integration.test_frameworks import DOCS, FIRST, SECOND
+
+    path, body, text_of, answer = LEARNED_ROUTES[api]
+    route = upstream.post(path).mock(return_value=httpx.Response(200, json=answer))
+    rng = random.Random(5)
+    contexts = [rng.sample(DOCS, 3) for _ in range(20)] + [FIRST, SECOND]
+    sent = [OWN_TEMPLATE.format(context="\n\n".join(docs), question=f"q{i}?") for i, docs in enumerate(contexts)]
+    async with gateway() as client:
+        for text in sent:
+            response = await client.post(path, json=body(text))
+            assert response.status_code == 200
+    forwarded = [text_of(json.loads(call.request.content)) for call in route.calls]
+    moved = sum(audit_rewrite(s, f, docs).moved for s, f, docs in zip(sent, forwarded, contexts, strict=True))
+    assert moved >= 2
+    assert forwarded[-1] != sent[-1] and forwarded[-1].startswith(forwarded[-2][:200])  # SECOND leads as FIRST went
+    assert json.loads(response.headers["x-prefixgate-result"])["reordered"] is True
