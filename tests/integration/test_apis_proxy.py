@@ -388,7 +388,10 @@ CHAT_ANSWER = {"id": "c1", "object": "chat.completion", "model": "m", "choices":
                "completion_tokens": 1, "total_tokens": 6}}  # fmt: skip
 COMPLETION_ANSWER = {"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [{"index": 0, "text": "ok",
                      "finish_reason": "stop", "logprobs": None}]}  # fmt: skip
-OWN_TEMPLATE = "You are the help desk of ACME. Ground every answer in the excerpts below.\n\n{context}\n\nUsing only the excerpts above, answer: {question}"  # noqa: E501
+OWN_TEMPLATE = (
+    "You are the help desk of ACME. Ground every answer in the excerpts below.\n\n{context}\n\n"
+    "Using only the excerpts above, answer: {question}"
+)
 # the route, a body holding the text, where the forwarded text is, the engine's answer
 LEARNED_ROUTES = {
     "chat": ("/v1/chat/completions", lambda t: {"model": "m", "messages": [{"role": "user", "content": t}]},
