@@ -207,6 +207,10 @@ class Outcome:
             reasons = Counter(c.decision.reason for c in self.choices if c.decision.action == action)
             if reasons:
                 result[name] = dict(sorted(reasons.items()))
+        # groups a later turn refers to by position, sent again in an earlier turn's order that keeps them in place
+        kept = sum(1 for c in self.choices if c.decision.reason == "order_sent_before")
+        if kept:
+            result["order_sent_before"] = kept
         return result
 
 

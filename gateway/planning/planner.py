@@ -15,9 +15,13 @@ answers.
 A group is planned under a *prefix key*: a digest of everything the engine sees before the group (model, tools,
 earlier messages and the text before the group, as sent): blocks only share a KV prefix after identical bytes.
 Multi-turn: rewrites are memoised by the original text, the options and the other texts' meaning cues, so a
-resent message is rewritten byte-identically (texts left alone are remembered too). Meaning (renumber, keep
-labels, leave alone) is decided from every text of the request: :mod:`gateway.planning.intercept.meaning`, and for runs
-of whole blocks :mod:`gateway.planning.units`; Messages and Responses bodies are walked once to read, once to plan.
+resent message is rewritten byte-identically (texts left alone are remembered too). A later turn that refers to
+the blocks by position ("the first document") would have the text left in the client's order, and the cached
+conversation lost from there: when every position it names holds the same block in the order the text was sent
+in before, that order means the same, and the text is sent in it again (reason ``order_sent_before``).
+Meaning (renumber, keep labels, leave alone) is decided from every text of the request:
+:mod:`gateway.planning.intercept.meaning`, and for runs of whole blocks :mod:`gateway.planning.units`; Messages
+and Responses bodies are walked once to read, once to plan.
 
 Threads: the live index and the slot table have a single writer, the event loop, and only ``plan`` reads them.
 ``read`` may run in a worker thread (a big body; one whose texts took the loop's inline slice): the text scans, the
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from hashlib import blake2b
 from typing import Any
 
@@ -82,6 +87,8 @@ class Planner:
         self.residency = residency
         self.metrics = metrics
         self._memo: LRUCache[bytes, Rewrite] = LRUCache(maxsize=settings.memo_mib << 20, getsizeof=Rewrite.size)
+        # each text's last reordered rewrite, whatever the other texts said (shares its texts with the memo)
+        self._sent: LRUCache[bytes, Sent] = LRUCache(maxsize=settings.memo_mib << 18, getsizeof=Sent.size)
         self._units = UnitOrders()  # whole-block runs (documents, search results)
         residency.on_reset(self._units.clear)
         self._memo_lock = threading.Lock()
@@ -263,6 +270,7 @@ class Planner:
     def _clear_memo(self) -> None:
         with self._memo_lock:
             self._memo.clear()
+            self._sent.clear()
 
     def _shaped(
         self, shape: Shape, body: RequestBody, fields: dict[str, Any], prefix: Prefix, outcome: Outcome
@@ -368,7 +376,18 @@ class Planner:
                 # decided while reading; else its rewrite was remembered then and has been forgotten since, or the
                 # text has no groups: decided now
                 meaning = reading.meanings.get(key) or self._mean(text, found, others, reading, outcome.tenant)
-                entry, fresh = self._plan_text(text, prefix, outcome, meaning)
+                sent = _sent_digest(found, outcome.model, outcome.tenant)
+                with self._memo_lock:
+                    before = self._sent.get(sent)
+                kept = before.kept(meaning) if before is not None else None
+                if kept is not None:
+                    self.boundaries.record(meaning.shown)
+                    entry, fresh = kept, None
+                else:
+                    entry, fresh = self._plan_text(text, prefix, outcome, meaning)
+                if entry.reordered:
+                    with self._memo_lock:
+                        self._sent[sent] = Sent(entry, tuple((g.start, g.end, len(g)) for g in meaning.groups))
             except BudgetExceeded:
                 # the text goes out as it came, and so does every later one (the budget is per request); the
                 # memo remembers it as left alone so that a later turn sends the same bytes again
@@ -558,6 +577,47 @@ def _held_both(residency: Residency, sent: Hashes, forwarded: Hashes) -> tuple[i
 def _cached_counts(residency: Residency, keys: Sequence[Prediction]) -> list[int]:
     """How many leading blocks of each group, in the order the memo sends them, the index holds."""
     return [residency.index.held(key, blocks) for key, blocks in keys]
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A text's last reordered rewrite and the spans of the groups it was planned on."""
+
+    rewrite: Rewrite
+    spans: tuple[tuple[int, int, int], ...]
+
+    def size(self) -> int:
+        return 64 + self.rewrite.size()
+
+    def kept(self, meaning: Meaning) -> Rewrite | None:
+        """This rewrite, when it means what the text means under ``meaning`` (the same groups; each moved group
+        either allowed to move as it was, or left alone only for positions that hold the same block in it); its
+        choices then say ``order_sent_before``. None otherwise."""
+        groups = meaning.groups
+        if self.spans != tuple((g.start, g.end, len(g)) for g in groups):
+            return None
+        choices = list(self.rewrite.choices)
+        for i, (group, decision) in enumerate(zip(groups, meaning.decisions, strict=True)):
+            choice = choices[i]
+            if not choice.moved or decision.action == choice.decision.action:
+                continue
+            positions = decision.positions
+            if decision.reason != "referenced" or positions is None or group.number_base is not None:
+                return None
+            size = len(choice.order)
+            at = [p - 1 if p > 0 else size + p for p in positions]  # 1-based from the start, -1 the last
+            if not at or any(not 0 <= k < size or choice.order[k] != k for k in at):
+                return None
+            kept = Decision(choice.decision.action, "order_sent_before")
+            choices[i] = Choice(choice.format, choice.blocks, kept, True, choice.order, choice.ids)
+        return replace(self.rewrite, choices=tuple(choices))
+
+
+def _sent_digest(found: TextScan, model: bytes, tenant: bytes) -> bytes:
+    """The key of a text's last reordered rewrite: the text and its options, the model and the key's namespace."""
+    digest = blake2b(found.key, digest_size=16, key=model[:64], person=b"pg-sent")
+    digest.update(b"\0" + tenant)
+    return digest.digest()
 
 
 def _memo_digest(found: TextScan, others: Others, model: bytes, tenant: bytes) -> bytes:

@@ -205,3 +205,45 @@ async def test_a_big_prompt_planned_in_a_worker_thread_keeps_its_meaning(
     assert json.loads(response.headers["x-prefixgate-result"])["kept_labels"] == {"referenced": 1}
     system = json.loads(route.calls.last.request.content)["messages"][0]["content"]
     assert shown(system) == dict(enumerate(DOCS, 1))  # labels kept (and, gaining nothing, left in place)
+
+
+def tool_turns(names: list[str], *later: str) -> dict[str, Any]:
+    """An agent's conversation: a question, the search tool's documents (``names`` of ``DOCS``), an answer and the
+    ``later`` questions."""
+    call = {"id": "t1", "type": "function", "function": {"name": "search", "arguments": "{}"}}
+    result = "\n".join(f"<document>{DOCS[int(n)]}</document>" for n in names)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Tell me about landmarks."},
+                                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                                      {"role": "tool", "tool_call_id": "t1", "content": result}]  # fmt: skip
+    for question in later:
+        messages += [{"role": "assistant", "content": "Here is what I found."}, {"role": "user", "content": question}]
+    return {"model": "m", "messages": messages}
+
+
+def forwarded_tool(call: Any) -> list[int]:
+    content = next(m for m in json.loads(call.request.content)["messages"] if m["role"] == "tool")["content"]
+    return [DOCS.index(doc) for doc in re.findall(r"<document>(.*?)</document>", content)]
+
+
+async def test_a_later_turn_naming_a_position_kept_in_place_keeps_the_order_sent_before(
+    gateway: AppFactory, upstream: respx.Router
+) -> None:
+    """Issue 20: a later turn that names "the first document" no longer sends the earlier tool result in the client's
+    order (losing the cached conversation) when the order it was sent in holds the same first document; one that
+    names a position the earlier order changed still does."""
+    route = upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=answer("ok")))
+    async with gateway() as client:
+        # the cache holds documents 3 and 1 after the same question: the tool result's 0, 3, 1, 2 goes out 3, 1, ...
+        await client.post("/v1/chat/completions", json=tool_turns(["3", "1"]))
+        first = await client.post("/v1/chat/completions", json=tool_turns(["0", "3", "1", "2"]))
+        sent_order = forwarded_tool(route.calls[-1])
+        later = {}
+        for question in ("What does the last document say?", "And the first document?"):
+            response = await client.post("/v1/chat/completions", json=tool_turns(["0", "3", "1", "2"], question))
+            later[question] = (forwarded_tool(route.calls[-1]), json.loads(response.headers["x-prefixgate-result"]))
+    assert json.loads(first.headers["x-prefixgate-result"])["reordered"] is True
+    assert sent_order == [3, 1, 0, 2]  # the cached pair first, the new documents as the client sent them
+    order, result = later["What does the last document say?"]  # 2 is last both ways: the cached order again
+    assert order == sent_order and result["order_sent_before"] == 1 and "left_alone" not in result
+    order, result = later["And the first document?"]  # position 1 holds 3 as sent before, 0 for the client
+    assert order == [0, 3, 1, 2] and result["left_alone"] == {"referenced": 1} and "order_sent_before" not in result

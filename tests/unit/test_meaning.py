@@ -124,3 +124,29 @@ def test_citing_by_id_moves_blocks_that_carry_their_id() -> None:
     assert decision("Cite document ids.", xml(False)) == Decision("leave_alone", "cite_by_position")
     assert decision("Cite each claim as [doc_id].", SOURCES) == Decision("keep_labels", "cite_by_number")
     assert decision("Cite them by number.", xml(True)) == Decision("leave_alone", "cite_by_position")
+
+
+UNNUMBERED = "Docs:\n" + "\n".join(f"<document>Landmark {n} stands in a city.</document>" for n in range(4))
+
+
+@pytest.mark.parametrize(
+    ("question", "positions"),
+    [
+        ("What does the first document say?", {1}),
+        ("Compare the last two results.", {-1, -2}),
+        ("Summarize the first three retrieved documents and the penultimate one.", {1, 2, 3, -2}),
+        ("Is the 2nd source right?", {2}),
+        ("What does [2] say?", {2}),  # an unnumbered group: the number can only be a position
+        ("Read the first few documents.", None),  # positions not told
+    ],
+)
+def test_a_reference_by_position_carries_the_positions(question: str, positions: set[int] | None) -> None:
+    decision = _decide(question, UNNUMBERED)
+    assert (decision.action, decision.reason) == ("leave_alone", "referenced")
+    assert decision.positions == (frozenset(positions) if positions is not None else None)
+
+
+def test_labels_referenced_in_a_numbered_group_carry_no_positions() -> None:
+    """A numbered group's "[2]" names a label, and "the first source" a position among labelled ones: which block
+    an earlier order put there is not told by the positions alone."""
+    assert _decide("the first source is wrong").positions is None

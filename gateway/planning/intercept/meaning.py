@@ -4,7 +4,9 @@ Reordering is only safe for labels that nothing can refer to. :func:`scan` reads
 
 - ``num``: a reference to a block by its number, outside a line-start label: ``[3]``, ``[1, 4]``, ``[2-3]``,
   ``[Doc 2]``, ``source [3]``, ``Document 1``, ``Doc #2``;
-- ``pos``: a reference by position: "the first result", "the last two documents", "the top source";
+- ``pos``: a reference by position: "the first result", "the last two documents", "the top source"; its value
+  is the position (1-based; -1 the last) and "the first two" makes two cues, 0 when it cannot be told ("the
+  first few");
 - ``cite``: an instruction to cite by number: "cite them as [n]", "reference sources by their number";
 - ``ranked`` / ``chronological``: the text says blocks come in a meaningful order ("ranked by relevance",
   "most relevant first", "in chronological order", "newest first");
@@ -12,6 +14,10 @@ Reordering is only safe for labels that nothing can refer to. :func:`scan` reads
 
 :func:`decide` gives each group of one text a :class:`Decision` from the cues of that text that lie outside the
 group and the cues of every other text of the request (the question, the system prompt, earlier answers):
+
+A decision made because the request refers to positions (``referenced``) carries them (``Decision.positions``):
+an order that keeps each of them in place means the same (the planner then keeps the order a conversation's
+earlier turn was sent in).
 
 1. ``leave_alone``: the request calls the blocks ranked or chronological, refers to a block by position, the
    group's own blocks are dated in order (emails Mon/Tue/Wed) or read as steps ("Step 1", "First ... Then"), a
@@ -33,7 +39,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.planning.intercept.groups import BlockGroup
@@ -116,6 +122,8 @@ class Decision:
 
     action: Action
     reason: str = ""
+    positions: frozenset[int] | None = field(default=None, compare=False)
+    """For ``referenced``: the positions the request refers to (1-based, -1 the last), None when not known."""
 
     @property
     def moves(self) -> bool:
@@ -273,14 +281,37 @@ def scan(text: str, *, labels: bool = False, skip: Sequence[tuple[int, int]] = (
             found.extend((kind, value, match.start()) for value in _numbers(match.group(1)))
     found.extend((_cite_kind(match.group()), 0, match.start()) for match in cites)
     found.extend(
-        ("pos", 0, match.start())
+        ("pos", position, match.start())
         for match in finditer(_POSITION)
         if _ARTICLE_BEFORE.search(lower, max(0, match.start() - 16), match.start())
+        for position in _positions(match.group())
     )
     for kind, pattern in (("ranked", _RANKED), ("chronological", _CHRONO)):
         found.extend((kind, 0, match.start()) for match in finditer(pattern))
     found.sort(key=lambda cue: cue[2])
     return TextCues(tuple(found))
+
+
+_ORDINAL_VALUES = {
+    **{word: n for n, word in enumerate(_ORDINAL_WORDS[:10], 1)},
+    **{f"{n}{suffix}": n for n, suffix in zip(range(1, 11), ("st", "nd", "rd", *("th",) * 7), strict=True)},
+    "top": 1, "topmost": 1, "last": -1, "final": -1, "bottom": -1, "penultimate": -2,
+}  # fmt: skip
+_COUNTS = {"two": 2, "three": 3, "four": 4, "five": 5, **{str(n): n for n in range(10)}}
+
+
+def _positions(reference: str) -> list[int]:
+    """The positions a ``_POSITION`` match names: ``first`` 1, ``last`` -1, ``first two`` 1 and 2, ``last
+    three`` -1 to -3; 0 when it cannot be told (``the first few``, ``the second two``)."""
+    ordinal, *rest = reference.split()
+    value = _ORDINAL_VALUES.get(ordinal, 0)
+    head = rest[0] if len(rest) >= 2 else ""  # a count, or a word like "retrieved", before the noun
+    if head in ("few", "couple"):
+        return [0]
+    count = _COUNTS.get(head)
+    if count is None:
+        return [value]
+    return [value * n for n in range(1, count + 1)] if value in (1, -1) and count else [0]
 
 
 def decide(
@@ -303,9 +334,14 @@ def decide(
         labels = {value for kind, value in cues if kind == "label"}
         base = group.number_base
         span = range(base, base + len(group)) if base is not None else range(1, len(group) + 1)
-        decisions.append(
-            _decide(text, group, kinds, numbers=numbers, labels=labels, span=span, mapping=mapping, floor=previous_end)
+        decision = _decide(
+            text, group, kinds, numbers=numbers, labels=labels, span=span, mapping=mapping, floor=previous_end
         )
+        if decision.reason == "referenced" and decision.action == "leave_alone":
+            named = {value for kind, value in cues if kind == "pos"} | {n for n in numbers if n in span}
+            known = None if 0 in named or base is not None else frozenset(named)
+            decision = Decision(decision.action, decision.reason, known)
+        decisions.append(decision)
         previous_end = group.end
     return decisions
 
