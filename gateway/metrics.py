@@ -86,7 +86,8 @@ class Metrics:
         )  # fmt: skip
         self.groups_decided = Counter(
             "prefixgate_groups_meaning",
-            "Block groups not simply renumbered, by format, decision (keep_labels, map, leave_alone) and reason",
+            "Block groups not simply renumbered, by format, decision (keep_labels, map, leave_alone; renumber when "
+            "sent in an earlier turn's order) and reason",
             ["format", "decision", "reason"],
             registry=r,
         )

@@ -189,7 +189,7 @@ class Outcome:
             metrics.blocks_found.labels(choice.format).inc(choice.blocks)
             if choice.moved:
                 metrics.groups_reordered.labels(choice.format).inc()
-            if choice.decision.action != "renumber":
+            if choice.decision.action != "renumber" or choice.decision.reason:  # order_sent_before
                 metrics.groups_decided.labels(choice.format, choice.decision.action, choice.decision.reason).inc()
         if self.skipped is not None:
             metrics.intercept_skipped.labels(self.skipped).inc()
