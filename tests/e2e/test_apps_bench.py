@@ -55,3 +55,24 @@ def test_the_check_passes_a_permutation_and_catches_a_moved_indent_or_a_cut_docu
     assert check(sent, cut + "\nQuestion: q") > 0
     assert check(["a", "b"], ["b", "a"]) == 0 and check({"a": 1}, {}) > 0
     assert check("[1] beta two\n[2] gamma three", "[1] gamma three\n[2] beta two") == 0  # renumbered by position
+
+
+@pytest.mark.timeout(300)
+def test_one_app_runs_on_a_real_vllm_direct_and_through_the_gateway() -> None:
+    """``bench apps --engines vllm``: a real vLLM-CPU server, its prefix cache reset between the two runs, the
+    engine's own cached-token counts metered; the gateway not below direct."""
+    from bench.apps_bench import VllmStacks, _stacks
+    from tests.e2e.vllm import require_vllm_venv
+
+    require_vllm_venv()
+    chunks = build_corpus()
+    with _stacks("vllm", [chunk.text for chunk in chunks]) as stacks:
+        assert isinstance(stacks, VllmStacks) and stacks.messages  # this vLLM serves /v1/messages
+        app = next(app for app in APPS if app.name == "langchain create_retrieval_chain")
+        asked = questions(chunks, "diverse", 8)
+        result = stacks.run(app, asked, "diverse")
+    assert len(result.direct) == len(result.gateway) == len(asked)
+    assert all(e.prompt > 0 for e in result.direct + result.gateway)
+    assert all(e.request_id for e in result.gateway)
+    assert sum(e.cached for e in result.direct) > 0  # vLLM reports its prefix cache hits (the template's words)
+    assert "below direct" not in verdicts(result)
