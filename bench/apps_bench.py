@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                     if engine == "llama" and app.not_on_llama:
                         _log(f"llama: {app.name} skipped: {app.not_on_llama}")
                         continue
-                    if isinstance(stacks, VllmStacks) and (app.not_on_vllm or app.messages_api and not stacks.messages):
+                    if isinstance(stacks, VllmStacks) and (app.not_on_vllm or (app.messages_api and not stacks.messages)):
                         _log(f"vllm: {app.name} skipped: {app.not_on_vllm or 'this vLLM serves no /v1/messages'}")
                         continue
                     results.append(stacks.run(app, asked[:QUICK_LLAMA_QUESTIONS] if quick_llama else asked, qset))
