@@ -333,6 +333,12 @@ class VllmStacks(Stacks):
                            "messages": [{"role": "user", "content": "hi"}]}, timeout=120)  # fmt: skip
         self.messages = probe.status_code != 404
 
+    def refuses(self, app: App) -> str:
+        """Why this vLLM cannot run ``app`` ("": it can)."""
+        if app.messages_api and not self.messages:
+            return "this vLLM serves no /v1/messages"
+        return app.not_on_vllm
+
     def run(self, app: App, asked: Sequence[str], qset: str) -> RunResult:
         self.server.reset_prefix_cache()
         direct = run_app(app, self.server.url, asked, self.retrieve, self.corpus)
@@ -463,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                     if engine == "llama" and app.not_on_llama:
                         _log(f"llama: {app.name} skipped: {app.not_on_llama}")
                         continue
-                    if isinstance(stacks, VllmStacks) and (app.not_on_vllm or (app.messages_api and not stacks.messages)):
-                        _log(f"vllm: {app.name} skipped: {app.not_on_vllm or 'this vLLM serves no /v1/messages'}")
+                    if isinstance(stacks, VllmStacks) and (why := stacks.refuses(app)):
+                        _log(f"vllm: {app.name} skipped: {why}")
                         continue
                     results.append(stacks.run(app, asked[:QUICK_LLAMA_QUESTIONS] if quick_llama else asked, qset))
                     _log(f"{engine} {qset} {app.name}: done ({time.monotonic() - started:.0f}s)")
