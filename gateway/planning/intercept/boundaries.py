@@ -42,8 +42,9 @@ elsewhere (after, before another): a line that changes daily before the document
 
 Knowledge is kept per template slot: the template's name and the text before its context (the instructions
 and system prompt around it), so two applications sharing a template do not teach each other. Memory is two
-bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests; the
-least recently seen are forgotten first.
+bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests (a
+context's first and last two paragraphs counted there too), and two maps a sixteenth of their size per slot (its
+requests; a learned template's tail); the least recently seen are forgotten first.
 
 Where it can be wrong: chunks ``[a, b]``, ``[a, c]`` and ``[d, b]`` (two paragraphs each reused in other
 chunks, like the ``json`` docs of ``dump`` and ``dumps``) are indistinguishable from four one-paragraph
