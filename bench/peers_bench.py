@@ -29,7 +29,8 @@ requests with documents and a cache hit whose ``predicted_cached_tokens`` (``X-P
 of vLLM's figure, and ``warm±10%`` the same once warm: from the 21st request on (the gateway learns each replica's
 cache granularity, 128-token blocks here, and its bytes per token from the engine's first reports, four of each).
 
-Run: ``python -m bench peers [--quick] [--requests N] [--seed S]``. Needs ``make vllm`` (or
+Run: ``python -m bench peers [--quick] [--requests N] [--seed S] [--tokenizer]`` (``--tokenizer``: the prefixgate rows
+count the documents' tokens with the model's ``tokenizer.json``, for exact predictions). Needs ``make vllm`` (or
 ``PREFIXGATE_VLLM_VENV``): the routers live in that venv, not in prefixgate's dependencies.
 """
 
@@ -69,6 +70,7 @@ WORKLOADS = ("rag retrieval order", "rag stable order", "chat")
 CONCURRENCY = 4
 BLOCKS = 256
 WARM_REQUESTS = 20  # predictions are compared "once warm" from the 21st request of a row on
+PREFIXGATE_ARGS: list[str] = []  # more `prefixgate serve` options (--tokenizer)
 N_DOCS, K, DOC_WORDS = 60, 5, 110
 CHAT_TURNS = 16  # a chat conversation's turns at most (each ~150 tokens)
 MODEL = "tiny"
@@ -227,7 +229,7 @@ def _front(row: str, venv: Path, replicas: Sequence[str], events: Sequence[str],
         command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--engine", "vllm"]
         for replica, endpoint in zip(replicas, events, strict=True):
             command += ["--upstream", replica, "--kv-events-endpoint", endpoint]
-        command += ["--log-level", "warning"]
+        command += ["--log-level", "warning", *PREFIXGATE_ARGS]
     elif row.startswith("sglang-router"):
         command = [str(venv / "bin" / "python"), "-m", "sglang_router.launch_router"]
         command += ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *replicas, "--policy", "cache_aware"]
@@ -293,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
+    parser.add_argument("--tokenizer", action="store_true", help="prefixgate rows with --tokenizer (the model's)")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    from tests.builds.vllm import ENV_VAR, find_vllm_venv, words
+    from tests.builds.vllm import ENV_VAR, find_vllm_venv, model_path, words
     from tests.e2e.vllm import KVEvents, VllmSpec, start_many
 
     venv = find_vllm_venv()
@@ -305,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in args.rows.split(",") if r]
     workloads = [w for w in args.workloads.split(",") if w]
     vocabulary = words()
+    if args.tokenizer:  # the served model's tokenizer: predictions count the documents' tokens exactly
+        PREFIXGATE_ARGS[:] = ["--tokenizer", str(model_path(venv) / "tokenizer.json")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     ports = [(_free_port(), _free_port()) for _ in range(2)]
     specs = [

@@ -212,6 +212,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         float,
         option("planning", "CPU time per request for finding and planning blocks; past it, forwarded unchanged", gt=0),
     ] = 50.0
+    tokenizer: Annotated[
+        str,
+        option(
+            "planning",
+            "the served model's tokenizer.json: predictions count documents' tokens exactly ('tokenizer' extra)",
+        ),
+    ] = ""
     memo_mib: Annotated[
         int,
         option(
@@ -305,6 +312,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "namespace_secret: required with --api-key and --state: every gateway sharing the state must map a "
                 "key to the same namespace (give them all the same secret)"
             )
+        if self.tokenizer and importlib.util.find_spec("tokenizers") is None:
+            raise ValueError("tokenizer: needs the 'tokenizer' extra (pip install 'prefixgate[tokenizer]')")
+        if self.tokenizer and not os.path.isfile(self.tokenizer):
+            raise ValueError(f"tokenizer: no such file: {self.tokenizer}")
         if self.kv_events_endpoint and importlib.util.find_spec("zmq") is None:
             raise ValueError("kv_events_endpoint: needs the 'events' extra (pip install 'prefixgate[events]')")
         if len(self.kv_events_replay) > len(self.kv_events_endpoint):

@@ -84,6 +84,7 @@ class Rewrite:
     reordered: bool
     choices: tuple[Choice, ...] = ()  # per group, what meaning allowed and what was done
     maps: tuple[CitationMap, ...] = ()  # citation mapping: the answer's numbers back to the client's
+    counted: tuple[tuple[tuple[int, int], ...], ...] = ()  # with --tokenizer: per group, per block (chars, tokens)
 
     def size(self) -> int:
         """Bytes held, as the memo counts them: the new text's own size, plus the UTF-8 copy Python keeps with a
@@ -128,6 +129,7 @@ class Outcome:
     memo_hits: int = 0
     predicted_chars: int = 0
     predictions: list[Prediction] = field(default_factory=list)
+    counted: list[tuple[int, int, int]] = field(default_factory=list)  # with --tokenizer: (end, chars, tokens)
     choices: list[Choice] = field(default_factory=list)
     maps: list[CitationMap] = field(default_factory=list)
     frozen: bool = False  # only read the texts in prompt order, as sent (``Planner.sent_chain``)
@@ -155,8 +157,19 @@ class Outcome:
                 code="too_many_blocks",
             )
 
-    def record(self, key: Hashable, blocks: tuple[int, ...], cached: int, ends: Sequence[int], base: int = 0) -> None:
-        """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base)."""
+    def record(
+        self,
+        key: Hashable,
+        blocks: tuple[int, ...],
+        cached: int,
+        ends: Sequence[int],
+        base: int = 0,
+        *,
+        counted: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base), and
+        with ``--tokenizer`` each block's characters and exact tokens."""
+        self.counted.extend((base + end, chars, tokens) for end, (chars, tokens) in zip(ends, counted, strict=False))
         self.commits.append((key, blocks))
         self.groups += 1
         self.blocks += len(blocks)
@@ -176,6 +189,7 @@ class Outcome:
         self.maps.clear()
         self.commits.clear()
         self.predictions.clear()
+        self.counted.clear()
         self.cached, self.predicted_chars = 0, chars
 
     def count(self, metrics: Metrics, notes: Sequence[str]) -> None:

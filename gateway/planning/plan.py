@@ -54,9 +54,9 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("answer", "chain", "choices", "commits", "fields", "metrics", "predicted_chars", "predictions",
-                 "prompt_chars", "request_id", "residency", "result", "routing", "slot", "slot_known", "slots",
-                 "upstream")  # fmt: skip
+    __slots__ = ("answer", "chain", "choices", "commits", "counted", "fields", "metrics", "predicted_chars",
+                 "predictions", "prompt_chars", "request_id", "residency", "result", "routing", "slot", "slot_known",
+                 "slots", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -70,6 +70,7 @@ class PlannedRequest:
         predicted_chars: int = 0,
         prompt_chars: int = 0,
         chain: Hashes = (),
+        counted: Sequence[tuple[int, int, int]] = (),
     ) -> None:
         self.request_id = request_id
         self.residency = residency
@@ -80,6 +81,7 @@ class PlannedRequest:
         self.predictions = predictions
         self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
         self.prompt_chars = prompt_chars  # the whole prompt's bytes, as the planner fed them (0: not walked)
+        self.counted = counted  # with --tokenizer: each block's (end, chars, exact tokens), in prompt order
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
         self.slot_known = True  # False: sent without ``id_slot``, ``slot`` is where llama.cpp is believed to put it
@@ -95,7 +97,9 @@ class PlannedRequest:
     def predicted_tokens(self) -> int:
         """The predicted cached tokens, rounded down to what the replica's engine caches in (its learned
         ``CacheGranularity``): what the result header says and ``usage`` compares with the engine's report."""
-        return self.residency.granularity.floor(self.residency.rate.tokens(self.predicted_chars))
+        reach = self.predicted_chars
+        chars, tokens = _counted(self.counted, reach)  # documents counted exactly, the bytes between estimated
+        return self.residency.granularity.floor(tokens + self.residency.rate.tokens(reach - chars))
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
@@ -118,7 +122,9 @@ class PlannedRequest:
         (``prefixgate_stale_predictions``).
         """
         if prompt_tokens is not None and self.prompt_chars:
-            self.residency.rate.learn(self.prompt_chars, prompt_tokens)
+            # with exact block counts the rate is learned on the rest of the prompt, which it estimates
+            chars, tokens = _counted(self.counted, self.prompt_chars)
+            self.residency.rate.learn(self.prompt_chars - chars, prompt_tokens - tokens)
         if cached_tokens is None:
             return
         self.residency.granularity.learn(cached_tokens)
@@ -205,3 +211,12 @@ class Upstream(Protocol):
     client: httpx.AsyncClient
     sender: UpstreamSender
     engine: EngineAdapter
+
+
+def _counted(counted: Sequence[tuple[int, int, int]], reach: int) -> tuple[int, int]:
+    """The characters and exact tokens of the blocks that end within the first ``reach`` characters."""
+    chars = tokens = 0
+    for end, size, count in counted:
+        if end <= reach:
+            chars, tokens = chars + size, tokens + count
+    return chars, tokens

@@ -50,7 +50,7 @@ from gateway.planning.intercept.budget import check, deadline_in
 from gateway.planning.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
 from gateway.planning.outcome import DISCARD, Choice, Outcome, Prefix, Rewrite, block_ends, pin_slot
 from gateway.planning.plan import PlannedRequest, Prediction
-from gateway.planning.residency import IndexView, Residency
+from gateway.planning.residency import BlockTokens, IndexView, Residency
 from gateway.planning.texts import Meaning, Reading, TextScan, TextScans, chat_texts
 from gateway.planning.units import UnitOrders
 from gateway.settings import Settings
@@ -82,6 +82,7 @@ class Planner:
         scan_units: int = 1 << 16,
         scans: TextScans | None = None,
         boundaries: Boundaries | None = None,
+        tokens: BlockTokens | None = None,
     ) -> None:
         self.settings = settings
         self.residency = residency
@@ -95,6 +96,8 @@ class Planner:
         self._scans = scans if scans is not None else TextScans(scan_units)  # replicas share one
         residency.on_reset(self._clear_memo)
         self.boundaries = boundaries if boundaries is not None else Boundaries()  # replicas share one
+        # --tokenizer: exact token counts of blocks, for predictions (replicas share one)
+        self._tokens = tokens if tokens is not None else BlockTokens(settings.tokenizer) if settings.tokenizer else None
         residency.on_reset(self.boundaries.clear)
         self._slots: SlotTable | None = None
 
@@ -106,7 +109,9 @@ class Planner:
         """A planner with its own memo that shares this one's text scans and learned boundaries, whose memo
         ``residency`` clears (``gateway.upstream.router``: one planner for every replica, each request planned
         against a ``ReplicaChoice``)."""
-        return Planner(self.settings, residency, self.metrics, scans=self._scans, boundaries=self.boundaries)
+        return Planner(
+            self.settings, residency, self.metrics, scans=self._scans, boundaries=self.boundaries, tokens=self._tokens
+        )
 
     @property
     def slot_count(self) -> int | None:
@@ -222,6 +227,7 @@ class Planner:
             predicted_chars=outcome.predicted_chars,
             prompt_chars=prompt_chars,
             chain=chain,
+            counted=tuple(outcome.counted),
         )
         planned.fields.update(fields)
         planned.choices = tuple(outcome.choices)
@@ -413,8 +419,11 @@ class Planner:
             fresh = [
                 cached if choice.decision.moves else 0 for cached, choice in zip(fresh, entry.choices, strict=True)
             ]
-        for (group_key, blocks), (_, _, ends), cached in zip(keys, entry.groups, fresh or (), strict=True):
-            outcome.record(group_key, blocks, cached, ends, base)
+        counted = entry.counted or ((),) * len(keys)
+        for (group_key, blocks), (_, _, ends), cached, sizes in zip(
+            keys, entry.groups, fresh or (), counted, strict=True
+        ):
+            outcome.record(group_key, blocks, cached, ends, base, counted=sizes)
         outcome.reordered |= entry.reordered
         outcome.choices.extend(entry.choices)
         outcome.maps.extend(entry.maps)
@@ -438,6 +447,7 @@ class Planner:
         outcome.check_blocks(sum(len(group.blocks) for group in groups))
         edits: list[tuple[BlockGroup, tuple[int, ...], bool]] = []
         metas: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+        counted: list[tuple[tuple[int, int], ...]] = []  # with --tokenizer: each block's chars and tokens
         choices: list[Choice] = []
         maps: list[CitationMap] = []
         cached: list[int] = []
@@ -455,15 +465,19 @@ class Planner:
             order, blocks, hits = self._order(outcome, key.digest(), text, group, decision, start=start)
             edits.append((group, order, decision.renumbers))
             metas.append((len(before), blocks, block_ends(text, group, order, len(before))))
+            if self._tokens is not None:
+                counter = self._tokens
+                ordered = [group.blocks[i] for i in order]
+                counted.append(tuple((b.end - b.start, counter.count(text[b.start : b.end])) for b in ordered))
             moved = order != tuple(range(len(order)))
             choices.append(Choice(group.format, len(group), decision, moved, order, blocks))
             if decision.action == "map" and moved:
                 maps.append(citation_map(text, group, order))
             cached.append(hits)
         if not any(choice.moved for choice in choices):
-            return Rewrite(None, tuple(metas), False, tuple(choices)), cached
+            return Rewrite(None, tuple(metas), False, tuple(choices), counted=tuple(counted)), cached
         rewritten = splice_all(text, edits, annotate=control.annotate)
-        return Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps)), cached
+        return Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps), tuple(counted)), cached
 
     def _order(
         self,

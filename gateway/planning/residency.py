@@ -29,7 +29,16 @@ from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
 from scheduler.prefixes import CHUNK_BYTES, PrefixIndex
 
-__all__ = ["CacheGranularity", "Change", "EvictOutcome", "IndexView", "Residency", "TokenRate", "estimate_tokens"]
+__all__ = [
+    "BlockTokens",
+    "CacheGranularity",
+    "Change",
+    "EvictOutcome",
+    "IndexView",
+    "Residency",
+    "TokenRate",
+    "estimate_tokens",
+]
 
 _CHARS_PER_TOKEN = 4
 
@@ -85,6 +94,30 @@ class TokenRate:
         if len(reports) < self.WARM:
             return estimate_tokens(prompt_bytes)
         return prompt_bytes * sum(t for _, t in reports) // sum(b for b, _ in reports)
+
+
+class BlockTokens:
+    """Exact token counts of block renderings, with the served model's tokenizer (``--tokenizer``: its
+    ``tokenizer.json``, read by the ``tokenizers`` package), each text counted once (an LRU of ``size`` counts).
+
+    A rate of bytes per token is right on average, but a prediction is rounded down to the engine's whole blocks
+    (vLLM: 16 or 128 tokens), so an estimate a few tokens off near a block's end is a block off: on the vLLM
+    bench's text no single rate gets more than 86% of the predictions to the right block. With the documents
+    counted exactly, only the bytes between them (the template, the tags) are estimated."""
+
+    def __init__(self, path: str, size: int = 65_536) -> None:
+        from tokenizers import Tokenizer  # the 'tokenizer' extra (checked at start by Settings)
+
+        self._tokenizer = Tokenizer.from_file(path)
+        self._counts: LRUCache[int, int] = LRUCache(maxsize=size)
+
+    def count(self, text: str) -> int:
+        """The tokens ``text`` makes on its own (no special tokens)."""
+        key = hash(text)
+        counted = self._counts.get(key)
+        if counted is None:
+            counted = self._counts[key] = len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return counted
 
 
 class CacheGranularity:

@@ -2,10 +2,11 @@
 (the result header's ``predicted_cached_tokens`` and the stale-prediction check of ``PlannedRequest.usage``)."""
 
 import random
+from pathlib import Path
 
 from gateway.metrics import Metrics
 from gateway.planning.plan import PlannedRequest
-from gateway.planning.residency import CacheGranularity, Residency
+from gateway.planning.residency import BlockTokens, CacheGranularity, Residency
 
 # (predicted, reported) pairs seen on the real vLLM CPU server (128-token blocks, issue 22)
 VLLM_CPU = [(229, 128), (443, 384), (882, 768), (664, 640), (651, 640)]
@@ -97,3 +98,51 @@ def test_predictions_count_tokens_at_the_rate_the_engine_counts_the_prompts_it_w
         planned(f"r{i}", 0, 2500 + 500 * i).usage(None, prompt_tokens=(2500 + 500 * i) * 2 // 5)
     warm = planned("warm", 1000, 3000)
     assert warm.predicted_tokens == 400 and warm.result["predicted_cached_tokens"] == 400
+
+
+def _tokenizer_file(tmp_path: Path) -> Path:
+    """A byte-level BPE tokenizer trained here (the ``tokenizer`` extra; no download), saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    rng = random.Random(9)
+    words = ["cache", "prefix", "engine", "token", "replica", "router", "index", "block"]
+    bpe.train_from_iterator([" ".join(rng.choices(words, k=40)) for _ in range(200)], trainer=trainer)
+    path = tmp_path / "tokenizer.json"
+    bpe.save(str(path))
+    return path
+
+
+def test_block_tokens_count_each_text_exactly_once(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    path = _tokenizer_file(tmp_path)
+    counter, reference = BlockTokens(str(path), size=2), Tokenizer.from_file(str(path))
+    text = "the cache engine routes a prefix to the replica that holds its block"
+    assert counter.count(text) == len(reference.encode(text, add_special_tokens=False).ids) > 0
+    counter._tokenizer = None  # type: ignore[assignment]  # a second count is remembered, not tokenized again
+    assert counter.count(text) == len(reference.encode(text).ids)
+
+
+def test_with_exact_block_counts_only_the_bytes_between_blocks_are_estimated() -> None:
+    """Blocks ending within the predicted prefix count their exact tokens; the rest of the prefix, at the rate the
+    engine counts the prompt around the blocks (learned on the prompt less its blocks)."""
+    residency = Residency(max_requests=10, stateless=False)
+    # (end, chars, exact tokens) of three blocks of 400 characters: 150 tokens each (2.67 bytes a token)
+    counted = [(500, 400, 150), (900, 400, 150), (1300, 400, 150)]
+
+    def planned(request_id: str, predicted_chars: int) -> PlannedRequest:
+        result = {"predicted_cached_tokens": 0}
+        return PlannedRequest(request_id, residency, Metrics(), result, predicted_chars=predicted_chars,
+                              prompt_chars=1500, counted=counted)  # fmt: skip
+
+    # cold: the 100 characters before the first block at the default 4 bytes a token
+    assert planned("cold", 900).predicted_tokens == 150 + 150 + 100 // 4
+    for i in range(4):  # the prompt less its blocks (300 chars) counted 100 tokens: 3 bytes a token
+        planned(f"r{i}", 0).usage(None, prompt_tokens=450 + 100)
+    assert planned("warm", 900).predicted_tokens == 150 + 150 + 100 // 3
+    assert planned("past", 1400).predicted_tokens == 3 * 150 + 200 // 3

@@ -65,6 +65,7 @@ def test_no_reorder_flag() -> None:
         ({"PREFIXGATE_NAMESPACE_SECRET": "short"}, "--namespace-secret (PREFIXGATE_NAMESPACE_SECRET)"),
         ({"PREFIXGATE_MAX_EJECTED_PERCENT": "101"}, "--max-ejected-percent (PREFIXGATE_MAX_EJECTED_PERCENT)"),
         ({"PREFIXGATE_STUCK_FACTOR": "-1"}, "--stuck-factor (PREFIXGATE_STUCK_FACTOR)"),
+        ({"PREFIXGATE_TOKENIZER": "/no/such/tokenizer.json"}, "--tokenizer (PREFIXGATE_TOKENIZER)"),
     ],
 )
 def test_invalid_values_name_the_option(env: dict[str, str], fragment: str) -> None:
