@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from engines.kvevents import KVEventSubscriber, KVEventTracker
-from tests.builds.vllm import words
+from tests.builds.vllm import model_path, words
 from tests.e2e.servers import free_port, wait_for
 from tests.e2e.vllm import (
     BLOCK_SIZE,
@@ -82,6 +82,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             *("--kv-events-endpoint", f"bind:{kv_a.endpoint}", "--kv-events-replay", str(kv_a.replay)),
             *("--kv-events-endpoint", kv_b.endpoint, "--kv-events-replay", str(kv_b.replay)),
             *("--health-interval", "0.5"),
+            *("--tokenizer", str(model_path(venv) / "tokenizer.json")),  # documents counted exactly
         ]  # fmt: skip
         with (
             run_prefixgate(*hook_args, port=hook_port, log_path=tmp / "hook-gateway.log") as hook_gateway,
