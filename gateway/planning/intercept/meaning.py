@@ -15,10 +15,6 @@ Reordering is only safe for labels that nothing can refer to. :func:`scan` reads
 :func:`decide` gives each group of one text a :class:`Decision` from the cues of that text that lie outside the
 group and the cues of every other text of the request (the question, the system prompt, earlier answers):
 
-A decision made because the request refers to positions (``referenced``) carries them (``Decision.positions``):
-an order that keeps each of them in place means the same (the planner then keeps the order a conversation's
-earlier turn was sent in).
-
 1. ``leave_alone``: the request calls the blocks ranked or chronological, refers to a block by position, the
    group's own blocks are dated in order (emails Mon/Tue/Wed) or read as steps ("Step 1", "First ... Then"), a
    numeric reference or a cite-by-number instruction meets a group whose blocks carry no numbers (the number
@@ -28,6 +24,10 @@ earlier turn was sent in).
 3. ``map``: as 2 for a cite-by-number instruction when citation mapping is on and the answer's numbers can be
    mapped back unambiguously: renumbered for the cache, the answer rewritten (``gateway.planning.citemap``);
 4. ``renumber``: nothing can refer to the labels; blocks move and numbers follow the position.
+
+A decision made because the request refers to positions (``referenced``) carries them (``Decision.positions``):
+an order that keeps each of them in place means the same (the planner then keeps the order a conversation's
+earlier turn was sent in).
 
 The cues of the *other* texts are summarised by :meth:`RequestCues.others` into a small, order-free
 signature; the planner puts it in its memo key, as the decisions depend on it. Every pattern is linear
