@@ -22,6 +22,13 @@ def test_queued_prefill_outweighs_a_small_cache_advantage() -> None:
     assert _order(candidates)[0] == 0
 
 
+def test_a_held_prefix_outweighs_a_queue_the_engine_batches_it_with() -> None:
+    """Queued prefill counts for a quarter (the engine batches it with this request's): holding 800 of 1,000
+    tokens beats an idle replica behind 1,200 queued tokens (200 + 300 against 1,000; counted whole, 1,400)."""
+    candidates = [Candidate(0, 0, 2, 0), Candidate(1, 800, 3, 1200)]
+    assert _order(candidates)[0] == 1
+
+
 def test_the_balance_guard_sends_to_the_least_loaded_whatever_the_cache() -> None:
     candidates = [Candidate(0, 1000, 9, 0), Candidate(1, 0, 1, 0), Candidate(2, 0, 4, 0)]
     assert GUARD.imbalanced([9, 1, 4])
