@@ -30,7 +30,7 @@ from gateway.indexapi.routes import index_routes
 from gateway.metrics import CONTENT_TYPE_LATEST, IndexCollector, Metrics, watch_event_loop
 from gateway.planning.intercept.boundaries import Boundaries
 from gateway.planning.planner import Planner
-from gateway.planning.residency import Residency
+from gateway.planning.residency import BlockTokens, CacheGranularity, Residency, TokenRate
 from gateway.planning.texts import TextScans
 from gateway.proxy.decisions import DecisionLog, decision_routes
 from gateway.proxy.pipeline import Proxy
@@ -145,11 +145,19 @@ class _Gateway(Litestar):
 
 def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, metrics: Metrics) -> ReplicaSet:
     """One replica per ``--upstream``: its own connection pool, client, live index and planner (the planners
-    share what does not depend on an index: the scans of texts and the learned paragraph boundaries)."""
+    share what does not depend on an index: the scans of texts, the learned paragraph boundaries and the token
+    counts of ``--tokenizer``). Replicas of one engine kind learn its cache granularity and token rate together
+    (the same engine and model behind each, as a router's replicas are), so a replica that has served few requests
+    predicts in whole blocks from the start."""
     replicas = []
     scans, boundaries = TextScans(), Boundaries()
+    tokens = BlockTokens(settings.tokenizer) if settings.tokenizer else None
+    learned: dict[str, tuple[CacheGranularity, TokenRate]] = {}
     for position, (kind, url) in enumerate(settings.upstreams):
         residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
+        if kind not in learned:
+            learned[kind] = (residency.granularity, residency.rate)
+        residency.granularity, residency.rate = learned[kind]
         # llama-server closes a connection after every streamed (chunked) answer, announcing keep-alive
         engine = get_engine(kind)
         pool = (
@@ -159,7 +167,7 @@ def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, me
         )
         client = build_client(settings, pool, url)
         replica = Replica(position, f"r{position}", url, engine, client, UpstreamSender(client, pool), residency)
-        replica.planner = Planner(settings, residency, metrics, scans=scans, boundaries=boundaries)
+        replica.planner = Planner(settings, residency, metrics, scans=scans, boundaries=boundaries, tokens=tokens)
         replicas.append(replica)
     return ReplicaSet(
         replicas,

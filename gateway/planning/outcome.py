@@ -84,7 +84,8 @@ class Rewrite:
     reordered: bool
     choices: tuple[Choice, ...] = ()  # per group, what meaning allowed and what was done
     maps: tuple[CitationMap, ...] = ()  # citation mapping: the answer's numbers back to the client's
-    counted: tuple[tuple[tuple[int, int], ...], ...] = ()  # with --tokenizer: per group, per block (chars, tokens)
+    counted: tuple[tuple[int, int, int], ...] = ()  # with --tokenizer: the output's (end, chars, exact tokens) pieces
+    follows: tuple[tuple[int, ...], ...] = ()  # per group, per slot: the template bytes a cache matches past it
 
     def size(self) -> int:
         """Bytes held, as the memo counts them: the new text's own size, plus the UTF-8 copy Python keeps with a
@@ -165,18 +166,18 @@ class Outcome:
         ends: Sequence[int],
         base: int = 0,
         *,
-        counted: Sequence[tuple[int, int]] = (),
+        follow: Sequence[int] = (),
     ) -> None:
         """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base), and
-        with ``--tokenizer`` each block's characters and exact tokens."""
-        self.counted.extend((base + end, chars, tokens) for end, (chars, tokens) in zip(ends, counted, strict=False))
+        the template bytes after each slot that an engine matches past a cached block (``follows``)."""
         self.commits.append((key, blocks))
         self.groups += 1
         self.blocks += len(blocks)
         self.cached += cached
         if cached:
             self.predictions.append((key, blocks[:cached]))
-            self.predicted_chars = max(self.predicted_chars, base + ends[cached - 1])
+            reach = ends[cached - 1] + (follow[cached - 1] if follow else 0)
+            self.predicted_chars = max(self.predicted_chars, base + reach)
 
     def leave_as_sent(self, chars: int) -> None:
         """Drop the rewrite: the prompt goes out as sent, which the engine holds ``chars`` of (every group that
@@ -226,6 +227,22 @@ class Outcome:
         if kept:
             result["order_sent_before"] = kept
         return result
+
+
+_LEAD_CHARS = 64  # at most this much of the blocks' common start counts as template (``follows``)
+
+
+def follows(text: str, group: BlockGroup) -> tuple[int, ...]:
+    """Per slot, the template bytes an engine's cache matches past a cached block there: when the cached prompt went
+    on with another block, its next bytes were the gap after this slot and the start every block of the group shares
+    (``<document id="``), whichever block came next. The last slot ends the group: nothing is assumed past it."""
+    blocks = group.blocks
+    if len(blocks) < 2:
+        return (0,) * len(blocks)
+    starts = [text[b.start : min(b.end, b.start + _LEAD_CHARS)] for b in blocks]
+    same = (len(set(chars)) == 1 for chars in zip(*starts, strict=False))  # up to the shortest start
+    lead = next((i for i, alike in enumerate(same) if not alike), min(map(len, starts)))
+    return (*(len(gap) + lead for gap in group.gaps(text)), 0)
 
 
 def block_ends(text: str, group: BlockGroup, order: Sequence[int], start: int) -> tuple[int, ...]:

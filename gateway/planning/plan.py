@@ -42,6 +42,7 @@ Path = tuple[tuple[Hashable, tuple[int, ...]], ...]
 Prediction = tuple[Hashable, tuple[int, ...]]  # (prefix key, the blocks predicted cached under it)
 _MIN_PREDICTED_CHARS = 400
 _STALE_FRACTION = 0.25
+_RUN_BYTES = 256  # uncounted bytes per run, at most, for a prompt to count as wholly counted (``_all_counted``)
 
 
 class PlannedRequest:
@@ -98,8 +99,18 @@ class PlannedRequest:
         """The predicted cached tokens, rounded down to what the replica's engine caches in (its learned
         ``CacheGranularity``): what the result header says and ``usage`` compares with the engine's report."""
         reach = self.predicted_chars
-        chars, tokens = _counted(self.counted, reach)  # documents counted exactly, the bytes between estimated
-        return self.residency.granularity.floor(tokens + self.residency.rate.tokens(reach - chars))
+        chars, tokens, runs = _counted(self.counted, reach)  # with --tokenizer: the texts counted exactly
+        template = self.residency.rate.run_tokens(runs) if self._all_counted() else None
+        rest = template if template is not None else self.residency.rate.tokens(reach - chars)
+        return self.residency.granularity.floor(tokens + rest)
+
+    def _all_counted(self) -> bool:
+        """Whether ``--tokenizer`` counted every text of the prompt: what is left is at most ``_RUN_BYTES`` per run
+        (roles, the route and model the prefix key was fed), so the engine's template is what it adds."""
+        if not self.counted:
+            return False
+        chars, _, runs = _counted(self.counted, self.prompt_chars)
+        return self.prompt_chars - chars <= _RUN_BYTES * runs
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
@@ -122,9 +133,13 @@ class PlannedRequest:
         (``prefixgate_stale_predictions``).
         """
         if prompt_tokens is not None and self.prompt_chars:
-            # with exact block counts the rate is learned on the rest of the prompt, which it estimates
-            chars, tokens = _counted(self.counted, self.prompt_chars)
-            self.residency.rate.learn(self.prompt_chars - chars, prompt_tokens - tokens)
+            # with exact counts the rate is learned on the rest of the prompt, which it estimates; with every text
+            # counted, the rest is the template: learned per run (one before each text, one for the generation prompt)
+            chars, tokens, runs = _counted(self.counted, self.prompt_chars)
+            if self._all_counted():
+                self.residency.rate.learn_runs(runs + 1, prompt_tokens - tokens)
+            else:
+                self.residency.rate.learn(self.prompt_chars - chars, prompt_tokens - tokens)
         if cached_tokens is None:
             return
         self.residency.granularity.learn(cached_tokens)
@@ -213,10 +228,14 @@ class Upstream(Protocol):
     engine: EngineAdapter
 
 
-def _counted(counted: Sequence[tuple[int, int, int]], reach: int) -> tuple[int, int]:
-    """The characters and exact tokens of the blocks that end within the first ``reach`` characters."""
-    chars = tokens = 0
+def _counted(counted: Sequence[tuple[int, int, int]], reach: int) -> tuple[int, int, int]:
+    """The characters and exact tokens of the counted pieces that end within the first ``reach`` characters, and the
+    runs of uncounted bytes before them (before each text: its role, and the template the engine wraps it in)."""
+    chars = tokens = runs = 0
+    last = 0
     for end, size, count in counted:
-        if end <= reach:
-            chars, tokens = chars + size, tokens + count
-    return chars, tokens
+        if end > reach:
+            break
+        runs += end - size != last
+        chars, tokens, last = chars + size, tokens + count, end
+    return chars, tokens, runs

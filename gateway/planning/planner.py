@@ -48,7 +48,7 @@ from gateway.planning.intercept import MAX_TEXT_CHARS, BlockGroup, BudgetExceede
 from gateway.planning.intercept.boundaries import Boundaries
 from gateway.planning.intercept.budget import check, deadline_in
 from gateway.planning.intercept.meaning import NO_OTHERS, Decision, Others, RequestCues, decide
-from gateway.planning.outcome import DISCARD, Choice, Outcome, Prefix, Rewrite, block_ends, pin_slot
+from gateway.planning.outcome import DISCARD, Choice, Outcome, Prefix, Rewrite, block_ends, follows, pin_slot
 from gateway.planning.plan import PlannedRequest, Prediction
 from gateway.planning.residency import BlockTokens, IndexView, Residency
 from gateway.planning.texts import Meaning, Reading, TextScan, TextScans, chat_texts
@@ -366,11 +366,11 @@ class Planner:
         if found is None or outcome.skipped == "budget" or len(text) > MAX_TEXT_CHARS:
             if found is not None and outcome.skipped != "budget":
                 outcome.skipped = outcome.skipped or "too_large"
-            prefix.update(text.encode("utf-8", "surrogatepass"))
+            self._as_is(text, prefix, outcome)
             return None
         assert reading is not None
         if reading.texts.get(key) != text:  # never splice another text's groups (the walks number texts alike)
-            prefix.update(text.encode("utf-8", "surrogatepass"))
+            self._as_is(text, prefix, outcome)
             return None
         others = reading.others(key)
         digest = _memo_digest(found, others, outcome.model, outcome.tenant)
@@ -419,15 +419,22 @@ class Planner:
             fresh = [
                 cached if choice.decision.moves else 0 for cached, choice in zip(fresh, entry.choices, strict=True)
             ]
-        counted = entry.counted or ((),) * len(keys)
-        for (group_key, blocks), (_, _, ends), cached, sizes in zip(
-            keys, entry.groups, fresh or (), counted, strict=True
+        follow = entry.follows or ((),) * len(keys)
+        for (group_key, blocks), (_, _, ends), cached, after in zip(
+            keys, entry.groups, fresh or (), follow, strict=True
         ):
-            outcome.record(group_key, blocks, cached, ends, base, counted=sizes)
+            outcome.record(group_key, blocks, cached, ends, base, follow=after)
+        outcome.counted.extend((base + end, chars, tokens) for end, chars, tokens in entry.counted)
         outcome.reordered |= entry.reordered
         outcome.choices.extend(entry.choices)
         outcome.maps.extend(entry.maps)
         return entry.text
+
+    def _as_is(self, text: str, prefix: Prefix, outcome: Outcome) -> None:
+        """Feed a text that goes out as sent (with ``--tokenizer``, its exact tokens too)."""
+        if self._tokens is not None and not outcome.frozen:
+            outcome.counted.extend((prefix.fed + end, c, t) for end, c, t in self._count(text, (), (), ()))
+        prefix.update(text.encode("utf-8", "surrogatepass"))
 
     def _mean(self, text: str, found: TextScan, others: Others, reading: Reading, tenant: bytes) -> Meaning:
         """A text's groups and what meaning allows for each, without the index (``Reading.meanings``). Blank-line
@@ -443,11 +450,11 @@ class Planner:
         self.boundaries.record(meaning.shown)  # what the text shows, learned once, as it is planned
         groups, decisions = meaning.groups, meaning.decisions
         if not groups:
-            return Rewrite(None, (), False), []
+            return Rewrite(None, (), False, counted=self._count(text, (), (), ())), []
         outcome.check_blocks(sum(len(group.blocks) for group in groups))
         edits: list[tuple[BlockGroup, tuple[int, ...], bool]] = []
         metas: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
-        counted: list[tuple[tuple[int, int], ...]] = []  # with --tokenizer: each block's chars and tokens
+        sizes: list[tuple[int, ...]] = []  # each group's block sizes in forwarded order
         choices: list[Choice] = []
         maps: list[CitationMap] = []
         cached: list[int] = []
@@ -465,19 +472,48 @@ class Planner:
             order, blocks, hits = self._order(outcome, key.digest(), text, group, decision, start=start)
             edits.append((group, order, decision.renumbers))
             metas.append((len(before), blocks, block_ends(text, group, order, len(before))))
-            if self._tokens is not None:
-                counter = self._tokens
-                ordered = [group.blocks[i] for i in order]
-                counted.append(tuple((b.end - b.start, counter.count(text[b.start : b.end])) for b in ordered))
+            sizes.append(tuple(group.blocks[i].end - group.blocks[i].start for i in order))
             moved = order != tuple(range(len(order)))
             choices.append(Choice(group.format, len(group), decision, moved, order, blocks))
             if decision.action == "map" and moved:
                 maps.append(citation_map(text, group, order))
             cached.append(hits)
+        after = tuple(follows(text, group) for group in groups)
         if not any(choice.moved for choice in choices):
-            return Rewrite(None, tuple(metas), False, tuple(choices), counted=tuple(counted)), cached
+            counted = self._count(text, metas, sizes, after)
+            return Rewrite(None, tuple(metas), False, tuple(choices), counted=counted, follows=after), cached
         rewritten = splice_all(text, edits, annotate=control.annotate)
-        return Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps), tuple(counted)), cached
+        counted = self._count(rewritten, metas, sizes, after)
+        return Rewrite(rewritten, tuple(metas), True, tuple(choices), tuple(maps), counted, after), cached
+
+    def _count(
+        self,
+        out: str,
+        metas: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]],
+        sizes: Sequence[tuple[int, ...]],
+        after: Sequence[tuple[int, ...]],
+    ) -> tuple[tuple[int, int, int], ...]:
+        """With ``--tokenizer``: the output text cut where a prediction can end (each block's end, and past the template
+        bytes after it, ``follows``), each piece's characters and exact tokens, from the text's start to its end.
+        Template bytes and documents are counted apart (each text once, ``BlockTokens``), so a piece that recurs in
+        other combinations is counted once. A text over ``_COUNTED_CHARS`` is left to the estimate (bounded work)."""
+        if self._tokens is None or len(out) > _COUNTED_CHARS:
+            return ()
+        count = self._tokens.count
+        pieces: list[tuple[int, int, int]] = []
+        position = 0
+        for (_, _, ends), lengths, follow in zip(metas, sizes, after, strict=True):
+            for end, length, extra in zip(ends, lengths, follow, strict=True):
+                start = max(position, end - length)
+                tokens = (count(out[position:start]) if start > position else 0) + count(out[start:end])
+                pieces.append((end, end - position, tokens))
+                position = end
+                if extra:
+                    pieces.append((end + extra, extra, count(out[end : end + extra])))
+                    position = end + extra
+        if position < len(out):
+            pieces.append((len(out), len(out) - position, count(out[position:])))
+        return tuple(pieces)
 
     def _order(
         self,
@@ -531,6 +567,7 @@ _LEARNED = ":learned"  # the label suffix of a group cut at boundaries learned f
 _HELD_ORDER_BLOCKS = 16  # a bigger learned group is not ordered by the prompt index
 _HELD_ORDER_STEPS = 256  # candidate blocks tried per group (each a hash of the block and a prefix index lookup)
 _HELD_ORDER_NAMES = 1 << 16  # chunk names copied per group at most (each try copies the prompt's chain so far)
+_COUNTED_CHARS = 1 << 18  # with --tokenizer, longer texts are estimated, not counted (tokenizing is on the event loop)
 _Order = tuple[int, ...]
 
 

@@ -73,15 +73,22 @@ class TokenRate:
 
     A prediction is a position in the prompt's bytes; the tokens before it depend on the engine's tokenizer
     (English prose ~4 bytes a token, code or rare words far fewer). Until ``WARM`` reports arrived the gateway's
-    one estimate (``estimate_tokens``) stands; then the rate over the last ``WINDOW`` prompts."""
+    one estimate (``estimate_tokens``) stands; then the rate over the last ``WINDOW`` prompts.
+
+    With ``--tokenizer`` every text of a prompt is counted exactly (``BlockTokens``) and what is left is the chat
+    template the engine wraps them in (``<|im_start|>system``...): a few tokens per text whatever the bytes the
+    gateway fed around it, so those are learned per *run* of uncounted bytes (one before each text, one for the
+    generation prompt) instead (``learn_runs``, ``run_tokens``).
+    """
 
     WINDOW = 32
     WARM = 4
 
-    __slots__ = ("_reports",)
+    __slots__ = ("_reports", "_runs")
 
     def __init__(self) -> None:
         self._reports: deque[tuple[int, int]] = deque(maxlen=self.WINDOW)
+        self._runs: deque[tuple[int, int]] = deque(maxlen=self.WINDOW)
 
     def learn(self, prompt_bytes: int, prompt_tokens: int) -> None:
         """One prompt of ``prompt_bytes`` that the engine counted as ``prompt_tokens``."""
@@ -95,15 +102,32 @@ class TokenRate:
             return estimate_tokens(prompt_bytes)
         return prompt_bytes * sum(t for _, t in reports) // sum(b for b, _ in reports)
 
+    def learn_runs(self, runs: int, tokens: int) -> None:
+        """A prompt whose texts were all counted: ``tokens`` more than their count, around ``runs`` of them."""
+        if runs > 0 and tokens >= 0:
+            self._runs.append((runs, tokens))
+
+    def run_tokens(self, runs: int) -> int | None:
+        """The template tokens expected in the first ``runs`` runs of a prompt, at the prompts' average per run rounded
+        down (None until ``WARM`` prompts were learned). Runs do not weigh alike: the first closes no earlier message
+        (ChatML: ``<|im_start|>system\n`` against ``<|im_end|>\n<|im_start|>user\n``), so it weighs less than the
+        average, and the prefix a prediction ends in always holds the first. The reports of cached tokens could bound
+        it better, but under concurrency (a prefix still being computed) and eviction they mislead as often."""
+        reports = self._runs
+        if len(reports) < self.WARM:
+            return None
+        return runs * sum(t for _, t in reports) // sum(r for r, _ in reports)
+
 
 class BlockTokens:
-    """Exact token counts of block renderings, with the served model's tokenizer (``--tokenizer``: its
-    ``tokenizer.json``, read by the ``tokenizers`` package), each text counted once (an LRU of ``size`` counts).
+    """Exact token counts of the pieces of a prompt's texts, with the served model's tokenizer (``--tokenizer``: its
+    ``tokenizer.json``, read by the ``tokenizers`` package), each piece counted once (an LRU of ``size`` counts).
 
     A rate of bytes per token is right on average, but a prediction is rounded down to the engine's whole blocks
     (vLLM: 16 or 128 tokens), so an estimate a few tokens off near a block's end is a block off: on the vLLM
-    bench's text no single rate gets more than 86% of the predictions to the right block. With the documents
-    counted exactly, only the bytes between them (the template, the tags) are estimated."""
+    bench's text no single rate gets more than 86% of the predictions to the right block. With every text counted
+    (documents and the template bytes between them apart, ``Planner._count``), only the chat template the engine
+    wraps the texts in is estimated (``TokenRate.run_tokens``)."""
 
     def __init__(self, path: str, size: int = 65_536) -> None:
         from tokenizers import Tokenizer  # the 'tokenizer' extra (checked at start by Settings)
@@ -127,20 +151,23 @@ class CacheGranularity:
     estimate, so a prediction is rounded down to the granularity before it is compared with a report (the result
     header's ``predicted_cached_tokens``, ``prefixgate_stale_predictions``). SGLang and llama.cpp report exact
     counts: their granularity learns to 1. The granularity is the largest common divisor (1 to ``MAX_TOKENS``) of
-    the last ``WINDOW`` non-zero reports, all but one in eight of them, so an odd report does not undo it; it stays
+    the last ``WINDOW`` non-zero reports, all but one in eight of them, so an odd report does not undo it, and halved
+    while few reports confirm it (four reports of 256 and 512 are 128-token blocks as often as not); it stays
     1 until ``WARM`` reports were seen, and is worked out again when a report disagrees and every ``WARM`` reports.
     """
 
     MAX_TOKENS = 1024
     WINDOW = 32
     WARM = 4
+    CONFIRM = 8  # reports that a block of g tokens needs before it is not taken for g/2 (``_confirmed``)
 
-    __slots__ = ("_reports", "_seen", "tokens")
+    __slots__ = ("_halved", "_reports", "_seen", "tokens")
 
     def __init__(self) -> None:
         self.tokens = 1
         self._reports: deque[int] = deque(maxlen=self.WINDOW)
         self._seen = 0
+        self._halved = False  # the granularity is smaller than the reports say, for want of reports: learn on each
 
     def learn(self, cached_tokens: int) -> None:
         """One report of the engine (zero says nothing of its granularity)."""
@@ -149,7 +176,7 @@ class CacheGranularity:
         reports = self._reports
         reports.append(cached_tokens)
         self._seen += 1
-        if len(reports) >= self.WARM and (cached_tokens % self.tokens or self._seen % self.WARM == 0):
+        if len(reports) >= self.WARM and (cached_tokens % self.tokens or self._seen % self.WARM == 0 or self._halved):
             self.tokens = self._divisor(reports)
 
     def floor(self, tokens: int) -> int:
@@ -165,8 +192,22 @@ class CacheGranularity:
         bounded = {c if c <= self.MAX_TOKENS else _divisor_up_to(c, self.MAX_TOKENS) for c in candidates}
         for candidate in sorted((c for c in bounded if c > 1), reverse=True):
             if sum(1 for r in values if r % candidate) <= spare:
-                return candidate
+                # a report that is an odd multiple of half the candidate is evidence, not an odd report
+                chosen = candidate
+                while chosen % 2 == 0 and any(r % chosen and r % (chosen // 2) == 0 for r in values):
+                    chosen //= 2
+                return self._confirmed(chosen, sum(1 for r in values if r % chosen == 0))
         return 1
+
+    def _confirmed(self, candidate: int, reports: int) -> int:
+        """``candidate`` halved until ``reports`` multiples of it make a finer truth unlikely: an engine caching
+        in blocks of g/2 reports a multiple of g half the time, so n such reports say g with odds 2^n, and g/2
+        with odds 4^n (``CONFIRM``: 2^-8 at most). A granularity too large rounds predictions a block short."""
+        halvings = max(0, -(-self.CONFIRM // reports) - 1)
+        self._halved = halvings > 0
+        while halvings and candidate % 2 == 0:
+            candidate, halvings = candidate // 2, halvings - 1
+        return candidate
 
 
 def _divisor_up_to(value: int, most: int) -> int:

@@ -265,6 +265,9 @@ def test_predicted_cached_tokens_follow_what_vllm_reports(fresh: Rig) -> None:
     assert all(p % BLOCK_SIZE == 0 for p, _ in warm), f"predictions not in whole blocks: {rows}"
     within = sum(abs(p - c) <= 0.1 * c for p, c in warm)
     print(f"within 10% of the report once warm: {within} of {len(warm)}")
+    # with the tokenizer every text is counted exactly; what misses is an eviction or a prefix the engine matched
+    # a token further (10 of 11 when measured)
+    assert within >= 0.8 * len(warm), f"(predicted, reported) per request: {rows}"
 
 
 def test_a_client_request_id_reaches_vllm_unchanged_and_comes_back(fresh: Rig) -> None:

@@ -1,12 +1,22 @@
 """A replica's cache granularity, learned from the cached tokens its engine reports, rounds the predictions down
 (the result header's ``predicted_cached_tokens`` and the stale-prediction check of ``PlannedRequest.usage``)."""
 
+import json
 import random
 from pathlib import Path
+from typing import Any
 
+import httpx
+
+from gateway.app import _replicas
 from gateway.metrics import Metrics
+from gateway.planning.intercept import find_groups
+from gateway.planning.outcome import follows
 from gateway.planning.plan import PlannedRequest
+from gateway.planning.planner import Planner
 from gateway.planning.residency import BlockTokens, CacheGranularity, Residency
+from gateway.settings import load_settings
+from gateway.wire.chat import decode_request
 
 # (predicted, reported) pairs seen on the real vLLM CPU server (128-token blocks, issue 22)
 VLLM_CPU = [(229, 128), (443, 384), (882, 768), (664, 640), (651, 640)]
@@ -27,9 +37,26 @@ def test_whole_blocks_learn_the_block_and_the_predictions_match_the_reports() ->
 
 
 def test_a_few_reports_never_learn_a_granularity_too_large() -> None:
-    # 384 divides three of these four: a granularity of 384 would predict 233 tokens as 0
+    # 384 divides three of these four: a granularity of 384 would predict 233 tokens as 0; and four multiples of
+    # 128 are 64-token blocks one time in sixteen, so it takes 64 until more reports confirm 128
     granularity = _learned([384, 768, 384, 640])
+    assert granularity.tokens == 64 and granularity.floor(233) == 192
+    for reported in (128, 896, 1152, 384):
+        granularity.learn(reported)
     assert granularity.tokens == 128 and granularity.floor(233) == 128
+
+
+def test_even_multiples_do_not_double_the_block_until_enough_confirm_it() -> None:
+    """Seen on the real vLLM CPU server: 128-token blocks whose first reports happened to be 256, 512 and 768 were
+    learned as 256, and a prefix of 908 tokens was predicted as 768 instead of 896."""
+    granularity = _learned([256, 512, 768, 512, 256])
+    assert granularity.tokens < 256 and granularity.floor(908) >= 896
+    rng = random.Random(7)
+    for _ in range(8):  # eight more multiples of 256: a 128-token block would have shown an odd one by now
+        granularity.learn(256 * rng.randint(1, 8))
+    assert granularity.tokens == 256
+    granularity.learn(896)  # one odd multiple of 128 is enough: no engine caching in 256-token blocks reports it
+    assert granularity.tokens == 128
 
 
 def test_gpu_blocks_learn_16() -> None:
@@ -146,3 +173,67 @@ def test_with_exact_block_counts_only_the_bytes_between_blocks_are_estimated() -
         planned(f"r{i}", 0).usage(None, prompt_tokens=450 + 100)
     assert planned("warm", 900).predicted_tokens == 150 + 150 + 100 // 3
     assert planned("past", 1400).predicted_tokens == 3 * 150 + 200 // 3
+
+
+DOCS = [f'<document id="{i}">' + " ".join(random.Random(i).choices(["cache", "engine", "block", "prefix"], k=30))
+        + "</document>" for i in range(6)]  # fmt: skip
+
+
+def _rag(order: list[int], question: str) -> bytes:
+    system = "answer from the documents.\n<documents>\n" + "\n".join(DOCS[i] for i in order) + "\n</documents>"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return json.dumps({"model": "m", "messages": messages}).encode()
+
+
+def test_past_a_cached_block_the_cache_matches_the_template_the_next_block_starts_with() -> None:
+    """vLLM matched 895 tokens where the third cached document ended at 890: the next bytes of the cached prompt
+    were the separator and ``<document id="``, as this request's are, whichever document comes next."""
+    text = _rag([0, 1, 2], "q").decode()
+    text = json.loads(text)["messages"][0]["content"]
+    (group,) = find_groups(text)
+    assert follows(text, group) == (1 + len('<document id="'), 1 + len('<document id="'), 0)
+
+
+def test_with_a_tokenizer_every_text_is_counted_and_only_the_chat_template_is_learned(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    path = _tokenizer_file(tmp_path)
+    reference = Tokenizer.from_file(str(path))
+    residency = Residency(max_requests=100, stateless=False)
+    planner = Planner(load_settings(environ={}), residency, Metrics(), tokens=BlockTokens(str(path)))
+
+    def plan(order: list[int], question: str, request_id: str) -> tuple[PlannedRequest, dict[str, Any]]:
+        request = decode_request(_rag(order, question), "/v1/chat/completions")
+        planned = planner.plan(planner.read(request, {}), request_id)
+        request.update(planned.fields)
+        return planned, json.loads(request.encode())
+
+    def tokens(text: str) -> int:
+        return len(reference.encode(text, add_special_tokens=False).ids)
+
+    first, body = plan([0, 1, 2, 3], "which block?", "a")
+    first.accept()
+    texts = [m["content"] for m in body["messages"]]
+    assert sum(count for _, _, count in first.counted) == sum(tokens(t) for t in texts)  # both texts, whole
+    for _ in range(4):  # the engine wraps the two texts in 3 runs of its template: 20 tokens (6, 6 and 8)
+        first.usage(None, prompt_tokens=sum(tokens(t) for t in texts) + 20)
+    sent = sorted(range(4), key=lambda i: texts[0].index(DOCS[i]))  # the order the engine holds
+    second, body = plan([sent[2], 5, sent[0], sent[1]], "which engine?", "b")
+    assert second.result["predicted_cached_blocks"] == 3
+    system = body["messages"][0]["content"]
+    # the cached prefix: the system text up to the third cached document and the next one's lead, and one run of
+    # template (20 // 3, rounded down: the first run closes no earlier message)
+    reach = system.index(DOCS[sent[2]]) + len(DOCS[sent[2]]) + len('\n<document id="')
+    assert second.predicted_tokens == tokens(system[:reach]) + 6
+    assert second.result["predicted_cached_tokens"] == second.predicted_tokens
+
+
+def test_replicas_of_one_engine_kind_learn_its_granularity_together() -> None:
+    settings = load_settings(
+        environ={}, upstream=("vllm=http://a:8000", "vllm=http://b:8000", "llamacpp=http://c:8080")
+    )
+    replicas = _replicas(settings, httpx.MockTransport(lambda request: httpx.Response(200)), Metrics())
+    first, second, third = (replica.residency for replica in replicas.replicas)
+    assert first.granularity is second.granularity and first.rate is second.rate
+    assert third.granularity is not first.granularity and third.rate is not first.rate
+    assert first.index is not second.index
