@@ -276,7 +276,11 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         def released(request_ids: list[str]) -> None:
             replica.residency.evict(request_ids)
 
-        return KVEventTracker(on_evicted=released, on_reset=replica.residency.reset)
+        if not settings.kv_events_endpoint:
+            return KVEventTracker(on_evicted=released, on_reset=replica.residency.reset)
+        replica.residency.track_extents()  # the events shorten what a replica holds when it evicts a prompt's tail
+        residency = replica.residency
+        return KVEventTracker(on_evicted=released, on_reset=residency.reset, on_shortened=residency.shorten)
 
     kv_trackers = [kv_tracker_for(replica) for replica in replicas.replicas]
     replication = None

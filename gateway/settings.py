@@ -32,6 +32,7 @@ __all__ = [
     "SettingsError",
     "add_arguments",
     "load_settings",
+    "tokenizer_file",
 ]
 
 ENV_PREFIX = "PREFIXGATE_"
@@ -216,7 +217,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str,
         option(
             "planning",
-            "the served model's tokenizer.json: predictions count documents' tokens exactly ('tokenizer' extra)",
+            "the served model's tokenizer.json (or the model directory holding it): predictions count the "
+            "prompt's texts exactly ('tokenizer' extra)",
         ),
     ] = ""
     memo_mib: Annotated[
@@ -314,8 +316,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         if self.tokenizer and importlib.util.find_spec("tokenizers") is None:
             raise ValueError("tokenizer: needs the 'tokenizer' extra (pip install 'prefixgate[tokenizer]')")
-        if self.tokenizer and not os.path.isfile(self.tokenizer):
-            raise ValueError(f"tokenizer: no such file: {self.tokenizer}")
+        if self.tokenizer and not os.path.isfile(tokenizer_file(self.tokenizer)):
+            raise ValueError(f"tokenizer: no such file: {tokenizer_file(self.tokenizer)}")
         if self.kv_events_endpoint and importlib.util.find_spec("zmq") is None:
             raise ValueError("kv_events_endpoint: needs the 'events' extra (pip install 'prefixgate[events]')")
         if len(self.kv_events_replay) > len(self.kv_events_endpoint):
@@ -452,6 +454,11 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def _describe(name: str) -> str:
     return f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()})"
+
+
+def tokenizer_file(path: str) -> str:
+    """``--tokenizer``'s file: the path given, or the ``tokenizer.json`` in a model directory (as vLLM is given)."""
+    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
 
 
 def load_settings(

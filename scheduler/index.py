@@ -232,6 +232,25 @@ class LiveIndex:
         self._enforce_caps()
         return shared
 
+    def shorten(self, request_id: str, keep: int) -> bool:
+        """Keep only the first ``keep`` blocks of a live request's path (the engine evicted the rest of its prompt
+        and kept the head); ``keep`` 0 releases it. False when the request is not live or already that short."""
+        entry = self._requests.get(request_id)
+        if entry is None or keep >= len(entry[1]):
+            return False
+        if keep <= 0:
+            self._release(request_id)
+            self._evictions += 1
+            return True
+        state, path = entry
+        nodes, radix = state.trie.blocks, state.trie.nodes
+        state.trie.release(path)
+        state.trie.insert(path[:keep], self._clock)
+        self._nodes += state.trie.blocks - nodes
+        self._radix_nodes += state.trie.nodes - radix
+        self._requests[request_id] = (state, path[:keep])
+        return True
+
     def evict(self, request_ids: Iterable[str]) -> EvictResult:
         """Release the given requests (exact ids; see :meth:`resolve`). Idempotent: unknown ids are reported."""
         evicted: list[str] = []

@@ -47,10 +47,19 @@ from typing import Literal, get_args
 
 from engines.kvevents.wire import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch, UnknownEvent
 
-__all__ = ["DEFAULT_MEDIUM", "EvictedCallback", "KVEventCounters", "KVEventTracker", "ReleasePolicy", "ResetCallback"]
+__all__ = [
+    "DEFAULT_MEDIUM",
+    "EvictedCallback",
+    "KVEventCounters",
+    "KVEventTracker",
+    "ReleasePolicy",
+    "ResetCallback",
+    "ShortenedCallback",
+]
 
 ReleasePolicy = Literal["all", "first", "any"]
 EvictedCallback = Callable[[list[str]], None]
+ShortenedCallback = Callable[[dict[str, int]], None]
 ResetCallback = Callable[[], None]
 
 DEFAULT_MEDIUM = "GPU"
@@ -77,6 +86,8 @@ class KVEventCounters:
     """Every id passed to ``on_evicted``, whatever the cause."""
     dropped_requests: int = 0
     """Ids released because of ``max_requests``/``max_blocks``."""
+    shortened_requests: int = 0
+    """Ids passed to ``on_shortened``: the engine evicted the tail of their prompt and kept its head."""
     gaps: int = 0
     replays: int = 0
     replay_failures: int = 0
@@ -98,11 +109,17 @@ class _Block:
 
 
 class _Request:
-    __slots__ = ("blocks", "first")
+    __slots__ = ("blocks", "first", "intact", "order", "sizes")
 
-    def __init__(self, first: BlockHash) -> None:
+    def __init__(self, first: BlockHash, rooted: bool) -> None:
         self.first = first
         self.blocks: dict[BlockHash, None] = {}  # insertion-ordered set: prefix order
+        # a request whose stores start at its prompt's first block (vLLM's ``kv_cache_report_mode="full"``
+        # re-announces a reused prefix, the chain's first block has no parent): its blocks in chain order with their
+        # tokens, and how many lead the chain unbroken (``on_shortened``); None when the chain's start is unknown
+        self.order: list[BlockHash] | None = [] if rooted else None
+        self.sizes: list[int] = []
+        self.intact = 0
 
 
 class KVEventTracker:
@@ -113,6 +130,7 @@ class KVEventTracker:
         *,
         on_evicted: EvictedCallback | None = None,
         on_reset: ResetCallback | None = None,
+        on_shortened: ShortenedCallback | None = None,
         release: ReleasePolicy = "all",
         media: Collection[str] | None = None,
         max_requests: int = 100_000,
@@ -129,6 +147,8 @@ class KVEventTracker:
         self.max_requests = max_requests
         self.max_blocks = max_blocks
         self.counters = KVEventCounters()
+        self.on_shortened = on_shortened
+        self._shortened: dict[str, int] = {}  # this batch's shortened requests: the tokens still held
         self._blocks: dict[BlockHash, _Block] = {}
         self._requests: OrderedDict[str, _Request] = OrderedDict()  # least recently stored-to first
 
@@ -171,7 +191,14 @@ class KVEventTracker:
                 self.counters.unknown += 1
                 if event.malformed:
                     self.counters.malformed += 1
-        return emitted + self._emit(pending)
+        emitted += self._emit(pending)
+        shortened, self._shortened = self._shortened, {}
+        for request_id in emitted:
+            shortened.pop(request_id, None)
+        if shortened and self.on_shortened is not None:
+            self.counters.shortened_requests += len(shortened)
+            self.on_shortened(shortened)
+        return emitted
 
     def reset(self) -> list[str]:
         """Forget everything: release every tracked request, then call ``on_reset``."""
@@ -222,15 +249,24 @@ class KVEventTracker:
             return
         request = self._requests.get(request_id)
         if request is None:
-            request = self._requests[request_id] = _Request(event.block_hashes[0])
+            rooted = event.parent_block_hash is None and self.on_shortened is not None
+            request = self._requests[request_id] = _Request(event.block_hashes[0], rooted)
         else:
             self._requests.move_to_end(request_id)
+        size = event.block_size or len(event.token_ids) // len(event.block_hashes)
+        order = request.order
+        if order is not None and (size <= 0 or (order and event.parent_block_hash != order[-1])):
+            request.order = order = None  # a store that does not continue the chain: its extent is unknown
         for block_hash in event.block_hashes:
             block = self._blocks.get(block_hash)
             if block is None:
                 block = self._blocks[block_hash] = _Block()
             block.where.add(location)
             block.owners[request_id] = None
+            if order is not None and block_hash not in request.blocks:
+                order.append(block_hash)
+                request.sizes.append(size)
+                request.intact += request.intact == len(order) - 1
             request.blocks[block_hash] = None
         while len(self._requests) > self.max_requests or len(self._blocks) > self.max_blocks:
             self.counters.dropped_requests += 1
@@ -261,6 +297,13 @@ class KVEventTracker:
         del request.blocks[block_hash]
         if not request.blocks or self.release == "any" or (self.release == "first" and block_hash == request.first):
             self._release(request_id, released)
+            return
+        order = request.order
+        if order is not None:
+            position = order.index(block_hash)
+            if position < request.intact:  # the chain now breaks here: the engine holds the tokens before it
+                request.intact = position
+                self._shortened[request_id] = sum(request.sizes[:position])
 
     def _release(self, request_id: str, released: list[str]) -> None:
         request = self._requests.pop(request_id)

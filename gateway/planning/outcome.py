@@ -123,6 +123,7 @@ class Outcome:
     deadline: float | None = None
     skipped: str | None = None  # why some text was forwarded without (complete) interception
     commits: list[tuple[Hashable, tuple[int, ...]]] = field(default_factory=list)  # (prefix key, sent blocks)
+    extents: list[tuple[int, ...]] = field(default_factory=list)  # per commit, where each block ends in the prompt
     groups: int = 0
     blocks: int = 0
     reordered: bool = False
@@ -171,6 +172,7 @@ class Outcome:
         """One planned group: its blocks in sent order, how many are predicted cached, where each ends (+ base), and
         the template bytes after each slot that an engine matches past a cached block (``follows``)."""
         self.commits.append((key, blocks))
+        self.extents.append(tuple(base + end for end in ends))
         self.groups += 1
         self.blocks += len(blocks)
         self.cached += cached
@@ -189,6 +191,7 @@ class Outcome:
         ]
         self.maps.clear()
         self.commits.clear()
+        self.extents.clear()
         self.predictions.clear()
         self.counted.clear()
         self.cached, self.predicted_chars = 0, chars

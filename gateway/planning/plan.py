@@ -55,9 +55,9 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("answer", "chain", "choices", "commits", "counted", "fields", "metrics", "predicted_chars",
-                 "predictions", "prompt_chars", "request_id", "residency", "result", "routing", "slot", "slot_known",
-                 "slots", "upstream")  # fmt: skip
+    __slots__ = ("answer", "chain", "choices", "commits", "counted", "extents", "fields", "metrics",
+                 "predicted_chars", "predictions", "prompt_chars", "request_id", "residency", "result", "routing",
+                 "slot", "slot_known", "slots", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -72,6 +72,7 @@ class PlannedRequest:
         prompt_chars: int = 0,
         chain: Hashes = (),
         counted: Sequence[tuple[int, int, int]] = (),
+        extents: Sequence[tuple[int, ...]] = (),
     ) -> None:
         self.request_id = request_id
         self.residency = residency
@@ -82,7 +83,8 @@ class PlannedRequest:
         self.predictions = predictions
         self.predicted_chars = predicted_chars  # how far into the prompt the predicted cached prefix reaches
         self.prompt_chars = prompt_chars  # the whole prompt's bytes, as the planner fed them (0: not walked)
-        self.counted = counted  # with --tokenizer: each block's (end, chars, exact tokens), in prompt order
+        self.counted = counted  # with --tokenizer: the prompt's counted pieces (end, chars, exact tokens), in order
+        self.extents = extents  # per commit, where each block ends in the prompt (characters fed)
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
         self.slot_known = True  # False: sent without ``id_slot``, ``slot`` is where llama.cpp is believed to put it
@@ -98,11 +100,14 @@ class PlannedRequest:
     def predicted_tokens(self) -> int:
         """The predicted cached tokens, rounded down to what the replica's engine caches in (its learned
         ``CacheGranularity``): what the result header says and ``usage`` compares with the engine's report."""
-        reach = self.predicted_chars
-        chars, tokens, runs = _counted(self.counted, reach)  # with --tokenizer: the texts counted exactly
-        template = self.residency.rate.run_tokens(runs) if self._all_counted() else None
-        rest = template if template is not None else self.residency.rate.tokens(reach - chars)
-        return self.residency.granularity.floor(tokens + rest)
+        return self.residency.granularity.floor(self._tokens_at(self.predicted_chars, self._all_counted()))
+
+    def _tokens_at(self, reach: int, all_counted: bool) -> int:
+        """The tokens the engine counts in the prompt's first ``reach`` characters: the texts counted exactly with
+        --tokenizer, the rest estimated (``TokenRate``)."""
+        chars, tokens, runs = _counted(self.counted, reach)
+        template = self.residency.rate.run_tokens(runs) if all_counted else None
+        return tokens + (template if template is not None else self.residency.rate.tokens(reach - chars))
 
     def _all_counted(self) -> bool:
         """Whether ``--tokenizer`` counted every text of the prompt: what is left is at most ``_RUN_BYTES`` per run
@@ -120,8 +125,13 @@ class PlannedRequest:
             previous = self.slots.occupy(self.slot, self.request_id, self.chain, known=self.slot_known)
             if previous is not None:  # the previous holder's tail is overwritten
                 self.residency.evict([previous])
-        self.residency.commit(self.request_id, self.commits)
-        self.residency.sent(self.chain)
+        residency = self.residency
+        if residency.extents is not None and self.extents:  # the engine's evictions shorten what it holds
+            exact = self._all_counted()
+            extents = tuple(tuple(self._tokens_at(end, exact) for end in ends) for ends in self.extents)
+            residency.extents[self.request_id] = extents
+        residency.commit(self.request_id, self.commits)
+        residency.sent(self.chain)
 
     def usage(self, cached_tokens: int | None, prompt_tokens: int | None = None) -> None:
         """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.

@@ -223,6 +223,7 @@ class Planner:
             self.metrics,
             result,
             commits=tuple(outcome.commits),
+            extents=tuple(outcome.extents),
             predictions=outcome.predictions,
             predicted_chars=outcome.predicted_chars,
             prompt_chars=prompt_chars,

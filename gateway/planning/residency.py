@@ -16,7 +16,7 @@ Single writer: every method runs on the event loop.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import gcd
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from cachetools import LRUCache
 
 from engines.llamacpp.slots import SlotTable
+from gateway.settings import tokenizer_file
 from scheduler.dedup import ConversationTracker
 from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
@@ -132,7 +133,7 @@ class BlockTokens:
     def __init__(self, path: str, size: int = 65_536) -> None:
         from tokenizers import Tokenizer  # the 'tokenizer' extra (checked at start by Settings)
 
-        self._tokenizer = Tokenizer.from_file(path)
+        self._tokenizer = Tokenizer.from_file(tokenizer_file(path))
         self._counts: LRUCache[int, int] = LRUCache(maxsize=size)
 
     def count(self, text: str) -> int:
@@ -241,6 +242,8 @@ class Residency:
         self._reset_hooks: list[Callable[[], None]] = []
         self.evict_calls = 0
         self.on_change: Callable[[Change], None] | None = None  # gateway.state.replication publishes changes
+        # where each committed block ends in tokens, per request: kept where KV events shorten requests (``shorten``)
+        self.extents: LRUCache[str, tuple[tuple[int, ...], ...]] | None = None
 
     def choose(self, groups: Sequence[tuple[Hashable, Sequence[int]]]) -> Residency:
         """One replica: a request planned against this residency goes to it (``IndexView``)."""
@@ -298,6 +301,29 @@ class Residency:
     def group_ids(request_id: str, count: int) -> list[str]:
         """The index ids of a request's ``count`` block groups: ``<rid>``, ``<rid>.g2``, ..."""
         return [request_id] + [f"{request_id}.g{i}" for i in range(2, count + 1)]
+
+    def track_extents(self) -> None:
+        """Keep where each committed request's blocks end in tokens, for ``shorten`` (a KV-event stream is wired)."""
+        if self.extents is None:
+            self.extents = LRUCache(maxsize=self._max_requests)
+
+    def shorten(self, held: Mapping[str, int]) -> None:
+        """The engine evicted the tail of these requests' prompts and still holds their first ``held[id]`` tokens
+        (KV events, ``KVEventTracker.on_shortened``): their paths in the index keep the blocks that end within
+        those tokens. Without this, a prompt is held whole until its last block goes, and every request routed and
+        predicted on it expects blocks the engine no longer has."""
+        extents = self.extents
+        if extents is None:
+            return
+        for raw, tokens in held.items():
+            request_id = self.index.resolve(raw) or raw
+            ends = extents.get(request_id)
+            if ends is None:
+                continue
+            # a block the engine holds only the start of is dropped: predictions stay within what it holds (keeping
+            # it instead predicted a block or two over as often as this predicts under, on bench peers)
+            for group_id, group in zip(self.group_ids(request_id, len(ends)), ends, strict=True):
+                self.index.shorten(group_id, sum(1 for end in group if end <= tokens))
 
     def release_groups(self, request_id: str) -> list[str]:
         """Every index id filed for ``request_id``."""

@@ -138,9 +138,9 @@ def kv_counters(base: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r'^prefixgate_kv_events_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
 
 
-def fill_directly(server: VllmServer, seed: int, prompts: int = 5) -> None:
+def fill_directly(server: VllmServer, seed: int, prompts: int = 5, words: int = 500) -> None:
     """Prompts sent straight to the engine (no gateway, no session id): they take over its cache."""
-    for text in documents(seed, prompts, words_each=500):
+    for text in documents(seed, prompts, words_each=words):
         body = {"model": MODEL, "prompt": text, "max_tokens": 1}
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).raise_for_status()
 
@@ -165,17 +165,23 @@ def test_the_hook_loaded_as_a_vllm_plugin_reports_real_evictions(fresh: Rig) -> 
     assert last.result["predicted_cached_blocks"] == 5 and last.cached >= 8 * BLOCK_SIZE
 
 
+def await_streams(rig: Rig) -> None:
+    """Until the KV events of both replicas reach the gateway: new prompts until one is seen (PUB drops what
+    precedes a join)."""
+    for n, server in enumerate((rig.a, rig.b)):
+        stored = kv_counters(rig.kv_gateway)["stored"]
+        deadline = time.monotonic() + 90
+        for seed in itertools.count(30 + 10 * n):
+            fill_directly(server, seed=seed, prompts=1)
+            if wait_for(lambda seen=stored: kv_counters(rig.kv_gateway)["stored"] > seen, 3, fail=False):
+                break
+            assert time.monotonic() < deadline, f"no BlockStored events from {server.url}"
+
+
 def test_native_kv_events_keep_the_index_true(fresh: Rig) -> None:
     gateway = fresh.kv_gateway
     # both streams arrive: A connects to the address the gateway binds, B binds the ipc:// one the gateway connects to
-    for n, server in enumerate((fresh.a, fresh.b)):
-        stored = kv_counters(gateway)["stored"]
-        deadline = time.monotonic() + 90
-        for seed in itertools.count(30 + 10 * n):  # new prompts until one is seen: PUB drops what precedes a join
-            fill_directly(server, seed=seed, prompts=1)
-            if wait_for(lambda seen=stored: kv_counters(gateway)["stored"] > seen, 3, fail=False):
-                break
-            assert time.monotonic() < deadline, f"no BlockStored events from {server.url}"
+    await_streams(fresh)
     docs = documents(2, 10)
     start = kv_counters(gateway)
     first = post(gateway, rag_chat(docs, [0, 1, 2, 3, 4], "stored"))
@@ -204,6 +210,35 @@ def test_native_kv_events_keep_the_index_true(fresh: Rig) -> None:
     assert after.result["predicted_cached_blocks"] == 0 and after.cached == 0
     counters = kv_counters(gateway)
     assert counters["decode_errors"] == 0 and counters["batches"] > 0
+
+
+def test_kv_events_shorten_a_prompt_whose_tail_the_engine_evicted(fresh: Rig) -> None:
+    """vLLM frees a finished prompt's blocks tail first: other traffic takes its tail and leaves its head cached.
+    The BlockRemoved events shorten the prompt in the gateway's index to the blocks the engine still holds, so the
+    next request is predicted (and routed) on its head, not on the whole prompt."""
+    gateway = fresh.kv_gateway
+    await_streams(fresh)
+    for server in (fresh.a, fresh.b):
+        server.reset_prefix_cache()  # the streams' probes: the prompt below is the only one the gateway sent
+    docs = documents(3, 5)
+    first = post(gateway, rag_chat(docs, [0, 1, 2, 3, 4], "whole"))
+    server = fresh.server(first.replica)
+    start = kv_counters(gateway)
+    for seed in itertools.count(60):  # ~5 blocks at a time, until the engine takes some of the prompt's blocks
+        assert seed < 80, f"the prompt's tail was never evicted: {kv_counters(gateway)}"
+        fill_directly(server, seed=seed, prompts=1, words=250)
+        if kv_counters(gateway)["removed"] > start["removed"] and wait_for(
+            lambda: kv_counters(gateway)["shortened_requests"] > start["shortened_requests"], 5, fail=False
+        ):
+            break
+    assert kv_counters(gateway)["released_requests"] == start["released_requests"], "the whole prompt went"
+    again = post(gateway, rag_chat(docs, [4, 3, 2, 1, 0], "head"))
+    assert again.replica == first.replica
+    assert 0 < again.result["predicted_cached_blocks"] < 5, "the gateway still believes the whole prompt is cached"
+    # the documents it still holds whole: never more than the engine holds (a document it holds the start of is
+    # not counted), and the engine did keep only part of the prompt
+    prompt = again.body["usage"]["prompt_tokens"]
+    assert again.result["predicted_cached_tokens"] <= again.cached < prompt - BLOCK_SIZE, again.result
 
 
 def test_the_replay_socket_fills_the_gap_after_a_subscriber_restart(fresh: Rig) -> None:

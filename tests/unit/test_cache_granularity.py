@@ -237,3 +237,28 @@ def test_replicas_of_one_engine_kind_learn_its_granularity_together() -> None:
     assert first.granularity is second.granularity and first.rate is second.rate
     assert third.granularity is not first.granularity and third.rate is not first.rate
     assert first.index is not second.index
+
+
+def test_an_engine_that_evicted_a_prompts_tail_holds_only_the_blocks_before_it() -> None:
+    """KV events say how many tokens of a request's prompt the engine still holds (``KVEventTracker.on_shortened``):
+    its path in the index keeps the blocks that end within them, and a later group of the prompt goes."""
+    residency = Residency(max_requests=10, stateless=False)
+    residency.track_extents()
+    commits = (("k", (1, 2, 3, 4)), ("k2", (7, 8)))
+    # at the default 4 characters a token, the blocks end at tokens 25, 50, 75, 100 and 150, 200
+    planned = PlannedRequest("r", residency, Metrics(), {}, commits=commits,
+                             extents=((100, 200, 300, 400), (600, 800)))  # fmt: skip
+    planned.accept()
+    assert residency.index.cached("k", (1, 2, 3, 4)) == 4 and residency.index.path("r.g2") == (7, 8)
+    residency.shorten({"r": 60, "unknown": 10})
+    assert residency.index.path("r") == (1, 2) and residency.index.path("r.g2") is None
+    assert residency.index.cached("k", (4, 3, 2, 1)) == 2
+    residency.shorten({"r": 10})
+    assert residency.index.path("r") is None
+
+
+def test_without_kv_events_nothing_is_kept_for_shortening() -> None:
+    residency = Residency(max_requests=10, stateless=False)
+    PlannedRequest("r", residency, Metrics(), {}, commits=(("k", (1, 2)),), extents=((100, 200),)).accept()
+    residency.shorten({"r": 30})
+    assert residency.extents is None and residency.index.path("r") == (1, 2)

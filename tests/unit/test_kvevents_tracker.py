@@ -256,3 +256,55 @@ def test_invariants_hold_and_removing_everything_releases_everything(ops: list[A
     released += len(t.apply(batch(removed(*range(13), medium=None))))
     assert (t.tracked_requests, t.tracked_blocks) == (0, 0)
     assert released == lifetimes == t.counters.released_requests
+
+
+def chain(rid: str, *hashes: BlockHash, parent: BlockHash | None = None, size: int = 128) -> BlockStored:
+    return BlockStored(block_hashes=hashes, parent_block_hash=parent, block_size=size, medium="GPU", session_id=rid)
+
+
+def shortening(**kwargs: Any) -> tuple[KVEventTracker, Recorder, list[dict[str, int]]]:
+    recorder, shortened = Recorder(), []
+    t = KVEventTracker(on_evicted=recorder.on_evicted, on_shortened=shortened.append, **kwargs)
+    return t, recorder, shortened
+
+
+def test_an_evicted_tail_shortens_the_request_to_the_tokens_its_unbroken_head_holds() -> None:
+    """vLLM frees a finished request's blocks tail first: the head of its prompt stays cached after its tail went,
+    and the gateway hears how many of its tokens the engine still holds."""
+    t, recorder, shortened = shortening()
+    t.apply(batch(chain("r1", 1, 2), chain("r1", 3, 4, parent=2)))  # full mode: the chain from its first block
+    t.apply(batch(removed(4)))
+    t.apply(batch(removed(3), removed(2)))
+    assert shortened == [{"r1": 384}, {"r1": 128}]
+    assert recorder.evicted == [] and t.is_cached("r1")
+    t.apply(batch(removed(1)))
+    assert recorder.evicted == [["r1"]] and shortened == [{"r1": 384}, {"r1": 128}]
+    assert t.counters.shortened_requests == 2
+
+
+def test_a_block_lost_past_an_earlier_break_or_a_request_released_in_the_batch_says_nothing_more() -> None:
+    t, recorder, shortened = shortening()
+    t.apply(batch(chain("r1", 1, 2, 3, 4), chain("r2", 9, 8)))
+    t.apply(batch(removed(2)))
+    t.apply(batch(removed(4)))  # past the break at block 2: the engine held 128 tokens and still does
+    t.apply(batch(removed(3), removed(9), removed(8)))
+    assert shortened == [{"r1": 128}]
+    assert recorder.evicted == [["r2"]]
+
+
+def test_shared_prefix_blocks_shorten_every_request_that_reused_them() -> None:
+    t, _, shortened = shortening()
+    t.apply(batch(chain("r1", 1, 2, 3)))
+    t.apply(batch(chain("r2", 1, 2), chain("r2", 5, parent=2)))  # r2 reused 1, 2 (re-announced) and stored 5
+    t.apply(batch(removed(2)))
+    assert shortened == [{"r1": 128, "r2": 128}]
+
+
+def test_a_chain_of_unknown_start_is_never_shortened() -> None:
+    """Without ``kv_cache_report_mode="full"`` a request's first store continues a prefix it reused: where its
+    blocks start in its prompt is unknown, so losing one says nothing of how much the engine holds."""
+    t, recorder, shortened = shortening()
+    t.apply(batch(chain("r1", 5, 6, 7, parent=2)))
+    t.apply(batch(chain("r2", 1, 2), chain("r2", 9, parent=7)))  # a store that does not continue its chain
+    t.apply(batch(removed(6), removed(2)))
+    assert shortened == [] and recorder.evicted == []

@@ -125,6 +125,20 @@ class IndexMachine(RuleBasedStateMachine):
         self.expected["evictions"] += len(result.evicted)
         assert self.index.evict(result.evicted).not_found == result.evicted  # idempotent
 
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def shorten(self, data: st.DataObject) -> None:
+        request_id = data.draw(st.sampled_from(list(self.model)))
+        key, path = self.model[request_id]
+        keep = data.draw(st.integers(0, len(path) + 1))
+        assert self.index.shorten(request_id, keep) == (keep < len(path))
+        if keep == 0 and path:
+            del self.model[request_id]
+            self.expected["evictions"] += 1
+        elif keep < len(path):
+            self.model[request_id] = (key, path[:keep])
+        assert not self.index.shorten("nope", 0)
+
     @rule(key=st.sampled_from(["a", "b"]))
     def snapshot(self, key: str) -> None:
         view = self.index.snapshot(key)

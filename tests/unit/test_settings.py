@@ -6,13 +6,14 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from gateway.cli import _parser
 from gateway.logs import JsonFormatter, RequestIdFilter, request_id_var
-from gateway.settings import OPTIONS, Settings, SettingsError, load_settings
+from gateway.settings import OPTIONS, Settings, SettingsError, load_settings, tokenizer_file
 
 
 def test_defaults_bind_loopback() -> None:
@@ -71,6 +72,14 @@ def test_no_reorder_flag() -> None:
 def test_invalid_values_name_the_option(env: dict[str, str], fragment: str) -> None:
     with pytest.raises(SettingsError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_settings(environ=env)
+
+
+def test_the_tokenizer_may_be_the_model_directory_that_holds_it(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"tokenizer\.json"):  # a directory without one
+        load_settings(environ={"PREFIXGATE_TOKENIZER": str(tmp_path)})
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert load_settings(environ={"PREFIXGATE_TOKENIZER": str(tmp_path)}).tokenizer == str(tmp_path)
+    assert tokenizer_file(str(tmp_path)) == str(tmp_path / "tokenizer.json")
 
 
 def test_settings_are_frozen() -> None:
