@@ -109,16 +109,18 @@ class _Block:
 
 
 class _Request:
-    __slots__ = ("blocks", "first", "intact", "order", "sizes")
+    __slots__ = ("blocks", "chain", "first", "intact", "last", "tokens")
 
     def __init__(self, first: BlockHash, rooted: bool) -> None:
         self.first = first
         self.blocks: dict[BlockHash, None] = {}  # insertion-ordered set: prefix order
         # a request whose stores start at its prompt's first block (vLLM's ``kv_cache_report_mode="full"``
-        # re-announces a reused prefix, the chain's first block has no parent): its blocks in chain order with their
-        # tokens, and how many lead the chain unbroken (``on_shortened``); None when the chain's start is unknown
-        self.order: list[BlockHash] | None = [] if rooted else None
-        self.sizes: list[int] = []
+        # re-announces a reused prefix, the chain's first block has no parent): each block's position in the chain
+        # and the tokens before it, and how many blocks lead the chain unbroken (``on_shortened``); None when the
+        # chain's start is unknown
+        self.chain: dict[BlockHash, tuple[int, int]] | None = {} if rooted else None
+        self.last: BlockHash | None = None  # the chain's last block
+        self.tokens = 0  # the chain's tokens
         self.intact = 0
 
 
@@ -254,19 +256,20 @@ class KVEventTracker:
         else:
             self._requests.move_to_end(request_id)
         size = event.block_size or len(event.token_ids) // len(event.block_hashes)
-        order = request.order
-        if order is not None and (size <= 0 or (order and event.parent_block_hash != order[-1])):
-            request.order = order = None  # a store that does not continue the chain: its extent is unknown
+        chain = request.chain
+        if chain is not None and (size <= 0 or event.parent_block_hash != request.last):
+            request.chain = chain = None  # a store that does not continue the chain: its extent is unknown
         for block_hash in event.block_hashes:
             block = self._blocks.get(block_hash)
             if block is None:
                 block = self._blocks[block_hash] = _Block()
             block.where.add(location)
             block.owners[request_id] = None
-            if order is not None and block_hash not in request.blocks:
-                order.append(block_hash)
-                request.sizes.append(size)
-                request.intact += request.intact == len(order) - 1
+            if chain is not None and block_hash not in chain:
+                chain[block_hash] = (len(chain), request.tokens)
+                request.intact += request.intact == len(chain) - 1
+                request.tokens += size
+                request.last = block_hash
             request.blocks[block_hash] = None
         while len(self._requests) > self.max_requests or len(self._blocks) > self.max_blocks:
             self.counters.dropped_requests += 1
@@ -298,12 +301,10 @@ class KVEventTracker:
         if not request.blocks or self.release == "any" or (self.release == "first" and block_hash == request.first):
             self._release(request_id, released)
             return
-        order = request.order
-        if order is not None:
-            position = order.index(block_hash)
-            if position < request.intact:  # the chain now breaks here: the engine holds the tokens before it
-                request.intact = position
-                self._shortened[request_id] = sum(request.sizes[:position])
+        place = request.chain.get(block_hash) if request.chain is not None else None
+        if place is not None and place[0] < request.intact:  # the chain now breaks here: the engine holds what's before
+            request.intact = place[0]
+            self._shortened[request_id] = place[1]
 
     def _release(self, request_id: str, released: list[str]) -> None:
         request = self._requests.pop(request_id)

@@ -100,14 +100,23 @@ class PlannedRequest:
     def predicted_tokens(self) -> int:
         """The predicted cached tokens, rounded down to what the replica's engine caches in (its learned
         ``CacheGranularity``): what the result header says and ``usage`` compares with the engine's report."""
-        return self.residency.granularity.floor(self._tokens_at(self.predicted_chars, self._all_counted()))
+        (reach,) = self._tokens_at((self.predicted_chars,), self._all_counted())
+        return self.residency.granularity.floor(reach)
 
-    def _tokens_at(self, reach: int, all_counted: bool) -> int:
-        """The tokens the engine counts in the prompt's first ``reach`` characters: the texts counted exactly with
-        --tokenizer, the rest estimated (``TokenRate``)."""
-        chars, tokens, runs = _counted(self.counted, reach)
-        template = self.residency.rate.run_tokens(runs) if all_counted else None
-        return tokens + (template if template is not None else self.residency.rate.tokens(reach - chars))
+    def _tokens_at(self, reaches: Sequence[int], all_counted: bool) -> list[int]:
+        """The tokens the engine counts in the prompt's first ``reach`` characters, for each of ``reaches`` (in
+        order, one pass): the texts counted exactly with --tokenizer, the rest estimated (``TokenRate``)."""
+        rate, pieces = self.residency.rate, self.counted
+        out: list[int] = []
+        chars = tokens = runs = last = i = 0
+        for reach in reaches:
+            while i < len(pieces) and pieces[i][0] <= reach:
+                end, size, count = pieces[i]
+                runs += end - size != last
+                chars, tokens, last, i = chars + size, tokens + count, end, i + 1
+            template = rate.run_tokens(runs) if all_counted else None
+            out.append(tokens + (template if template is not None else rate.tokens(reach - chars)))
+        return out
 
     def _all_counted(self) -> bool:
         """Whether ``--tokenizer`` counted every text of the prompt: what is left is at most ``_RUN_BYTES`` per run
@@ -127,9 +136,8 @@ class PlannedRequest:
                 self.residency.evict([previous])
         residency = self.residency
         if residency.extents is not None and self.extents:  # the engine's evictions shorten what it holds
-            exact = self._all_counted()
-            extents = tuple(tuple(self._tokens_at(end, exact) for end in ends) for ends in self.extents)
-            residency.extents[self.request_id] = extents
+            tokens = iter(self._tokens_at([end for ends in self.extents for end in ends], self._all_counted()))
+            residency.extents[self.request_id] = tuple(tuple(next(tokens) for _ in ends) for ends in self.extents)
         residency.commit(self.request_id, self.commits)
         residency.sent(self.chain)
 
