@@ -30,8 +30,8 @@ of vLLM's figure, and ``warm±10%`` the same once warm: from the 21st request on
 cache granularity, 128-token blocks here, and its bytes per token from the engine's first reports, four of each).
 
 Run: ``python -m bench peers [--quick] [--requests N] [--seed S] [--tokenizer]`` (``--tokenizer``: the prefixgate rows
-count the documents' tokens with the model's ``tokenizer.json``, for exact predictions). Needs ``make vllm`` (or
-``PREFIXGATE_VLLM_VENV``): the routers live in that venv, not in prefixgate's dependencies.
+run ``--tokenizer auto`` and count the prompts with the model's ``tokenizer.json``, for exact predictions). Needs
+``make vllm`` (or ``PREFIXGATE_VLLM_VENV``): the routers live in that venv, not in prefixgate's dependencies.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--tokenizer", action="store_true", help="prefixgate rows with --tokenizer (the model's)")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    from tests.builds.vllm import ENV_VAR, find_vllm_venv, model_path, words
+    from tests.builds.vllm import ENV_VAR, find_vllm_venv, words
     from tests.e2e.vllm import KVEvents, VllmSpec, start_many
 
     venv = find_vllm_venv()
@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in args.rows.split(",") if r]
     workloads = [w for w in args.workloads.split(",") if w]
     vocabulary = words()
-    if args.tokenizer:  # the served model's tokenizer: predictions count the documents' tokens exactly
-        PREFIXGATE_ARGS[:] = ["--tokenizer", str(model_path(venv) / "tokenizer.json")]
+    if args.tokenizer:  # the served model's tokenizer, found through vLLM's /v1/models: exact predictions
+        PREFIXGATE_ARGS[:] = ["--tokenizer", "auto"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     ports = [(_free_port(), _free_port()) for _ in range(2)]
     specs = [

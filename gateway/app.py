@@ -35,7 +35,7 @@ from gateway.planning.texts import TextScans
 from gateway.proxy.decisions import DecisionLog, decision_routes
 from gateway.proxy.pipeline import Proxy
 from gateway.proxy.relay import send_error
-from gateway.settings import Settings
+from gateway.settings import TOKENIZER_AUTO, Settings, local_tokenizer
 from gateway.upstream.ranking import BalanceGuard
 from gateway.upstream.replicas import Replica, ReplicaSet
 from gateway.upstream.router import Router
@@ -151,7 +151,7 @@ def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, me
     predicts in whole blocks from the start."""
     replicas = []
     scans, boundaries = TextScans(), Boundaries()
-    tokens = BlockTokens(settings.tokenizer) if settings.tokenizer else None
+    tokens: BlockTokens | None = None  # the first planner's, shared by the others
     learned: dict[str, tuple[CacheGranularity, TokenRate]] = {}
     for position, (kind, url) in enumerate(settings.upstreams):
         residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
@@ -168,6 +168,7 @@ def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, me
         client = build_client(settings, pool, url)
         replica = Replica(position, f"r{position}", url, engine, client, UpstreamSender(client, pool), residency)
         replica.planner = Planner(settings, residency, metrics, scans=scans, boundaries=boundaries, tokens=tokens)
+        tokens = replica.planner.tokens
         replicas.append(replica)
     return ReplicaSet(
         replicas,
@@ -222,7 +223,9 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     def health() -> dict[str, Any]:
         """Liveness: the gateway process answers (200 from the start). Does not contact the upstream."""
         stats = _total_stats(replicas)
-        several = {"replicas": [r.describe() for r in replicas.replicas]} if len(replicas) > 1 else {}
+        several: dict[str, Any] = {"replicas": [r.describe() for r in replicas.replicas]} if len(replicas) > 1 else {}
+        if planner.tokens is not None:  # --tokenizer: what it counts with (None: 'auto' found none yet)
+            several["tokenizer"] = planner.tokens.source
         return {
             "status": "ready",
             "mode": mode,
@@ -272,6 +275,30 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
                 return
             await anyio.sleep(2.0)
 
+    async def learn_tokenizer(tokens: BlockTokens) -> None:
+        """``--tokenizer auto``: count with the tokenizer of the model the engines name (``/v1/models``: vLLM's and
+        SGLang's ``root`` is the path they were started on), once one is found on this host; retried while no
+        engine answers. Texts planned before it loads stay estimated until the memo forgets them."""
+        while True:
+            names: list[str] = []
+            for replica in replicas.replicas:
+                try:
+                    listing = (await replica.client.get("/v1/models", timeout=5.0)).json()
+                    models = listing.get("data") or []
+                    names += [str(m[k]) for m in models if isinstance(m, dict) for k in ("root", "id") if m.get(k)]
+                except (httpx.HTTPError, ValueError, AttributeError):
+                    continue
+            for name in dict.fromkeys(names):
+                path = await anyio.to_thread.run_sync(local_tokenizer, name)
+                if path is not None:
+                    await anyio.to_thread.run_sync(tokens.load, path)
+                    logger.info("--tokenizer auto: counting tokens with %s (model %s)", path, name)
+                    return
+            if names:
+                logger.warning("--tokenizer auto: no tokenizer on this host for %s; tokens are estimated", names)
+                return
+            await anyio.sleep(2.0)
+
     def kv_tracker_for(replica: Replica) -> KVEventTracker:
         def released(request_ids: list[str]) -> None:
             replica.residency.evict(request_ids)
@@ -304,6 +331,9 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
                 if replica.engine.name == "llamacpp":
                     name = "llamacpp-slots" if len(replicas.replicas) == 1 else f"llamacpp-slots {replica.name}"
                     supervisor.start(tg, name, partial(learn_slots, replica))
+            tokens = replicas.replicas[0].planner.tokens if replicas.replicas[0].planner is not None else None
+            if settings.tokenizer == TOKENIZER_AUTO and tokens is not None:
+                supervisor.start(tg, "tokenizer", partial(learn_tokenizer, tokens))
             if len(replicas.replicas) > 1:
                 supervisor.start(tg, "health-checks", partial(replicas.run_health_checks, settings.health_interval))
             if replication is not None:

@@ -31,7 +31,9 @@ __all__ = [
     "Settings",
     "SettingsError",
     "add_arguments",
+    "TOKENIZER_AUTO",
     "load_settings",
+    "local_tokenizer",
     "tokenizer_file",
 ]
 
@@ -42,6 +44,7 @@ ENGINE_KINDS = ("sglang", "vllm", "llamacpp", "openai")
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 ReorderScope = Literal["all", "system", "user", "tool", "completions"]
+TOKENIZER_AUTO = "auto"  # --tokenizer auto: the model's own, found through the engine (``local_tokenizer``)
 SIM_UPSTREAM = "sim://"  # the built-in simulated engine, started by ``prefixgate serve`` itself
 
 
@@ -217,8 +220,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str,
         option(
             "planning",
-            "the served model's tokenizer.json (or the model directory holding it): predictions count the "
-            "prompt's texts exactly ('tokenizer' extra)",
+            "the served model's tokenizer.json (or the model directory holding it), or 'auto': the one of the "
+            "model the engine names, when it is on this host; predictions count the prompt's texts exactly "
+            "('tokenizer' extra)",
         ),
     ] = ""
     memo_mib: Annotated[
@@ -316,7 +320,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         if self.tokenizer and importlib.util.find_spec("tokenizers") is None:
             raise ValueError("tokenizer: needs the 'tokenizer' extra (pip install 'prefixgate[tokenizer]')")
-        if self.tokenizer and not os.path.isfile(tokenizer_file(self.tokenizer)):
+        if self.tokenizer not in {"", TOKENIZER_AUTO} and not os.path.isfile(tokenizer_file(self.tokenizer)):
             raise ValueError(f"tokenizer: no such file: {tokenizer_file(self.tokenizer)}")
         if self.kv_events_endpoint and importlib.util.find_spec("zmq") is None:
             raise ValueError("kv_events_endpoint: needs the 'events' extra (pip install 'prefixgate[events]')")
@@ -459,6 +463,23 @@ def _describe(name: str) -> str:
 def tokenizer_file(path: str) -> str:
     """``--tokenizer``'s file: the path given, or the ``tokenizer.json`` in a model directory (as vLLM is given)."""
     return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+
+
+def local_tokenizer(model: str) -> str | None:
+    """Where this host keeps the tokenizer of the model an engine names (``--tokenizer auto``): the model's
+    directory (vLLM's and SGLang's ``/v1/models`` name it as ``root`` when they were started on a path), or the
+    Hugging Face cache's copy of a hub model (no download); None when neither is here."""
+    if os.path.isfile(tokenizer_file(model)) and (os.path.isdir(model) or model.endswith(".json")):
+        return model
+    try:
+        from huggingface_hub import try_to_load_from_cache  # installed with the 'tokenizer' extra's tokenizers
+    except ImportError:  # pragma: no cover - tokenizers depends on huggingface-hub
+        return None
+    try:
+        cached = try_to_load_from_cache(model, "tokenizer.json")
+    except ValueError:  # not a hub id (a path elsewhere, a served name): nothing cached
+        return None
+    return cached if isinstance(cached, str) else None
 
 
 def load_settings(

@@ -53,7 +53,7 @@ from gateway.planning.plan import PlannedRequest, Prediction
 from gateway.planning.residency import BlockTokens, IndexView, Residency
 from gateway.planning.texts import Meaning, Reading, TextScan, TextScans, chat_texts
 from gateway.planning.units import UnitOrders
-from gateway.settings import Settings
+from gateway.settings import TOKENIZER_AUTO, Settings
 from gateway.wire import SHAPES, AnswerRewriter, ScopedWalker, Shape
 from gateway.wire.chat import ChatMessage, RequestBody
 from gateway.wire.walk import Reader
@@ -97,7 +97,9 @@ class Planner:
         residency.on_reset(self._clear_memo)
         self.boundaries = boundaries if boundaries is not None else Boundaries()  # replicas share one
         # --tokenizer: exact token counts of blocks, for predictions (replicas share one)
-        self._tokens = tokens if tokens is not None else BlockTokens(settings.tokenizer) if settings.tokenizer else None
+        if tokens is None and settings.tokenizer:  # with 'auto', loaded once the engine names its model
+            tokens = BlockTokens(None if settings.tokenizer == TOKENIZER_AUTO else settings.tokenizer)
+        self._tokens = tokens
         residency.on_reset(self.boundaries.clear)
         self._slots: SlotTable | None = None
 
@@ -274,6 +276,11 @@ class Planner:
             outcome.answer, outcome.notes = self._shaped(shape, body, fields, prefix, outcome)
         return prefix
 
+    @property
+    def tokens(self) -> BlockTokens | None:
+        """What ``--tokenizer`` counts with (shared by the replicas' planners; None without it)."""
+        return self._tokens
+
     def _clear_memo(self) -> None:
         with self._memo_lock:
             self._memo.clear()
@@ -433,7 +440,7 @@ class Planner:
 
     def _as_is(self, text: str, prefix: Prefix, outcome: Outcome) -> None:
         """Feed a text that goes out as sent (with ``--tokenizer``, its exact tokens too)."""
-        if self._tokens is not None and not outcome.frozen:
+        if self._tokens is not None and self._tokens.ready and not outcome.frozen:
             outcome.counted.extend((prefix.fed + end, c, t) for end, c, t in self._count(text, (), (), ()))
         prefix.update(text.encode("utf-8", "surrogatepass"))
 
@@ -498,7 +505,7 @@ class Planner:
         bytes after it, ``follows``), each piece's characters and exact tokens, from the text's start to its end.
         Template bytes and documents are counted apart (each text once, ``BlockTokens``), so a piece that recurs in
         other combinations is counted once. A text over ``_COUNTED_CHARS`` is left to the estimate (bounded work)."""
-        if self._tokens is None or len(out) > _COUNTED_CHARS:
+        if self._tokens is None or not self._tokens.ready or len(out) > _COUNTED_CHARS:
             return ()
         count = self._tokens.count
         pieces: list[tuple[int, int, int]] = []

@@ -130,11 +130,25 @@ class BlockTokens:
     (documents and the template bytes between them apart, ``Planner._count``), only the chat template the engine
     wraps the texts in is estimated (``TokenRate.run_tokens``)."""
 
-    def __init__(self, path: str, size: int = 65_536) -> None:
+    def __init__(self, path: str | None, size: int = 65_536) -> None:
+        self._tokenizer: Any = None
+        self._counts: LRUCache[int, int] = LRUCache(maxsize=size)
+        self.source: str | None = None  # the tokenizer.json (or model directory) counted with
+        if path:
+            self.load(path)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a tokenizer is loaded (``--tokenizer auto`` loads one once an engine names its model)."""
+        return self._tokenizer is not None
+
+    def load(self, path: str) -> None:
+        """Count with the ``tokenizer.json`` at ``path`` (or in the model directory ``path``)."""
         from tokenizers import Tokenizer  # the 'tokenizer' extra (checked at start by Settings)
 
         self._tokenizer = Tokenizer.from_file(tokenizer_file(path))
-        self._counts: LRUCache[int, int] = LRUCache(maxsize=size)
+        self._counts.clear()
+        self.source = path
 
     def count(self, text: str) -> int:
         """The tokens ``text`` makes on its own (no special tokens)."""

@@ -82,7 +82,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             *("--kv-events-endpoint", f"bind:{kv_a.endpoint}", "--kv-events-replay", str(kv_a.replay)),
             *("--kv-events-endpoint", kv_b.endpoint, "--kv-events-replay", str(kv_b.replay)),
             *("--health-interval", "0.5"),
-            *("--tokenizer", str(model_path(venv) / "tokenizer.json")),  # documents counted exactly
+            *("--tokenizer", "auto"),  # the model vLLM names (its directory, on this host): texts counted exactly
         ]  # fmt: skip
         with (
             run_prefixgate(*hook_args, port=hook_port, log_path=tmp / "hook-gateway.log") as hook_gateway,
@@ -280,6 +280,12 @@ def test_the_replay_socket_fills_the_gap_after_a_subscriber_restart(fresh: Rig) 
     assert tracker.is_cached("gap-2"), "the batch published during the restart was not replayed"
     assert tracker.counters.replays >= 1 and tracker.counters.replay_failures == 0
     assert tracker.counters.resets == 0
+
+
+def test_tokenizer_auto_found_the_model_vllm_serves(fresh: Rig) -> None:
+    venv = require_vllm_venv()
+    wait_for(lambda: httpx.get(f"{fresh.kv_gateway}/health", timeout=5).json()["tokenizer"] is not None, 30, "auto")
+    assert httpx.get(f"{fresh.kv_gateway}/health", timeout=5).json()["tokenizer"] == str(model_path(venv))
 
 
 def test_predicted_cached_tokens_follow_what_vllm_reports(fresh: Rig) -> None:

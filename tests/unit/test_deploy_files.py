@@ -308,7 +308,7 @@ def test_gateway_dockerfile() -> None:
     assert healthchecks and "/health" in healthchecks[-1] and "urllib" in healthchecks[-1]
     assert ("EXPOSE", "8765") in instructions
     assert ("ENTRYPOINT", '["prefixgate", "serve"]') in instructions
-    assert 'pip install -c constraints.txt ".[events,state]"' in text and "[dev]" not in text
+    assert 'pip install -c constraints.txt ".[events,state,tokenizer]"' in text and "[dev]" not in text
     env = " ".join(args for keyword, args in instructions if keyword == "ENV")
     assert "PREFIXGATE_HOST=0.0.0.0" in env
     assert set(re.findall(r"PREFIXGATE_\w+", text)) <= SETTINGS_VARS

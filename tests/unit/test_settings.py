@@ -13,7 +13,7 @@ import pytest
 
 from gateway.cli import _parser
 from gateway.logs import JsonFormatter, RequestIdFilter, request_id_var
-from gateway.settings import OPTIONS, Settings, SettingsError, load_settings, tokenizer_file
+from gateway.settings import OPTIONS, Settings, SettingsError, load_settings, local_tokenizer, tokenizer_file
 
 
 def test_defaults_bind_loopback() -> None:
@@ -162,3 +162,12 @@ def test_help_groups_every_option_by_feature() -> None:
     }
     assert grouped == set(OPTIONS)
     assert {OPTIONS[name].group for name in OPTIONS} <= set(titles)
+
+
+def test_local_tokenizer_finds_a_model_directory_or_file_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert local_tokenizer(str(tmp_path)) == str(tmp_path)
+    assert local_tokenizer(str(tmp_path / "tokenizer.json")) == str(tmp_path / "tokenizer.json")
+    assert local_tokenizer(str(tmp_path / "elsewhere")) is None  # a path on the engine's host only
+    assert local_tokenizer("served-name") is None and local_tokenizer("org/not-cached-here") is None
+    assert load_settings(environ={"PREFIXGATE_TOKENIZER": "auto"}).tokenizer == "auto"
