@@ -295,7 +295,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
                     logger.info("--tokenizer auto: counting tokens with %s (model %s)", path, name)
                     return
             if names:
-                logger.warning("--tokenizer auto: no tokenizer on this host for %s; tokens are estimated", names)
+                logger.warning("--tokenizer auto: no tokenizer on this host for %s; tokens are estimated", names[:4])
                 return
             await anyio.sleep(2.0)
 
