@@ -378,7 +378,9 @@ class LlamaStacks(Stacks):
     def run(self, app: App, asked: Sequence[str], qset: str) -> RunResult:
         with self._server() as engine:
             direct = run_app(app, engine, asked, self.retrieve, self.corpus)
-        with self._server() as engine, _gateway(engine, "llamacpp", self.serve_args) as gateway:
+        # as the server runs: with --cache-ram 0 its slots are its whole cache, and the gateway pins requests to them
+        pinned = ["--no-llamacpp-prompt-cache"] if self.cache_ram == 0 else []
+        with self._server() as engine, _gateway(engine, "llamacpp", [*pinned, *self.serve_args]) as gateway:
             through = run_app(app, gateway, asked, self.retrieve, self.corpus)
         return RunResult(app, qset, "llama", direct, through)
 

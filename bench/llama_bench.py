@@ -369,7 +369,7 @@ def _compare(located: tuple[Path, Path], bodies: list[dict[str, Any]], workload:
 
     with _llama_server(binary, model) as direct_url, _llama_server(binary, model) as upstream:
         _log(f"direct: fresh llama-server at {direct_url}; gateway: fresh llama-server at {upstream}")
-        with _gateway(upstream) as gateway:
+        with _gateway(upstream, extra=["--no-llamacpp-prompt-cache"]) as gateway:  # --cache-ram 0: slots only
             _log(f"gateway ready at {gateway}; sending {len(bodies)} queries to both paths")
             results = _run({"direct": direct_url, "gateway": gateway}, bodies)
 

@@ -270,8 +270,12 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         while True:
             count = await discover_slots(replica.client)
             if count is not None:
-                planner.use_slots(count)
-                logger.info("llama-server %s has %d slots; requests are pinned with id_slot", replica.name, count)
+                # pinned only where the slots are llama-server's whole cache (--no-llamacpp-prompt-cache): with its
+                # prompt cache, its own choice saves and restores prompts, which a pinned request skips
+                pin = not settings.llamacpp_prompt_cache
+                planner.use_slots(count, pin=pin)
+                how = "pinned with id_slot" if pin else "left to its own slot choice and prompt cache"
+                logger.info("llama-server %s has %d slots; requests are %s", replica.name, count, how)
                 return
             await anyio.sleep(2.0)
 

@@ -88,6 +88,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     engine: Annotated[
         Engine, option("upstream", "engine kind behind --upstream: sglang, vllm, llamacpp or openai (generic)")
     ] = "openai"
+    llamacpp_prompt_cache: Annotated[
+        bool,
+        option(
+            "upstream",
+            "llama-server keeps a host-RAM prompt cache (its default --cache-ram): requests are left to its own "
+            "slot choice, which saves and restores prompts; --no-llamacpp-prompt-cache for --cache-ram 0, where "
+            "its slots are its whole cache and each request is pinned to the slot holding its prefix",
+        ),
+    ] = True
     upstream_api_key: Annotated[str, option("upstream", "bearer key the gateway sends to the upstream engine")] = ""
     connect_timeout: Annotated[float, option("upstream", "seconds to connect to the upstream", gt=0)] = 5.0
     read_timeout: Annotated[

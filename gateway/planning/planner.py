@@ -102,10 +102,14 @@ class Planner:
         self._tokens = tokens
         residency.on_reset(self.boundaries.clear)
         self._slots: SlotTable | None = None
+        self._slot_total: int | None = None
 
-    def use_slots(self, count: int) -> None:
-        """llama.cpp: from now on choose, for every request, one of the server's ``count`` slots (``id_slot``)."""
-        self._slots = self.residency.slots = SlotTable.of(count)
+    def use_slots(self, count: int, *, pin: bool = True) -> None:
+        """llama.cpp: the server has ``count`` slots; with ``pin``, from now on choose one of them for every request
+        (``id_slot``). Without, requests are left to llama-server's own choice, and its prompt cache."""
+        self._slot_total = count
+        if pin:
+            self._slots = self.residency.slots = SlotTable.of(count)
 
     def sharing(self, residency: Any) -> Planner:
         """A planner with its own memo that shares this one's text scans and learned boundaries, whose memo
@@ -117,8 +121,8 @@ class Planner:
 
     @property
     def slot_count(self) -> int | None:
-        """The llama-server's slot count once known (None: requests are not pinned)."""
-        return len(self._slots.slots) if self._slots is not None else None
+        """The llama-server's slot count once known (None: not a llama-server, or not known yet)."""
+        return self._slot_total
 
     def read(
         self,

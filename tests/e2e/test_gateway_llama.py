@@ -71,7 +71,7 @@ def test_sdk_completions_chat_and_streaming(start_llama_server: StartLlamaServer
 
 def test_slot_aware_routing_returns_to_the_slot_holding_the_prefix(start_llama_server: StartLlamaServer) -> None:
     server = start_llama_server(slots=2, cache_ram=0)
-    with gateway_for(server) as base:
+    with gateway_for(server, llamacpp_prompt_cache=False) as base:  # its slots are its whole cache: pinned
         _, first = _post(base, rag_chat([0, 1, 2, 3], "what is first"))
         _, other = _post(base, rag_chat([7, 8, 9], "something else"))
         again, third = _post(base, rag_chat([3, 2, 0, 1], "what is third"))
@@ -85,7 +85,7 @@ def test_slot_aware_routing_returns_to_the_slot_holding_the_prefix(start_llama_s
 
 def test_slot_reuse_releases_the_previous_occupant(start_llama_server: StartLlamaServer) -> None:
     server = start_llama_server(slots=1, cache_ram=0)
-    with gateway_for(server) as base:
+    with gateway_for(server, llamacpp_prompt_cache=False) as base:
         _post(base, rag_chat([0, 1, 2], "one"))
         first_ids = httpx.get(f"{base}/requests").json()["request_ids"]
         _post(base, rag_chat([5, 6, 7], "two"))

@@ -26,7 +26,10 @@ def _post(base: str, doc_ids: list[int], question: str) -> tuple[str, int, dict[
 
 def test_two_llama_servers_routing_follows_the_cache(start_llama_server: StartLlamaServer) -> None:
     servers = [start_llama_server(slots=2, cache_ram=0) for _ in range(2)]
-    settings = load_settings(environ={}, upstream=[s.url for s in servers], engine="llamacpp", health_interval=1.0)
+    settings = load_settings(
+        environ={}, upstream=[s.url for s in servers], engine="llamacpp", health_interval=1.0,
+        llamacpp_prompt_cache=False,  # --cache-ram 0: the slots are each server's whole cache, requests are pinned
+    )  # fmt: skip
     app = create_app(settings)
     with serve_in_thread(app) as base:
         deadline = time.monotonic() + 15
