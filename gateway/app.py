@@ -155,9 +155,7 @@ def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, me
     learned: dict[str, tuple[CacheGranularity, TokenRate]] = {}
     for position, (kind, url) in enumerate(settings.upstreams):
         residency = Residency(max_requests=settings.index_max_requests, stateless=settings.stateless)
-        if kind not in learned:
-            learned[kind] = (residency.granularity, residency.rate)
-        residency.granularity, residency.rate = learned[kind]
+        residency.granularity, residency.rate = learned.setdefault(kind, (residency.granularity, residency.rate))
         # llama-server closes a connection after every streamed (chunked) answer, announcing keep-alive
         engine = get_engine(kind)
         pool = (
@@ -307,11 +305,11 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         def released(request_ids: list[str]) -> None:
             replica.residency.evict(request_ids)
 
-        if not settings.kv_events_endpoint:
-            return KVEventTracker(on_evicted=released, on_reset=replica.residency.reset)
-        replica.residency.track_extents()  # the events shorten what a replica holds when it evicts a prompt's tail
-        residency = replica.residency
-        return KVEventTracker(on_evicted=released, on_reset=residency.reset, on_shortened=residency.shorten)
+        residency, shortened = replica.residency, None
+        if settings.kv_events_endpoint:  # the events shorten what a replica holds when it evicts a prompt's tail
+            residency.track_extents()
+            shortened = residency.shorten
+        return KVEventTracker(on_evicted=released, on_reset=residency.reset, on_shortened=shortened)
 
     kv_trackers = [kv_tracker_for(replica) for replica in replicas.replicas]
     replication = None
@@ -335,9 +333,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
                 if replica.engine.name == "llamacpp":
                     name = "llamacpp-slots" if len(replicas.replicas) == 1 else f"llamacpp-slots {replica.name}"
                     supervisor.start(tg, name, partial(learn_slots, replica))
-            tokens = replicas.replicas[0].planner.tokens if replicas.replicas[0].planner is not None else None
-            if settings.tokenizer == TOKENIZER_AUTO and tokens is not None:
-                supervisor.start(tg, "tokenizer", partial(learn_tokenizer, tokens))
+            if settings.tokenizer == TOKENIZER_AUTO and planner.tokens is not None:  # shared by every replica
+                supervisor.start(tg, "tokenizer", partial(learn_tokenizer, planner.tokens))
             if len(replicas.replicas) > 1:
                 supervisor.start(tg, "health-checks", partial(replicas.run_health_checks, settings.health_interval))
             if replication is not None:

@@ -444,7 +444,7 @@ class Planner:
 
     def _as_is(self, text: str, prefix: Prefix, outcome: Outcome) -> None:
         """Feed a text that goes out as sent (with ``--tokenizer``, its exact tokens too)."""
-        if self._tokens is not None and self._tokens.ready and not outcome.frozen:
+        if not outcome.frozen:
             outcome.counted.extend((prefix.fed + end, c, t) for end, c, t in self._count(text, (), (), ()))
         prefix.update(text.encode("utf-8", "surrogatepass"))
 

@@ -167,7 +167,8 @@ class CacheGranularity:
     header's ``predicted_cached_tokens``, ``prefixgate_stale_predictions``). SGLang and llama.cpp report exact
     counts: their granularity learns to 1. The granularity is the largest common divisor (1 to ``MAX_TOKENS``) of
     the last ``WINDOW`` non-zero reports, all but one in eight of them, so an odd report does not undo it, and halved
-    while few reports confirm it (four reports of 256 and 512 are 128-token blocks as often as not); it stays
+    while few reports confirm it (an engine caching in 128-token blocks reports four multiples of 256 in a row one
+    time in sixteen); it stays
     1 until ``WARM`` reports were seen, and is worked out again when a report disagrees and every ``WARM`` reports.
     """
 
@@ -215,9 +216,10 @@ class CacheGranularity:
         return 1
 
     def _confirmed(self, candidate: int, reports: int) -> int:
-        """``candidate`` halved until ``reports`` multiples of it make a finer truth unlikely: an engine caching
-        in blocks of g/2 reports a multiple of g half the time, so n such reports say g with odds 2^n, and g/2
-        with odds 4^n (``CONFIRM``: 2^-8 at most). A granularity too large rounds predictions a block short."""
+        """``candidate`` halved until ``reports`` multiples of it make a finer truth unlikely: an engine caching in
+        blocks of g/2 reports n multiples of g in a row with probability 2^-n, one of g/4 with 4^-n; halved k times,
+        the chance that the truth is finer still is at most 2^-(k+1)n, and k is the least that makes it 2^-CONFIRM
+        at most. A granularity too large rounds predictions a block short; one too small, by less than a block."""
         halvings = max(0, -(-self.CONFIRM // reports) - 1)
         self._halved = halvings > 0
         while halvings and candidate % 2 == 0:
@@ -364,6 +366,8 @@ class Residency:
     def reset(self) -> None:
         self.index.reset()
         self.prefixes.clear()
+        if self.extents is not None:
+            self.extents.clear()
         if self.slots is not None:
             self.slots.clear()
         self.conversations.reset()
