@@ -15,7 +15,7 @@ flight, ``gateway.upstream.router.Route``), which the plan's steps tell what hap
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -42,7 +42,7 @@ Path = tuple[tuple[Hashable, tuple[int, ...]], ...]
 Prediction = tuple[Hashable, tuple[int, ...]]  # (prefix key, the blocks predicted cached under it)
 _MIN_PREDICTED_CHARS = 400
 _STALE_FRACTION = 0.25
-_RUN_BYTES = 256  # uncounted bytes per run, at most, for a prompt to count as wholly counted (``_all_counted``)
+_RUN_BYTES = 256  # uncounted bytes per run, at most, for a prompt to count as wholly counted (``exact``)
 
 
 class PlannedRequest:
@@ -55,7 +55,7 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("answer", "chain", "choices", "commits", "counted", "extents", "fields", "metrics",
+    __slots__ = ("answer", "chain", "choices", "commits", "counted", "exact", "extents", "fields", "metrics",
                  "predicted_chars", "predictions", "prompt_chars", "request_id", "residency", "result", "routing",
                  "slot", "slot_known", "slots", "upstream")  # fmt: skip
 
@@ -85,6 +85,10 @@ class PlannedRequest:
         self.prompt_chars = prompt_chars  # the whole prompt's bytes, as the planner fed them (0: not walked)
         self.counted = counted  # with --tokenizer: the prompt's counted pieces (end, chars, exact tokens), in order
         self.extents = extents  # per commit, where each block ends in the prompt (characters fed)
+        # whether --tokenizer counted every text of the prompt: what is left is at most ``_RUN_BYTES`` per run (roles,
+        # the route and model the prefix key was fed), so the engine's template is what it adds
+        chars, _, runs = next(_counted(counted, (prompt_chars,)))
+        self.exact = bool(counted) and prompt_chars - chars <= _RUN_BYTES * runs
         self.slots: SlotTable | None = None  # llama.cpp: the slot this request was pinned to
         self.slot: int | None = None
         self.slot_known = True  # False: sent without ``id_slot``, ``slot`` is where llama.cpp is believed to put it
@@ -100,31 +104,17 @@ class PlannedRequest:
     def predicted_tokens(self) -> int:
         """The predicted cached tokens, rounded down to what the replica's engine caches in (its learned
         ``CacheGranularity``): what the result header says and ``usage`` compares with the engine's report."""
-        (reach,) = self._tokens_at((self.predicted_chars,), self._all_counted())
+        (reach,) = self._tokens_at((self.predicted_chars,))
         return self.residency.granularity.floor(reach)
 
-    def _tokens_at(self, reaches: Sequence[int], all_counted: bool) -> list[int]:
+    def _tokens_at(self, reaches: Sequence[int]) -> list[int]:
         """The tokens the engine counts in the prompt's first ``reach`` characters, for each of ``reaches`` (in
         order, one pass): the texts counted exactly with --tokenizer, the rest estimated (``TokenRate``)."""
-        rate, pieces = self.residency.rate, self.counted
-        out: list[int] = []
-        chars = tokens = runs = last = i = 0
-        for reach in reaches:
-            while i < len(pieces) and pieces[i][0] <= reach:
-                end, size, count = pieces[i]
-                runs += end - size != last
-                chars, tokens, last, i = chars + size, tokens + count, end, i + 1
-            template = rate.run_tokens(runs) if all_counted else None
+        rate, out = self.residency.rate, []
+        for reach, (chars, tokens, runs) in zip(reaches, _counted(self.counted, reaches), strict=True):
+            template = rate.run_tokens(runs) if self.exact else None
             out.append(tokens + (template if template is not None else rate.tokens(reach - chars)))
         return out
-
-    def _all_counted(self) -> bool:
-        """Whether ``--tokenizer`` counted every text of the prompt: what is left is at most ``_RUN_BYTES`` per run
-        (roles, the route and model the prefix key was fed), so the engine's template is what it adds."""
-        if not self.counted:
-            return False
-        chars, _, runs = _counted(self.counted, self.prompt_chars)
-        return self.prompt_chars - chars <= _RUN_BYTES * runs
 
     def accept(self) -> None:
         """The engine accepted the request: record what its cache now holds."""
@@ -136,7 +126,7 @@ class PlannedRequest:
                 self.residency.evict([previous])
         residency = self.residency
         if residency.extents is not None and self.extents:  # the engine's evictions shorten what it holds
-            tokens = iter(self._tokens_at([end for ends in self.extents for end in ends], self._all_counted()))
+            tokens = iter(self._tokens_at([end for ends in self.extents for end in ends]))
             residency.extents[self.request_id] = tuple(tuple(next(tokens) for _ in ends) for ends in self.extents)
         residency.commit(self.request_id, self.commits)
         residency.sent(self.chain)
@@ -153,8 +143,8 @@ class PlannedRequest:
         if prompt_tokens is not None and self.prompt_chars:
             # with exact counts the rate is learned on the rest of the prompt, which it estimates; with every text
             # counted, the rest is the template: learned per run (one before each text, one for the generation prompt)
-            chars, tokens, runs = _counted(self.counted, self.prompt_chars)
-            if self._all_counted():
+            chars, tokens, runs = next(_counted(self.counted, (self.prompt_chars,)))
+            if self.exact:
                 self.residency.rate.learn_runs(runs + 1, prompt_tokens - tokens)
             else:
                 self.residency.rate.learn(self.prompt_chars - chars, prompt_tokens - tokens)
@@ -246,14 +236,14 @@ class Upstream(Protocol):
     engine: EngineAdapter
 
 
-def _counted(counted: Sequence[tuple[int, int, int]], reach: int) -> tuple[int, int, int]:
-    """The characters and exact tokens of the counted pieces that end within the first ``reach`` characters, and the
-    runs of uncounted bytes before them (before each text: its role, and the template the engine wraps it in)."""
-    chars = tokens = runs = 0
-    last = 0
-    for end, size, count in counted:
-        if end > reach:
-            break
-        runs += end - size != last
-        chars, tokens, last = chars + size, tokens + count, end
-    return chars, tokens, runs
+def _counted(counted: Sequence[tuple[int, int, int]], reaches: Iterable[int]) -> Iterator[tuple[int, int, int]]:
+    """For each of ``reaches`` (in order, one pass): the characters and exact tokens of the counted pieces that end
+    within the prompt's first ``reach`` characters, and the runs of uncounted bytes before them (before each text:
+    its role, and the template the engine wraps it in)."""
+    chars = tokens = runs = last = i = 0
+    for reach in reaches:
+        while i < len(counted) and counted[i][0] <= reach:
+            end, size, count = counted[i]
+            runs += end - size != last
+            chars, tokens, last, i = chars + size, tokens + count, end, i + 1
+        yield chars, tokens, runs
