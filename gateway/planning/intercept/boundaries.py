@@ -8,12 +8,21 @@ this request, and ``a`` has been seen followed by something else (another paragr
 ``b`` starts one, and the blank line between them is a boundary. Both sides are required: a paragraph shared
 by two chunks (a chunk overlap, a repeated heading) then does not confirm a boundary on its own.
 
-A context's edges are boundaries too, and they let a new chunk be cut from a known one: when ``b`` was never seen
-but ``a`` ended an earlier context *after the same paragraph it follows now* (the pair ``z, a`` closed a context),
-``a`` ends a chunk; likewise when ``a`` was never seen and ``b, c`` opened an earlier context. The paragraph before
-(after) is required because a paragraph can end one chunk and continue another (sliding-window chunks share one),
-and a chunk's own last two paragraphs recur with it, while another chunk's neighbours do not. A chunk of one
-paragraph is cut this way only beside the neighbour it had at that edge; elsewhere it waits for the rule above.
+When one side of a blank line is new, the other side can still show a boundary, from runs of paragraphs seen
+before; a run of three is needed where two could be a text splitter's overlap (the last two paragraphs of one
+window opening the next). ``a`` ends a chunk before a new ``b``:
+
+- when the three paragraphs ending with ``a`` (``y, z, a``) were seen before: they went on otherwise, ``b`` being
+  new. A window overlap of up to two paragraphs is not taken for this: where the next window opens with ``z, a``,
+  they follow another paragraph than ``y``;
+- or when ``z, a`` closed a context after a paragraph ``y`` seen without ``z`` after it (or at the context's
+  start): ``z, a`` was then a run of whole chunks, where an overlap's ``y`` is always followed by ``z``.
+
+Mirrored, ``b`` starts a chunk after a new ``a`` when a context opened with ``b`` and the two after it, or with
+``b, c`` followed by a paragraph seen after another than ``c`` (or by the context's end). A chunk of one paragraph
+is cut this way only where it was a whole context. Runs are only taken from a context's start (opening) or end
+(closing), or as three paragraphs on the side the run ends: two chunks that open with the same body under
+different titles (``bisect`` and ``bisect_right``) then never lose their titles.
 
 Traffic is weighed, not just seen: a chunk shown whole is evidence too. Each paragraph counts the requests
 that showed it, and each adjacent pair the requests that showed it in that order; once ``a`` has been seen directly
@@ -42,8 +51,9 @@ elsewhere (after, before another): a line that changes daily before the document
 
 Knowledge is kept per template slot: the template's name and the text before its context (the instructions
 and system prompt around it), so two applications sharing a template do not teach each other. Memory is two
-bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests (a
-context's first and last two paragraphs counted there too), and two maps a sixteenth of their size per slot (its
+bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests (every run
+of three and a context's first three counted there too); two maps a quarter of their size, from a context's first
+(last) two paragraphs to the one after (before) them there; and two maps a sixteenth of their size per slot (its
 requests; a learned template's tail); the least recently seen are forgotten first.
 
 Where it can be wrong: chunks ``[a, b]``, ``[a, c]`` and ``[d, b]`` (two paragraphs each reused in other
@@ -108,6 +118,9 @@ class Boundaries:
         # entry counts no client: fewer cuts, never more)
         self._seen_by: LRUCache[bytes, tuple[str, ...]] = LRUCache(maxsize=max(1, max_paragraphs // 2))
         self._pairs_by: LRUCache[bytes, tuple[str, ...]] = LRUCache(maxsize=max(1, max_paragraphs // 2))
+        # a context's first (last) two paragraphs -> the paragraph after (before) them there, or _EDGE: ~10 MB
+        self._after_opening: LRUCache[bytes, bytes] = LRUCache(maxsize=max(1, max_paragraphs // 4))
+        self._before_closing: LRUCache[bytes, bytes] = LRUCache(maxsize=max(1, max_paragraphs // 4))
         self._lock = threading.Lock()  # big prompts are planned on worker threads
 
     def __len__(self) -> int:
@@ -115,7 +128,8 @@ class Boundaries:
 
     def clear(self) -> None:
         with self._lock:
-            for counts in (self._seen, self._pairs, self._slots, self._seen_by, self._pairs_by, self._tails):
+            for counts in (self._seen, self._pairs, self._slots, self._seen_by, self._pairs_by, self._tails,
+                           self._after_opening, self._before_closing):  # fmt: skip
                 counts.clear()
 
     def regroup(
@@ -238,8 +252,10 @@ class Boundaries:
         for i in range(len(keys) - 1):
             left, right = _tally(apart, keys[i]), _tally(apart, keys[i + 1])
             cut = _parted(left, right, _tally(together, pair_keys[i + 1]))
-            if not cut and (left == 0) != (right == 0):  # one side new: did the other side's two end (start) one?
-                cut = _tally(together, _ending(keys, i) if right == 0 else _starting(keys, i + 1)) > 0
+            if not cut and right == 0 and left:  # the next paragraph is new: does this one end a chunk?
+                cut = self._ends(keys, i, apart, together)
+            elif not cut and left == 0 and right:  # this paragraph is new: does the next one start a chunk?
+                cut = self._starts(keys, i + 1, apart, together)
             cuts.append(cut)
         # the application's own text: by requests, whoever sent them (holding a paragraph back never cuts one)
         first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0), requests)
@@ -249,10 +265,41 @@ class Boundaries:
             last_fixed = last_fixed or seen.get(keys[-1], 0) <= pairs.get(pair_keys[-1], 0)
         return cuts, first_fixed, last_fixed
 
+    def _ends(self, keys: list[bytes], i: int, apart: _Tally, together: _Tally) -> bool:
+        """Whether paragraph ``i`` ends a chunk, the next one being new: the three paragraphs ending with it were
+        seen before (going on otherwise, since the next is new); or the two ending with it closed a context whose
+        paragraph before them was a boundary (a context's start, or parted from them). A chunk that opens with
+        another one's last two paragraphs (a window overlap) is not cut: there they follow the one before them.
+        A paragraph first in its context ends a chunk only where a context held nothing else."""
+        if i >= 2 and _tally(together, _pair(_pair(keys[i - 2], keys[i - 1]), keys[i])) > 0:
+            return True
+        if i == 0:
+            return _tally(together, _pair(_pair(_EDGE, keys[0]), _EDGE)) > 0
+        before = self._before_closing.get(_pair(keys[i - 1], keys[i]))
+        return before is not None and (before == _EDGE or _apart(before, keys[i - 1], before, apart, together))
+
+    def _starts(self, keys: list[bytes], i: int, apart: _Tally, together: _Tally) -> bool:
+        """Whether paragraph ``i`` starts a chunk, the one before being new: a context opened with it and the two
+        after it; or with it and the next, followed by a boundary (the context's end, or a paragraph parted from
+        them). A chunk that ends with another one's first two paragraphs (a window overlap) is not cut."""
+        last = len(keys) - 1
+        if i + 2 <= last and _tally(together, _pair(_EDGE, _pair(keys[i], _pair(keys[i + 1], keys[i + 2])))) > 0:
+            return True
+        if i == last:
+            return _tally(together, _pair(_pair(_EDGE, keys[i]), _EDGE)) > 0
+        after = self._after_opening.get(_pair(keys[i], keys[i + 1]))
+        return after is not None and (after == _EDGE or _apart(keys[i + 1], after, after, apart, together))
+
     def _count(self, keys: list[bytes], client: str | None) -> None:
         # counted per request, not per occurrence: a paragraph repeated inside one document is not evidence
         # that it was seen apart from its neighbour; and per distinct client, when clients are told apart
-        pair_keys = [*_pairs_of(keys), _starting(keys, 0), _ending(keys, len(keys) - 1)]
+        edged = [_EDGE, *keys, _EDGE]
+        runs = [_pair(_pair(a, b), c) for a, b, c in zip(edged, edged[1:], edged[2:], strict=False)]
+        pair_keys = [*_pairs_of(keys), *runs]
+        if len(keys) > 1:
+            pair_keys.append(_pair(_EDGE, _pair(keys[0], _pair(*edged[2:4]))))
+            self._after_opening[_pair(keys[0], keys[1])] = edged[3]
+            self._before_closing[_pair(keys[-2], keys[-1])] = edged[-4]
         for counts, counted in ((self._seen, keys), (self._pairs, pair_keys)):
             for key in dict.fromkeys(counted):
                 counts[key] = min(counts.get(key, 0) + 1, _MAX_COUNT)
@@ -283,14 +330,9 @@ def _pairs_of(keys: list[bytes]) -> list[bytes]:
     return [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
 
 
-def _ending(keys: list[bytes], i: int) -> bytes:
-    """A context ending with paragraph ``i`` after the one before it (``keys[i - 1]``, or the context's start)."""
-    return _pair(_pair(keys[i - 1] if i else _EDGE, keys[i]), _EDGE)
-
-
-def _starting(keys: list[bytes], i: int) -> bytes:
-    """A context starting with paragraph ``i`` before the one after it (``keys[i + 1]``, or the context's end)."""
-    return _pair(_EDGE, _pair(keys[i], keys[i + 1] if i + 1 < len(keys) else _EDGE))
+def _apart(left: bytes, right: bytes, one: bytes, apart: _Tally, together: _Tally) -> bool:
+    """Whether paragraph ``one`` (``left`` or ``right``) was seen without the other beside it."""
+    return _tally(apart, one) > _tally(together, _pair(left, right))
 
 
 def _fixed(seen: int, with_neighbour: int, requests: int) -> bool:
