@@ -10,19 +10,28 @@ chunks; an engine that was sent a prompt holds its leading chunks (until it evic
 out, bounded by a chunk count. A prompt's chunks are touched last chunk first, so the head of a prompt is always
 fresher than its tail and eviction trims prompts from their ends: ``match`` is a binary search over the chain.
 
+A chunk is coarse for a short document: one of 200 bytes may end no chunk, so whether a prompt went on with it
+is not told by the chunks alone. Each paragraph's start is named too (a *mark*: the prefix up to just after a
+blank line, ``marks``), and the index remembers the marks of what was sent (``holds``): the planner then asks
+whether a prompt continued exactly with a block and the blank line after it.
+
 Costs: building a chain is one hashing pass over the prompt (``MAX_CHUNKS`` at most); ``add``
 touches each chunk once; ``match`` and ``common`` are O(log n) lookups or compares.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-__all__ = ["CHUNK_BYTES", "MAX_CHUNKS", "Chain", "Hashes", "PrefixIndex", "common"]
+__all__ = ["CHUNK_BYTES", "MAX_CHUNKS", "MAX_MARKS", "Chain", "Hashes", "PrefixIndex", "common"]
 
 CHUNK_BYTES = 256
 MAX_CHUNKS = 4096  # a prompt's first 1 MiB: beyond it a chain stops growing (bounded CPU and memory per request)
+MAX_MARKS = 1024  # paragraph starts named per prompt at most
+_BLANK = re.compile(rb"\n\n")
+_UNNAMED = -1  # Python's hash() never returns -1
 
 Hashes = tuple[int, ...]
 
@@ -35,15 +44,50 @@ class Chain:
     The index that compares them lives in the same process.
     """
 
-    __slots__ = ("_last", "_pending", "hashes")
+    __slots__ = ("_last", "_newline", "_pending", "hashes", "marks")
 
     def __init__(self) -> None:
         self._last = 0
         self._pending = bytearray()  # the current chunk, while incomplete
+        self._newline = False  # the last byte fed is a newline that ends no blank line yet
         self.hashes: list[int] = []
+        self.marks: list[int] = []  # the name of the prefix up to just after each blank line (``MAX_MARKS``)
 
     def update(self, data: bytes | bytearray | memoryview | object) -> None:
         view = memoryview(data)  # type: ignore[arg-type]  # bytes, or msgspec.Raw (a buffer)
+        if not view.nbytes:
+            return
+        start, marks = 0, self.marks
+        if len(marks) < MAX_MARKS:
+            if self._newline and view[0] == 10:  # a blank line across two pieces
+                self._feed(view[:1])
+                start = 1
+                marks.append(self.mark())
+            for found in _BLANK.finditer(view, start):
+                self._feed(view[start : found.end()])
+                start = found.end()
+                if len(marks) >= MAX_MARKS or (name := self.mark()) == _UNNAMED:
+                    break
+                marks.append(name)
+            if marks and marks[-1] == _UNNAMED:
+                marks.pop()
+        rest = view[start:]
+        self._newline = bool(rest.nbytes) and rest[-1] == 10
+        self._feed(rest)
+
+    def mark(self) -> int:
+        """The name of the prompt fed so far, to the byte (a chunk name covers whole chunks only); past the chain's
+        bound, a name no prompt holds."""
+        if len(self.hashes) >= MAX_CHUNKS:
+            return _UNNAMED
+        return hash((self._last, bytes(self._pending), len(self.hashes)))
+
+    @property
+    def position(self) -> int:
+        """Bytes fed so far (up to the chain's bound)."""
+        return len(self.hashes) * CHUNK_BYTES + len(self._pending)
+
+    def _feed(self, view: memoryview) -> None:
         size = view.nbytes
         pending, position = self._pending, 0
         if pending or size < CHUNK_BYTES:
@@ -79,9 +123,10 @@ class Chain:
         return tuple(self.hashes)
 
     def copy(self) -> Chain:
-        """A chain that goes on from here independently (to try what would follow)."""
+        """A chain that goes on from here independently (to try what would follow); it names only the marks fed to it."""
         other = Chain()
         other._last, other._pending, other.hashes = self._last, bytearray(self._pending), list(self.hashes)
+        other._newline = self._newline
         return other
 
 
@@ -113,10 +158,10 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._held)
 
-    def add(self, chain: Sequence[int]) -> None:
-        """The engine was sent a prompt with these chunk names: it now holds all of them."""
+    def add(self, chain: Sequence[int], marks: Sequence[int] = ()) -> None:
+        """The engine was sent a prompt with these chunk names (and paragraph marks): it now holds all of them."""
         held = self._held
-        for name in reversed(chain):  # the head touched last: evicted last
+        for name in (*reversed(marks), *reversed(chain)):  # the head touched last: evicted last
             try:
                 held.move_to_end(name)
             except KeyError:
@@ -134,6 +179,10 @@ class PrefixIndex:
             else:
                 high = middle - 1
         return low
+
+    def holds(self, mark: int) -> bool:
+        """Whether a prompt sent went on to exactly this point (a ``Chain.mark``)."""
+        return mark in self._held
 
     def clear(self) -> None:
         self._held.clear()

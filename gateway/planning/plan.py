@@ -55,7 +55,7 @@ class PlannedRequest:
     once effective). All three run on the event loop.
     """
 
-    __slots__ = ("answer", "chain", "choices", "commits", "counted", "exact", "extents", "fields", "metrics",
+    __slots__ = ("answer", "chain", "choices", "commits", "counted", "exact", "extents", "fields", "marks", "metrics",
                  "predicted_chars", "predictions", "prompt_chars", "request_id", "residency", "result", "routing",
                  "slot", "slot_known", "slots", "upstream")  # fmt: skip
 
@@ -71,6 +71,7 @@ class PlannedRequest:
         predicted_chars: int = 0,
         prompt_chars: int = 0,
         chain: Hashes = (),
+        marks: Hashes = (),
         counted: Sequence[tuple[int, int, int]] = (),
         extents: Sequence[tuple[int, ...]] = (),
     ) -> None:
@@ -93,6 +94,7 @@ class PlannedRequest:
         self.slot: int | None = None
         self.slot_known = True  # False: sent without ``id_slot``, ``slot`` is where llama.cpp is believed to put it
         self.chain = chain  # the chunk names of the whole prompt as forwarded (``scheduler.prefixes``)
+        self.marks = marks  # and its paragraph marks, where the planner walked it as forwarded
         self.answer: AnswerRewriter | None = None  # rewrites the answer (citation numbers or positions back)
         self.choices: Sequence[Choice] = ()  # per group: format, decision, sent and forwarded order (decision log)
         self.upstream: Upstream | None = None  # where it goes: set by the router (``gateway.upstream.router``)
@@ -129,7 +131,7 @@ class PlannedRequest:
             tokens = iter(self._tokens_at([end for ends in self.extents for end in ends]))
             residency.extents[self.request_id] = tuple(tuple(next(tokens) for _ in ends) for ends in self.extents)
         residency.commit(self.request_id, self.commits)
-        residency.sent(self.chain)
+        residency.sent(self.chain, self.marks)
 
     def usage(self, cached_tokens: int | None, prompt_tokens: int | None = None) -> None:
         """Engine feedback: far fewer cached tokens than predicted means the index holds evicted entries.

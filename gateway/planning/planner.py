@@ -196,6 +196,7 @@ class Planner:
         answer: AnswerRewriter | None = None
         notes: list[str] = []
         chain: Hashes
+        marks: Hashes = ()
         prompt_chars = 0
         if control.enabled:
             prefix = self._walk(body, fields, outcome, Chain())
@@ -203,6 +204,7 @@ class Planner:
             notes = outcome.notes
             assert prefix.chain is not None
             chain = forwarded = prefix.chain.freeze()  # as sent too, unless a field changed
+            marks = tuple(prefix.chain.marks)
             if fields:
                 chain = sent if sent is not None else self.sent_chain(body, reading.headers, tenant, control)
                 as_sent, held = _held_both(outcome.choose(), chain, forwarded)
@@ -212,6 +214,7 @@ class Planner:
                 if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, predicted):
                     fields.clear()  # the prompt as sent hits at least as much of the cache as the rewrite
                     outcome.leave_as_sent(as_sent)
+                    marks = ()  # the walk's are the rewrite's
                 else:
                     chain = forwarded
             result = outcome.header(shared=self.settings.shared_cache and bool(self.settings.api_key))
@@ -234,6 +237,7 @@ class Planner:
             predicted_chars=outcome.predicted_chars,
             prompt_chars=prompt_chars,
             chain=chain,
+            marks=marks,
             counted=tuple(outcome.counted),
         )
         planned.fields.update(fields)
@@ -593,8 +597,9 @@ def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup
 
     Another request of the same template cut its documents apart (``intercept.boundaries``) but sent them before
     the block index could name them: its prompt, whole, is in the prefix index, so the blocks that continue it are
-    found by their bytes. What is held counts in whole chunks (``CHUNK_BYTES``), every one held: a block too short
-    to end a chunk is only told apart by the blocks after it, and an order never ends on such a block.
+    found by their bytes. What is held counts in whole chunks (``CHUNK_BYTES``), every one held, or to the byte
+    where a prompt sent went on with the block and the blank line after it (a paragraph mark): a block too short to
+    end a chunk is told apart by its mark, or else by the blocks after it.
     """
     count = len(group.blocks)
     if not 2 <= count <= _HELD_ORDER_BLOCKS:
@@ -606,11 +611,11 @@ def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup
     gaps = [gap.encode("utf-8", "surrogatepass") for gap in group.gaps(text)] + [b""]
     steps = min(_HELD_ORDER_STEPS, _HELD_ORDER_NAMES // len(base)) if base else _HELD_ORDER_STEPS
 
-    def longest(chain: Chain, taken: tuple[int, ...], chunks: int, ended: tuple[int, ...]) -> tuple[int, _Order]:
-        """The best held continuation of ``taken`` (whose chain ends ``chunks`` chunks, the last of them ended by the
-        blocks ``ended``): the chunks it ends, and its blocks up to the last one that ended a chunk."""
+    def longest(chain: Chain, taken: tuple[int, ...], reach: int, ended: tuple[int, ...]) -> tuple[int, _Order]:
+        """The best held continuation of ``taken`` (whose prompt is held for ``reach`` bytes, the last of them
+        reached by the blocks ``ended``): the bytes held, and its blocks up to the last one that reached further."""
         nonlocal steps
-        best = (chunks, ended)
+        best = (reach, ended)
         for index in range(count):
             if index in taken or steps <= 0:
                 continue
@@ -620,13 +625,15 @@ def _held_order(residency: Residency, start: Chain, text: str, group: BlockGroup
             names = candidate.freeze()
             if residency.held_chars(names) < len(names) * CHUNK_BYTES:
                 continue  # a chunk it ends is not held
+            # held to the byte where a prompt sent went on with this block and the blank line after it (a mark)
+            held = candidate.position if residency.holds(candidate.mark()) else len(names) * CHUNK_BYTES
             path = (*taken, index)
-            found = longest(candidate, path, len(names), path if len(names) > chunks else ended)
+            found = longest(candidate, path, max(held, reach), path if held > reach else ended)
             if found[0] > best[0]:
                 best = found
         return best
 
-    _, order = longest(start, (), len(base), ())
+    _, order = longest(start, (), len(base) * CHUNK_BYTES, ())
     if not order:
         return None
     return (*order, *(index for index in range(count) if index not in order)), len(order)

@@ -281,10 +281,14 @@ class Residency:
         if self.on_change is not None:
             self.on_change(("commit", request_id, groups))
 
-    def sent(self, chain: Sequence[int]) -> None:
-        """The engine was sent a whole prompt with these chunk names (``scheduler.prefixes``)."""
-        if not self.stateless and chain:
-            self.prefixes.add(chain)
+    def sent(self, chain: Sequence[int], marks: Sequence[int] = ()) -> None:
+        """The engine was sent a whole prompt with these chunk names and paragraph marks (``scheduler.prefixes``)."""
+        if not self.stateless and (chain or marks):
+            self.prefixes.add(chain, marks)
+
+    def holds(self, mark: int) -> bool:
+        """Whether a prompt sent went on to exactly this point (a ``Chain.mark``; not known of llama.cpp's slots)."""
+        return self.slots is None and self.prefixes.holds(mark)
 
     def held_chars(self, chain: Sequence[int]) -> int:
         """How much of a prompt (its chunk names) the engine is believed to hold, in characters: what its slots

@@ -82,3 +82,28 @@ def test_a_learned_group_takes_the_order_of_a_whole_prompt_the_engine_holds() ->
     assert result["groups"] == 1 and result["blocks"] == 2  # cut between b+a and c+d only
     assert second == prompt([c, d, b, a], "two?"), "the order the engine holds, each block whole"
     assert result["reordered"] is True and result["predicted_cached_blocks"] == 2
+
+
+def test_a_short_block_that_opened_a_whole_prompt_the_engine_holds_goes_first() -> None:
+    """As above with documents too short to end a chunk of the prefix index (``CHUNK_BYTES``): the prompt sent
+    whole, never cut, opened with ``x``; a later request cut ``x`` apart from two others, and ``x`` goes first, told
+    apart by the mark after it and its blank line (the chunk names alone cannot: none ends inside it)."""
+    planner = _planner()
+    x, y, z, w, v = (
+        f"The {name} note.\n\nIt says a little about {name}." for name in ("ex", "why", "zed", "dub", "vee")
+    )
+
+    def send(chunks: list[str], question: str) -> tuple[str, dict[str, object]]:
+        request = decode_request(_completion(prompt(chunks, question)), "/v1/completions")
+        planned = planner.plan(planner.read(request, {}), f"req-{question}")
+        planned.accept()
+        request.update(planned.fields)
+        return str(msgspec.json.decode(request.encode())["prompt"]), planned.result
+
+    assert send([x, y, z], "one?")[0] == prompt([x, y, z], "one?")
+    send([y, w], "two?")
+    send([z, v], "three?")
+    out, result = send([w, x, v], "four?")
+    assert result["groups"] == 1 and result["blocks"] == 3  # cut w | x | v: each was seen beside others
+    assert out == prompt([x, w, v], "four?"), "x first: the prompt sent whole opened with it"
+    assert result["reordered"] is True and result["predicted_cached_blocks"] == 1

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.prefixes import CHUNK_BYTES, MAX_CHUNKS, Chain, PrefixIndex, common
+from scheduler.prefixes import CHUNK_BYTES, MAX_CHUNKS, MAX_MARKS, Chain, PrefixIndex, common
 
 
 def chain_of(*pieces: bytes) -> tuple[int, ...]:
@@ -61,3 +62,49 @@ def test_the_index_is_bounded_and_trims_the_least_recent_prompts_from_their_ends
     assert index.match(old) == 4, "the old prompt's head outlives its tail"
     index.add(old)  # sent again: fresh
     assert index.match(old) == 8 and index.match(new) == 4
+
+
+def marks_of(*pieces: bytes) -> list[int]:
+    chain = Chain()
+    for piece in pieces:
+        chain.update(piece)
+    return chain.marks
+
+
+@given(st.lists(st.sampled_from([b"a", b"b\n", b"\n", b"\n\n", b"c" * 300, b"d\n\ne"]), max_size=12),
+       st.lists(st.integers(0, 2000), max_size=6))  # fmt: skip
+def test_marks_name_each_paragraph_start_whatever_the_pieces(parts: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(parts)
+    points = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    marks = marks_of(data)
+    assert marks_of(*(data[a:b] for a, b in itertools.pairwise(points))) == marks
+    ends = [m.end() for m in re.finditer(rb"\n\n", data)]
+    assert marks == [marks_of_prefix(data[:end]) for end in ends]  # a mark names the whole prefix, to the byte
+    assert len(set(marks)) == len(marks)
+
+
+def marks_of_prefix(data: bytes) -> int:
+    chain = Chain()
+    chain.update(data)
+    return chain.mark()
+
+
+def test_a_mark_tells_a_short_paragraph_apart_where_chunks_cannot() -> None:
+    """Two prompts that differ within their last, unfinished chunk: the same chunk names, different marks."""
+    head = b"system prompt " * 30
+    one, two = head + b"short document one\n\n", head + b"short document two\n\n"
+    assert chain_of(one) == chain_of(two)
+    index = PrefixIndex(100)
+    first = Chain()
+    first.update(one + b"and what follows")
+    index.add(first.freeze(), first.marks)
+    assert index.holds(marks_of_prefix(one)) and not index.holds(marks_of_prefix(two))
+
+
+def test_marks_stop_at_the_chains_bound() -> None:
+    chain = Chain()
+    chain.update(b"x\n\n" * (MAX_MARKS + 5))
+    assert len(chain.marks) == MAX_MARKS
+    chain = Chain()
+    chain.update(b"y" * (MAX_CHUNKS * CHUNK_BYTES) + b"\n\nz\n\n")
+    assert chain.marks == [] and chain.mark() == -1  # past the bound a position is not named
