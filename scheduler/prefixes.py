@@ -123,7 +123,7 @@ class Chain:
         return tuple(self.hashes)
 
     def copy(self) -> Chain:
-        """A chain that goes on from here independently (to try what would follow); it names only the marks fed to it."""
+        """A chain that goes on from here independently (to try what would follow), naming only the marks fed to it."""
         other = Chain()
         other._last, other._pending, other.hashes = self._last, bytearray(self._pending), list(self.hashes)
         other._newline = self._newline
