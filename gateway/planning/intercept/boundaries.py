@@ -61,9 +61,9 @@ chunks, like the ``json`` docs of ``dump`` and ``dumps``) are indistinguishable 
 chunks; a boundary between ``a`` and ``b`` is then confirmed once ``[a, c]`` and ``[d, b]`` were each seen
 more often than ``[a, b]``, and a request of ``[a, b]`` can be split. Before ``[a, b]`` was seen at all,
 traffic that shows ``a`` and ``b`` apart can split its first request (there is nothing to weigh it against), and
-so can a context that ended with ``a`` after the paragraph that precedes ``a`` in that request (``[a]`` alone, for
-a chunk sent first).
-Unique paragraphs, overlapping chunks and shared headings are safe.
+so can a run of three paragraphs ending with ``a`` seen elsewhere (two chunks sharing three paragraphs that go on
+differently).
+Unique paragraphs, windows overlapping by up to two paragraphs and shared headings are safe.
 """
 
 from __future__ import annotations
