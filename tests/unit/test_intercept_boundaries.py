@@ -99,6 +99,23 @@ def test_a_new_chunk_is_cut_from_a_two_paragraph_one_only_beside_a_known_boundar
         assert renderings(text, group) == later
 
 
+def test_a_heading_shared_by_the_chunks_of_one_file_stays_with_each() -> None:
+    """LlamaIndex puts a node's metadata before its text (``file_path: ...``, a blank line, the text), so every chunk
+    of a file opens with the same paragraph. ``A`` went before the file's first chunk, now before its second: the
+    run ``A`` + heading goes on otherwise, as a chunk's last paragraphs would, but the heading is the second chunk's
+    own. Only runs that closed a context or a block count, so it is not cut from the text after it."""
+    head = "file_path: /docs/guide.md"
+    first = f"{head}\n\nGuide part one.\n\nMore of part one."
+    second = f"{head}\n\nGuide part two.\n\nMore of part two."
+    a = "Alpha one.\n\nAlpha two.\n\nAlpha three."
+    for warm in ([], [[D, a], [a, B]]):  # A new, or already cut from its neighbours
+        boundaries = Boundaries()
+        for i, chunks in enumerate([*warm, [a, first]]):
+            learned(boundaries, prompt(chunks, f"{i}?"))
+        text = prompt([a, second], "two?")
+        assert split_chunks(text, learned(boundaries, text), [a, second]) == []
+
+
 def test_windows_overlapping_by_two_paragraphs_are_not_split() -> None:
     """A text splitter's overlap of two whole paragraphs: the second window opens with the first one's last two, and
     the first ends with the second one's first two; neither is cut there."""

@@ -125,6 +125,18 @@ def windows(draw: st.DrawFn, count: int) -> list[str]:
     return chunks
 
 
+@st.composite
+def headed(draw: st.DrawFn, count: int) -> list[str]:
+    """``count`` chunks of two or three files, each opening with a line that names its file (as a splitter that
+    repeats a document's title in every chunk writes it): every chunk of a file shares its first paragraph."""
+    files = [f"From the f{n}x{draw(st.integers(0, 999))} handbook:" for n in range(draw(st.integers(2, 3)))]
+    chunks = []
+    for n in range(count):
+        body = [draw(_prose(f"h{n}x{draw(st.integers(0, 999))}")) for _ in range(draw(st.integers(1, 3)))]
+        chunks.append("\n\n".join([draw(st.sampled_from(files)), *body]))
+    return chunks
+
+
 def _rule(tail: str) -> tuple[LabelRule, bool]:
     """The oracle for labels, from the prompt's own words: kept when referenced, nothing moved when ranked."""
     if "ranked by relevance" in tail:
@@ -282,7 +294,7 @@ def _items(case: Case, docs: Sequence[str]) -> list[str]:
 @given(data=st.data())
 def test_framework_prompts_only_permute_whole_documents(case: Case, data: st.DataObject) -> None:
     """A stream of requests over one pool of documents, so that boundaries are learned; every output audited."""
-    pool = data.draw(st.one_of(documents(5), windows(5)), label="pool")
+    pool = data.draw(st.one_of(documents(5), windows(5), headed(5)), label="pool")
     boundaries = Boundaries()
     for _ in range(data.draw(st.integers(4, 10), label="requests")):
         picked = data.draw(st.permutations(pool), label="order")[: data.draw(st.integers(2, 4), label="count")]

@@ -12,17 +12,18 @@ When one side of a blank line is new, the other side can still show a boundary, 
 before; a run of three is needed where two could be a text splitter's overlap (the last two paragraphs of one
 window opening the next). ``a`` ends a chunk before a new ``b``:
 
-- when the three paragraphs ending with ``a`` (``y, z, a``) were seen before: they went on otherwise, ``b`` being
-  new. A window overlap of up to two paragraphs is not taken for this: where the next window opens with ``z, a``,
-  they follow another paragraph than ``y``;
+- when the three paragraphs ending with ``a`` (``y, z, a``) closed a context, or a block at a boundary confirmed
+  then. A window overlap of up to two paragraphs is not taken for this: where the next window opens with ``z, a``,
+  they follow another paragraph than ``y``. Three paragraphs seen anywhere are not enough: a heading that every
+  chunk of a file opens with (LlamaIndex's ``file_path: ...``) goes on otherwise after the same chunk too;
 - or when ``z, a`` closed a context after a paragraph ``y`` seen without ``z`` after it (or at the context's
   start): ``z, a`` was then a run of whole chunks, where an overlap's ``y`` is always followed by ``z``.
 
 Mirrored, ``b`` starts a chunk after a new ``a`` when a context opened with ``b`` and the two after it, or with
 ``b, c`` followed by a paragraph seen after another than ``c`` (or by the context's end). A chunk of one paragraph
-is cut this way only where it was a whole context. Runs are only taken from a context's start (opening) or end
-(closing), or as three paragraphs on the side the run ends: two chunks that open with the same body under
-different titles (``bisect`` and ``bisect_right``) then never lose their titles.
+is cut this way only where it was a whole context. Runs are only taken where they opened or closed a context or a
+block: two chunks with the same body under different titles (``bisect`` and ``bisect_right``) never lose their
+titles, and two that open with the same heading never lose their heading.
 
 Traffic is weighed, not just seen: a chunk shown whole is evidence too. Each paragraph counts the requests
 that showed it, and each adjacent pair the requests that showed it in that order; once ``a`` has been seen directly
@@ -51,18 +52,17 @@ elsewhere (after, before another): a line that changes daily before the document
 
 Knowledge is kept per template slot: the template's name and the text before its context (the instructions
 and system prompt around it), so two applications sharing a template do not teach each other. Memory is two
-bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests (every run
-of three and a context's first three counted there too); two maps a quarter of their size, from a context's first
-(last) two paragraphs to the one after (before) them there; and two maps a sixteenth of their size per slot (its
-requests; a learned template's tail); the least recently seen are forgotten first.
+bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests (the last
+three of every block and a context's first three counted there too); two maps a quarter of their size, from a
+context's first (last) two paragraphs to the one after (before) them there; and two maps a sixteenth of their size
+per slot (its requests; a learned template's tail); the least recently seen are forgotten first.
 
 Where it can be wrong: chunks ``[a, b]``, ``[a, c]`` and ``[d, b]`` (two paragraphs each reused in other
 chunks, like the ``json`` docs of ``dump`` and ``dumps``) are indistinguishable from four one-paragraph
 chunks; a boundary between ``a`` and ``b`` is then confirmed once ``[a, c]`` and ``[d, b]`` were each seen
 more often than ``[a, b]``, and a request of ``[a, b]`` can be split. Before ``[a, b]`` was seen at all,
 traffic that shows ``a`` and ``b`` apart can split its first request (there is nothing to weigh it against), and
-so can a run of three paragraphs ending with ``a`` seen elsewhere (two chunks sharing three paragraphs that go on
-differently).
+so can a context or block that closed with the three paragraphs ending with ``a``.
 Unique paragraphs, windows overlapping by up to two paragraphs and shared headings are safe.
 """
 
@@ -87,7 +87,7 @@ class Shown(NamedTuple):
     """What one request shows of its template contexts (``Boundaries.read``): the slot and the paragraph keys of
     each, and the client that sent it when clients are told apart (``client``)."""
 
-    contexts: tuple[tuple[bytes, list[bytes]], ...]
+    contexts: tuple[tuple[bytes, list[bytes], tuple[int, ...]], ...]  # slot, paragraph keys, the blocks' last ones
     client: str | None = None
     tails: tuple[tuple[bytes, str], ...] = ()  # a learned template's slot and the start of its last paragraph
 
@@ -163,8 +163,8 @@ class Boundaries:
             if found.format == LEARNED:
                 group, tail = self._without_tail(text, found, slot)
                 tails.append((slot, tail))
-            learned, keys = self._learn(text, group, slot, by_client=client is not None)
-            shown.append((slot, keys))
+            learned, keys, ends = self._learn(text, group, slot, by_client=client is not None)
+            shown.append((slot, keys, ends))
             if learned is not None:
                 out.append(learned)
         return out, Shown(tuple(shown), _client_digest(client), tuple(tails))
@@ -187,10 +187,10 @@ class Boundaries:
         """Count what a planned request showed (``read``'s second value): its template slots, and each paragraph and
         each adjacent pair, once per request."""
         with self._lock:
-            for slot in dict.fromkeys(slot for slot, _ in shown.contexts):
+            for slot in dict.fromkeys(slot for slot, _, _ in shown.contexts):
                 self._slots[slot] = min(self._slots.get(slot, 0) + 1, _MAX_COUNT)
-            for _, keys in shown.contexts:
-                self._count(keys, shown.client)
+            for _, keys, ends in shown.contexts:
+                self._count(keys, ends, shown.client)
             for slot, tail in shown.tails:
                 known = self._tails.get(slot)
                 shared = "" if known is None else commonprefix([known[0], tail])  # noqa: RUF071 (text, not paths)
@@ -198,9 +198,10 @@ class Boundaries:
 
     def _learn(
         self, text: str, group: BlockGroup, slot: bytes, *, by_client: bool
-    ) -> tuple[BlockGroup | None, list[bytes]]:
+    ) -> tuple[BlockGroup | None, list[bytes], tuple[int, ...]]:
         """The group with one block per run of paragraphs between confirmed boundaries (label
-        ``<template>:learned``), or None when no boundary is confirmed yet; and the paragraphs' keys."""
+        ``<template>:learned``), or None when no boundary is confirmed yet; the paragraphs' keys; and the
+        paragraphs after which a boundary was confirmed."""
         keys = [
             blake2b(block.key(text).encode("utf-8", "surrogatepass"), digest_size=16, key=slot).digest()
             for block in group.blocks
@@ -211,12 +212,13 @@ class Boundaries:
             )
         for index in group.joined:  # a continuation is never cut from the paragraph before it
             cuts[index - 1] = False
+        ends = tuple(i for i, cut in enumerate(cuts) if cut)
         # the template's own text stays out of the group, with the run of paragraphs it is not cut from
         inner = [i for i, cut in enumerate(cuts) if cut]
         head = inner[0] + 1 if first_fixed and inner else 0
         stop = inner[-1] + 1 if last_fixed and inner else len(group.blocks)  # the paragraphs kept: [head, stop)
         if stop - head < 2 or not any(cuts[head : stop - 1]):
-            return None, keys
+            return None, keys, ends
         blocks: list[Block] = []
         first = group.blocks[head]
         for i in range(head, stop - 1):
@@ -227,7 +229,7 @@ class Boundaries:
         last = group.blocks[stop - 1].end
         blocks.append(Block(first.start, last, first.start, last))
         label = group.label[: -len(_SUFFIX)] + ":learned"
-        return BlockGroup(group.format, label, tuple(blocks), None, last), keys
+        return BlockGroup(group.format, label, tuple(blocks), None, last), keys, ends
 
     def _decide(
         self, keys: list[bytes], requests: int, *, by_client: bool, learned: bool = False
@@ -266,12 +268,12 @@ class Boundaries:
         return cuts, first_fixed, last_fixed
 
     def _ends(self, keys: list[bytes], i: int, apart: _Tally, together: _Tally) -> bool:
-        """Whether paragraph ``i`` ends a chunk, the next one being new: the three paragraphs ending with it were
-        seen before (going on otherwise, since the next is new); or the two ending with it closed a context whose
-        paragraph before them was a boundary (a context's start, or parted from them). A chunk that opens with
-        another one's last two paragraphs (a window overlap) is not cut: there they follow the one before them.
-        A paragraph first in its context ends a chunk only where a context held nothing else."""
-        if i >= 2 and _tally(together, _pair(_pair(keys[i - 2], keys[i - 1]), keys[i])) > 0:
+        """Whether paragraph ``i`` ends a chunk, the next one being new: the three paragraphs ending with it closed a
+        context or a block; or the two ending with it closed a context whose paragraph before them was a boundary (a
+        context's start, or seen without them). A chunk that opens with another one's last two paragraphs (a window
+        overlap) is not cut: there they follow the one before them. A paragraph first in its context ends a chunk
+        only where a context held nothing else."""
+        if i >= 2 and _tally(together, _closing(keys, i)) > 0:
             return True
         if i == 0:
             return _tally(together, _pair(_pair(_EDGE, keys[0]), _EDGE)) > 0
@@ -290,16 +292,18 @@ class Boundaries:
         after = self._after_opening.get(_pair(keys[i], keys[i + 1]))
         return after is not None and (after == _EDGE or _apart(keys[i + 1], after, after, apart, together))
 
-    def _count(self, keys: list[bytes], client: str | None) -> None:
+    def _count(self, keys: list[bytes], ends: tuple[int, ...], client: str | None) -> None:
         # counted per request, not per occurrence: a paragraph repeated inside one document is not evidence
         # that it was seen apart from its neighbour; and per distinct client, when clients are told apart
-        edged = [_EDGE, *keys, _EDGE]
-        runs = [_pair(_pair(a, b), c) for a, b, c in zip(edged, edged[1:], edged[2:], strict=False)]
-        pair_keys = [*_pairs_of(keys), *runs]
+        closed = dict.fromkeys(i for i in (*ends, len(keys) - 1) if i >= 2)  # a block's last three, where it ended
+        pair_keys = [*_pairs_of(keys), *(_closing(keys, i) for i in closed)]
         if len(keys) > 1:
+            edged = [_EDGE, *keys, _EDGE]
             pair_keys.append(_pair(_EDGE, _pair(keys[0], _pair(*edged[2:4]))))
             self._after_opening[_pair(keys[0], keys[1])] = edged[3]
             self._before_closing[_pair(keys[-2], keys[-1])] = edged[-4]
+        else:
+            pair_keys.append(_pair(_pair(_EDGE, keys[0]), _EDGE))
         for counts, counted in ((self._seen, keys), (self._pairs, pair_keys)):
             for key in dict.fromkeys(counted):
                 counts[key] = min(counts.get(key, 0) + 1, _MAX_COUNT)
@@ -328,6 +332,11 @@ def _client_digest(client: bytes | None) -> str | None:
 def _pairs_of(keys: list[bytes]) -> list[bytes]:
     """Each adjacent pair of paragraphs, the context's edges included."""
     return [_pair(left, right) for left, right in zip([_EDGE, *keys], [*keys, _EDGE], strict=True)]
+
+
+def _closing(keys: list[bytes], i: int) -> bytes:
+    """Paragraph ``i`` after the two before it, ending a block (at a boundary, or at the context's end)."""
+    return _pair(_pair(_pair(keys[i - 2], keys[i - 1]), keys[i]), _EDGE)
 
 
 def _apart(left: bytes, right: bytes, one: bytes, apart: _Tally, together: _Tally) -> bool:
