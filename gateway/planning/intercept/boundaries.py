@@ -152,7 +152,7 @@ class Boundaries:
         """``regroup``'s groups, decided from earlier traffic only, and what the text shows, for ``record`` once the
         request is planned (reads the counts, changes nothing)."""
         out: list[BlockGroup] = []
-        shown: list[tuple[bytes, list[bytes]]] = []
+        shown: list[tuple[bytes, list[bytes], tuple[int, ...]]] = []
         tails: list[tuple[bytes, str]] = []
         for found in groups:
             if not found.label.endswith(_SUFFIX):
