@@ -6,6 +6,8 @@ client's first block, then the canonical order."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from gateway.metrics import Metrics
@@ -26,6 +28,20 @@ def _completion(text: str) -> bytes:
 
 def _planner() -> Planner:
     return Planner(load_settings(environ={}), Residency(max_requests=1_000, stateless=False), Metrics())
+
+
+def _sender(planner: Planner) -> Callable[[list[str], str], tuple[str, dict[str, object]]]:
+    """Plan one request and have the engine accept it (what it was sent is now held): the prompt forwarded and the
+    result header."""
+
+    def send(chunks: list[str], question: str) -> tuple[str, dict[str, object]]:
+        request = decode_request(_completion(prompt(chunks, question)), "/v1/completions")
+        planned = planner.plan(planner.read(request, {}), f"req-{question}")
+        planned.accept()
+        request.update(planned.fields)
+        return str(msgspec.json.decode(request.encode())["prompt"]), planned.result
+
+    return send
 
 
 def test_a_learned_group_of_new_blocks_goes_out_as_sent() -> None:
@@ -62,19 +78,11 @@ def test_a_learned_group_takes_the_order_of_a_whole_prompt_the_engine_holds() ->
     """A stuff chain's documents cut at learned boundaries, which the block index never saw as blocks: the first
     request, sent whole (never cut), holds them in another order, so they go out in that order (the prefix index,
     by their bytes). Without such a prompt they go out as sent (the first test)."""
-    planner = _planner()
+    send = _sender(_planner())
     a, b, c, d = (
         "\n\n".join(f"The {name} {part} says something of its own. " * 12 for part in ("opening", "closing"))
         for name in ("alpha", "beta", "gamma", "delta")
     )
-
-    def send(chunks: list[str], question: str) -> tuple[str, dict[str, object]]:
-        """Plan one request and have the engine accept it: what it was sent is now held."""
-        request = decode_request(_completion(prompt(chunks, question)), "/v1/completions")
-        planned = planner.plan(planner.read(request, {}), f"req-{question}")
-        planned.accept()
-        request.update(planned.fields)
-        return str(msgspec.json.decode(request.encode())["prompt"]), planned.result
 
     first, _ = send([c, d, b, a], "one?")
     assert first == prompt([c, d, b, a], "one?")  # the first request of a chunk is never cut: gone as sent
@@ -88,17 +96,10 @@ def test_a_short_block_that_opened_a_whole_prompt_the_engine_holds_goes_first() 
     """As above with documents too short to end a chunk of the prefix index (``CHUNK_BYTES``): the prompt sent
     whole, never cut, opened with ``x``; a later request cut ``x`` apart from two others, and ``x`` goes first, told
     apart by the mark after it and its blank line (the chunk names alone cannot: none ends inside it)."""
-    planner = _planner()
+    send = _sender(_planner())
     x, y, z, w, v = (
         f"The {name} note.\n\nIt says a little about {name}." for name in ("ex", "why", "zed", "dub", "vee")
     )
-
-    def send(chunks: list[str], question: str) -> tuple[str, dict[str, object]]:
-        request = decode_request(_completion(prompt(chunks, question)), "/v1/completions")
-        planned = planner.plan(planner.read(request, {}), f"req-{question}")
-        planned.accept()
-        request.update(planned.fields)
-        return str(msgspec.json.decode(request.encode())["prompt"]), planned.result
 
     assert send([x, y, z], "one?")[0] == prompt([x, y, z], "one?")
     send([y, w], "two?")
