@@ -44,11 +44,12 @@ class Chain:
     The index that compares them lives in the same process.
     """
 
-    __slots__ = ("_last", "_newline", "_pending", "hashes", "marks")
+    __slots__ = ("_last", "_marked", "_newline", "_pending", "hashes", "marks")
 
-    def __init__(self) -> None:
+    def __init__(self, *, marked: bool = False) -> None:
         self._last = 0
         self._pending = bytearray()  # the current chunk, while incomplete
+        self._marked = marked  # whether ``marks`` names each paragraph's start (the prompt as forwarded)
         self._newline = False  # the last byte fed is a newline that ends no blank line yet
         self.hashes: list[int] = []
         self.marks: list[int] = []  # the name of the prefix up to just after each blank line (``MAX_MARKS``)
@@ -58,7 +59,7 @@ class Chain:
         if not view.nbytes:
             return
         start, marks = 0, self.marks
-        if len(marks) < MAX_MARKS:
+        if self._marked and len(marks) < MAX_MARKS:
             if self._newline and view[0] == 10:  # a blank line across two pieces
                 self._feed(view[:1])
                 start = 1
@@ -123,10 +124,9 @@ class Chain:
         return tuple(self.hashes)
 
     def copy(self) -> Chain:
-        """A chain that goes on from here independently (to try what would follow), naming only the marks fed to it."""
+        """A chain that goes on from here independently (to try what would follow); it keeps no ``marks``."""
         other = Chain()
         other._last, other._pending, other.hashes = self._last, bytearray(self._pending), list(self.hashes)
-        other._newline = self._newline
         return other
 
 

@@ -199,7 +199,7 @@ class Planner:
         marks: Hashes = ()
         prompt_chars = 0
         if control.enabled:
-            prefix = self._walk(body, fields, outcome, Chain())
+            prefix = self._walk(body, fields, outcome, Chain(marked=True))
             prompt_chars = prefix.fed
             notes = outcome.notes
             assert prefix.chain is not None

@@ -65,7 +65,7 @@ def test_the_index_is_bounded_and_trims_the_least_recent_prompts_from_their_ends
 
 
 def marks_of(*pieces: bytes) -> list[int]:
-    chain = Chain()
+    chain = Chain(marked=True)
     for piece in pieces:
         chain.update(piece)
     return chain.marks
@@ -95,16 +95,19 @@ def test_a_mark_tells_a_short_paragraph_apart_where_chunks_cannot() -> None:
     one, two = head + b"short document one\n\n", head + b"short document two\n\n"
     assert chain_of(one) == chain_of(two)
     index = PrefixIndex(100)
-    first = Chain()
+    first = Chain(marked=True)
     first.update(one + b"and what follows")
     index.add(first.freeze(), first.marks)
     assert index.holds(marks_of_prefix(one)) and not index.holds(marks_of_prefix(two))
 
 
 def test_marks_stop_at_the_chains_bound() -> None:
-    chain = Chain()
+    chain = Chain(marked=True)
     chain.update(b"x\n\n" * (MAX_MARKS + 5))
     assert len(chain.marks) == MAX_MARKS
-    chain = Chain()
+    chain = Chain(marked=True)
     chain.update(b"y" * (MAX_CHUNKS * CHUNK_BYTES) + b"\n\nz\n\n")
     assert chain.marks == [] and chain.mark() == -1  # past the bound a position is not named
+    chain = Chain()  # a chain that only names chunks (the prompt as sent, for routing)
+    chain.update(b"x\n\n" * 4)
+    assert chain.marks == []

@@ -214,9 +214,8 @@ class Boundaries:
             cuts[index - 1] = False
         ends = tuple(i for i, cut in enumerate(cuts) if cut)
         # the template's own text stays out of the group, with the run of paragraphs it is not cut from
-        inner = [i for i, cut in enumerate(cuts) if cut]
-        head = inner[0] + 1 if first_fixed and inner else 0
-        stop = inner[-1] + 1 if last_fixed and inner else len(group.blocks)  # the paragraphs kept: [head, stop)
+        head = ends[0] + 1 if first_fixed and ends else 0
+        stop = ends[-1] + 1 if last_fixed and ends else len(group.blocks)  # the paragraphs kept: [head, stop)
         if stop - head < 2 or not any(cuts[head : stop - 1]):
             return None, keys, ends
         blocks: list[Block] = []
@@ -278,7 +277,7 @@ class Boundaries:
         if i == 0:
             return _tally(together, _pair(_pair(_EDGE, keys[0]), _EDGE)) > 0
         before = self._before_closing.get(_pair(keys[i - 1], keys[i]))
-        return before is not None and (before == _EDGE or _apart(before, keys[i - 1], before, apart, together))
+        return before is not None and (before == _EDGE or _alone(before, _pair(before, keys[i - 1]), apart, together))
 
     def _starts(self, keys: list[bytes], i: int, apart: _Tally, together: _Tally) -> bool:
         """Whether paragraph ``i`` starts a chunk, the one before being new: a context opened with it and the two
@@ -290,7 +289,7 @@ class Boundaries:
         if i == last:
             return _tally(together, _pair(_pair(_EDGE, keys[i]), _EDGE)) > 0
         after = self._after_opening.get(_pair(keys[i], keys[i + 1]))
-        return after is not None and (after == _EDGE or _apart(keys[i + 1], after, after, apart, together))
+        return after is not None and (after == _EDGE or _alone(after, _pair(keys[i + 1], after), apart, together))
 
     def _count(self, keys: list[bytes], ends: tuple[int, ...], client: str | None) -> None:
         # counted per request, not per occurrence: a paragraph repeated inside one document is not evidence
@@ -339,9 +338,9 @@ def _closing(keys: list[bytes], i: int) -> bytes:
     return _pair(_pair(_pair(keys[i - 2], keys[i - 1]), keys[i]), _EDGE)
 
 
-def _apart(left: bytes, right: bytes, one: bytes, apart: _Tally, together: _Tally) -> bool:
-    """Whether paragraph ``one`` (``left`` or ``right``) was seen without the other beside it."""
-    return _tally(apart, one) > _tally(together, _pair(left, right))
+def _alone(paragraph: bytes, pair: bytes, apart: _Tally, together: _Tally) -> bool:
+    """Whether ``paragraph`` was seen without the other paragraph of ``pair`` beside it."""
+    return _tally(apart, paragraph) > _tally(together, pair)
 
 
 def _fixed(seen: int, with_neighbour: int, requests: int) -> bool:
