@@ -11,9 +11,9 @@ out, bounded by a chunk count. A prompt's chunks are touched last chunk first, s
 fresher than its tail and eviction trims prompts from their ends: ``match`` is a binary search over the chain.
 
 A chunk is coarse for a short document: one of 200 bytes may end no chunk, so whether a prompt went on with it
-is not told by the chunks alone. Each paragraph's start is named too (a *mark*: the prefix up to just after a
-blank line, ``marks``), and the index remembers the marks of what was sent (``holds``): the planner then asks
-whether a prompt continued exactly with a block and the blank line after it.
+is not told by the chunks alone. A forwarded prompt's paragraph starts are named too (``Chain(marked=True)``: a
+*mark* names the prefix up to just after a blank line, ``marks``), and the index remembers the marks of what was
+sent (``holds``): the planner then asks whether a prompt continued exactly with a block and the blank line after it.
 
 Costs: building a chain is one hashing pass over the prompt (``MAX_CHUNKS`` at most); ``add``
 touches each chunk once; ``match`` and ``common`` are O(log n) lookups or compares.
