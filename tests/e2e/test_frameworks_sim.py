@@ -134,3 +134,34 @@ def test_an_applications_own_template_is_learned_and_its_documents_cached(
     direct = lcel_cached_tokens(engine, template, contexts)
     prompt, hit = through[-1]
     assert hit - direct[-1][1] >= 0.3 * prompt, (through[-1], direct[-1])
+
+
+def test_a_text_splitters_overlapping_windows_go_out_whole(stack: tuple[str, str]) -> None:
+    """LangChain's ``RecursiveCharacterTextSplitter`` with an overlap (``chunk_overlap=180``) cuts a guide of short
+    paragraphs into windows that each open with the previous window's last two paragraphs. Retrieved in varied
+    combinations and sent through the gateway by an LCEL chain with the v0.3 tutorial's system prompt, every
+    forwarded prompt holds each window whole (audited on what the engine received), and some are reordered."""
+    import httpx
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    from gateway.planning.intercept import audit_rewrite
+    from tests.frameworks import TUTORIAL_V03_SYSTEM
+
+    gateway, engine = stack
+    guide = "\n\n".join(
+        f"To tune the cache, the guide sets option {i} and then restarts the engine." for i in range(40)
+    )
+    splitter = RecursiveCharacterTextSplitter(chunk_size=480, chunk_overlap=180, separators=["\n\n"])
+    windows = splitter.split_text(guide)
+    heads = [window.split("\n\n")[:2] for window in windows[1:]]
+    assert all(head == window.split("\n\n")[-2:] for head, window in zip(heads, windows, strict=False))  # overlap 2
+    rng = random.Random(0)  # before windows were told apart from chunks, 5 of 6 seeds sent one split and moved
+    contexts = [rng.sample(windows, rng.randint(2, 4)) for _ in range(40)]
+    httpx.post(f"{engine}/sim/reset").raise_for_status()
+    lcel_cached_tokens(gateway, TUTORIAL_V03_SYSTEM, contexts)
+    received = httpx.get(f"{engine}/sim/requests").json()[-len(contexts) :]
+    moved = 0
+    for docs, record in zip(contexts, received, strict=True):
+        (forwarded,) = [m["content"] for m in record["body"]["messages"] if m["role"] == "system"]
+        moved += audit_rewrite(TUTORIAL_V03_SYSTEM.format(context="\n\n".join(docs)), forwarded, docs).moved
+    assert moved >= 1
