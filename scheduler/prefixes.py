@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import chain
 
 __all__ = ["CHUNK_BYTES", "MAX_CHUNKS", "MAX_MARKS", "Chain", "Hashes", "PrefixIndex", "common"]
 
@@ -60,20 +61,15 @@ class Chain:
             return
         start, marks = 0, self.marks
         if self._marked and len(marks) < MAX_MARKS:
-            if self._newline and view[0] == 10:  # a blank line across two pieces
-                self._feed(view[:1])
-                start = 1
-                marks.append(self.mark())
-            for found in _BLANK.finditer(view, start):
-                self._feed(view[start : found.end()])
-                start = found.end()
+            across = int(self._newline and view[0] == 10)  # a blank line across two pieces ends at byte 1
+            for end in chain((1,) if across else (), (found.end() for found in _BLANK.finditer(view, across))):
+                self._feed(view[start:end])
+                start = end
                 if len(marks) >= MAX_MARKS or (name := self.mark()) == _UNNAMED:
                     break
                 marks.append(name)
-            if marks and marks[-1] == _UNNAMED:
-                marks.pop()
         rest = view[start:]
-        self._newline = bool(rest.nbytes) and rest[-1] == 10
+        self._newline = self._marked and bool(rest.nbytes) and rest[-1] == 10
         self._feed(rest)
 
     def mark(self) -> int:
