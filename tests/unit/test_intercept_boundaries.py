@@ -62,11 +62,36 @@ def test_boundaries_seen_apart_are_cut_and_chunks_stay_whole() -> None:
     (group,) = learned(boundaries, text)
     assert group.label == "retrieval_qa:learned" and group.format == "langchain"
     # A|C: A was followed by B and ended a context, C was preceded by B and opened one, never together;
-    # B|A and C|D: each pair was seen together as often as apart (D only ever after C): one chunk as far as
-    # traffic can tell, so each pair moves as one block
-    assert renderings(text, group) == [f"{B}\n\n{A}", f"{C}\n\n{D}"]
+    # B|A and C|D: cut in the second request (B had gone on with C, A had opened a context; C had closed one with
+    # its three paragraphs), so being next to each other there showed two blocks, not one chunk: still cut
+    assert renderings(text, group) == [B, A, C, D]
     (group,) = learned(boundaries, prompt([D, A, B, C], "more?"))
     assert split_chunks(prompt([D, A, B, C], "more?"), [group], [A, B, C, D]) == []
+
+
+def test_a_boundary_is_not_undone_by_the_same_documents_retrieved_side_by_side_again() -> None:
+    """A retriever ranks the same two documents next to each other for the next question too: the request that cut
+    them does not count as a chunk shown whole, so the next one is cut alike (it goes out in the order the engine
+    holds, not as sent). Counted, the second request would find each pair seen together once, apart once: not cut."""
+    boundaries = Boundaries()
+    learned(boundaries, prompt([A, B, C]))
+    first = prompt([C, D, B, A], "one?")
+    cut = [C, f"{D}\n\n{B}", A]  # D is new: nothing tells where it ends
+    assert renderings(first, learned(boundaries, first)[0]) == cut
+    for question in ("two?", "three?"):
+        again = prompt([C, D, B, A], question)
+        assert renderings(again, learned(boundaries, again)[0]) == cut
+
+
+def test_a_pair_shown_whole_before_it_was_seen_apart_stays_one_chunk() -> None:
+    """The other way round, the weighing holds: ``B\n\nA`` sent whole (nothing known, not cut), then ``B`` and ``A``
+    each once elsewhere: seen apart as often as together, so the chunk is not cut."""
+    boundaries = Boundaries()
+    learned(boundaries, prompt([D, B, A, C], "one?"))
+    learned(boundaries, prompt([B, D], "two?"))
+    learned(boundaries, prompt([C, A], "three?"))
+    text = prompt([D, B, A], "four?")
+    assert split_chunks(text, learned(boundaries, text), [f"{B}\n\n{A}"]) == []
 
 
 def test_a_new_chunk_is_cut_from_a_known_one_by_its_last_three_or_first_three_paragraphs() -> None:
