@@ -285,6 +285,7 @@ class RunResult:
     direct: list[Exchange]
     gateway: list[Exchange]
     compared: int | None = None  # texts checked for mangling (sim only)
+    seed: int = 0  # the question set's seed
     mangled_requests: int = 0
     mangled_bytes: int = 0
     notes: list[str] = field(default_factory=list)
@@ -416,6 +417,33 @@ def verdicts(result: RunResult) -> list[str]:
     return missed
 
 
+def summary(results: Sequence[RunResult]) -> str:
+    """Several seeds' runs of each app, set and engine pooled: the cached shares over all their requests, the lowest
+    and highest ratio of one seed's run, and the targets missed by the pooled shares or by any one run (below
+    direct, mangled)."""
+    pooled: dict[tuple[str, str, str], list[RunResult]] = {}
+    for r in results:
+        pooled.setdefault((r.app.name, r.qset, r.engine), []).append(r)
+    header = (f"{'app':<40} {'set':<7} {'engine':<6} {'seeds':>5} {'req':>5} {'direct':>7} {'gateway':>7} "
+              f"{'ratio':>6} {'lowest':>6} {'highest':>7} {'mangled':>7}  targets (pooled)")  # fmt: skip
+    lines = [header, "-" * len(header)]
+    for (name, qset, engine), runs in pooled.items():
+        one = RunResult(runs[0].app, qset, engine, [e for r in runs for e in r.direct],
+                        [e for r in runs for e in r.gateway], mangled_bytes=sum(r.mangled_bytes for r in runs))  # fmt: skip
+        direct, through = _share(one.direct), _share(one.gateway)
+        ratios = [_share(r.gateway) / _share(r.direct) for r in runs if _share(r.direct)]
+        missed = verdicts(one)
+        if "below direct" not in missed and any("below direct" in verdicts(r) for r in runs):
+            missed.insert(0, "below direct (one seed)")
+        lines.append(
+            f"{name:<40} {qset:<7} {engine:<6} {len(runs):>5} {len(one.direct):>5} {direct:>7.1%} {through:>7.1%} "
+            f"{through / direct if direct else 0:>6.2f} {min(ratios, default=0):>6.2f} {max(ratios, default=0):>7.2f} "
+            f"{'-' if runs[0].compared is None else f'{one.mangled_bytes}B':>7}  "
+            f"{'met' if not missed else 'MISSED: ' + ', '.join(missed)}"
+        )
+    return "\n".join(lines)
+
+
 def table(results: Sequence[RunResult]) -> str:
     header = (f"{'app':<40} {'set':<7} {'engine':<6} {'req':>4} {'prompt tok':>10} {'direct':>7} {'gateway':>7} "
               f"{'Δ pts':>6} {'ratio':>6} {'prefill direct':>14} {'prefill gw':>10} {'reord':>5} "
@@ -455,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default="sim,llama", help="comma-separated: sim, llama, vllm (default sim,llama)")
     parser.add_argument("--sets", default="diverse,repeat", help="comma-separated question sets")
     parser.add_argument("--apps", nargs="*", default=[], help="only apps whose name contains one of these")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the question sets' seed (default 0)")
+    parser.add_argument("--seeds", default=None, help="several seeds, e.g. 0-4 or 0,3: a table per seed, then each "
+                        "app's runs pooled (targets judged on the pooled shares)")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--serve-args", default="", help="more `prefixgate serve` options for the gateway runs, "
                         "e.g. '--citation-mapping'")  # fmt: skip
@@ -465,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     count = args.questions or (8 if args.quick else 24)
     chunks = build_corpus()
     corpus = [chunk.text for chunk in chunks]
-    sets = {name: questions(chunks, name, count, args.seed) for name in args.sets.split(",")}
+    seeds = _seeds(args.seeds) if args.seeds else [args.seed]
+    sets = {(seed, name): questions(chunks, name, count, seed) for seed in seeds for name in args.sets.split(",")}
     apps = _selected(args.apps)
     _log(f"{len(apps)} apps, {len(corpus)} chunks, sets {list(sets)} x {count} questions, engines {args.engines}")
     results: list[RunResult] = []
@@ -476,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         with _stacks(engine, corpus, args.serve_args.split(), cache_ram) as stacks:
             if stacks is None:
                 continue
-            for qset, asked in sets.items():
+            for (seed, qset), asked in sets.items():
                 if quick_llama and qset != "diverse":
                     continue
                 for app in _selected(QUICK_LLAMA) if quick_llama else apps:
@@ -486,15 +517,34 @@ def main(argv: list[str] | None = None) -> int:
                     if isinstance(stacks, VllmStacks) and (why := stacks.refuses(app)):
                         _log(f"vllm: {app.name} skipped: {why}")
                         continue
-                    results.append(stacks.run(app, asked[:QUICK_LLAMA_QUESTIONS] if quick_llama else asked, qset))
-                    _log(f"{engine} {qset} {app.name}: done ({time.monotonic() - started:.0f}s)")
+                    result = stacks.run(app, asked[:QUICK_LLAMA_QUESTIONS] if quick_llama else asked, qset)
+                    result.seed = seed
+                    results.append(result)
+                    _log(f"{engine} seed {seed} {qset} {app.name}: done ({time.monotonic() - started:.0f}s)")
     print(f"\nbench apps: {count} questions per set, top-{K} BM25 over {len(corpus)} stdlib doc chunks")
-    print(table(results))
+    for seed in seeds:
+        print(f"\nseed {seed}:" if len(seeds) > 1 else "")
+        print(table([r for r in results if r.seed == seed]))
     print("direct / gateway: cached share of prompt tokens (engine-reported); prefill: prompt tokens computed;")
     print("*mangled (sim only): requests failing the rewrite audit / compared, bytes from first to last difference")
     missed = [r for r in results if verdicts(r)]
     print(f"targets: {len(results) - len(missed)} of {len(results)} runs met them")
+    if len(seeds) > 1:
+        print(f"\nseeds {','.join(map(str, seeds))} pooled: shares over every request of an app's runs; lowest / "
+              "highest: one seed's ratio")  # fmt: skip
+        print(summary(results))
+        missed = [line for line in summary(results).splitlines()[2:] if "MISSED" in line]
+        print(f"targets (pooled): {len(missed)} missed")
     return 1 if missed and args.strict else 0
+
+
+def _seeds(spec: str) -> list[int]:
+    """``0-4`` or ``0,3``: the seeds named."""
+    seeds: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        seeds += range(int(first), int(last or first) + 1)
+    return list(dict.fromkeys(seeds))
 
 
 @contextmanager
