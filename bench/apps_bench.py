@@ -428,8 +428,10 @@ def summary(results: Sequence[RunResult]) -> str:
               f"{'ratio':>6} {'lowest':>6} {'highest':>7} {'mangled':>7}  targets (pooled)")  # fmt: skip
     lines = [header, "-" * len(header)]
     for (name, qset, engine), runs in pooled.items():
-        one = RunResult(runs[0].app, qset, engine, [e for r in runs for e in r.direct],
-                        [e for r in runs for e in r.gateway], mangled_bytes=sum(r.mangled_bytes for r in runs))  # fmt: skip
+        direct_runs, gateway_runs = [e for r in runs for e in r.direct], [e for r in runs for e in r.gateway]
+        one = RunResult(
+            runs[0].app, qset, engine, direct_runs, gateway_runs, mangled_bytes=sum(r.mangled_bytes for r in runs)
+        )
         direct, through = _share(one.direct), _share(one.gateway)
         ratios = [_share(r.gateway) / _share(r.direct) for r in runs if _share(r.direct)]
         missed = verdicts(one)
