@@ -42,6 +42,21 @@ def test_one_app_runs_direct_and_through_the_gateway_and_is_checked(stacks: SimS
     assert "below direct" not in verdicts(result)
 
 
+def test_documents_retrieved_again_go_out_in_the_order_the_engine_holds(stacks: SimStacks) -> None:
+    """The LCEL chain with a template no framework ships (learned from traffic), on the question set where it once
+    fell below direct: a request cut at learned boundaries and reordered, then the same four documents for the next
+    question. Counted as one chunk shown whole, the request that cut them undid the boundaries, and the next one went
+    out as the client sent it, not in the order the engine held (0.84x direct's cached share)."""
+    app = next(app for app in APPS if app.name == "langchain LCEL (custom user template)")
+    asked = questions(build_corpus(), "diverse", 16, seed=2)
+    result = stacks.run(app, asked, "diverse")
+    assert result.compared == len(asked) and result.mangled_bytes == 0
+    assert sum(e.reordered for e in result.gateway) >= 2
+    assert "below direct" not in verdicts(result)
+    again = result.gateway[14]  # the same documents as the request before, whose order the gateway changed
+    assert again.cached >= result.direct[14].cached
+
+
 def test_the_check_passes_a_permutation_and_catches_a_moved_indent_or_a_cut_document() -> None:
     docs = ["alpha one\n\n    code()\nmore", "beta two", "gamma three"]
     check = ForwardCheck(docs)
