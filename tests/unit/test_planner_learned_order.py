@@ -1,8 +1,8 @@
 """A group cut at boundaries learned from traffic (a LangChain stuff chain: documents joined by blank lines) whose
 blocks the index has never seen goes out in the order sent: a later request of the same documents may not be cut
 (and then goes out as the client sent it), so a canonical order of new blocks converges on nothing and costs the
-prefix the client's own order (a retriever's ranking) would have hit. New blocks found by their markup follow the
-client's first block, then the canonical order."""
+prefix the client's own order (a retriever's ranking) would have hit; so does a group the engine holds none of.
+New blocks found by their markup follow the client's first block, then the canonical order."""
 
 from __future__ import annotations
 
@@ -115,3 +115,20 @@ def test_a_short_block_that_opened_a_whole_prompt_the_engine_holds_goes_first() 
     assert result["groups"] == 1 and result["blocks"] == 3  # cut w | x | v: each was seen beside others
     assert out == prompt([x, w, v], "four?"), "x first: the prompt sent whole opened with it"
     assert result["reordered"] is True and result["predicted_cached_blocks"] == 1
+
+
+def test_a_learned_group_the_engine_holds_nothing_of_goes_out_as_sent() -> None:
+    """Blocks seen before, cut at confirmed boundaries, but none of them at the head of a prompt the engine holds: a
+    canonical order would gain nothing now and cost what the client's own order (the retriever's ranking, which the
+    next question tends to share) hits once this prompt is held. ``d`` was seen in more requests than ``b+c``: by
+    popularity it would go first (and did, before)."""
+    send = _sender(_planner())
+    notes = {
+        n: f"The {n} note says one thing.\n\nThe {n} note says another.\n\nThe {n} note ends here." for n in "abcdefg"
+    }
+    for i, chunks in enumerate((["a", "b", "c"], ["d", "a", "e"], ["f", "b", "g"])):
+        send([notes[n] for n in chunks], f"warm {i}?")
+    out, result = send([notes[n] for n in ("b", "c", "d")], "final?")
+    assert result["groups"] == 1 and result["blocks"] == 2  # b+c (seen together only) and d
+    assert result["predicted_cached_blocks"] == 0
+    assert out == prompt([notes[n] for n in ("b", "c", "d")], "final?") and result["reordered"] is False
