@@ -141,6 +141,26 @@ def test_a_heading_shared_by_the_chunks_of_one_file_stays_with_each() -> None:
         assert split_chunks(text, learned(boundaries, text), [a, second]) == []
 
 
+def test_a_heading_shared_by_chunks_over_a_body_another_chunk_shares_stays_with_it() -> None:
+    """``json.dump``'s docs cut in chunks that each open with the same ``(continued)`` heading, and ``json.dumps``'s
+    with the same bodies under its own: ``T`` was seen followed by another paragraph, the body's first preceded by
+    another heading, never together, so the two-sided rule cuts after ``T``; and before it, after the chunk ahead.
+    ``T`` would be a block of one paragraph, never seen as one: it stays with the paragraph after it (the
+    ``bench apps`` run that moved it away from its body: 48 questions, seed 0)."""
+    head, other_head = (
+        "json.dump(obj, fp, *, skipkeys=False) (continued)",
+        "json.dumps(obj, *, skipkeys=False) (continued)",
+    )
+    body = "If specified, separators should be a tuple.\n\nIf sort_keys is true, the output is sorted by key."
+    first = f"{head}\n\nIf allow_nan is false, a ValueError is raised.\n\nIf indent is set, arrays are pretty-printed."
+    dump, dumps = f"{head}\n\n{body}", f"{other_head}\n\n{body}"
+    boundaries = Boundaries()
+    learned(boundaries, prompt([first, "Other chunk x."], "one?"))
+    learned(boundaries, prompt([dumps, "Other chunk y."], "two?"))
+    text = prompt([dumps, dump], "three?")
+    assert split_chunks(text, learned(boundaries, text), [dump, dumps]) == []
+
+
 def test_windows_overlapping_by_two_paragraphs_are_not_split() -> None:
     """A text splitter's overlap of two whole paragraphs: the second window opens with the first one's last two, and
     the first ends with the second one's first two; neither is cut there."""
@@ -215,10 +235,22 @@ def test_a_chunk_seen_whole_is_not_cut_by_two_requests_that_show_its_paragraphs_
     learned(boundaries, prompt([y, b], "y?"))
     text = prompt([other, victim], "victim again?")
     assert split_chunks(text, learned(boundaries, text), [victim, other]) == []
-    # whole twice now; seen apart more often than whole, on both sides: a boundary (the price without keys)
+    # whole twice now; seen apart more often than whole, on both sides: a boundary, but cutting it would leave ``a``
+    # a block of one paragraph between two cuts, and ``a`` was never seen whole on its own: still not cut
     for i in range(2):
         learned(boundaries, prompt([a, x], f"x{i}?"))
         learned(boundaries, prompt([y, b], f"y{i}?"))
+    assert split_chunks(text, learned(boundaries, text), [victim, other]) == []
+    # the price without keys: a client that also gets ``a`` cut on both sides once (``q`` seen apart from it, ``a``
+    # closing the context) has it seen whole, and then, sending the paragraphs apart more often than the chunk was
+    # sent whole (each victim request left whole raised that bar), gets the victim's chunk cut
+    q, r = "Attacker q.", "Attacker r."
+    for i in range(2):
+        learned(boundaries, prompt([q, r], f"q{i}?"))
+    learned(boundaries, prompt([q, a], "q a?"))
+    for i in range(4):
+        learned(boundaries, prompt([a, x], f"x more {i}?"))
+        learned(boundaries, prompt([y, b], f"y more {i}?"))
     assert split_chunks(text, learned(boundaries, text), [victim, other]) == [victim]
 
 
@@ -348,6 +380,11 @@ def test_with_keys_sharing_the_state_one_key_cannot_cut_another_keys_chunk_howev
     for key in (b"k2", b"k3"):  # two more keys show the paragraphs apart: three clients against one
         sent([a, x], "x?", key)
         sent([y, b], "y?", key)
+    # and show ``a`` as a block of its own (cut from ``q``, closing the context): ``a`` between two cuts is then
+    # known whole (a paragraph never seen whole is not cut from both neighbours)
+    for key in (b"k2", b"k3"):
+        sent([q := "Attacker q.", "Attacker r."], "q?", key)
+        sent([q, a], "q a?", key)
     assert split_chunks(text, sent([other, victim], "victim again?", b"victim"), [victim, other]) == [victim]
 
 

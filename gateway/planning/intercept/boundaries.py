@@ -21,7 +21,11 @@ window opening the next). ``a`` ends a chunk before a new ``b``:
 
 Mirrored, ``b`` starts a chunk after a new ``a`` when a context opened with ``b`` and the two after it, or with
 ``b, c`` followed by a paragraph seen after another than ``c`` (or by the context's end). A chunk of one paragraph
-is cut this way only where it was a whole context. Runs are only taken where they opened or closed a context or a
+is cut this way only where it was seen whole (a whole context, or a block between a context's edge and a boundary,
+or between two). Nor is a paragraph cut from both its neighbours unless it was seen whole: else it stays with the
+paragraph after it (a heading that opens several chunks, over a body another chunk shares under its own heading,
+would otherwise go out cut from its body, which the two-sided rule alone cannot tell from two one-paragraph
+chunks). Runs are only taken where they opened or closed a context or a
 block: two chunks with the same body under different titles (``bisect`` and ``bisect_right``) never lose their
 titles, and two that open with the same heading never lose their heading.
 
@@ -66,7 +70,8 @@ per slot (its requests; a learned template's tail); the least recently seen are 
 Where it can be wrong: chunks ``[a, b]``, ``[a, c]`` and ``[d, b]`` (two paragraphs each reused in other
 chunks, like the ``json`` docs of ``dump`` and ``dumps``) are indistinguishable from four one-paragraph
 chunks; a boundary between ``a`` and ``b`` is then confirmed once ``[a, c]`` and ``[d, b]`` were each seen
-more often than ``[a, b]``, and a request of ``[a, b]`` can be split. Before ``[a, b]`` was seen at all,
+more often than ``[a, b]``, and a request of ``[a, b]`` can be split where ``a`` opens the context or follows a
+paragraph it is not cut from, or once ``a`` was seen as a block of its own. Before ``[a, b]`` was seen at all,
 traffic that shows ``a`` and ``b`` apart can split its first request (there is nothing to weigh it against), and
 so can a context or block that closed with the three paragraphs ending with ``a``.
 Unique paragraphs, windows overlapping by up to two paragraphs and shared headings are safe.
@@ -264,6 +269,9 @@ class Boundaries:
             elif not cut and left == 0 and right:  # this paragraph is new: does the next one start a chunk?
                 cut = self._starts(keys, i + 1, apart, together)
             cuts.append(cut)
+        for i in range(1, len(keys) - 1):  # a paragraph cut from both neighbours: a chunk of one paragraph?
+            if cuts[i - 1] and cuts[i] and not _tally(together, _whole(keys[i])):
+                cuts[i] = False  # never seen whole on its own: it stays with the paragraph after it
         # the application's own text: by requests, whoever sent them (holding a paragraph back never cuts one)
         first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0), requests)
         last_fixed = _fixed(seen.get(keys[-1], 0), pairs.get(pair_keys[-1], 0), requests)
@@ -281,7 +289,7 @@ class Boundaries:
         if i >= 2 and _tally(together, _closing(keys, i)) > 0:
             return True
         if i == 0:
-            return _tally(together, _pair(_pair(_EDGE, keys[0]), _EDGE)) > 0
+            return _tally(together, _whole(keys[0])) > 0
         before = self._before_closing.get(_pair(keys[i - 1], keys[i]))
         return before is not None and (before == _EDGE or _alone(before, _pair(before, keys[i - 1]), apart, together))
 
@@ -293,7 +301,7 @@ class Boundaries:
         if i + 2 <= last and _tally(together, _pair(_EDGE, _pair(keys[i], _pair(keys[i + 1], keys[i + 2])))) > 0:
             return True
         if i == last:
-            return _tally(together, _pair(_pair(_EDGE, keys[i]), _EDGE)) > 0
+            return _tally(together, _whole(keys[i])) > 0
         after = self._after_opening.get(_pair(keys[i], keys[i + 1]))
         return after is not None and (after == _EDGE or _alone(after, _pair(keys[i + 1], after), apart, together))
 
@@ -309,8 +317,9 @@ class Boundaries:
             pair_keys.append(_pair(_EDGE, _pair(keys[0], _pair(*edged[2:4]))))
             self._after_opening[_pair(keys[0], keys[1])] = edged[3]
             self._before_closing[_pair(keys[-2], keys[-1])] = edged[-4]
-        else:
-            pair_keys.append(_pair(_pair(_EDGE, keys[0]), _EDGE))
+        # a paragraph that was a block on its own (between the context's edges and the cuts)
+        bounds = {-1, len(keys) - 1, *ends}
+        pair_keys += [_whole(keys[i]) for i in range(len(keys)) if i - 1 in bounds and i in bounds]
         for counts, counted in ((self._seen, keys), (self._pairs, pair_keys)):
             for key in dict.fromkeys(counted):
                 counts[key] = min(counts.get(key, 0) + 1, _MAX_COUNT)
@@ -344,6 +353,11 @@ def _pairs_of(keys: list[bytes]) -> list[bytes]:
 def _closing(keys: list[bytes], i: int) -> bytes:
     """Paragraph ``i`` after the two before it, ending a block (at a boundary, or at the context's end)."""
     return _pair(_pair(_pair(keys[i - 2], keys[i - 1]), keys[i]), _EDGE)
+
+
+def _whole(paragraph: bytes) -> bytes:
+    """A paragraph seen as a block of its own: between two cuts, or the context's edges."""
+    return _pair(_pair(_EDGE, paragraph), _EDGE)
 
 
 def _alone(paragraph: bytes, pair: bytes, apart: _Tally, together: _Tally) -> bool:
