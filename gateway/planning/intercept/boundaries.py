@@ -285,7 +285,7 @@ class Boundaries:
         context or a block; or the two ending with it closed a context whose paragraph before them was a boundary (a
         context's start, or seen without them). A chunk that opens with another one's last two paragraphs (a window
         overlap) is not cut: there they follow the one before them. A paragraph first in its context ends a chunk
-        only where a context held nothing else."""
+        only where it was seen whole (a context, or a block, of that one paragraph)."""
         if i >= 2 and _tally(together, _closing(keys, i)) > 0:
             return True
         if i == 0:
