@@ -534,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(seeds) > 1:
         print(f"\nseeds {','.join(map(str, seeds))} pooled: shares over every request of an app's runs; lowest / "
               "highest: one seed's ratio")  # fmt: skip
-        print(summary(results))
-        missed = [line for line in summary(results).splitlines()[2:] if "MISSED" in line]
+        pooled = summary(results)
+        print(pooled)
+        missed = [line for line in pooled.splitlines()[2:] if "MISSED" in line]
         print(f"targets (pooled): {len(missed)} missed")
     return 1 if missed and args.strict else 0
 

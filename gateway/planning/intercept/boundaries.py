@@ -318,7 +318,7 @@ class Boundaries:
             self._after_opening[_pair(keys[0], keys[1])] = edged[3]
             self._before_closing[_pair(keys[-2], keys[-1])] = edged[-4]
         # a paragraph that was a block on its own (between the context's edges and the cuts)
-        bounds = {-1, len(keys) - 1, *ends}
+        bounds = {-1, len(keys) - 1} | cut
         pair_keys += [_whole(keys[i]) for i in range(len(keys)) if i - 1 in bounds and i in bounds]
         for counts, counted in ((self._seen, keys), (self._pairs, pair_keys)):
             for key in dict.fromkeys(counted):
