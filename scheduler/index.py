@@ -138,7 +138,9 @@ class LiveIndex:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def plan(self, key: Hashable, blocks: Sequence[int], unseen_as_sent: bool = False) -> Plan:
+    def plan(
+        self, key: Hashable, blocks: Sequence[int], unseen_as_sent: bool = False, sizes: Sequence[int] | None = None
+    ) -> Plan:
         """Order one context: the longest cached path first, in cached order, then the continuation (see
         :func:`continuation_key`).
 
@@ -148,12 +150,26 @@ class LiveIndex:
         For groups that later requests may not show as blocks (boundaries learned from traffic: the same
         documents then go out in the client's order), where a canonical order of new blocks converges on nothing
         and costs the prefix the client's own order (a retriever's ranking, which consecutive questions tend to
-        share) would have hit; once seen, they take the canonical order."""
+        share) would have hit; once seen, they take the canonical order.
+
+        ``sizes`` (each block's length, in any unit) comes before both: blocks of one co-occurrence and popularity,
+        and blocks never seen, go longest first, and only blocks of one length by the order above. With nothing to
+        tell which block a later request will share, each is as likely to be the one, and a later request hits
+        the block sent first: the longest pays back the most (``bench apps``, five draws of questions on the
+        simulated engine: ``create_retrieval_chain`` 1.35x to 1.40x direct's cached share, LlamaIndex 1.23x to
+        1.26x). Not with ``first_seen`` popularity, where the rank of first sight decides."""
         sent: dict[int, int] = {}  # block -> its first position as sent
         for position, block in enumerate(blocks):
             sent.setdefault(block, position)
-        unseen = _as_sent(sent) if unseen_as_sent else _top_first(sent)
+        unseen: Callable[[int], tuple[int, ...]] = _as_sent(sent) if unseen_as_sent else _top_first(sent)
         state = self._keys.get(key)
+        length = None
+        if sizes is not None and self._popularity_mode != "first_seen":
+            longest: dict[int, int] = {}
+            for block, size in zip(blocks, sizes, strict=True):
+                longest[block] = max(longest.get(block, 0), size)
+            length = longest.__getitem__
+            unseen = _longest_first(unseen, length)
         if state is None:
             ordered, cached = arrange(_EMPTY, blocks, unseen)
         else:
@@ -162,6 +178,7 @@ class LiveIndex:
                 state.cooccurrence.scores(blocks),
                 popularity.sort_key(),
                 unseen if popularity.mode != "first_seen" else None,  # first_seen: the rank of first sight decides
+                length,
             )
             ordered, cached = arrange(state.trie.root, blocks, sort_key, self._search_budget)
         self._count_plan(len(blocks), cached)
@@ -370,17 +387,23 @@ class LiveIndex:
 def continuation_key(
     scores: dict[int, int],
     popularity_key: Callable[[int], tuple[int, int]],
-    unseen: Callable[[int], tuple[int, int]] | None = None,
+    unseen: Callable[[int], tuple[int, ...]] | None = None,
+    length: Callable[[int], int] | None = None,
 ) -> Callable[[int], Any]:
     """The online order after the cached path: most co-occurrence with the request's other blocks first, then
     the canonical (popularity) order; with ``unseen``, blocks never seen (a popularity of 0, after every seen
-    one) go by ``unseen`` instead of by block id."""
-    if unseen is None:
+    one) go by ``unseen`` instead of by block id; with ``length``, seen blocks of one popularity go longest first
+    (``LiveIndex.plan``)."""
+    if unseen is None and length is None:
         return lambda block: (-scores[block], popularity_key(block))
 
-    def key(block: int) -> tuple[int, tuple[int, int]]:
+    def key(block: int) -> tuple[int, tuple[int, ...]]:
         rank = popularity_key(block)
-        return (-scores[block], rank if rank[0] else unseen(block))
+        if unseen is not None and not rank[0]:
+            return (-scores[block], unseen(block))
+        if length is not None:
+            return (-scores[block], (rank[0], -length(block), rank[1]))
+        return (-scores[block], rank)
 
     return key
 
@@ -391,6 +414,12 @@ def _as_sent(sent: dict[int, int]) -> Callable[[int], tuple[int, int]]:
 
 def _top_first(sent: dict[int, int]) -> Callable[[int], tuple[int, int]]:
     return lambda block: (0, -1) if sent[block] == 0 else (0, block)  # block ids are never negative
+
+
+def _longest_first(
+    order: Callable[[int], tuple[int, ...]], length: Callable[[int], int]
+) -> Callable[[int], tuple[int, ...]]:
+    return lambda block: (0, -length(block), order(block)[1])
 
 
 _EMPTY = Trie().root

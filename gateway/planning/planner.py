@@ -546,8 +546,8 @@ class Planner:
         Renumbered blocks are identified without their number (they render the same at any position); blocks
         that keep their labels, or stay where they are, with it: they render the same only under the same label.
         ``start``: for a group cut at learned boundaries, the prompt's chunk names up to it: the prompts sent
-        whole may hold more of the group than the block index knows (``_held_order``). Such a group of which
-        neither index holds anything goes out as sent.
+        whole may hold more of the group than the block index knows (``_held_order``). Blocks nothing else orders
+        go longest first (``LiveIndex.plan``, ``sizes``).
         """
         if decision.renumbers:
             ids = [block_id(k) for k in group.keys(text)]
@@ -560,7 +560,7 @@ class Planner:
         # blocks cut at boundaries learned from traffic: a later request may not show them as blocks (and then
         # goes out in the client's order), so new blocks keep the order sent rather than converge on nothing
         learned = group.label.endswith(_LEARNED)  # see gateway.planning.intercept.boundaries
-        plan = index.plan(key, ids, learned)
+        plan = index.plan(key, ids, learned, [block.end - block.start for block in group.blocks])
         # a group the block index already predicts whole cannot be held further: no search
         held = (
             _held_order(residency, start, text, group)
@@ -571,10 +571,6 @@ class Planner:
             order, cached = held
             if cached > plan.cached:  # the whole prompts sent hold more of it than the block index knows
                 return order, tuple(ids[i] for i in order), cached
-        if learned and plan.cached == 0:
-            # nothing of it held: a canonical order gains nothing now, and costs what the client's own order (a
-            # retriever's ranking, which the next question tends to share) would hit once this prompt is held
-            return tuple(range(len(ids))), tuple(ids), 0
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
             # each block carries its own label, so its rendering is shared with no request that numbers it
             # otherwise: moving the group gains only what the index predicts, and costs the prefix as sent

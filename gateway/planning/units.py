@@ -144,7 +144,7 @@ class UnitOrders:
             with self._lock:
                 memo = self._memo.get(memo_key)
             if memo is None:
-                plan = outcome.choose(((key, ids),)).index.plan(key, ids)
+                plan = outcome.choose(((key, ids),)).index.plan(key, ids, sizes=[len(unit) for unit in units])
                 order, cached = plan.order, plan.cached
                 with self._lock:
                     self._memo[memo_key] = order

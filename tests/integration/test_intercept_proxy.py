@@ -89,50 +89,39 @@ async def test_only_block_order_changes(gateway: AppFactory, upstream: respx.Rou
 
 async def test_multi_turn_resend_is_rewritten_identically(gateway: AppFactory, upstream: respx.Router) -> None:
     route = upstream.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=OK))
-    tool_text = json.dumps(
-        {"results": [{"url": f"https://kb/{n}", "text": DOCS[n]} for n in ("gamma", "alpha", "beta")]}
-    )
-    turn1 = [
-        {"role": "user", "content": "search please"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{}"}}],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": tool_text},
-    ]
-    async with gateway() as client:
-        # another conversation first caches the same documents in a different order
-        await client.post(
-            "/v1/chat/completions",
-            json={
-                "model": "m",
-                "messages": [
-                    *turn1[:2],
-                    {
-                        **turn1[2],
-                        "content": json.dumps(
-                            {
-                                "results": [
-                                    {"url": f"https://kb/{n}", "text": DOCS[n]} for n in ("beta", "alpha", "gamma")
-                                ]
-                            }
-                        ),
-                    },
-                ],
+
+    def tool_text(names: list[str]) -> str:
+        return json.dumps({"results": [{"url": f"https://kb/{n}", "text": DOCS[n]} for n in names]})
+
+    def conversation(names: list[str]) -> list[dict[str, Any]]:
+        return [
+            {"role": "user", "content": "search please"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{}"}}],
             },
+            {"role": "tool", "tool_call_id": "c1", "content": tool_text(names)},
+        ]
+
+    async with gateway() as client:
+        # another conversation first caches the same documents, in the order the gateway gives them
+        await client.post(
+            "/v1/chat/completions", json={"model": "m", "messages": conversation(["beta", "alpha", "gamma"])}
         )
+        held = [
+            r["url"].rsplit("/", 1)[1] for r in json.loads(forwarded(route, 0)["messages"][2]["content"])["results"]
+        ]
+        turn1 = conversation(held[::-1])  # this one's retriever ranks them the other way round
         await client.post("/v1/chat/completions", json={"model": "m", "messages": turn1})
         turn2 = [*turn1, {"role": "assistant", "content": "Found it."}, {"role": "user", "content": "more?"}]
         await client.post("/v1/chat/completions", json={"model": "m", "messages": turn2})
     sent_turn1 = forwarded(route, 1)["messages"]
     sent_turn2 = forwarded(route, 2)["messages"]
-    assert sent_turn1[2]["content"] != tool_text  # turn 1 really was rewritten (to the other conversation's order)
+    assert sent_turn1[2]["content"] == tool_text(held)  # turn 1 really was rewritten, to the order the engine holds
     assert sent_turn2[:3] == sent_turn1
     tool_out = json.loads(sent_turn2[2]["content"])
-    assert sorted(r["url"] for r in tool_out["results"]) == sorted(
-        f"https://kb/{n}" for n in ("gamma", "alpha", "beta")
-    )
+    assert sorted(r["url"] for r in tool_out["results"]) == sorted(f"https://kb/{n}" for n in held)
     assert all(r["text"] in DOCS.values() for r in tool_out["results"])  # nothing lost or replaced by hints
 
 

@@ -1,8 +1,9 @@
 """A group cut at boundaries learned from traffic (a LangChain stuff chain: documents joined by blank lines) whose
-blocks the index has never seen goes out in the order sent: a later request of the same documents may not be cut
-(and then goes out as the client sent it), so a canonical order of new blocks converges on nothing and costs the
-prefix the client's own order (a retriever's ranking) would have hit; so does a group the engine holds none of.
-New blocks found by their markup follow the client's first block, then the canonical order."""
+blocks the index knows nothing to order by goes out longest first, and blocks of one length in the order sent: a
+later request of the same documents may not be cut (and then goes out as the client sent it), so where nothing
+tells which block a later request shares, the longest first pays back the most, and the client's own order (a
+retriever's ranking) decides the rest. New blocks found by their markup go longest first too, then the client's
+first block, then the canonical order."""
 
 from __future__ import annotations
 
@@ -46,24 +47,38 @@ def _sender(planner: Planner) -> Callable[[list[str], str], tuple[str, dict[str,
     return send
 
 
-def test_a_learned_group_of_new_blocks_goes_out_as_sent() -> None:
-    """The boundaries were learned from traffic the block index never saw (another planner's: a restart that kept
-    them, or another replica), so the blocks they cut are new to it."""
+def _learned(chunks: list[str]) -> Planner:
+    """A planner whose boundaries were learned from traffic the block index never saw (another planner's: a restart
+    that kept them, or another replica), so the blocks they cut are new to it."""
     boundaries = Boundaries()
-    for warm in (prompt([A, B, C]), prompt([C, D, B, A], "other?")):
+    a, b, c, d = chunks
+    for warm in (prompt([a, b, c]), prompt([c, d, b, a], "other?")):
         boundaries.regroup(warm, find_groups(warm, "template", learn=True))
-    planner = Planner(load_settings(environ={}), Residency(max_requests=1_000, stateless=False), Metrics(),
-                      boundaries=boundaries)  # fmt: skip
+    return Planner(load_settings(environ={}), Residency(max_requests=1_000, stateless=False), Metrics(),
+                   boundaries=boundaries)  # fmt: skip
+
+
+def test_a_learned_group_of_new_blocks_goes_out_longest_first() -> None:
+    planner = _learned([A, B, C, D])
     text = prompt([B, A, C, D])
     body, result = run(planner, "/v1/completions", _completion(text))
     assert result["groups"] == 1 and result["blocks"] == 4  # found: B, A, C and D, as the second request cut them
-    assert result["reordered"] is False
-    assert msgspec.json.decode(body)["prompt"] == text
+    assert len(C) > len(A) == len(D) > len(B)
+    assert msgspec.json.decode(body)["prompt"] == prompt([C, A, D, B])  # A and D, of one length, as sent
+    assert result["reordered"] is True
 
 
-def test_by_block_id_the_group_above_would_move() -> None:
-    # after the client's first (B), A sorts last by block id: the test above fails where new blocks go by id
-    assert block_id(A) > max(block_id(C), block_id(D))
+def test_a_learned_group_of_new_blocks_of_one_length_goes_out_as_sent() -> None:
+    same = [f"{name} one.\n\n{name} two." for name in ("Kappa", "Lamda", "Omega", "Theta")]
+    planner = _learned(same)
+    a, b, c, d = same
+    text = prompt([a, d, c, b])  # no two side by side as the warm requests showed them
+    body, result = run(planner, "/v1/completions", _completion(text))
+    assert result["groups"] == 1 and result["blocks"] == 4
+    assert msgspec.json.decode(body)["prompt"] == text and result["reordered"] is False
+    # by block id they would move: after the client's first, the canonical order is not the order sent
+    ids = [block_id(chunk) for chunk in (d, c, b)]
+    assert ids != sorted(ids)
 
 
 def test_blocks_found_by_markup_still_take_the_canonical_order_after_the_clients_first() -> None:
@@ -117,18 +132,15 @@ def test_a_short_block_that_opened_a_whole_prompt_the_engine_holds_goes_first() 
     assert result["reordered"] is True and result["predicted_cached_blocks"] == 1
 
 
-def test_a_learned_group_the_engine_holds_nothing_of_goes_out_as_sent() -> None:
-    """Blocks seen before, cut at confirmed boundaries, but none of them at the head of a prompt the engine holds: a
-    canonical order would gain nothing now and cost what the client's own order (the retriever's ranking, which the
-    next question tends to share) hits once this prompt is held. ``d`` was seen in more requests than ``b+c``: by
-    popularity it would go first (and did, before)."""
+def test_a_learned_group_the_engine_holds_nothing_of_goes_out_longest_first() -> None:
+    """Blocks cut at confirmed boundaries, none of them at the head of a prompt the engine holds, each seen in one
+    request before: the longer goes first, though the client sent it last."""
     send = _sender(_planner())
-    notes = {
-        n: f"The {n} note says one thing.\n\nThe {n} note says another.\n\nThe {n} note ends here." for n in "abcdefg"
-    }
-    for i, chunks in enumerate((["a", "b", "c"], ["d", "a", "e"], ["f", "b", "g"])):
+    notes = {n: f"The {n} note says one thing.\n\nThe {n} note says another." for n in "abcdefg"}
+    notes["d"] += "\n\nThe d note ends here, at some length."
+    for i, chunks in enumerate((["a", "b", "c"], ["e", "d", "f"], ["g", "b", "a"], ["c", "f", "e"])):
         send([notes[n] for n in chunks], f"warm {i}?")
-    out, result = send([notes[n] for n in ("b", "c", "d")], "final?")
-    assert result["groups"] == 1 and result["blocks"] == 2  # b+c (seen together only) and d
+    out, result = send([notes[n] for n in ("b", "d")], "final?")
+    assert result["groups"] == 1 and result["blocks"] == 2
     assert result["predicted_cached_blocks"] == 0
-    assert out == prompt([notes[n] for n in ("b", "c", "d")], "final?") and result["reordered"] is False
+    assert out == prompt([notes["d"], notes["b"]], "final?") and result["reordered"] is True

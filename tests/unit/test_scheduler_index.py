@@ -430,3 +430,24 @@ def test_unseen_blocks_as_sent_still_follow_the_cached_path() -> None:
     index.commit("k", "r1", [5, 2, 9])
     plan = index.plan("k", [4, 9, 2, 5], unseen_as_sent=True)
     assert plan.blocks == (5, 2, 9, 4) and plan.cached == 3
+
+
+def test_with_sizes_blocks_nothing_else_orders_go_longest_first() -> None:
+    index = LiveIndex()
+    for number, context in enumerate([[7, 2], [3, 5], [9, 1]]):
+        index.commit("k", f"w{number}", context)
+    index.evict([f"w{number}" for number in range(3)])  # nothing cached, popularity remembered
+    blocks, sizes = [8, 6, 4, 3, 7], [10, 40, 40, 20, 30]
+    # 3 and 7 seen once each (no co-occurrence): 7 is the longer; then the new ones, 6 and 4 of one length as sent
+    assert index.plan("k", blocks, unseen_as_sent=True, sizes=sizes).blocks == (7, 3, 6, 4, 8)
+    # as sent, or the client's first then by id, only among blocks of one length
+    assert index.plan("k", blocks, sizes=sizes).blocks == (7, 3, 4, 6, 8)
+    assert index.plan("k", blocks).blocks == (3, 7, 8, 4, 6)  # without sizes: by id, the client's first new one first
+    assert LiveIndex().plan("k", [3, 1, 2], sizes=[1, 1, 9]).blocks == (2, 3, 1)  # unknown key
+
+
+def test_first_seen_popularity_takes_no_sizes() -> None:
+    index = LiveIndex(popularity="first_seen")
+    index.commit("k", "w", [5, 6])
+    index.evict(["w"])  # nothing cached, the ranks of first sight remembered
+    assert index.plan("k", [6, 5, 1, 2], sizes=[9, 1, 1, 9]).blocks == (5, 6, 1, 2)  # by rank, then unseen by id
