@@ -27,7 +27,8 @@ the engine received through the gateway audited against the one the client sent 
 app, 1.5x on the sim for LangChain LCEL, ``create_retrieval_chain`` and Haystack; zero mangled bytes.
 
 Run: ``python -m bench apps [--quick] [--engines sim,llama,vllm] [--sets diverse,repeat] [--apps SUBSTRING ...]
-[--llama-cache-ram MiB]``.
+[--llama-cache-ram MiB]``. ``--orders`` replays the question sets' retrievals through the live index alone instead
+(:func:`order_replay`: no app, engine or gateway; seconds).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from bench.llama_bench import _gateway, _locate
 from bench.proxy_bench import _free_port
 from gateway.planning.intercept.audit import Mangled as AuditFailed
 from gateway.planning.intercept.audit import audit_rewrite
+from scheduler import LiveIndex
 
 __all__ = ["Exchange", "ForwardCheck", "Meter", "RunResult", "check_forwarded", "main", "run_app", "sim_engine"]
 
@@ -493,12 +495,19 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. '--citation-mapping'")  # fmt: skip
     ram = "llama-server's --cache-ram in MiB (default 0: its slots are all its cache; -1: llama.cpp's default)"
     parser.add_argument("--llama-cache-ram", type=int, default=0, help=ram)
+    parser.add_argument("--orders", action="store_true", help="only replay the retrievals through the live index, "
+                        "order rule by rule (no app, engine or gateway)")  # fmt: skip
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     count = args.questions or (8 if args.quick else 24)
     chunks = build_corpus()
     corpus = [chunk.text for chunk in chunks]
     seeds = _seeds(args.seeds) if args.seeds else [args.seed]
     sets = {(seed, name): questions(chunks, name, count, seed) for seed in seeds for name in args.sets.split(",")}
+    if args.orders:
+        print(f"retrievals of {len(sets)} question sets ({', '.join(f'{n} seed {s}' for s, n in sets)}), {count} "
+              f"questions each, top-{K}: share of document characters cached, every order sent held")  # fmt: skip
+        print(order_replay(corpus, list(sets.values())))
+        return 0
     apps = _selected(args.apps)
     _log(f"{len(apps)} apps, {len(corpus)} chunks, sets {list(sets)} x {count} questions, engines {args.engines}")
     results: list[RunResult] = []
@@ -539,6 +548,40 @@ def main(argv: list[str] | None = None) -> int:
         missed = [line for line in pooled.splitlines()[2:] if "MISSED" in line]
         print(f"targets (pooled): {len(missed)} missed")
     return 1 if missed and args.strict else 0
+
+
+ORDER_RULES = ("client's order", "index, new blocks as sent", "index, longest first", "hindsight: next question's")
+
+
+def order_replay(corpus: Sequence[str], sets: Sequence[Sequence[str]]) -> str:
+    """Each question's top-K documents ordered by a rule, every order sent kept held (an unbounded cache, one
+    template): the share of document characters a prefix cache would hit, pooled over the sets. The rules: the
+    client's order (direct); the live index (held path first, then co-occurrence and popularity) with new blocks as
+    sent, as for a learned group before lengths; the same with lengths (``LiveIndex.plan(..., sizes=)``); and,
+    for reference, what no online rule can do: after the held path, the documents the next question retrieves
+    first. Documents are blocks, their boundaries known (the oracle's: ``docs/benchmarks.md``)."""
+    bm25 = BM25(corpus)
+    retrieved = [[bm25.search(question, K) for question in asked] for asked in sets]
+    lines = [f"{'order after the held path':34} {'cached':>7}", "-" * 42]
+    for rule in ORDER_RULES:
+        held = total = 0
+        for requests in retrieved:
+            index = LiveIndex()
+            for number, ids in enumerate(requests):
+                sizes = [len(corpus[i]) for i in ids]
+                if rule == ORDER_RULES[0]:
+                    order, cached = list(ids), index.held("k", ids)
+                else:
+                    plan = index.plan("k", ids, unseen_as_sent=True, sizes=None if rule == ORDER_RULES[1] else sizes)
+                    order, cached = list(plan.blocks), plan.cached
+                    if rule == ORDER_RULES[3]:
+                        upcoming = set(requests[number + 1]) if number + 1 < len(requests) else set()
+                        order[cached:] = sorted(order[cached:], key=lambda i: (i not in upcoming, -len(corpus[i])))
+                index.commit("k", f"r{number}", order)
+                held += sum(len(corpus[i]) for i in order[:cached])
+                total += sum(sizes)
+        lines.append(f"{rule:34} {held / max(total, 1):7.1%}")
+    return "\n".join(lines)
 
 
 def _seeds(spec: str) -> list[int]:
