@@ -17,7 +17,9 @@ from tests.e2e.test_meaning_serve import DOCS  # the same four landmarks
 pytestmark = pytest.mark.timeout(90)
 
 CITED: list[str] = []  # the numbers the engine cited, in the numbering it was shown
-SYSTEM = "Cite them as [n].\n\nSources:\n" + "\n".join(f"[{i}] {doc}" for i, doc in enumerate(DOCS, 1))
+# the tower last for the client, and the longest of the four: the gateway sends new sources longest first
+TOWER = DOCS[3] + " It was the tallest structure in the world until 1930."
+SYSTEM = "Cite them as [n].\n\nSources:\n" + "\n".join(f"[{i}] {doc}" for i, doc in enumerate([*DOCS[:3], TOWER], 1))
 
 
 async def engine(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -58,7 +60,7 @@ def test_streamed_citation_split_across_chunks_comes_back_in_the_clients_numberi
             result = json.loads(r.headers["x-prefixgate-result"])
             raw = b"".join(r.iter_raw())
     assert result["mapped"] == {"cite_by_number": 1}
-    assert CITED and CITED[0] != "4"  # the engine was shown the tower under another number
+    assert CITED == ["1"]  # the engine was shown the tower first, under another number
     text = "".join(
         choice["delta"].get("content", "")
         for event in raw.decode().split("\n\n")

@@ -343,8 +343,17 @@ def test_a_client_request_id_reaches_vllm_unchanged_and_comes_back(fresh: Rig) -
     assert answer.body["output"][0]["content"][0]["text"]
 
 
+def _sent(gateway: str) -> list[int]:
+    return [replica["sent"] for replica in httpx.get(f"{gateway}/health", timeout=5).json()["replicas"]]
+
+
 def test_two_replicas_routing_follows_the_cache(fresh: Rig) -> None:
     gateway = fresh.kv_gateway
+    # misses at low load go to the replica sent the fewest requests: even out what the tests before sent
+    first, second = _sent(gateway)
+    for number in range(abs(first - second)):
+        post(gateway, {"model": MODEL, "messages": [{"role": "user", "content": f"hello {number}"}], "max_tokens": 1})
+    assert len(set(_sent(gateway))) == 1
     docs = documents(5, 10)
     home = post(gateway, rag_chat(docs, [0, 1, 2, 3, 4], "what is first"))
     away = post(gateway, rag_chat(docs, [5, 6, 7, 8, 9], "something else"))
