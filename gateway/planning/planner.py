@@ -558,7 +558,7 @@ class Planner:
         residency = outcome.choose(((key, ids),))  # the first lookup chooses the replica (``IndexView``)
         index = residency.index
         # blocks cut at boundaries learned from traffic: a later request may not show them as blocks (and then
-        # goes out in the client's order), so new blocks keep the order sent rather than converge on nothing
+        # goes out in the client's order), so new blocks of one length keep the order sent, not the block ids
         learned = group.label.endswith(_LEARNED)  # see gateway.planning.intercept.boundaries
         plan = index.plan(key, ids, learned, [block.end - block.start for block in group.blocks])
         # a group the block index already predicts whole cannot be held further: no search
