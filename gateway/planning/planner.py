@@ -547,7 +547,8 @@ class Planner:
         that keep their labels, or stay where they are, with it: they render the same only under the same label.
         ``start``: for a group cut at learned boundaries, the prompt's chunk names up to it: the prompts sent
         whole may hold more of the group than the block index knows (``_held_order``). Blocks nothing else orders
-        go longest first (``LiveIndex.plan``, ``sizes``).
+        go longest first (``LiveIndex.plan``, ``sizes``), but for such a group the engine holds none of on an
+        engine whose reuse overwrites a prompt (``Residency.reuse_overwrites``: llama.cpp), which goes as sent.
         """
         if decision.renumbers:
             ids = [block_id(k) for k in group.keys(text)]
@@ -571,6 +572,13 @@ class Planner:
             order, cached = held
             if cached > plan.cached:  # the whole prompts sent hold more of it than the block index knows
                 return order, tuple(ids[i] for i in order), cached
+        if learned and plan.cached == 0 and residency.reuse_overwrites:
+            # llama.cpp, nothing of it held: a move gains nothing predicted and can cost a prompt: one kept in its
+            # host-RAM cache goes back to a slot, and no longer to the cache, for a request that keeps a quarter of
+            # it, which overwrites the rest (``bench apps --sets repeat``, seed 1: a group moved longest first
+            # opened like a prompt held there, and that prompt's repeat found 301 of its 958 tokens, not 957).
+            # Elsewhere a prefix stays held for every prompt that shares it, and the longest first pays
+            return tuple(range(len(ids))), tuple(ids), 0
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
             # each block carries its own label, so its rendering is shared with no request that numbers it
             # otherwise: moving the group gains only what the index predicts, and costs the prefix as sent

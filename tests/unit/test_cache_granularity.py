@@ -237,6 +237,8 @@ def test_replicas_of_one_engine_kind_learn_its_granularity_together() -> None:
     assert first.granularity is second.granularity and first.rate is second.rate
     assert third.granularity is not first.granularity and third.rate is not first.rate
     assert first.index is not second.index
+    # llama.cpp holds a prompt once (``Residency.reuse_overwrites``): the planner moves nothing it predicts no gain of
+    assert (first.reuse_overwrites, second.reuse_overwrites, third.reuse_overwrites) == (False, False, True)
 
 
 def test_an_engine_that_evicted_a_prompts_tail_holds_only_the_blocks_before_it() -> None:

@@ -29,8 +29,10 @@ def _completion(text: str) -> bytes:
     return msgspec.json.encode({"model": "m", "prompt": text})
 
 
-def _planner() -> Planner:
-    return Planner(load_settings(environ={}), Residency(max_requests=1_000, stateless=False), Metrics())
+def _planner(*, reuse_overwrites: bool = False) -> Planner:
+    residency = Residency(max_requests=1_000, stateless=False)
+    residency.reuse_overwrites = reuse_overwrites
+    return Planner(load_settings(environ={}), residency, Metrics())
 
 
 def _sender(planner: Planner) -> Callable[[list[str], str], tuple[str, dict[str, object]]]:
@@ -132,10 +134,10 @@ def test_a_short_block_that_opened_a_whole_prompt_the_engine_holds_goes_first() 
     assert result["reordered"] is True and result["predicted_cached_blocks"] == 1
 
 
-def test_a_learned_group_the_engine_holds_nothing_of_goes_out_longest_first() -> None:
+def _held_nothing_of(planner: Planner) -> tuple[str, dict[str, object], dict[str, str]]:
     """Blocks cut at confirmed boundaries, none of them at the head of a prompt the engine holds, each seen in one
-    request before: the longer goes first, though the client sent it last."""
-    send = _sender(_planner())
+    request before; the client sends the shorter first."""
+    send = _sender(planner)
     notes = {n: f"The {n} note says one thing.\n\nThe {n} note says another." for n in "abcdefg"}
     notes["d"] += "\n\nThe d note ends here, at some length."
     for i, chunks in enumerate((["a", "b", "c"], ["e", "d", "f"], ["g", "b", "a"], ["c", "f", "e"])):
@@ -143,4 +145,16 @@ def test_a_learned_group_the_engine_holds_nothing_of_goes_out_longest_first() ->
     out, result = send([notes[n] for n in ("b", "d")], "final?")
     assert result["groups"] == 1 and result["blocks"] == 2
     assert result["predicted_cached_blocks"] == 0
+    return out, result, notes
+
+
+def test_a_learned_group_the_engine_holds_nothing_of_goes_out_longest_first() -> None:
+    out, result, notes = _held_nothing_of(_planner())
     assert out == prompt([notes["d"], notes["b"]], "final?") and result["reordered"] is True
+
+
+def test_on_an_engine_whose_reuse_overwrites_it_goes_out_as_sent() -> None:
+    """llama.cpp holds a prompt once: a request that keeps a quarter of one it keeps in host RAM takes it out of
+    there and overwrites the rest, so a move that gains nothing now can cost a prompt that is asked again."""
+    out, result, notes = _held_nothing_of(_planner(reuse_overwrites=True))
+    assert out == prompt([notes["b"], notes["d"]], "final?") and result["reordered"] is False
