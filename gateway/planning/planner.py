@@ -577,7 +577,7 @@ class Planner:
             # host-RAM cache goes back to a slot, and no longer to the cache, for a request that keeps a quarter of
             # it, which overwrites the rest (``bench apps --sets repeat``, seed 1: a group moved longest first
             # opened like a prompt held there, and that prompt's repeat found 301 of its 958 tokens, not 957).
-            # Elsewhere a prefix stays held for every prompt that shares it, and the longest first pays
+            # Elsewhere a prefix stays held for every prompt that shares it, and longest first pays off
             return tuple(range(len(ids))), tuple(ids), 0
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):
             # each block carries its own label, so its rendering is shared with no request that numbers it
