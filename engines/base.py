@@ -78,10 +78,13 @@ class EngineAdapter:
 
     ``body_id_field`` names the body field the engine takes the request id from (SGLang: ``rid``);
     every engine also receives the ``X-Request-Id`` header (vLLM and generic servers read it).
+    ``reuse_overwrites``: the engine holds a prompt once, and a request that reuses its head overwrites the rest
+    (llama.cpp: a slot holds one prompt; its host-RAM cache hands a prompt back to a slot, keeping no copy).
     """
 
     name: str
     body_id_field: str | None = None
+    reuse_overwrites: bool = False
 
     def stamp_fields(
         self,

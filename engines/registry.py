@@ -10,7 +10,7 @@ from engines.vllm import VLLM
 __all__ = ["ENGINES", "get_engine"]
 
 # llama.cpp takes no request id: the gateway pins requests to slots instead (engines.llamacpp).
-LLAMACPP = EngineAdapter(name="llamacpp")
+LLAMACPP = EngineAdapter(name="llamacpp", reuse_overwrites=True)
 
 ENGINES: dict[str, EngineAdapter] = {e.name: e for e in (SGLANG, VLLM, GENERIC, LLAMACPP)}
 

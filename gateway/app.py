@@ -158,7 +158,7 @@ def _replicas(settings: Settings, transport: httpx.AsyncBaseTransport | None, me
         residency.granularity, residency.rate = learned.setdefault(kind, (residency.granularity, residency.rate))
         # llama-server closes a connection after every streamed (chunked) answer, announcing keep-alive
         engine = get_engine(kind)
-        residency.reuse_overwrites = engine.name == "llamacpp"
+        residency.reuse_overwrites = engine.reuse_overwrites
         pool = (
             transport
             if transport is not None

@@ -251,9 +251,7 @@ class Residency:
         self.granularity = CacheGranularity()  # what the engine's cached_tokens come in (``PlannedRequest.usage``)
         self.rate = TokenRate()  # the prompt bytes the engine counts as a token (``PlannedRequest.usage``)
         self.slots: SlotTable | None = None  # llama.cpp: its slots hold the prompts (``Planner.use_slots``)
-        # llama.cpp: a prompt is held once, and a request that reuses its head overwrites the rest (a slot holds one
-        # prompt; its host-RAM cache hands a prompt back to a slot, keeping no copy)
-        self.reuse_overwrites = False
+        self.reuse_overwrites = False  # the engine's (``EngineAdapter.reuse_overwrites``: llama.cpp)
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
         self._max_requests = max_requests
