@@ -135,7 +135,7 @@ class Outcome:
     choices: list[Choice] = field(default_factory=list)
     maps: list[CitationMap] = field(default_factory=list)
     frozen: bool = False  # only read the texts in prompt order, as sent (``Planner.sent_chain``)
-    as_sent: bool = False  # the rewrite was dropped: the prompt as sent hits at least as much cache
+    as_sent: str | None = None  # why the rewrite was dropped (``leave_as_sent``)
     notes: list[str] = field(default_factory=list)  # Messages and Responses: parts their walk left alone
     answer: AnswerRewriter | None = None  # Messages and Responses: what puts the answer back in the client's terms
     view: IndexView | None = None  # what the request is planned against (None: only read, ``frozen``)
@@ -181,13 +181,14 @@ class Outcome:
             reach = ends[cached - 1] + (follow[cached - 1] if follow else 0)
             self.predicted_chars = max(self.predicted_chars, base + reach)
 
-    def leave_as_sent(self, chars: int) -> None:
+    def leave_as_sent(self, chars: int, reason: str = "cached_as_sent") -> None:
         """Drop the rewrite: the prompt goes out as sent, which the engine holds ``chars`` of (every group that
-        would have moved is left alone, reason ``cached_as_sent``; the block index learns nothing of it)."""
-        self.as_sent, self.reordered, self.answer = True, False, None
+        would have moved is left alone, for ``reason``; the block index learns nothing of it). Reasons:
+        ``cached_as_sent`` (the engine holds the prompt as sent at least as far as the rewrite) and
+        ``would_overwrite_cached`` (``Residency.overwrites``)."""
+        self.as_sent, self.reordered, self.answer = reason, False, None
         self.choices = [
-            Choice(c.format, c.blocks, Decision("leave_alone", "cached_as_sent"), False) if c.moved else c
-            for c in self.choices
+            Choice(c.format, c.blocks, Decision("leave_alone", reason), False) if c.moved else c for c in self.choices
         ]
         self.maps.clear()
         self.commits.clear()
@@ -200,8 +201,8 @@ class Outcome:
         """Groups found, reordered and decided, and blocks found, by format; parts left alone (``/metrics``)."""
         for note in notes:
             metrics.left_alone.labels(note).inc()
-        if self.as_sent:
-            metrics.left_alone.labels("cached_as_sent").inc()
+        if self.as_sent is not None:
+            metrics.left_alone.labels(self.as_sent).inc()
         for choice in self.choices:
             metrics.groups_found.labels(choice.format).inc()
             metrics.blocks_found.labels(choice.format).inc(choice.blocks)

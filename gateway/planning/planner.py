@@ -32,6 +32,7 @@ only in ``plan``, once, as the text is planned.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from hashlib import blake2b
@@ -108,6 +109,8 @@ class Planner:
         """llama.cpp: the server has ``count`` slots; with ``pin``, from now on choose one of them for every request
         (``id_slot``). Without, requests are left to llama-server's own choice, and its prompt cache."""
         self._slot_total = count
+        if not pin and self.residency.reuse_overwrites:
+            self.residency.in_slots = deque(maxlen=count)
         if pin:
             self._slots = self.residency.slots = SlotTable.of(count)
 
@@ -211,7 +214,11 @@ class Planner:
                 # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
                 # order matches the cache) and at least as far as the rewrite's
                 predicted = outcome.predicted_chars // CHUNK_BYTES * CHUNK_BYTES  # in whole chunks, as ``held``
-                if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, predicted):
+                if outcome.choose().overwrites(forwarded, held, as_sent):
+                    fields.clear()  # llama.cpp: the rewrite would cost a prompt it keeps, for a part of it
+                    outcome.leave_as_sent(as_sent, "would_overwrite_cached")
+                    marks = ()
+                elif as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, predicted):
                     fields.clear()  # the prompt as sent hits at least as much of the cache as the rewrite
                     outcome.leave_as_sent(as_sent)
                     marks = ()  # the walk's are the rewrite's

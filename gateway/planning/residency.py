@@ -28,7 +28,7 @@ from gateway.settings import tokenizer_file
 from scheduler.dedup import ConversationTracker
 from scheduler.ids import normalize_request_ids
 from scheduler.index import LiveIndex
-from scheduler.prefixes import CHUNK_BYTES, PrefixIndex
+from scheduler.prefixes import CHUNK_BYTES, Hashes, PrefixIndex, common
 
 __all__ = [
     "BlockTokens",
@@ -252,6 +252,8 @@ class Residency:
         self.rate = TokenRate()  # the prompt bytes the engine counts as a token (``PlannedRequest.usage``)
         self.slots: SlotTable | None = None  # llama.cpp: its slots hold the prompts (``Planner.use_slots``)
         self.reuse_overwrites = False  # the engine's (``EngineAdapter.reuse_overwrites``: llama.cpp)
+        # llama.cpp left to its own slot choice: the last prompts sent, one per slot (``overwrites``)
+        self.in_slots: deque[Hashes] | None = None
         self.conversations: ConversationTracker[Hashable] = ConversationTracker(max_requests=max_requests)
         self._groups: LRUCache[str, tuple[str, ...]] = LRUCache(maxsize=max_requests)
         self._max_requests = max_requests
@@ -286,6 +288,24 @@ class Residency:
         """The engine was sent a whole prompt with these chunk names and paragraph marks (``scheduler.prefixes``)."""
         if not self.stateless and (chain or marks):
             self.prefixes.add(chain, marks)
+            if self.in_slots is not None and chain:
+                self.in_slots.append(tuple(chain))
+
+    def overwrites(self, chain: Hashes, held: int, as_sent: int) -> bool:
+        """Whether a rewrite, whose prompt has the chunk names ``chain`` and is held for ``held`` characters (the prompt
+        as sent: ``as_sent``), gains only by a prompt that llama.cpp, left to its own slot choice, keeps in its
+        host-RAM cache alone (not in a slot: one of the last prompts sent, ``in_slots``), and not whole.
+
+        llama.cpp keeps each prompt once: a request that shares a quarter of a prompt in that cache takes it back
+        into a slot, out of the cache, and overwrites the rest of it with its own (``server_prompt_cache::load``).
+        A prompt in a slot is saved to the cache first where the request keeps less than half of it. So a rewrite
+        that reaches only such a prompt trades the rest of it for what it gains, and a repeat of that prompt later
+        finds the part this one shared (``bench apps --sets repeat``, seed 4: LlamaIndex 0.81x of direct). Direct
+        traffic pays that only where the client's own order shares it; a rewrite is left to it. A prompt sent
+        again whole, or continued (a conversation's next turn), overwrites nothing."""
+        if self.in_slots is None or held <= as_sent or held >= (len(chain) - 1) * CHUNK_BYTES:
+            return False
+        return held > max((common(sent, chain) for sent in self.in_slots), default=0) * CHUNK_BYTES
 
     def holds(self, mark: int) -> bool:
         """Whether a prompt sent went on to exactly this point (a ``Chain.mark``; not known of llama.cpp's slots)."""
@@ -375,6 +395,8 @@ class Residency:
             self.extents.clear()
         if self.slots is not None:
             self.slots.clear()
+        if self.in_slots is not None:
+            self.in_slots.clear()
         self.conversations.reset()
         self._groups.clear()
         self._issued.clear()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -94,3 +95,22 @@ def test_a_chats_second_turn_is_pinned_to_the_slot_that_ran_the_first() -> None:
     second = planner.plan(planner.read(decode_request(msgspec.json.encode({"messages": turn2}), CHAT_ROUTE), {}), "t2")
     assert second.fields["id_slot"] == first.slot, "a known slot holding the first turn: pinned"
     assert planner.residency.held_chars(second.chain) >= len("You are terse. " * 40) - CHUNK_BYTES
+
+
+def test_with_its_prompt_cache_a_rewrite_that_only_a_prompt_out_of_the_slots_pays_for_overwrites_it() -> None:
+    residency = Residency(max_requests=100, stateless=False)
+    assert not residency.overwrites(chain(PROMPT), 10 * CHUNK_BYTES, 0), "no slots known: nothing to tell"
+    residency.in_slots = deque(maxlen=2)
+    held_in_ram = "r" * (8 * CHUNK_BYTES)
+    residency.sent(chain(held_in_ram + "one" * CHUNK_BYTES))
+    residency.sent(chain("s" * (4 * CHUNK_BYTES)))
+    residency.sent(chain("t" * (4 * CHUNK_BYTES)))  # two prompts since: no slot holds the first one any more
+    rewrite = chain(held_in_ram + "two" * CHUNK_BYTES)
+    held = residency.held_chars(rewrite)
+    assert held == 8 * CHUNK_BYTES and residency.overwrites(rewrite, held, 0)
+    assert not residency.overwrites(rewrite, held, held), "the prompt as sent reaches as far: nothing to trade"
+    assert not residency.overwrites(chain(held_in_ram + "one" * CHUNK_BYTES), 11 * CHUNK_BYTES, 0), "sent again"
+    residency.sent(chain(held_in_ram + "one" * CHUNK_BYTES))  # back in a slot: a request keeps a copy
+    assert not residency.overwrites(rewrite, held, 0)
+    residency.reset()
+    assert not residency.in_slots and not residency.overwrites(rewrite, residency.held_chars(rewrite), 0)

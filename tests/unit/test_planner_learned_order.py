@@ -158,3 +158,31 @@ def test_on_an_engine_whose_reuse_overwrites_it_goes_out_as_sent() -> None:
     there and overwrites the rest, so a move that gains nothing now can cost a prompt that is asked again."""
     out, result, notes = _held_nothing_of(_planner(reuse_overwrites=True))
     assert out == prompt([notes["b"], notes["d"]], "final?") and result["reordered"] is False
+
+
+def test_on_llama_cpp_a_move_that_only_a_prompt_out_of_its_slots_pays_for_goes_out_as_sent() -> None:
+    """llama.cpp left to its own slot choice (its host-RAM prompt cache) keeps each prompt once: a request that
+    shares the head of a prompt kept only in that cache takes the prompt out of it and overwrites the rest. So a
+    move whose gain is the head of a prompt no slot holds any more (two slots, two prompts sent since) goes out as
+    sent, and says why; with three slots, or on an engine whose reuse keeps a copy, it moves."""
+    a, b, c, d, e, f = (
+        "\n\n".join(f"The {name} {part} says something of its own. " * 12 for part in ("opening", "closing"))
+        for name in ("alpha", "beta", "gamma", "delta", "eps", "phi")
+    )
+    other = decode_request(_completion("Something else entirely. " * 40), "/v1/completions")
+    for slots, reuse_overwrites, moved in ((2, True, False), (3, True, True), (2, False, True)):
+        planner = _planner(reuse_overwrites=reuse_overwrites)
+        planner.use_slots(slots, pin=False)
+        send = _sender(planner)
+        send([c, d, b, a], "one?")
+        send([b, a, e, f], "two?")
+        planner.plan(planner.read(other, {}), "other").accept()
+        out, result = send([e, f, c, d], "three?")  # c and d opened the first prompt, which went on otherwise
+        assert result["groups"] == 1 and result["blocks"] == 2
+        if moved:
+            assert out == prompt([c, d, e, f], "three?") and result["reordered"] is True
+            assert result["predicted_cached_blocks"] == 1 and "left_alone" not in result
+        else:
+            assert out == prompt([e, f, c, d], "three?") and result["reordered"] is False
+            assert result["left_alone"] == {"would_overwrite_cached": 1}
+            assert result["predicted_cached_tokens"] == 0
