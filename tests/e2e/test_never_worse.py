@@ -111,6 +111,36 @@ def test_a_chats_second_turn_is_cached_as_it_is_direct(start_llama_server: Start
     assert through[1] >= direct[1] - 8 and through[3] >= direct[3] - 8, (direct, through)
 
 
+@pytest.mark.llama
+def test_a_prompt_asked_again_after_one_sharing_its_head_is_cached_as_it_is_direct(
+    start_llama_server: StartLlamaServer,
+) -> None:
+    """llama.cpp's default prompt cache keeps each prompt once: a request that shares a quarter of a prompt kept
+    there takes it back into a slot and overwrites the rest. The third question's documents open the first prompt
+    (``c, d``), which no slot holds any more; moved there, it would cost the first question's repeat all but
+    ``c, d``. It goes out as sent, and the repeat is cached as it is direct (issue 20: 0.81x of direct on the
+    ``repeat`` set)."""
+    from tests.unit.test_intercept_boundaries import prompt
+
+    a, b, c, d, e, f = ("\n\n".join((_words(10 * n, 40), _words(10 * n + 1, 40))) for n in range(1, 7))
+    first = [{"role": "user", "content": prompt([c, d, b, a], "one?")}]
+    results: list[dict[str, Any]] = []
+
+    def scenario(base: str) -> list[httpx.Response]:
+        sent = [_chat(base, first), _chat(base, [{"role": "user", "content": prompt([b, a, e, f], "two?")}])]
+        sent.append(_chat(base, [{"role": "user", "content": "Unrelated: " + _words(9, 300)}]))
+        sent.append(_chat(base, [{"role": "user", "content": prompt([e, f, c, d], "three?")}]))
+        sent.append(_chat(base, first))
+        results.append(json.loads(sent[3].headers.get("x-prefixgate-result", "{}")))
+        return sent
+
+    direct, through = _direct_and_through(start_llama_server, scenario)
+    assert results[-1]["groups"] == 1 and results[-1]["reordered"] is False, results[-1]
+    assert results[-1]["left_alone"] == {"would_overwrite_cached": 1}, results[-1]
+    assert direct[4] > 400, "direct, llama.cpp restores the first prompt whole"
+    assert through[4] >= direct[4] - 8, (direct, through)
+
+
 @contextmanager
 def _sim_engines(count: int) -> Iterator[list[str]]:
     ports = [free_port() for _ in range(count)]
