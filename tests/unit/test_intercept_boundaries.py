@@ -124,28 +124,6 @@ def test_a_new_chunk_is_cut_from_a_two_paragraph_one_only_beside_a_known_boundar
         assert renderings(text, group) == later
 
 
-F = "Zeta one.\n\nZeta two."
-
-
-def test_a_new_chunk_is_cut_from_a_run_seen_as_a_block_of_its_own() -> None:
-    """``D`` (two paragraphs) went out as a block between two boundaries (after ``A``, before ``B``): next to the new
-    ``F``, on either side, it is cut from it, the other side being a boundary in this request too. Until ``D`` was
-    seen so (only inside ``D, E``, never at a context's edge), nothing tells where the new ``F`` starts."""
-    history = [[A, B], [B, C], [C, D, E], [E, A]]
-    for seen_whole, later, cut in (
-        (True, [B, D, F], [B, D, F]),
-        (True, [F, D, B], [F, D, B]),
-        (False, [B, D, F], [B, f"{D}\n\n{F}"]),
-        (False, [F, D, B], [f"{F}\n\n{D}", B]),
-    ):
-        boundaries = Boundaries()
-        for i, chunks in enumerate(history + [[A, D, B]] * seen_whole):
-            learned(boundaries, prompt(chunks, f"{i}?"))
-        text = prompt(later, "last?")
-        (group,) = learned(boundaries, text)
-        assert renderings(text, group) == cut
-
-
 def test_a_heading_shared_by_the_chunks_of_one_file_stays_with_each() -> None:
     """LlamaIndex puts a node's metadata before its text (``file_path: ...``, a blank line, the text), so every chunk
     of a file opens with the same paragraph. ``A`` went before the file's first chunk, now before its second: the

@@ -17,14 +17,10 @@ window opening the next). ``a`` ends a chunk before a new ``b``:
   they follow another paragraph than ``y``. Three paragraphs seen anywhere are not enough: a heading that every
   chunk of a file opens with (LlamaIndex's ``file_path: ...``) goes on otherwise after the same chunk too;
 - or when ``z, a`` closed a context after a paragraph ``y`` seen without ``z`` after it (or at the context's
-  start): ``z, a`` was then a run of whole chunks, where an overlap's ``y`` is always followed by ``z``;
-- or when the paragraphs from the boundary before ``a`` in this request (or the context's start) to ``a`` went out
-  before as a block of their own, between two boundaries or as a whole context (runs of up to eight paragraphs are
-  remembered): the same run, cut the same way on its other side, is the same chunk.
+  start): ``z, a`` was then a run of whole chunks, where an overlap's ``y`` is always followed by ``z``.
 
 Mirrored, ``b`` starts a chunk after a new ``a`` when a context opened with ``b`` and the two after it, or with
-``b, c`` followed by a paragraph seen after another than ``c`` (or by the context's end), or when the run from ``b``
-to the boundary after it was a block of its own before. A chunk of one paragraph
+``b, c`` followed by a paragraph seen after another than ``c`` (or by the context's end). A chunk of one paragraph
 is cut this way only where it was seen whole (a whole context, or a block between a context's edge and a boundary,
 or between two). Nor is a paragraph cut from both its neighbours unless it was seen whole: else it stays with the
 paragraph after it (a heading that opens several chunks, over a body another chunk shares under its own heading,
@@ -67,10 +63,9 @@ elsewhere (after, before another): a line that changes daily before the document
 Knowledge is kept per template slot: the template's name and the text before its context (the instructions
 and system prompt around it), so two applications sharing a template do not teach each other. Memory is two
 bounded LRU maps of counts, from (slot, paragraph) digests and from (paragraph, next paragraph) digests (the last
-three of every block, every block of up to eight, and a context's first three counted there too); two maps a
-quarter of their size, from a context's first (last) two paragraphs to the one after (before) them there; and two
-maps a sixteenth of their size per slot (its requests; a learned template's tail); the least recently seen are
-forgotten first.
+three of every block and a context's first three counted there too); two maps a quarter of their size, from a
+context's first (last) two paragraphs to the one after (before) them there; and two maps a sixteenth of their size
+per slot (its requests; a learned template's tail); the least recently seen are forgotten first.
 
 Where it can be wrong: chunks ``[a, b]``, ``[a, c]`` and ``[d, b]`` (two paragraphs each reused in other
 chunks, like the ``json`` docs of ``dump`` and ``dumps``) are indistinguishable from four one-paragraph
@@ -84,7 +79,6 @@ Unique paragraphs, windows overlapping by up to two paragraphs and shared headin
 
 from __future__ import annotations
 
-import itertools
 import sys
 import threading
 from collections.abc import Sequence
@@ -117,7 +111,6 @@ _TAIL_CHARS = 96  # how much of a learned template's last paragraph is compared 
 _TAIL_MIN = 24  # the least common start that makes it the template's own (a question after a fixed lead-in)
 _TAIL_AFTER = 2  # requests after the first that must share it
 _EDGE = b"\0" * 16  # the start or the end of a context, as a neighbour
-_RUN_MOST = 8  # the longest run of paragraphs remembered as a block of its own
 # where the fixed text ends in templates that put the query before the context (rag_prompt: "...\nQuestion: ")
 _QUERY_AFTER = {template.name: template.anchor[-40:].strip() for template in TEMPLATES if template.opener}
 
@@ -267,18 +260,17 @@ class Boundaries:
         pair_keys = _pairs_of(keys)
         apart: _Tally = self._seen_by if by_client else seen
         together: _Tally = self._pairs_by if by_client else pairs
-        cuts: list[bool] = []
+        cuts = []
         for i in range(len(keys) - 1):
             left, right = _tally(apart, keys[i]), _tally(apart, keys[i + 1])
             cut = _parted(left, right, _tally(together, pair_keys[i + 1]))
             if not cut and right == 0 and left:  # the next paragraph is new: does this one end a chunk?
-                cut = self._ends(keys, i, cuts, apart, together)
+                cut = self._ends(keys, i, apart, together)
+            elif not cut and left == 0 and right:  # this paragraph is new: does the next one start a chunk?
+                cut = self._starts(keys, i + 1, apart, together)
             cuts.append(cut)
-        for i in range(len(keys) - 2, -1, -1):  # right to left: the cuts after a paragraph are decided before it
-            if not cuts[i] and not _tally(apart, keys[i]) and _tally(apart, keys[i + 1]):
-                cuts[i] = self._starts(keys, i + 1, cuts, apart, together)  # this one is new: does the next start one?
         for i in range(1, len(keys) - 1):  # a paragraph cut from both neighbours: a chunk of one paragraph?
-            if cuts[i - 1] and cuts[i] and not _tally(together, _block(keys[i : i + 1])):
+            if cuts[i - 1] and cuts[i] and not _tally(together, _whole(keys[i])):
                 cuts[i] = False  # never seen whole on its own: it stays with the paragraph after it
         # the application's own text: by requests, whoever sent them (holding a paragraph back never cuts one)
         first_fixed = _fixed(seen.get(keys[0], 0), pairs.get(pair_keys[0], 0), requests)
@@ -288,38 +280,28 @@ class Boundaries:
             last_fixed = last_fixed or seen.get(keys[-1], 0) <= pairs.get(pair_keys[-1], 0)
         return cuts, first_fixed, last_fixed
 
-    def _ends(self, keys: list[bytes], i: int, cuts: list[bool], apart: _Tally, together: _Tally) -> bool:
+    def _ends(self, keys: list[bytes], i: int, apart: _Tally, together: _Tally) -> bool:
         """Whether paragraph ``i`` ends a chunk, the next one being new: the three paragraphs ending with it closed a
-        context or a block; or the paragraphs from the boundary before it (``cuts``, decided up to ``i``; or the
-        context's start) to it were seen as a block of their own; or the two ending with it closed a context whose
-        paragraph before them was a boundary (a context's start, or seen without them). A chunk that opens with
-        another one's last two paragraphs (a window overlap) is not cut: there they follow the one before them. A
-        paragraph first in its context ends a chunk only where it was seen whole (a context, or a block, of that one
-        paragraph)."""
+        context or a block; or the two ending with it closed a context whose paragraph before them was a boundary (a
+        context's start, or seen without them). A chunk that opens with another one's last two paragraphs (a window
+        overlap) is not cut: there they follow the one before them. A paragraph first in its context ends a chunk
+        only where it was seen whole (a context, or a block, of that one paragraph)."""
         if i >= 2 and _tally(together, _closing(keys, i)) > 0:
             return True
-        start = next((k for k in range(i, 0, -1) if cuts[k - 1]), 0)
-        if i - start < _RUN_MOST and _tally(together, _block(keys[start : i + 1])) > 0:
-            return True
         if i == 0:
-            return False
+            return _tally(together, _whole(keys[0])) > 0
         before = self._before_closing.get(_pair(keys[i - 1], keys[i]))
         return before is not None and (before == _EDGE or _alone(before, _pair(before, keys[i - 1]), apart, together))
 
-    def _starts(self, keys: list[bytes], i: int, cuts: list[bool], apart: _Tally, together: _Tally) -> bool:
+    def _starts(self, keys: list[bytes], i: int, apart: _Tally, together: _Tally) -> bool:
         """Whether paragraph ``i`` starts a chunk, the one before being new: a context opened with it and the two
-        after it; or the paragraphs from it to the boundary after it (``cuts``, decided from ``i`` on; or the
-        context's end) were seen as a block of their own; or a context opened with it and the next, followed by a
-        boundary (the context's end, or a paragraph parted from them). A chunk that ends with another one's first
-        two paragraphs (a window overlap) is not cut."""
+        after it; or with it and the next, followed by a boundary (the context's end, or a paragraph parted from
+        them). A chunk that ends with another one's first two paragraphs (a window overlap) is not cut."""
         last = len(keys) - 1
         if i + 2 <= last and _tally(together, _pair(_EDGE, _pair(keys[i], _pair(keys[i + 1], keys[i + 2])))) > 0:
             return True
-        end = next((j for j in range(i, last) if cuts[j]), last)
-        if end - i < _RUN_MOST and _tally(together, _block(keys[i : end + 1])) > 0:
-            return True
         if i == last:
-            return False
+            return _tally(together, _whole(keys[i])) > 0
         after = self._after_opening.get(_pair(keys[i], keys[i + 1]))
         return after is not None and (after == _EDGE or _alone(after, _pair(keys[i + 1], after), apart, together))
 
@@ -335,9 +317,9 @@ class Boundaries:
             pair_keys.append(_pair(_EDGE, _pair(keys[0], _pair(*edged[2:4]))))
             self._after_opening[_pair(keys[0], keys[1])] = edged[3]
             self._before_closing[_pair(keys[-2], keys[-1])] = edged[-4]
-        # each run of paragraphs that was a block on its own (between the context's edges and the cuts)
-        bounds = sorted({-1, len(keys) - 1} | cut)
-        pair_keys += [_block(keys[a + 1 : b + 1]) for a, b in itertools.pairwise(bounds) if b - a <= _RUN_MOST]
+        # a paragraph that was a block on its own (between the context's edges and the cuts)
+        bounds = {-1, len(keys) - 1} | cut
+        pair_keys += [_whole(keys[i]) for i in range(len(keys)) if i - 1 in bounds and i in bounds]
         for counts, counted in ((self._seen, keys), (self._pairs, pair_keys)):
             for key in dict.fromkeys(counted):
                 counts[key] = min(counts.get(key, 0) + 1, _MAX_COUNT)
@@ -373,12 +355,9 @@ def _closing(keys: list[bytes], i: int) -> bytes:
     return _pair(_pair(_pair(keys[i - 2], keys[i - 1]), keys[i]), _EDGE)
 
 
-def _block(run: Sequence[bytes]) -> bytes:
-    """A run of paragraphs seen as a block of its own: between two cuts, or the context's edges."""
-    key = _EDGE
-    for paragraph in run:
-        key = _pair(key, paragraph)
-    return _pair(key, _EDGE)
+def _whole(paragraph: bytes) -> bytes:
+    """A paragraph seen as a block of its own: between two cuts, or the context's edges."""
+    return _pair(_pair(_EDGE, paragraph), _EDGE)
 
 
 def _alone(paragraph: bytes, pair: bytes, apart: _Tally, together: _Tally) -> bool:
