@@ -210,17 +210,22 @@ class Planner:
             marks = tuple(prefix.chain.marks)
             if fields:
                 chain = sent if sent is not None else self.sent_chain(body, reading.headers, tenant, control)
-                as_sent, held = _held_both(outcome.choose(), chain, forwarded)
+                chosen = outcome.choose()
+                as_sent, held = _held_both(chosen, chain, forwarded)
                 # left as sent when the engine holds the prompt as sent past the first rewritten byte (its own
-                # order matches the cache) and at least as far as the rewrite's
+                # order matches the cache) and at least as far as the rewrite's; or, on llama.cpp, when the rewrite
+                # would cost a prompt it keeps for a part of it (``Residency.overwrites``)
                 predicted = outcome.predicted_chars // CHUNK_BYTES * CHUNK_BYTES  # in whole chunks, as ``held``
-                if outcome.choose().overwrites(forwarded, held, as_sent):
-                    fields.clear()  # llama.cpp: the rewrite would cost a prompt it keeps, for a part of it
-                    outcome.leave_as_sent(as_sent, "would_overwrite_cached")
-                    marks = ()
-                elif as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, predicted):
-                    fields.clear()  # the prompt as sent hits at least as much of the cache as the rewrite
-                    outcome.leave_as_sent(as_sent)
+                reason = (
+                    "would_overwrite_cached"
+                    if chosen.overwrites(forwarded, held, as_sent)
+                    else "cached_as_sent"
+                    if as_sent > common(chain, forwarded) * CHUNK_BYTES and as_sent >= max(held, predicted)
+                    else None
+                )
+                if reason is not None:
+                    fields.clear()
+                    outcome.leave_as_sent(as_sent, reason)
                     marks = ()  # the walk's are the rewrite's
                 else:
                     chain = forwarded
