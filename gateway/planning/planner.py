@@ -560,7 +560,8 @@ class Planner:
         ``start``: for a group cut at learned boundaries, the prompt's chunk names up to it: the prompts sent
         whole may hold more of the group than the block index knows (``_held_order``). Blocks nothing else orders
         go longest first (``LiveIndex.plan``, ``sizes``), but for such a group the engine holds none of on an
-        engine whose reuse overwrites a prompt (``Residency.reuse_overwrites``: llama.cpp), which goes as sent.
+        engine whose reuse overwrites a prompt (``Residency.reuse_overwrites``: llama.cpp) with slots the gateway
+        pins, which goes as sent.
         """
         if decision.renumbers:
             ids = [block_id(k) for k in group.keys(text)]
@@ -584,11 +585,13 @@ class Planner:
             order, cached = held
             if cached > plan.cached:  # the whole prompts sent hold more of it than the block index knows
                 return order, tuple(ids[i] for i in order), cached
-        if learned and plan.cached == 0 and residency.reuse_overwrites:
-            # llama.cpp, nothing of it held: a move gains nothing predicted and can cost a prompt: one kept in its
-            # host-RAM cache goes back to a slot, and no longer to the cache, for a request that keeps a quarter of
-            # it, which overwrites the rest (``bench apps --sets repeat``, seed 1: a group moved longest first
-            # opened like a prompt held there, and that prompt's repeat found 301 of its 958 tokens, not 957).
+        if learned and plan.cached == 0 and residency.reuse_overwrites and residency.in_slots is None:
+            # llama.cpp with pinned slots, nothing of it held: a move gains nothing predicted and can cost a prompt:
+            # one kept in its host-RAM cache goes back to a slot, and no longer to the cache, for a request that
+            # keeps a quarter of it, which overwrites the rest (``bench apps --sets repeat``, seed 1: a group moved
+            # longest first opened like a prompt held there, and that prompt's repeat found 301 of its 958 tokens,
+            # not 957). Left to its own slot choice, the gateway knows which prompts its slots hold, and the whole
+            # rewrite goes as sent where it would take one out of the host-RAM cache (``Residency.overwrites``).
             # Elsewhere a prefix stays held for every prompt that shares it, and longest first pays off
             return tuple(range(len(ids))), tuple(ids), 0
         if decision.action == "keep_labels" and plan.order != tuple(range(len(ids))):

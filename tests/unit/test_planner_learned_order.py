@@ -153,11 +153,22 @@ def test_a_learned_group_the_engine_holds_nothing_of_goes_out_longest_first() ->
     assert out == prompt([notes["d"], notes["b"]], "final?") and result["reordered"] is True
 
 
-def test_on_an_engine_whose_reuse_overwrites_it_goes_out_as_sent() -> None:
+def test_on_an_engine_whose_reuse_overwrites_it_goes_out_as_sent_where_the_gateway_pins_its_slots() -> None:
     """llama.cpp holds a prompt once: a request that keeps a quarter of one it keeps in host RAM takes it out of
-    there and overwrites the rest, so a move that gains nothing now can cost a prompt that is asked again."""
-    out, result, notes = _held_nothing_of(_planner(reuse_overwrites=True))
+    there and overwrites the rest, so a move that gains nothing now can cost a prompt that is asked again. With
+    slots the gateway pins it does not follow which prompts llama.cpp keeps in host RAM: the group goes as sent.
+    Left to llama.cpp's own slot choice, the gateway follows the prompts its slots hold, and the whole rewrite goes
+    as sent only where it would take a prompt out of the host-RAM cache (the test below): the group goes longest
+    first."""
+    pinned = _planner(reuse_overwrites=True)
+    pinned.use_slots(2, pin=True)
+    out, result, notes = _held_nothing_of(pinned)
     assert out == prompt([notes["b"], notes["d"]], "final?") and result["reordered"] is False
+    left_to_llama = _planner(reuse_overwrites=True)
+    left_to_llama.use_slots(2, pin=False)
+    out, result, notes = _held_nothing_of(left_to_llama)
+    assert out == prompt([notes["d"], notes["b"]], "final?") and result["reordered"] is True
+    assert "left_alone" not in result
 
 
 def test_on_llama_cpp_a_move_that_only_a_prompt_out_of_its_slots_pays_for_goes_out_as_sent() -> None:
