@@ -25,7 +25,7 @@ import httpx
 
 from tests.frameworks import HAYSTACK_DOCUMENTED, HAYSTACK_TUTORIAL, HUB_RAG_PROMPT, TUTORIAL_V03_SYSTEM, quiet
 
-__all__ = ["APPS", "App", "AppRun"]
+__all__ = ["APPS", "App", "AppRun", "llama_rendered"]
 
 MODEL = "m"
 # the system prompt of a LangChain app that writes its own (python.langchain.com "chatbots" / retrieval how-to)
@@ -182,14 +182,30 @@ def _llama_llm(run: AppRun) -> Any:
     return OpenAIChat()
 
 
-def _llama_retriever(run: AppRun) -> Any:
+def llama_node(text: str, *, file_metadata: bool) -> Any:
+    """A corpus document as a LlamaIndex node: bare, or with the metadata ``SimpleDirectoryReader`` leaves for the LLM
+    (``file_path``; it excludes the file's name, type, size and dates from the prompt), one file per module."""
+    from llama_index.core.schema import TextNode
+
+    metadata = {"file_path": f"/srv/docs/python/{text.split('.', 1)[0]}.txt"} if file_metadata else {}
+    return TextNode(text=text, id_=f"n{hash(text)}", metadata=metadata)
+
+
+def llama_rendered(text: str) -> str:
+    """How LlamaIndex puts a node with file metadata into a prompt (``file_path: ...``, a blank line, the text)."""
+    from llama_index.core.schema import MetadataMode
+
+    return str(llama_node(text, file_metadata=True).get_content(metadata_mode=MetadataMode.LLM))
+
+
+def _llama_retriever(run: AppRun, *, file_metadata: bool = False) -> Any:
     from llama_index.core.retrievers import BaseRetriever
-    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.core.schema import NodeWithScore, QueryBundle
 
     class BM25Retriever(BaseRetriever):
         def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
             texts = run.retrieve(query_bundle.query_str)
-            return [NodeWithScore(node=TextNode(text=t, id_=f"n{hash(t)}"), score=1.0) for t in texts]
+            return [NodeWithScore(node=llama_node(t, file_metadata=file_metadata), score=1.0) for t in texts]
 
     return BM25Retriever()
 
@@ -208,14 +224,16 @@ def _llama_settings(work: Callable[[], None]) -> None:
         Settings._tokenizer = previous
 
 
-def llama_query(mode: str) -> Callable[[AppRun], None]:
-    """``RetrieverQueryEngine`` with the ``compact`` or ``tree_summarize`` synthesizer."""
+def llama_query(mode: str, *, file_metadata: bool = False) -> Callable[[AppRun], None]:
+    """``RetrieverQueryEngine`` with the ``compact`` or ``tree_summarize`` synthesizer; with ``file_metadata``, its
+    nodes carry the ``file_path`` that ``SimpleDirectoryReader`` (LlamaIndex's starter loader) gives them."""
 
     def app(run: AppRun) -> None:
         from llama_index.core.query_engine import RetrieverQueryEngine
 
         def work() -> None:
-            engine = RetrieverQueryEngine.from_args(_llama_retriever(run), llm=_llama_llm(run), response_mode=mode)  # type: ignore[arg-type]
+            retriever = _llama_retriever(run, file_metadata=file_metadata)
+            engine = RetrieverQueryEngine.from_args(retriever, llm=_llama_llm(run), response_mode=mode)  # type: ignore[arg-type]
             for question in run.questions:
                 engine.query(question)
 
@@ -384,6 +402,7 @@ APPS: list[App] = [
     App("langchain agent + retriever tool", "agent", lc_agent),
     App("llamaindex compact", "rag", llama_query("compact")),
     App("llamaindex tree_summarize", "rag", llama_query("tree_summarize")),
+    App("llamaindex compact (file metadata)", "rag", llama_query("compact", file_metadata=True)),
     App("llamaindex condense_plus_context", "chat", llama_condense_plus_context),
     App("haystack ChatPromptBuilder (tutorial)", "rag", haystack(HAYSTACK_TUTORIAL)),
     App("haystack ChatPromptBuilder (documented)", "rag", haystack(HAYSTACK_DOCUMENTED)),

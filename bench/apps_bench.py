@@ -48,7 +48,7 @@ from typing import Any
 
 import httpx
 
-from bench.apps import APPS, App, AppRun
+from bench.apps import APPS, App, AppRun, llama_rendered
 from bench.apps_corpus import BM25, build_corpus, questions
 from bench.llama_bench import _gateway, _locate
 from bench.proxy_bench import _free_port
@@ -175,16 +175,17 @@ class ForwardCheck:
     """Whether a forwarded body is the sent one with whole documents permuted, by the harness's audit
     (:func:`gateway.planning.intercept.audit.audit_rewrite`).
 
-    The documents of a text are the corpus chunks (or their JSON-escaped forms, in tool outputs) found in it
-    verbatim, in the order sent; the audit then requires the forwarded text to be the same template with those
-    documents permuted, each byte-identical, and labels either in place or carried with their documents. A list
-    passes when it holds the sent items in any order (document blocks, tool results). Fields the gateway adds
-    (``id_slot``, request ids) are not compared; a field it dropped is mangled. The bytes counted for a failing text
-    are those between the first and the last byte that differ.
+    The documents of a text are the corpus chunks (their JSON-escaped forms, in tool outputs; LlamaIndex's rendering
+    with a file's metadata, which moves with its node) found in it verbatim, in the order sent; the audit then
+    requires the forwarded text to be the same template with those documents permuted, each byte-identical, and
+    labels either in place or carried with their documents. A list passes when it holds the sent items in any order
+    (document blocks, tool results). Fields the gateway adds (``id_slot``, request ids) are not compared; a field it
+    dropped is mangled. The bytes counted for a failing text are those between the first and the last byte that
+    differ.
     """
 
     def __init__(self, corpus: Sequence[str]) -> None:
-        variants = set(corpus) | {json.dumps(text)[1:-1] for text in corpus}
+        variants = set(corpus) | {json.dumps(text)[1:-1] for text in corpus} | {llama_rendered(t) for t in corpus}
         self.docs = sorted(variants, key=len, reverse=True)
 
     def documents(self, text: str) -> list[str]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.apps import APPS
+from bench.apps import APPS, llama_rendered
 from bench.apps_bench import ForwardCheck, SimStacks, sim_engine, verdicts
 from bench.apps_corpus import build_corpus, questions
 from bench.llama_bench import _gateway
@@ -70,6 +70,25 @@ def test_the_check_passes_a_permutation_and_catches_a_moved_indent_or_a_cut_docu
     assert check(sent, cut + "\nQuestion: q") > 0
     assert check(["a", "b"], ["b", "a"]) == 0 and check({"a": 1}, {}) > 0
     assert check("[1] beta two\n[2] gamma three", "[1] gamma three\n[2] beta two") == 0  # renumbered by position
+
+
+def test_llamaindex_nodes_with_a_files_metadata_move_whole_with_it(stacks: SimStacks) -> None:
+    """LlamaIndex's nodes as ``SimpleDirectoryReader`` leaves them (``file_path: ...``, a blank line, the text): the
+    gateway finds each node by its metadata, and the check takes a node's header and text as one document, so a
+    header moved without its text is mangled."""
+    app = next(app for app in APPS if app.name == "llamaindex compact (file metadata)")
+    asked = questions(build_corpus(), "diverse", 8)
+    result = stacks.run(app, asked, "diverse")
+    assert result.compared == len(asked) and result.mangled_bytes == 0
+    assert sum(e.reordered for e in result.gateway) > 0
+    docs = [chunk.text for chunk in build_corpus()[:2]]
+    check = ForwardCheck(docs)
+    nodes = [llama_rendered(doc) for doc in docs]
+    assert all(node.startswith("file_path: /") and node.endswith(doc) for node, doc in zip(nodes, docs, strict=True))
+    sent = "Context:\n" + "\n\n".join(nodes) + "\nQuery: q"
+    assert check(sent, "Context:\n" + "\n\n".join(nodes[::-1]) + "\nQuery: q") == 0
+    header = nodes[1].removesuffix(docs[1]).rstrip()
+    assert check(sent, "Context:\n" + docs[1] + "\n\n" + nodes[0] + "\n\n" + header + "\nQuery: q") > 0
 
 
 @pytest.mark.timeout(300)
